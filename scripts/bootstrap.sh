@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine for sockmap: the Debian packages it needs, a .venv with the
+# project installed editable with its test extra. Idempotent and quick when nothing is missing.
+# Usage: scripts/bootstrap.sh [bench]   ("bench" adds the peers the benchmarks compare against)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_cmds=(nft:nftables ip:iproute2 sysctl:procps)
+if [ "${1:-}" = "bench" ]; then
+  need_cmds+=(socat:socat iperf3:iperf3 pasta:passt)
+fi
+
+missing=()
+for pair in "${need_cmds[@]}"; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "bootstrap: missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+stamp=.venv/.sockmap-installed
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv"
+  python3 -m venv .venv
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bootstrap: installing sockmap and its test extra into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test]'
+  touch "$stamp"
+fi

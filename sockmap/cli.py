@@ -1,0 +1,198 @@
+"""The command line: parse, build a frozen request, call the module, print. Only this exits.
+
+Exit codes: 0 ok, 1 "found something" (conflicts), 2 error (bad input, failed operation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sockmap import __version__
+from sockmap.errors import SockmapError
+
+DEFAULT_RUN_DIR = "/run/sockmap"
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path(os.environ.get("SOCKMAP_RUN_DIR", DEFAULT_RUN_DIR)),
+        help="state and sockets directory (env SOCKMAP_RUN_DIR, default %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity on stderr (default %(default)s)",
+    )
+    return p
+
+
+def _sub(
+    subs: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    handler: Handler,
+    help_: str,
+    example: str,
+) -> argparse.ArgumentParser:
+    p = subs.add_parser(
+        name,
+        parents=[_common()],
+        help=help_,
+        description=help_,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(handler=handler)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockmap",
+        description="Forward guest listeners to host localhost; explain every port conflict.",
+    )
+    parser.add_argument("--version", action="version", version=f"sockmap {__version__}")
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # guest ------------------------------------------------------------------------------
+    guest = subs.add_parser("guest", help="create, delete, list NAT'd netns guests, or run in one")
+    gsubs = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
+    p = _sub(gsubs, "create", _guest_create, "create a NAT'd network-namespace guest",
+             "sockmap guest create dev1 --subnet 172.31.9.0/30")
+    p.add_argument("name", help="guest name (becomes the netns name)")
+    p.add_argument("--subnet", help="IPv4 subnet for the guest link (default: next free /30 "
+                                     "in 172.31.0.0/16)")
+    p.add_argument("--no-nat", action="store_true",
+                   help="no masquerade or forwarding: the guest reaches only this host")
+    p = _sub(gsubs, "delete", _guest_delete, "delete a guest and everything made for it",
+             "sockmap guest delete dev1")
+    p.add_argument("name")
+    p = _sub(gsubs, "list", _guest_list, "list guests", "sockmap guest list --json")
+    p.add_argument("--json", action="store_true")
+    p = _sub(gsubs, "exec", _guest_exec, "run a command inside a guest (exit code passed on)",
+             "sockmap guest exec dev1 -- python3 -m http.server 8000")
+    p.add_argument("name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+
+    # agent ------------------------------------------------------------------------------
+    p = _sub(subs, "agent", _agent, "guest agent: watch listeners and report them",
+             "sockmap agent --print")
+    p.add_argument("--connect", help="unix:PATH | tcp:HOST:PORT | vsock:CID:PORT")
+    p.add_argument("--name", help="guest name to report (default: hostname)")
+    p.add_argument("--token-file", type=Path, help="file holding the shared token")
+    p.add_argument("--print", dest="print_events", action="store_true",
+                   help="print listener events as JSON lines, no daemon needed")
+    p.add_argument("--source", choices=["auto", "diag", "proc"], default="auto",
+                   help="listener source: sock_diag, /proc/net, or auto (default)")
+    p.add_argument("--interval-ms", type=float, default=None,
+                   help="poll interval in milliseconds")
+    p.add_argument("--udp-ephemeral", action="store_true",
+                   help="also report unconnected UDP sockets on ephemeral ports")
+
+    # daemon, ls, conflicts --------------------------------------------------------------
+    p = _sub(subs, "daemon", _not_built("daemon", 5), "host daemon (foreground)",
+             "sockmap daemon --config /etc/sockmap/sockmap.toml")
+    p.add_argument("--config", type=Path)
+    p = _sub(subs, "ls", _not_built("ls", 6), "list active mappings", "sockmap ls --json")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true")
+    p.add_argument("--guest")
+    p.add_argument("--port", type=int)
+    p = _sub(subs, "conflicts", _not_built("conflicts", 8), "explain port conflicts",
+             "sockmap conflicts --flat")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--flat", action="store_true")
+    return parser
+
+
+def _not_built(name: str, issue: int) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        raise SockmapError(f"`sockmap {name}` is not built yet (tracked as issue {issue})")
+
+    return handler
+
+
+# -- handlers: thin; the modules do the work ---------------------------------------------
+def _guest_create(args: argparse.Namespace) -> int:
+    from sockmap.nat import guests
+
+    rec = guests.create(args.run_dir, args.name, subnet=args.subnet, nat=not args.no_nat)
+    print(f"guest {rec.name}: {rec.guest_addr4} (host end {rec.host_addr4} on "
+          f"{rec.host_ifname}), {rec.guest_addr6}; nat {'on' if rec.nat else 'off'}")
+    return EXIT_OK
+
+
+def _guest_delete(args: argparse.Namespace) -> int:
+    from sockmap.nat import guests
+
+    for line in guests.delete(args.run_dir, args.name):
+        print(line)
+    return EXIT_OK
+
+
+def _guest_list(args: argparse.Namespace) -> int:
+    import json
+
+    from sockmap.nat import guests
+
+    recs = guests.list_guests(args.run_dir)
+    if args.json:
+        print(json.dumps([r.to_json() for r in recs], indent=2))
+        return EXIT_OK
+    print(f"{'NAME':<20} {'ADDRESS':<16} {'HOST END':<16} {'IPV6':<24} NAT")
+    for r in recs:
+        print(f"{r.name:<20} {r.guest_addr4:<16} {r.host_addr4:<16} {r.guest_addr6:<24} "
+              f"{'on' if r.nat else 'off'}")
+    return EXIT_OK
+
+
+def _guest_exec(args: argparse.Namespace) -> int:
+    from sockmap.nat import guests
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise SockmapError("no command given", hint="usage: sockmap guest exec NAME -- CMD")
+    rc: int = guests.exec_in(args.run_dir, args.name, cmd)
+    return rc
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from sockmap import agent
+
+    rc: int = agent.main(args)
+    return rc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        rc: int = args.handler(args)
+    except SockmapError as e:
+        print(f"sockmap: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""NAT'd network-namespace guests: netns, veth, addresses, routes, masquerade, DNS."""
