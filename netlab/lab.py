@@ -85,7 +85,9 @@ class Netns:
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
+        """Enter only the network namespace (not a private mount namespace, as `ip netns
+        exec` would): namespaces that a command creates must be visible to everyone."""
+        return ["nsenter", f"--net={NETNS_DIR / self.name}", "--", *argv]
 
     def run(
         self, argv: Sequence[str], *, check: bool = True, timeout: float = 60, **kw: Any
@@ -94,7 +96,7 @@ class Netns:
         return subprocess.run(self.argv(argv), check=check, text=True, timeout=timeout, **kw)
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[str]:
-        """Start a process in the namespace. ``ip netns exec`` execs, so .pid is the process."""
+        """Start a process in the namespace. nsenter execs, so .pid is the process itself."""
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
         proc: subprocess.Popen[str] = subprocess.Popen(self.argv(argv), text=True, **kw)

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(gsubs, "exec", _guest_exec, "run a command inside a guest (exit code passed on)",
              "sockmap guest exec dev1 -- python3 -m http.server 8000")
     p.add_argument("name")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    p.set_defaults(takes_command=True)  # everything after "--" is the command (see main)
 
     # agent ------------------------------------------------------------------------------
     p = _sub(subs, "agent", _agent, "guest agent: watch listeners and report them",
@@ -160,9 +160,7 @@ def _guest_list(args: argparse.Namespace) -> int:
 def _guest_exec(args: argparse.Namespace) -> int:
     from sockmap.nat import guests
 
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
+    cmd: list[str] = args.cmd
     if not cmd:
         raise SockmapError("no command given", hint="usage: sockmap guest exec NAME -- CMD")
     rc: int = guests.exec_in(args.run_dir, args.name, cmd)
@@ -178,7 +176,16 @@ def _agent(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "--" in words:
+        cut = words.index("--")
+        words, command = words[:cut], words[cut + 1 :]
+    args = parser.parse_args(words)
+    if getattr(args, "takes_command", False):
+        args.cmd = command or []
+    elif command is not None:
+        parser.error("'--' is only for `sockmap guest exec NAME -- CMD`")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
