@@ -1,0 +1,88 @@
+"""portwatch: the guest agent's listener watcher.
+
+Public API:
+
+- ``scan_listeners(source="auto", *, resolve_owners=True, udp_ephemeral=False)``: a
+  synchronous one-shot scan of the current network namespace.
+- ``Watcher``: the asyncio watcher (poll sock_diag or /proc, diff, owners, addresses), an
+  async iterator of ``Event``s with ``snapshot()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sockmap.portwatch.diff import (
+    DEFAULT_PORT_RANGE,
+    PortRange,
+    drop_udp_ephemeral,
+    parse_port_range,
+    snapshot,
+)
+from sockmap.portwatch.errors import ParseError, SourceUnavailable
+from sockmap.portwatch.owners import OwnerResolver
+from sockmap.portwatch.records import (
+    AddressesChanged,
+    Event,
+    Listener,
+    ListenerAdded,
+    ListenerRemoved,
+    Owner,
+    SourceError,
+)
+from sockmap.portwatch.sources import open_source
+
+PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+__all__ = [
+    "AddressesChanged",
+    "Event",
+    "Listener",
+    "ListenerAdded",
+    "ListenerRemoved",
+    "Owner",
+    "ParseError",
+    "SourceError",
+    "SourceUnavailable",
+    "local_port_range",
+    "scan_listeners",
+]
+
+
+def local_port_range(path: Path = PORT_RANGE_FILE) -> PortRange:
+    """This network namespace's ephemeral port range (the kernel default if unreadable)."""
+    try:
+        return parse_port_range(path.read_text())
+    except (OSError, ParseError):
+        return DEFAULT_PORT_RANGE
+
+
+def scan_listeners(
+    source: str = "auto", *, resolve_owners: bool = True, udp_ephemeral: bool = False
+) -> list[Listener]:
+    """One scan of the current network namespace: one Listener per endpoint, sorted by key.
+
+    ``source``: "auto" (sock_diag, else /proc), "diag" or "proc". Raises SourceUnavailable
+    or ParseError (both SockmapError) if the chosen source cannot be read or understood;
+    "auto" falls back to /proc when sock_diag fails.
+    """
+    src, _problems = open_source(source)
+    try:
+        try:
+            sockets = src.parse(src.read())
+        except (SourceUnavailable, ParseError):
+            if source != "auto" or src.name == "proc":
+                raise
+            src.close()
+            src, _ = open_source("proc")
+            sockets = src.parse(src.read())
+    finally:
+        src.close()
+    if not udp_ephemeral:
+        sockets = drop_udp_ephemeral(sockets, local_port_range())
+    snap = snapshot(sockets)
+    if resolve_owners:
+        owners = OwnerResolver().resolve(s.inode for s in snap.values())
+        return [dataclasses.replace(s, owner=owners.get(s.inode)) for s in snap.values()]
+    return list(snap.values())

@@ -41,6 +41,9 @@ class Listener:
     v6only: bool | None = None
     reuseport: bool = False
     owner: Owner | None = field(default=None, compare=False, hash=False)
+    # How many sockets share this endpoint (an SO_REUSEPORT group, or UDP SO_REUSEADDR);
+    # portwatch reports one Listener per key and sets reuseport when sockets > 1.
+    sockets: int = field(default=1, compare=False, hash=False)
 
     @property
     def key(self) -> tuple[str, int, str, int]:

@@ -1,0 +1,161 @@
+"""sock_diag (NETLINK_SOCK_DIAG) as bytes: request building and dump parsing, pure.
+
+One request per (proto, family): TCP asks for LISTEN sockets only (the kernel then walks
+only the listening hash, so established connections cost nothing), UDP for sockets in state
+CLOSE (unconnected), of which we keep the bound ones (sport != 0, dport == 0).
+
+Layouts (include/uapi/linux/inet_diag.h, netlink.h)::
+
+    nlmsghdr          u32 len, u16 type, u16 flags, u32 seq, u32 pid           16 bytes
+    inet_diag_req_v2  u8 family, u8 protocol, u8 ext, u8 pad, u32 states       8 bytes
+                      + inet_diag_sockid                                       48 bytes
+    inet_diag_sockid  be16 sport, be16 dport, be32 src[4], be32 dst[4],
+                      u32 if, u32 cookie[2]                                    48 bytes
+    inet_diag_msg     u8 family, u8 state, u8 timer, u8 retrans, sockid,
+                      u32 expires, rqueue, wqueue, uid, inode                  72 bytes
+    rtattr            u16 len, u16 type, payload, padded to 4
+
+The kernel adds INET_DIAG_SKV6ONLY (a u8) to every AF_INET6 socket in state LISTEN or
+CLOSE without being asked (there is no request bit for it: ``idiag_ext`` is 8 bits wide and
+SKV6ONLY is attribute 11). SO_REUSEPORT is not reported by sock_diag at all.
+
+Nothing here raises anything but ``ParseError``, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from sockmap.portwatch.errors import ParseError
+from sockmap.portwatch.records import Family, Listener, Proto
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
+TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
+INET_DIAG_SKV6ONLY = 11
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_REQ = struct.Struct("=BBBxI")
+_SOCKID = struct.Struct(">HH16s16s")  # ports and addresses are big-endian on the wire
+_SOCKID_TAIL = struct.Struct("=III")  # if, cookie[2]: host order
+_MSG_HEAD = struct.Struct("=BBBB")
+_MSG_TAIL = struct.Struct("=IIIII")
+_RTATTR = struct.Struct("=HH")
+NLMSGHDR_LEN = _NLMSGHDR.size  # 16
+REQ_LEN = _REQ.size + 48  # 56
+MSG_LEN = _MSG_HEAD.size + 48 + _MSG_TAIL.size  # 72
+
+_PROTO_NUM: dict[Proto, int] = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+_AF: dict[Family, int] = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DumpChunk:
+    """What one datagram of a dump held: the wanted sockets, whether the dump ended, and the
+    kernel's error number if it answered with NLMSG_ERROR (then ``done`` is True too)."""
+
+    listeners: tuple[Listener, ...]
+    done: bool
+    errno: int = 0
+
+
+def build_request(proto: Proto, family: Family, *, seq: int) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY dump request: TCP LISTEN, or UDP unconnected (state CLOSE)."""
+    states = 1 << TCP_LISTEN if proto == "tcp" else 1 << TCP_CLOSE
+    body = _REQ.pack(_AF[family], _PROTO_NUM[proto], 0, states) + bytes(48)
+    hdr = _NLMSGHDR.pack(
+        NLMSGHDR_LEN + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+    )
+    return hdr + body
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _v6only(attrs: bytes) -> bool | None:
+    off = 0
+    while off + _RTATTR.size <= len(attrs):
+        alen, atype = _RTATTR.unpack_from(attrs, off)
+        if alen < _RTATTR.size or off + alen > len(attrs):
+            raise ParseError(f"sock_diag: bad attribute length {alen} at offset {off}")
+        if atype & 0x3FFF == INET_DIAG_SKV6ONLY:
+            if alen < _RTATTR.size + 1:
+                raise ParseError("sock_diag: empty INET_DIAG_SKV6ONLY attribute")
+            return attrs[off + _RTATTR.size] != 0
+        off += _align4(alen)
+    return None
+
+
+def parse_diag_msg(payload: bytes, proto: Proto) -> Listener | None:
+    """One inet_diag_msg (with its attributes) to a Listener, or None if it is not one we
+    report (not LISTEN for TCP; connected or unbound for UDP)."""
+    if len(payload) < MSG_LEN:
+        raise ParseError(f"sock_diag: inet_diag_msg of {len(payload)} bytes, need {MSG_LEN}")
+    af, state, _timer, _retrans = _MSG_HEAD.unpack_from(payload, 0)
+    sport, dport, src, _dst = _SOCKID.unpack_from(payload, _MSG_HEAD.size)
+    _expires, _rq, _wq, uid, inode = _MSG_TAIL.unpack_from(payload, _MSG_HEAD.size + 48)
+    family: Family
+    if af == socket.AF_INET:
+        family, addr = 4, socket.inet_ntop(socket.AF_INET, src[:4])
+    elif af == socket.AF_INET6:
+        family, addr = 6, socket.inet_ntop(socket.AF_INET6, src)
+    else:
+        raise ParseError(f"sock_diag: unexpected address family {af}")
+    if proto == "tcp":
+        if state != TCP_LISTEN:
+            return None
+    elif state != TCP_CLOSE or dport != 0 or sport == 0:
+        return None
+    v6only = _v6only(payload[MSG_LEN:]) if family == 6 else None
+    return Listener(
+        proto=proto, family=family, addr=addr, port=sport, inode=inode, uid=uid, v6only=v6only
+    )
+
+
+def parse_dump(data: bytes, proto: Proto, *, seq: int | None = None) -> DumpChunk:
+    """Parse one datagram received on a sock_diag socket.
+
+    ``seq`` (if given) must match every message's sequence number: a stray answer to an
+    older request is an error rather than a silently mixed dump.
+    """
+    listeners: list[Listener] = []
+    off = 0
+    done = False
+    while off < len(data):
+        if len(data) - off < NLMSGHDR_LEN:
+            raise ParseError(f"sock_diag: {len(data) - off} trailing bytes, no full header")
+        mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+        if mlen < NLMSGHDR_LEN or off + mlen > len(data):
+            raise ParseError(
+                f"sock_diag: message length {mlen} at offset {off} of {len(data)} bytes"
+            )
+        if seq is not None and mseq != seq:
+            raise ParseError(f"sock_diag: sequence {mseq}, expected {seq}")
+        payload = data[off + NLMSGHDR_LEN : off + mlen]
+        if mtype == NLMSG_DONE:
+            done = True
+        elif mtype == NLMSG_ERROR:
+            if len(payload) < 4:
+                raise ParseError("sock_diag: truncated NLMSG_ERROR")
+            (err,) = struct.unpack_from("=i", payload, 0)
+            if err == 0:  # an ACK; a dump does not ask for one, but it is harmless
+                done = True
+            else:
+                return DumpChunk(listeners=tuple(listeners), done=True, errno=-err)
+        elif mtype == NLMSG_OVERRUN:
+            raise ParseError("sock_diag: NLMSG_OVERRUN (data lost)")
+        elif mtype == SOCK_DIAG_BY_FAMILY:
+            lst = parse_diag_msg(payload, proto)
+            if lst is not None:
+                listeners.append(lst)
+        elif mtype != NLMSG_NOOP:
+            raise ParseError(f"sock_diag: unexpected message type {mtype}")
+        if done:
+            break
+        off += _align4(mlen)
+    return DumpChunk(listeners=tuple(listeners), done=done)

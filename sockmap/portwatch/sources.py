@@ -1,0 +1,184 @@
+"""The two listener sources behind one small interface: ``read()`` returns the raw bytes
+(cheap to compare with the previous poll), ``parse(raw)`` turns them into sockets.
+
+- ``DiagSource``: a raw AF_NETLINK / NETLINK_SOCK_DIAG socket, four dumps per read
+  (TCP LISTEN and unconnected UDP, IPv4 and IPv6), bytes built and parsed by ``diag``.
+- ``ProcSource``: reads /proc/net/{tcp,tcp6,udp,udp6}, parsed by ``procnet``. A missing
+  file (IPv6 disabled) is read as empty.
+
+Both raise only ``SourceUnavailable`` (cannot read) and ``ParseError`` (cannot understand).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from pathlib import Path
+from typing import Protocol
+
+from sockmap.portwatch import diag, procnet
+from sockmap.portwatch.errors import ParseError, SourceUnavailable
+from sockmap.portwatch.records import Family, Listener, Proto
+
+Raw = tuple[bytes, ...]
+_DUMPS: tuple[tuple[Proto, Family], ...] = (("tcp", 4), ("tcp", 6), ("udp", 4), ("udp", 6))
+_RECV_TIMEOUT = 2.0
+
+
+class Source(Protocol):
+    name: str
+
+    def read(self) -> Raw: ...
+
+    def parse(self, raw: Raw) -> list[Listener]: ...
+
+    def close(self) -> None: ...
+
+
+class DiagSource:
+    """sock_diag over a raw netlink socket. ``read()`` is one round of four dumps."""
+
+    name = "diag"
+
+    def __init__(self) -> None:
+        try:
+            self._sock = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, diag.NETLINK_SOCK_DIAG
+            )
+            self._sock.bind((0, 0))
+        except OSError as e:
+            raise SourceUnavailable(
+                f"cannot open a NETLINK_SOCK_DIAG socket: {e.strerror or e}",
+                hint="the kernel lacks sock_diag (CONFIG_INET_DIAG); use --source proc",
+            ) from None
+        # Fixed sequence numbers: identical socket tables give identical bytes.
+        self._reqs = [
+            diag.build_request(p, f, seq=i + 1) for i, (p, f) in enumerate(_DUMPS)
+        ]
+        self._buf = bytearray(65536)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self._sock.close()
+
+    def _recv(self) -> bytes:
+        try:
+            n = self._sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            ready, _, _ = select.select([self._sock], [], [], _RECV_TIMEOUT)
+            if not ready:
+                raise SourceUnavailable(
+                    f"sock_diag: no answer within {_RECV_TIMEOUT}s",
+                    hint="the kernel did not finish a dump; use --source proc",
+                ) from None
+            n = self._sock.recv_into(self._buf)
+        return bytes(self._buf[:n])
+
+    def read(self) -> Raw:
+        """The raw datagrams of the four dumps, in a fixed order, each dump ended by DONE."""
+        out: list[bytes] = []
+        try:
+            for i, req in enumerate(self._reqs):
+                self._sock.sendto(req, (0, 0))
+                proto = _DUMPS[i][0]
+                while True:
+                    data = self._recv()
+                    out.append(data)
+                    chunk = diag.parse_dump(data, proto, seq=i + 1)
+                    if chunk.errno:
+                        raise SourceUnavailable(
+                            f"sock_diag {proto}/IPv{_DUMPS[i][1]} dump refused: "
+                            f"{os.strerror(chunk.errno)}",
+                            hint="the kernel may lack tcp_diag/udp_diag; use --source proc",
+                        )
+                    if chunk.done:
+                        break
+        except OSError as e:
+            raise SourceUnavailable(
+                f"sock_diag socket failed: {e.strerror or e}", hint="use --source proc"
+            ) from None
+        return tuple(out)
+
+    def parse(self, raw: Raw) -> list[Listener]:
+        out: list[Listener] = []
+        i = 0
+        for data in raw:
+            if i >= len(_DUMPS):
+                raise ParseError("sock_diag: more dumps than requests")
+            chunk = diag.parse_dump(data, _DUMPS[i][0], seq=i + 1)
+            out.extend(chunk.listeners)
+            if chunk.done:
+                i += 1
+        return out
+
+
+class ProcSource:
+    """/proc/net/{tcp,tcp6,udp,udp6} of the reading process's network namespace."""
+
+    name = "proc"
+
+    def __init__(self, proc_net: Path = Path("/proc/net")) -> None:
+        self.proc_net = proc_net
+        if not (proc_net / "tcp").exists():
+            raise SourceUnavailable(
+                f"{proc_net}/tcp does not exist", hint="mount procfs on /proc"
+            )
+
+    def close(self) -> None:
+        pass
+
+    def read(self) -> Raw:
+        out: list[bytes] = []
+        for fname, _proto, _family in procnet.FILES:
+            try:
+                with open(self.proc_net / fname, "rb", buffering=0) as f:
+                    out.append(f.read())
+            except FileNotFoundError:
+                out.append(b"")  # e.g. IPv6 disabled: no sockets of that kind
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    out.append(b"")
+                    continue
+                raise SourceUnavailable(
+                    f"cannot read {self.proc_net / fname}: {e.strerror or e}",
+                    hint="check that procfs is mounted and readable",
+                ) from None
+        return tuple(out)
+
+    def parse(self, raw: Raw) -> list[Listener]:
+        if len(raw) != len(procnet.FILES):
+            raise ParseError(f"/proc/net: {len(raw)} files, expected {len(procnet.FILES)}")
+        out: list[Listener] = []
+        for data, (_fname, proto, family) in zip(raw, procnet.FILES, strict=True):
+            out.extend(procnet.parse_proc_net(data, proto, family))
+        return out
+
+
+def open_source(kind: str) -> tuple[Source, list[str]]:
+    """Open the named source ("auto", "diag", "proc"). For "auto", returns the problems met
+    on the way (sock_diag unusable) so the caller can report them once."""
+    match kind:
+        case "diag":
+            src: Source = DiagSource()
+            src.read()  # fail now, with a clear message, rather than at the first poll
+            return src, []
+        case "proc":
+            return ProcSource(), []
+        case "auto":
+            try:
+                d = DiagSource()
+            except SourceUnavailable as e:
+                return ProcSource(), [str(e)]
+            try:
+                d.parse(d.read())
+            except (SourceUnavailable, ParseError) as e:
+                d.close()
+                return ProcSource(), [str(e)]
+            return d, []
+        case _:
+            raise SourceUnavailable(
+                f"unknown listener source {kind!r}", hint="use auto, diag or proc"
+            )
