@@ -1,0 +1,130 @@
+"""What a mapping is: a frozen, validated spec. Pure: no sockets, no asyncio.
+
+The proxy is mechanism, not policy. A spec names the host addresses to bind and the upstream
+target explicitly; turning a guest listener's bound address into host addresses is the job of
+``sockmap.conflicts.rules``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sockmap.errors import SockmapError
+
+
+class Proto(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingKey:
+    """One entry per forwarded (guest, proto, guest port)."""
+
+    guest: str
+    proto: Proto
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.guest}/{self.proto}/{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MappingSpec:
+    """A forward: listen on every ``host_addrs`` at ``host_port``, relay to the target.
+
+    ``host_port`` 0 asks the kernel for a free port on the first address and uses the same
+    port on the others (tests and benchmarks). ``target_port`` is the guest's port and part
+    of the key. ``drain_s`` bounds how long open connections may finish after a close
+    (None: wait for them). ``zero_copy`` False forces the recv/send copy path.
+    """
+
+    guest: str
+    proto: Proto
+    host_addrs: tuple[str, ...]
+    host_port: int
+    target_addr: str
+    target_port: int
+    drain_s: float | None = 30.0
+    connect_timeout_s: float = 10.0
+    backlog: int = 1024
+    zero_copy: bool = True
+    udp_idle_s: float = 60.0
+    udp_max_flows: int = 1024
+
+    @property
+    def key(self) -> MappingKey:
+        return MappingKey(guest=self.guest, proto=self.proto, port=self.target_port)
+
+
+def _check_port(what: str, port: int, *, allow_zero: bool) -> None:
+    lo = 0 if allow_zero else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not lo <= port <= 65535:
+        raise SockmapError(
+            f"{what} {port!r} is not a port number",
+            hint=f"use an integer from {lo} to 65535",
+        )
+
+
+def _check_addr(what: str, addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise SockmapError(
+            f"{what} {addr!r} is not an IP address",
+            hint="give a literal IPv4 or IPv6 address such as 127.0.0.1 or ::1",
+        ) from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        raise SockmapError(
+            f"{what} {addr!r} has a scope id", hint="scoped addresses are not supported"
+        )
+    return ip
+
+
+def validate(spec: MappingSpec) -> MappingSpec:
+    """Return ``spec`` if it is usable, else raise SockmapError saying what to fix."""
+    if not isinstance(spec.proto, Proto):
+        raise SockmapError(f"unknown protocol {spec.proto!r}", hint="use tcp or udp")
+    if not spec.guest:
+        raise SockmapError("mapping has no guest name", hint="name the guest it forwards to")
+    if not spec.host_addrs:
+        raise SockmapError(
+            f"mapping {spec.key} has no host address",
+            hint="give at least one host address to bind, such as 127.0.0.1",
+        )
+    seen: set[str] = set()
+    for a in spec.host_addrs:
+        ip = _check_addr("host address", a)
+        if ip.is_unspecified:
+            raise SockmapError(
+                f"host address {a} is a wildcard",
+                hint="bind explicit host addresses (127.0.0.1, ::1); wildcards can shadow others",
+            )
+        if str(ip) in seen:
+            raise SockmapError(f"host address {a} is listed twice", hint="list each address once")
+        seen.add(str(ip))
+    _check_addr("target address", spec.target_addr)
+    _check_port("host port", spec.host_port, allow_zero=True)
+    _check_port("target port", spec.target_port, allow_zero=False)
+    for name, val in (
+        ("connect_timeout_s", spec.connect_timeout_s),
+        ("udp_idle_s", spec.udp_idle_s),
+    ):
+        if not val > 0:
+            raise SockmapError(f"{name} must be positive, got {val!r}", hint="use seconds > 0")
+    if spec.drain_s is not None and not spec.drain_s >= 0:
+        raise SockmapError(
+            f"drain_s must be >= 0 or None, got {spec.drain_s!r}", hint="use seconds"
+        )
+    if spec.udp_max_flows < 1 or spec.backlog < 1:
+        raise SockmapError("udp_max_flows and backlog must be >= 1", hint="use a positive count")
+    return spec
+
+
+def family_of(addr: str) -> int:
+    """socket.AF_INET or AF_INET6 for a literal address (validated elsewhere)."""
+    import socket
+
+    return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET

@@ -1,0 +1,106 @@
+"""The mapping table: open/close forwards, and read-only rows with counters.
+
+``open`` is synchronous (needs a running loop): it binds every host address or none and
+starts serving before it returns. ``close`` closes the listeners at once (new connects are
+refused), then lets open connections finish for the mapping's ``drain_s`` and resets the
+rest. Rows are frozen snapshots for the daemon and ``sockmap ls``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import assert_never
+
+from sockmap.errors import SockmapError
+from sockmap.proxy.spec import MappingKey, MappingSpec, Proto, validate
+from sockmap.proxy.stats import Counters, MappingRow, MappingState, row
+from sockmap.proxy.tcp import Connector, TcpListener, bind_tcp, tcp_connector
+from sockmap.proxy.udp import UdpRelay, bind_udp
+
+_DEFAULT = object()
+
+
+@dataclass(slots=True, kw_only=True, eq=False)
+class _Mapping:
+    spec: MappingSpec
+    host_port: int
+    relay: TcpListener | UdpRelay
+    counters: Counters
+    since: float
+    state: MappingState = MappingState.OPEN
+    closing: asyncio.Task[None] | None = field(default=None)
+
+    def row(self) -> MappingRow:
+        return row(self.spec, self.host_port, self.state, self.counters, self.since)
+
+
+class MappingTable:
+    """Every forward this process runs. One OPEN mapping per key; draining ones linger."""
+
+    def __init__(self, *, connector: Connector = tcp_connector) -> None:
+        self._connector = connector
+        self._open: dict[MappingKey, _Mapping] = {}
+        self._draining: set[_Mapping] = set()
+
+    def open(self, spec: MappingSpec, *, connector: Connector | None = None) -> MappingRow:
+        """Bind the host addresses and start relaying; raise SockmapError if it cannot."""
+        validate(spec)
+        if spec.key in self._open:
+            raise SockmapError(
+                f"{spec.key} is already forwarded",
+                hint="close the existing mapping first",
+            )
+        counters = Counters()
+        relay: TcpListener | UdpRelay
+        match spec.proto:
+            case Proto.TCP:
+                socks, port = bind_tcp(spec)
+                relay = TcpListener(spec, socks, counters, connector or self._connector)
+            case Proto.UDP:
+                socks, port = bind_udp(spec)
+                relay = UdpRelay(spec, socks, counters)
+            case _:
+                assert_never(spec.proto)
+        m = _Mapping(spec=spec, host_port=port, relay=relay, counters=counters, since=time.time())
+        self._open[spec.key] = m
+        return m.row()
+
+    async def close(
+        self, key: MappingKey, *, drain_s: float | object | None = _DEFAULT
+    ) -> MappingRow:
+        """Stop listening now, wait up to ``drain_s`` (default: the spec's) for open
+        connections to finish, reset the rest; return the final row."""
+        m = self._open.pop(key, None)
+        if m is None:
+            raise SockmapError(f"{key} is not forwarded", hint="`sockmap ls` lists the mappings")
+        limit = m.spec.drain_s if drain_s is _DEFAULT else drain_s
+        assert limit is None or isinstance(limit, (int, float))
+        m.state = MappingState.DRAINING
+        m.relay.stop_listening()
+        self._draining.add(m)
+        try:
+            try:
+                async with asyncio.timeout(limit):
+                    await m.relay.idle.wait()
+            except TimeoutError:
+                m.relay.abort_all()
+                await m.relay.idle.wait()
+        finally:
+            m.state = MappingState.CLOSED
+            self._draining.discard(m)
+        return m.row()
+
+    def get(self, key: MappingKey) -> MappingRow | None:
+        m = self._open.get(key)
+        return None if m is None else m.row()
+
+    def snapshot(self) -> tuple[MappingRow, ...]:
+        rows = [m.row() for m in self._open.values()] + [m.row() for m in self._draining]
+        return tuple(sorted(rows, key=lambda r: (r.guest, r.proto, r.target_port, r.state)))
+
+    async def aclose(self) -> None:
+        """Close every mapping without draining (shutdown)."""
+        for key in list(self._open):
+            await self.close(key, drain_s=0)

@@ -1,0 +1,444 @@
+"""TCP relay: accept on host listeners, connect upstream, move bytes both ways.
+
+No task and no thread per connection: each direction is a small state machine driven by
+``loop.add_reader``/``add_writer`` callbacks on raw fds.
+
+Zero-copy path: per direction a non-blocking pipe (made on first data, so an idle connection
+holds only its two sockets); ``splice(src -> pipe)`` then ``splice(pipe -> dst)``. The pipe
+is the only buffer, so memory per connection is bounded by two pipe capacities whatever the
+speed of either end: when the pipe is full we stop reading ``src`` until ``dst`` drains it.
+The two directions are independent, so both busy cannot deadlock. Copy path (``zero_copy``
+False, or splice refused with EINVAL): one bounded ``bytearray`` per direction, recv_into/send.
+
+Half-close: EOF from one side is passed on as ``shutdown(SHUT_WR)`` once its pipe is empty;
+the connection closes when both directions are shut. A reset (or any socket error) on either
+side aborts both with SO_LINGER 0, so the other end sees a reset too. A refused or failed
+upstream connect resets the already-accepted host client instead of a silent close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import functools
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+from sockmap.errors import SockmapError
+from sockmap.proxy.spec import MappingSpec, family_of
+from sockmap.proxy.stats import Counters
+
+#: Returns a connected, non-blocking socket to the mapping's target, or raises.
+Connector = Callable[[MappingSpec], Awaitable[socket.socket]]
+
+PIPE_SIZE = 256 * 1024  # per direction; the bound on in-flight bytes (kernel may cap lower)
+COPY_CHUNK = 64 * 1024  # copy-path buffer per direction
+ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_LINGER0 = struct.pack("ii", 1, 0)
+
+
+def tcp_connector(spec: MappingSpec) -> asyncio.Future[socket.socket]:
+    """The default upstream: a non-blocking TCP connect to (target_addr, target_port).
+
+    Returns a bare Future (no Task) completed from an add_writer callback: cheaper per
+    connection than a coroutine. Cancelling the future closes the half-made socket.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[socket.socket] = loop.create_future()
+    s = socket.socket(family_of(spec.target_addr), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = s.connect_ex((spec.target_addr, spec.target_port))
+    except OSError as e:
+        s.close()
+        fut.set_exception(e)
+        return fut
+    if err == 0:
+        fut.set_result(s)
+        return fut
+    if err != errno.EINPROGRESS:
+        s.close()
+        fut.set_exception(OSError(err, os.strerror(err)))
+        return fut
+    fd = s.fileno()
+
+    def writable() -> None:
+        loop.remove_writer(fd)
+        if fut.done():
+            return
+        e = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if e:
+            s.close()
+            fut.set_exception(OSError(e, os.strerror(e)))
+        else:
+            fut.set_result(s)
+
+    def cancelled(f: asyncio.Future[socket.socket]) -> None:
+        if f.cancelled():
+            loop.remove_writer(fd)
+            s.close()
+
+    loop.add_writer(fd, writable)
+    fut.add_done_callback(cancelled)
+    return fut
+
+
+def _abort(s: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0)."""
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    s.close()
+
+
+class _Direction:
+    """One way of a connection: src socket -> (pipe | buffer) -> dst socket."""
+
+    __slots__ = (
+        "buf", "conn", "dfd", "dst", "eof", "inbound", "loop", "pending", "pr", "pw",
+        "reading", "sfd", "shut", "splice", "src", "start", "writing",
+    )  # fmt: skip
+
+    def __init__(self, conn: TcpConnection, src: socket.socket, dst: socket.socket,
+                 inbound: bool, splice: bool) -> None:  # fmt: skip
+        self.conn = conn
+        self.loop = conn.loop
+        self.src, self.dst = src, dst
+        self.sfd, self.dfd = src.fileno(), dst.fileno()
+        self.inbound = inbound  # host client -> guest
+        self.splice = splice
+        self.pr = self.pw = -1  # pipe ends, made on first data
+        self.buf: bytearray | None = None
+        self.start = 0  # copy path: bytes of buf already sent
+        self.pending = 0  # bytes held (pipe or buf) not yet written to dst
+        self.eof = self.shut = self.reading = self.writing = False
+
+    def begin(self) -> None:
+        self.loop.add_reader(self.sfd, self.on_readable)
+        self.reading = True
+
+    def _count(self, n: int) -> None:
+        c = self.conn.counters
+        if self.inbound:
+            c.bytes_in += n
+        else:
+            c.bytes_out += n
+
+    def _pause_read(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.sfd)
+            self.reading = False
+
+    def _make_pipe(self) -> None:
+        self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # unprivileged users over their pipe quota
+            fcntl.fcntl(self.pw, _F_SETPIPE_SZ, PIPE_SIZE)
+
+    def on_readable(self) -> None:
+        if self.splice:
+            if self.pw < 0:
+                self._make_pipe()
+            try:
+                n = os.splice(self.sfd, self.pw, PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                # socket empty (spurious wake) or pipe full: if bytes wait in the pipe, the
+                # writer resumes reading once dst takes some; else keep waiting for data.
+                if self.pending:
+                    self._pause_read()
+                return
+            except OSError as e:
+                if e.errno == errno.EINVAL and not self.pending:
+                    self.splice = False  # this socket pair cannot splice: copy instead
+                    self._close_pipe()
+                    self.on_readable()
+                    return
+                self.conn.abort(e)
+                return
+        else:
+            if self.pending:
+                self._pause_read()
+                return
+            if self.buf is None:
+                self.buf = bytearray(COPY_CHUNK)
+            try:
+                n = self.src.recv_into(self.buf)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self.conn.abort(e)
+                return
+            self.start = 0
+        if n == 0:
+            self.eof = True
+            self._pause_read()
+            if not self.pending:
+                self._shutdown()
+            return
+        self.pending += n
+        self.flush()
+
+    def flush(self) -> None:
+        """Write held bytes to dst (also the add_writer callback)."""
+        try:
+            if self.splice:
+                n = os.splice(self.pr, self.dfd, self.pending, flags=_SPLICE_FLAGS)
+            else:
+                assert self.buf is not None
+                with memoryview(self.buf) as mv:
+                    n = self.dst.send(mv[self.start : self.start + self.pending])
+                self.start += n
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self.conn.abort(e)
+            return
+        if n:
+            self.pending -= n
+            self._count(n)
+        if self.pending:
+            if not self.writing:
+                self.loop.add_writer(self.dfd, self.flush)
+                self.writing = True
+            if not self.splice:
+                self._pause_read()  # copy path: one buffer, refill only when empty
+            return
+        if self.writing:
+            self.loop.remove_writer(self.dfd)
+            self.writing = False
+        if self.eof:
+            self._shutdown()
+        elif not self.reading:
+            self.loop.add_reader(self.sfd, self.on_readable)
+            self.reading = True
+
+    def _shutdown(self) -> None:
+        self.shut = True
+        self._close_pipe()
+        self.buf = None
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                self.conn.abort(e)
+                return
+        self.conn.direction_done()
+
+    def _close_pipe(self) -> None:
+        if self.pr >= 0:
+            os.close(self.pr)
+            os.close(self.pw)
+            self.pr = self.pw = -1
+
+    def stop(self) -> None:
+        self._pause_read()
+        if self.writing:
+            self.loop.remove_writer(self.dfd)
+            self.writing = False
+        self._close_pipe()
+        self.buf = None
+
+
+class TcpConnection:
+    """A relayed connection: host client <-> upstream, two independent directions."""
+
+    __slots__ = ("client", "closed", "counters", "down", "listener", "loop", "up", "upstream")
+
+    def __init__(self, listener: TcpListener, client: socket.socket, upstream: socket.socket,
+                 splice: bool) -> None:  # fmt: skip
+        self.listener = listener
+        self.loop = listener.loop
+        self.counters = listener.counters
+        self.client, self.upstream = client, upstream
+        self.closed = False
+        self.up = _Direction(self, client, upstream, True, splice)
+        self.down = _Direction(self, upstream, client, False, splice)
+
+    def start(self) -> None:
+        self.up.begin()
+        self.down.begin()
+
+    def direction_done(self) -> None:
+        if self.up.shut and self.down.shut:
+            self._close(reset=False)
+
+    def abort(self, exc: OSError | None = None) -> None:
+        """Reset both sides (a reset or error on one is passed on as a reset)."""
+        if not self.closed:
+            if exc is not None:
+                self.counters.errors += 1
+            self._close(reset=True)
+
+    def _close(self, *, reset: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.up.stop()
+        self.down.stop()
+        for s in (self.client, self.upstream):
+            if reset:
+                _abort(s)
+            else:
+                s.close()
+        self.listener.connection_closed(self)
+
+
+class TcpListener:
+    """The host side of one TCP mapping: listening sockets, pending connects, connections."""
+
+    def __init__(self, spec: MappingSpec, socks: list[socket.socket], counters: Counters,
+                 connector: Connector) -> None:  # fmt: skip
+        self.loop = asyncio.get_running_loop()
+        self.spec = spec
+        self.counters = counters
+        self.connector = connector
+        self.socks = socks
+        self.conns: set[TcpConnection] = set()
+        self.pending: dict[asyncio.Future[socket.socket], socket.socket] = {}
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._accept_paused = False
+        for s in socks:
+            self.loop.add_reader(s.fileno(), self._on_accept, s)
+
+    # -- accepting ---------------------------------------------------------------------
+    def _on_accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, _addr = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self.counters.errors += 1
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accept(0.1)  # out of fds: back off instead of spinning
+                return
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.counters.opened()
+            self.idle.clear()
+            try:
+                fut = asyncio.ensure_future(self.connector(self.spec))
+            except Exception:
+                self._refused(client)
+                continue
+            self.pending[fut] = client
+            timer = self.loop.call_later(self.spec.connect_timeout_s, fut.cancel)
+            fut.add_done_callback(functools.partial(self._on_upstream, timer=timer))
+
+    def _pause_accept(self, delay: float) -> None:
+        if self._accept_paused:
+            return
+        self._accept_paused = True
+        for s in self.socks:
+            self.loop.remove_reader(s.fileno())
+
+        def resume() -> None:
+            self._accept_paused = False
+            for s in self.socks:
+                if s.fileno() >= 0:
+                    self.loop.add_reader(s.fileno(), self._on_accept, s)
+
+        self.loop.call_later(delay, resume)
+
+    def _on_upstream(
+        self, fut: asyncio.Future[socket.socket], *, timer: asyncio.TimerHandle
+    ) -> None:
+        timer.cancel()
+        client = self.pending.pop(fut, None)
+        if client is None:
+            if not fut.cancelled() and fut.exception() is None:
+                fut.result().close()
+            return
+        if fut.cancelled() or fut.exception() is not None:
+            self._refused(client)
+            return
+        upstream = fut.result()
+        upstream.setblocking(False)
+        conn = TcpConnection(self, client, upstream, self.spec.zero_copy)
+        self.conns.add(conn)
+        conn.start()
+
+    def _refused(self, client: socket.socket) -> None:
+        self.counters.errors += 1
+        _abort(client)  # the host client sees a reset, not accept-then-close
+        self._gone()
+
+    def connection_closed(self, conn: TcpConnection) -> None:
+        self.conns.discard(conn)
+        self._gone()
+
+    def _gone(self) -> None:
+        self.counters.closed()
+        if not self.conns and not self.pending:
+            self.idle.set()
+
+    # -- closing -----------------------------------------------------------------------
+    def stop_listening(self) -> None:
+        """Close the listening sockets now: new connects are refused from here on."""
+        for s in self.socks:
+            if s.fileno() >= 0 and not self._accept_paused:
+                self.loop.remove_reader(s.fileno())
+            s.close()
+        self._accept_paused = True  # a pending resume() sees closed sockets
+
+    def abort_all(self) -> None:
+        for fut in list(self.pending):
+            fut.cancel()  # _on_upstream resets the client
+        for conn in list(self.conns):
+            conn.abort()
+
+
+def bind_tcp(spec: MappingSpec) -> tuple[list[socket.socket], int]:
+    """Bind and listen on every host address, or none; return the sockets and the port.
+
+    SO_REUSEADDR is set: on Linux it lets a listener bind while old connections on the port
+    sit in TIME_WAIT, but never lets two sockets *listen* on one address and port (nor a
+    specific address under another's wildcard listener); listen() is done at once so a
+    half-bound port cannot be taken. SO_REUSEPORT is never set.
+    """
+    socks: list[socket.socket] = []
+    port = spec.host_port
+    try:
+        for addr in spec.host_addrs:
+            fam = family_of(addr)
+            s = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((addr, port))
+                s.listen(spec.backlog)
+            except OSError as e:
+                raise bind_error(spec, addr, port, e) from e
+            port = s.getsockname()[1]
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks, port
+
+
+def bind_error(spec: MappingSpec, addr: str, port: int, e: OSError) -> SockmapError:
+    shown = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    if e.errno == errno.EADDRINUSE:
+        return SockmapError(
+            f"cannot forward {spec.key}: host {spec.proto} port {shown} is in use",
+            hint="another process holds it; `sockmap conflicts` explains, or pick another port",
+        )
+    if e.errno == errno.EADDRNOTAVAIL:
+        return SockmapError(
+            f"cannot forward {spec.key}: host address {addr} does not exist here",
+            hint="bind an address this host has (127.0.0.1, ::1; is IPv6 disabled?)",
+        )
+    if e.errno == errno.EACCES:
+        return SockmapError(
+            f"cannot forward {spec.key}: no permission to bind {shown}",
+            hint="ports below 1024 need CAP_NET_BIND_SERVICE or root",
+        )
+    return SockmapError(f"cannot forward {spec.key}: bind {shown}: {e.strerror}", hint="see errno")
