@@ -1,11 +1,152 @@
-"""The guest agent (issue 3 builds the watcher; issue 5 the daemon connection)."""
+"""The guest agent (issue 3: the watcher and ``--print``; issue 5: the daemon connection).
+
+``sockmap agent --print`` runs the portwatch Watcher and prints one JSON object per line:
+
+    {"event": "added", "mono_ns": ..., "listener": {...}}      a listener appeared
+    {"event": "removed", "mono_ns": ..., "listener": {...}}    ... went away
+    {"event": "addresses", "mono_ns": ..., "ifname": "eth0", "addrs": [...]}
+    {"event": "error", "mono_ns": ..., "source": "diag", "message": "..."}
+    {"event": "ready", "mono_ns": ..., "source": "diag", "listeners": N, "interval_ms": 20}
+
+The listeners present at start come first as "added", then one "ready". ``mono_ns`` is
+CLOCK_MONOTONIC when the line was written (the same clock in every network namespace).
+SIGTERM ends it cleanly (exit 0).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO, assert_never
 
 from sockmap.errors import SockmapError
+from sockmap.portwatch import (
+    AddressesChanged,
+    Event,
+    Listener,
+    ListenerAdded,
+    ListenerRemoved,
+    SourceError,
+    Watcher,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrintConfig:
+    source: str = "auto"
+    interval: float | None = None
+    udp_ephemeral: bool = False
+
+
+def listener_json(lst: Listener) -> dict[str, Any]:
+    o = lst.owner
+    return {
+        "proto": lst.proto,
+        "family": lst.family,
+        "addr": lst.addr,
+        "port": lst.port,
+        "inode": lst.inode,
+        "uid": lst.uid,
+        "v6only": lst.v6only,
+        "reuseport": lst.reuseport,
+        "sockets": lst.sockets,
+        "owner": None
+        if o is None
+        else {
+            "pid": o.pid,
+            "comm": o.comm,
+            "cmdline": list(o.cmdline),
+            "cgroup": o.cgroup,
+            "mntns": o.mntns,
+            "uid": o.uid,
+        },
+    }
+
+
+def event_json(ev: Event) -> dict[str, Any]:
+    match ev:
+        case ListenerAdded(listener=lst):
+            return {"event": "added", "listener": listener_json(lst)}
+        case ListenerRemoved(listener=lst):
+            return {"event": "removed", "listener": listener_json(lst)}
+        case AddressesChanged(ifname=ifname, addrs=addrs):
+            return {"event": "addresses", "ifname": ifname, "addrs": list(addrs)}
+        case SourceError(source=source, message=message):
+            return {"event": "error", "source": source, "message": message}
+        case _:
+            assert_never(ev)
+
+
+def _write(out: TextIO, obj: dict[str, Any]) -> None:
+    import json
+
+    obj["mono_ns"] = time.monotonic_ns()
+    out.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    out.flush()
+
+
+async def print_events(cfg: PrintConfig, out: TextIO) -> None:
+    """Run the watcher and print its events until cancelled."""
+    async with Watcher(
+        source=cfg.source, interval=cfg.interval, udp_ephemeral=cfg.udp_ephemeral
+    ) as w:
+        while (ev := w.get_nowait()) is not None:
+            _write(out, event_json(ev))
+        _write(out, {
+            "event": "ready",
+            "source": w.source,
+            "listeners": len(w.snapshot()),
+            "interval_ms": round(w.interval * 1000, 3),
+        })
+        async for ev in w:
+            _write(out, event_json(ev))
+
+
+async def _run_until_signal(cfg: PrintConfig) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        await print_events(cfg, sys.stdout)
+    except asyncio.CancelledError:
+        if not stopping.is_set():
+            raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def main(args: argparse.Namespace) -> int:
-    raise SockmapError("`sockmap agent` is not built yet (tracked as issues 3 and 5)")
+    if args.connect:
+        raise SockmapError(
+            "`sockmap agent --connect` is not built yet (tracked as issue 5)",
+            hint="use `sockmap agent --print` to see the events on stdout",
+        )
+    if not args.print_events:
+        raise SockmapError(
+            "nothing to do: give --print (or --connect, once issue 5 lands)",
+            hint="sockmap agent --print",
+        )
+    interval = None
+    if args.interval_ms is not None:
+        if not 1 <= args.interval_ms <= 60_000:
+            raise SockmapError(
+                f"--interval-ms {args.interval_ms} is out of range",
+                hint="give between 1 and 60000",
+            )
+        interval = args.interval_ms / 1000
+    cfg = PrintConfig(source=args.source, interval=interval, udp_ephemeral=args.udp_ephemeral)
+    with contextlib.suppress(BrokenPipeError):  # the reader went away: nobody to tell
+        asyncio.run(_run_until_signal(cfg))
+    return 0

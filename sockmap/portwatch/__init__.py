@@ -11,15 +11,8 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from sockmap.portwatch.diff import (
-    DEFAULT_PORT_RANGE,
-    PortRange,
-    drop_udp_ephemeral,
-    parse_port_range,
-    snapshot,
-)
+from sockmap.portwatch.diff import drop_udp_ephemeral, snapshot
 from sockmap.portwatch.errors import ParseError, SourceUnavailable
 from sockmap.portwatch.owners import OwnerResolver
 from sockmap.portwatch.records import (
@@ -31,9 +24,8 @@ from sockmap.portwatch.records import (
     Owner,
     SourceError,
 )
-from sockmap.portwatch.sources import open_source
-
-PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+from sockmap.portwatch.sources import local_port_range, open_source
+from sockmap.portwatch.watcher import Watcher
 
 __all__ = [
     "AddressesChanged",
@@ -45,17 +37,10 @@ __all__ = [
     "ParseError",
     "SourceError",
     "SourceUnavailable",
+    "Watcher",
     "local_port_range",
     "scan_listeners",
 ]
-
-
-def local_port_range(path: Path = PORT_RANGE_FILE) -> PortRange:
-    """This network namespace's ephemeral port range (the kernel default if unreadable)."""
-    try:
-        return parse_port_range(path.read_text())
-    except (OSError, ParseError):
-        return DEFAULT_PORT_RANGE
 
 
 def scan_listeners(
@@ -86,3 +71,4 @@ def scan_listeners(
         owners = OwnerResolver().resolve(s.inode for s in snap.values())
         return [dataclasses.replace(s, owner=owners.get(s.inode)) for s in snap.values()]
     return list(snap.values())
+

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Protocol
 
 from sockmap.portwatch import diag, procnet
+from sockmap.portwatch.diff import DEFAULT_PORT_RANGE, PortRange, parse_port_range
 from sockmap.portwatch.errors import ParseError, SourceUnavailable
 from sockmap.portwatch.records import Family, Listener, Proto
 
 Raw = tuple[bytes, ...]
 _DUMPS: tuple[tuple[Proto, Family], ...] = (("tcp", 4), ("tcp", 6), ("udp", 4), ("udp", 6))
 _RECV_TIMEOUT = 2.0
+PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 class Source(Protocol):
@@ -182,3 +184,9 @@ def open_source(kind: str) -> tuple[Source, list[str]]:
             raise SourceUnavailable(
                 f"unknown listener source {kind!r}", hint="use auto, diag or proc"
             )
+def local_port_range(path: Path = PORT_RANGE_FILE) -> PortRange:
+    """This network namespace's ephemeral port range (the kernel default if unreadable)."""
+    try:
+        return parse_port_range(path.read_text())
+    except (OSError, ParseError):
+        return DEFAULT_PORT_RANGE

@@ -1,0 +1,100 @@
+"""The guest NIC's addresses, and a rtnetlink subscription to their changes (pyroute2).
+
+An ``IPRSocket`` bound to RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR wakes the event loop
+(``loop.add_reader``) on every address change; each wake-up re-dumps the addresses with
+``IPRoute`` (rare, a few ms) and emits ``AddressesChanged`` for each watched interface whose
+address set changed. Subscribing before the first dump means no change is missed.
+
+Watched interfaces: the given names, or every interface but ``lo``. IPv6 link-local
+addresses (scope link) are left out: the host cannot use them without a scope.
+``nic_addrs`` and ``addr_events`` are the pure part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection, Iterable
+
+from sockmap.portwatch.records import AddressesChanged
+
+log = logging.getLogger(__name__)
+SCOPE_LINK = 253
+NicAddrs = dict[str, tuple[str, ...]]
+
+
+def nic_addrs(
+    rows: Iterable[tuple[str, str, int]], links: Iterable[str], nics: Collection[str] | None
+) -> NicAddrs:
+    """(ifname, address, scope) rows and the interface names to addresses per watched NIC
+    (an interface with no address maps to ``()``), addresses sorted."""
+    def watched(name: str) -> bool:
+        return name in nics if nics is not None else name != "lo"
+
+    out: dict[str, set[str]] = {name: set() for name in links if watched(name)}
+    for ifname, addr, scope in rows:
+        if watched(ifname) and scope != SCOPE_LINK and addr:
+            out.setdefault(ifname, set()).add(addr)
+    return {name: tuple(sorted(a)) for name, a in sorted(out.items())}
+
+
+def addr_events(old: NicAddrs, new: NicAddrs) -> list[AddressesChanged]:
+    """One event per interface whose addresses differ (a vanished interface: ``()``)."""
+    return [
+        AddressesChanged(ifname=name, addrs=new.get(name, ()))
+        for name in sorted(old.keys() | new.keys())
+        if old.get(name, ()) != new.get(name, ()) or (name not in old)
+    ]
+
+
+def dump_addrs(nics: Collection[str] | None = None) -> NicAddrs:
+    """The current addresses of the watched interfaces (pyroute2, synchronous)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = {int(msg["index"]): str(msg.get("ifname")) for msg in ipr.link("dump")}
+        rows = [
+            (links.get(int(msg["index"]), ""), str(msg.get("address") or ""), int(msg["scope"]))
+            for msg in ipr.addr("dump")
+        ]
+    return nic_addrs(rows, links.values(), nics)
+
+
+class AddressWatcher:
+    """Emits AddressesChanged: first the current state of every watched NIC, then changes."""
+
+    def __init__(self, nics: Collection[str] | None = None) -> None:
+        self.nics = nics
+        self.current: NicAddrs = {}
+
+    async def run(self, emit: Callable[[AddressesChanged], None]) -> None:
+        from pyroute2 import IPRSocket
+        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
+
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        sock = IPRSocket(groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+        try:
+            sock.bind()
+            fd = sock.fileno()
+
+            def readable() -> None:
+                try:
+                    sock.get()
+                except Exception as e:
+                    log.debug("rtnetlink read: %s; re-dumping", e)
+                changed.set()
+
+            loop.add_reader(fd, readable)
+            try:
+                while True:
+                    new = await asyncio.to_thread(dump_addrs, self.nics)
+                    for ev in addr_events(self.current, new):
+                        emit(ev)
+                    self.current = new
+                    await changed.wait()
+                    changed.clear()
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            sock.close()

@@ -1,0 +1,225 @@
+"""The I/O loop: poll a source, compare the raw bytes, parse and diff only on change, resolve
+owners of new sockets, watch NIC addresses; events come out of an async iterator.
+
+    async with Watcher(source="auto") as w:
+        initial = w.snapshot()
+        async for event in w:
+            ...
+
+The first events are a ``ListenerAdded`` per listener already there (and a ``SourceError``
+if "auto" had to fall back to /proc), then the initial ``AddressesChanged`` per NIC, then
+changes. The poll is the one deliberate sleep loop (sock_diag has no change notification):
+at the default 20 ms, one idle poll is four small netlink dumps and a bytes comparison.
+
+When a source fails mid-run (unreadable, or bytes the parser refuses), the failure is
+reported once as ``SourceError`` and the other source takes over; if both fail, each
+distinct failure is reported once and polling retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Collection
+from types import TracebackType
+
+from sockmap.portwatch import diff
+from sockmap.portwatch.addrs import AddressWatcher
+from sockmap.portwatch.errors import ParseError, SourceUnavailable
+from sockmap.portwatch.owners import OwnerResolver
+from sockmap.portwatch.records import Event, Listener, SourceError
+from sockmap.portwatch.sources import Raw, Source, local_port_range, open_source
+
+log = logging.getLogger(__name__)
+DEFAULT_INTERVAL = {"diag": 0.020, "proc": 0.100}
+
+
+class Watcher:
+    """Watches listeners (and, unless ``addresses=False``, NIC addresses) of this netns."""
+
+    def __init__(
+        self,
+        *,
+        source: str = "auto",
+        interval: float | None = None,
+        resolve_owners: bool = True,
+        udp_ephemeral: bool = False,
+        addresses: bool = True,
+        nics: Collection[str] | None = None,
+    ) -> None:
+        if source not in ("auto", "diag", "proc"):
+            raise SourceUnavailable(
+                f"unknown listener source {source!r}", hint="use auto, diag or proc"
+            )
+        if interval is not None and not 0.001 <= interval <= 60:
+            raise SourceUnavailable(
+                f"poll interval {interval}s is out of range",
+                hint="give between 1 ms and 60 s",
+            )
+        self._want = source
+        self._interval = interval
+        self._owners = OwnerResolver() if resolve_owners else None
+        self._udp_ephemeral = udp_ephemeral
+        self._port_range = diff.DEFAULT_PORT_RANGE
+        self._addrs = AddressWatcher(nics) if addresses else None
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._snap: diff.Snapshot = {}
+        self._raw: Raw | None = None
+        self._src: Source | None = None
+        self._reported: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.polls = 0
+        self.parses = 0
+
+    # -- public -------------------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """The source in use now ("diag" or "proc"; "" while none works)."""
+        return self._src.name if self._src is not None else ""
+
+    @property
+    def interval(self) -> float:
+        return self._interval or DEFAULT_INTERVAL.get(self.source, 0.1)
+
+    def snapshot(self) -> list[Listener]:
+        """The current listeners, one per endpoint, in key order."""
+        return list(self._snap.values())
+
+    async def __aenter__(self) -> Watcher:
+        self._port_range = local_port_range()
+        src, problems = open_source(self._want)  # "diag"/"proc" forced: errors go to the caller
+        self._src = src
+        for p in problems:
+            self._report("diag", p)
+        try:
+            self._poll_once()
+        except BaseException:
+            self._close_source()
+            raise
+        self._tasks.append(asyncio.create_task(self._poll_loop(), name="portwatch-poll"))
+        if self._addrs is not None:
+            self._tasks.append(asyncio.create_task(self._addr_loop(), name="portwatch-addrs"))
+        for t in self._tasks:
+            t.add_done_callback(self._task_done)
+        return self
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("%s failed", task.get_name(), exc_info=exc)
+        self._queue.put_nowait(
+            SourceError(source=task.get_name(), message=f"internal error, stopped: {exc!r}")
+        )
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        self._close_source()
+
+    def __aiter__(self) -> Watcher:
+        return self
+
+    async def __anext__(self) -> Event:
+        if not self._tasks and self._queue.empty():
+            raise StopAsyncIteration
+        return await self._queue.get()
+
+    def get_nowait(self) -> Event | None:
+        """An already queued event, or None."""
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    # -- the loop -----------------------------------------------------------------------------
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)  # the deliberate sock_diag poll
+            self._poll_once()
+
+    async def _addr_loop(self) -> None:
+        assert self._addrs is not None
+        try:
+            await self._addrs.run(self._queue.put_nowait)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._report("addrs", f"address watch failed: {e}")
+
+    def _report(self, source: str, message: str) -> None:
+        if message in self._reported:
+            return
+        self._reported.add(message)
+        log.warning("%s: %s", source, message)
+        self._queue.put_nowait(SourceError(source=source, message=message))
+
+    def _close_source(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+
+    def _poll_once(self) -> None:
+        self.polls += 1
+        if self._src is None:
+            self._switch(None)
+            if self._src is None:
+                return
+        src = self._src
+        try:
+            raw = src.read()
+            if raw == self._raw:
+                return
+            sockets = src.parse(raw)
+        except (SourceUnavailable, ParseError) as e:
+            self._report(src.name, str(e))
+            self._switch(src.name)
+            return
+        self._raw = raw
+        self.parses += 1
+        self._apply(sockets)
+
+    def _switch(self, failed: str | None) -> None:
+        """Close the failed source and open another: the other kind first, then the same."""
+        self._close_source()
+        self._raw = None
+        order = ["proc", "diag"] if failed == "diag" else ["diag", "proc"]
+        if self._want != "auto" and failed is None:
+            order = [self._want]
+        for kind in order:
+            try:
+                self._src, problems = open_source(kind)
+            except (SourceUnavailable, ParseError) as e:
+                self._report(kind, str(e))
+                continue
+            for p in problems:
+                self._report(kind, p)
+            log.info("listener source now %s", kind)
+            return
+
+    def _apply(self, sockets: list[Listener]) -> None:
+        if not self._udp_ephemeral:
+            sockets = diff.drop_udp_ephemeral(sockets, self._port_range)
+        new = diff.snapshot(sockets, self._snap)
+        if self._owners is not None:
+            owners = self._owners.resolve(s.inode for s in new.values())
+            for key, s in new.items():
+                if s.owner is None and owners.get(s.inode) is not None:
+                    new[key] = dataclasses.replace(s, owner=owners[s.inode])
+            self._owners.forget_except(s.inode for s in new.values())
+        events = diff.diff(self._snap, new)
+        self._snap = new
+        for ev in events:
+            self._queue.put_nowait(ev)
+
