@@ -37,6 +37,7 @@ OUTSIDE_INTERNET_ADDR = "203.0.113.1"
 HOST_UPLINK_ADDR = "198.18.0.1"
 OUTSIDE_WAN_ADDR = "198.18.0.2"
 
+NSENTER = shutil.which("nsenter", path=os.environ.get("PATH", "") + ":/usr/bin:/bin") or "nsenter"
 _NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-")
 _lab_counter = itertools.count(1)
 
@@ -87,7 +88,7 @@ class Netns:
     def argv(self, argv: Sequence[str]) -> list[str]:
         """Enter only the network namespace (not a private mount namespace, as `ip netns
         exec` would): namespaces that a command creates must be visible to everyone."""
-        return ["nsenter", f"--net={NETNS_DIR / self.name}", "--", *argv]
+        return [NSENTER, f"--net={NETNS_DIR / self.name}", "--", *argv]
 
     def run(
         self, argv: Sequence[str], *, check: bool = True, timeout: float = 60, **kw: Any
@@ -106,6 +107,12 @@ class Netns:
     def python(self, code: str, **kw: Any) -> subprocess.Popen[str]:
         """Run a Python snippet in the namespace with this interpreter (unbuffered)."""
         return self.popen([sys.executable, "-u", "-c", code], **kw)
+
+    def sockmap(
+        self, *args: str, check: bool = False, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the sockmap CLI (this interpreter's) in the namespace."""
+        return self.run([sys.executable, "-m", "sockmap.cli", *args], check=check, **kw)
 
     def ip(self, *args: str) -> str:
         return _ip("-n", self.name, *args).stdout
@@ -188,6 +195,13 @@ class Lab:
         ns = Netns(name)
         self._namespaces.append(ns)
         ns.ip("link", "set", "lo", "up")
+        return ns
+
+    def attach(self, name: str) -> Netns:
+        """A namespace made by someone else (e.g. `sockmap guest create` with a name from
+        guest_name()): the lab stops processes started in it and deletes it on exit."""
+        ns = Netns(name)
+        self._namespaces.append(ns)
         return ns
 
     def guest_name(self, tag: str = "g") -> str:

@@ -232,7 +232,7 @@ def delete(run_dir: Path, name: str) -> list[str]:
             pids = netlink.stop_netns_processes(name)
             if pids:
                 done.append(f"stopped {len(pids)} process(es) in guest {name}")
-        if subnets and (rec is None or rec.nat) and shutil.which("nft", path=_path()):
+        if subnets and (rec is None or rec.nat) and shutil.which("nft"):
             for s in subnets:
                 if nft.remove_guest(s):
                     done.append(f"removed masquerade for {s}")
@@ -253,10 +253,6 @@ def delete(run_dir: Path, name: str) -> list[str]:
     if not done:
         raise SockmapError(f"no guest named {name!r}", hint="see `sockmap guest list`")
     return done
-
-
-def _path() -> str:
-    return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
 
 def exec_in(run_dir: Path, name: str, cmd: list[str]) -> int:

@@ -104,7 +104,7 @@ def parse_set_elements(listing: object) -> list[ipaddress.IPv4Network]:
 
 # -- the adapter ---------------------------------------------------------------------------
 def nft_binary() -> str:
-    path = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    path = shutil.which("nft")
     if path is None:
         raise SockmapError("the nft command is missing, so sockmap cannot set up NAT",
                            hint="install it with `apt-get install nftables`, or use --no-nat")

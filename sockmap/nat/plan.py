@@ -21,7 +21,7 @@ HOST_IF_PREFIX = "sm-"  # host ends of guest veths; nftables matches "sm-*"
 GUEST_IFNAME = "eth0"
 IFNAMSIZ = 15  # usable characters in a Linux interface name
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,7 +70,7 @@ class GuestRecord:
 
 def check_name(name: str) -> str:
     """A guest name is also a netns name and a file name: keep it plain."""
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise SockmapError(
             f"bad guest name {name!r}",
             hint="use 1-63 characters: letters, digits, '.', '_' or '-', starting with a "
@@ -159,40 +159,43 @@ def guest_addresses(
     return h4, g4, h6, g6
 
 
-def _nameservers(text: str) -> list[str]:
-    out: list[str] = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            out.append(parts[1])
-    return out
-
-
-def _is_loopback(addr: str) -> bool:
+def _reachable_server(addr: str) -> bool:
+    """A nameserver address a guest can use: an IP, and not the host's loopback."""
     try:
-        return ipaddress.ip_address(addr.split("%")[0]).is_loopback
+        return not ipaddress.ip_address(addr.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def _resolv_lines(text: str) -> list[str]:
+    """The resolv.conf lines worth passing to a guest."""
+    keep: list[str] = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "nameserver":
+            if len(words) == 2 and _reachable_server(words[1]):
+                keep.append(line.strip())
+        elif words[0] in ("search", "domain", "options") and len(words) > 1:
+            keep.append(line.strip())
+    return keep
+
+
+def _has_server(lines: list[str]) -> bool:
+    return any(line.startswith("nameserver ") for line in lines)
 
 
 def guest_resolv_conf(host_text: str, upstream_text: str | None = None) -> str:
     """resolv.conf for a guest: the host's, unless its servers are loopback stubs (such as
     systemd-resolved's 127.0.0.53), which a guest cannot reach; then the stub's upstream file.
     """
-    chosen = host_text
-    servers = _nameservers(host_text)
-    if (not servers or all(_is_loopback(s) for s in servers)) and upstream_text:
-        up = _nameservers(upstream_text)
-        if up and not all(_is_loopback(s) for s in up):
-            chosen = upstream_text
-    keep = [
-        line
-        for line in chosen.splitlines()
-        if line.split()[:1] and line.split()[0] in ("nameserver", "search", "domain", "options")
-        and not (line.split()[0] == "nameserver" and len(line.split()) > 1
-                 and _is_loopback(line.split()[1]))
-    ]
+    lines = _resolv_lines(host_text)
+    if not _has_server(lines) and upstream_text:
+        upstream = _resolv_lines(upstream_text)
+        if _has_server(upstream):
+            lines = upstream
     header = "# written by sockmap for this guest; removed by `sockmap guest delete`\n"
-    if not any(line.startswith("nameserver") for line in keep):
+    if not _has_server(lines):
         header += "# the host has no nameserver a guest can reach; add one here\n"
-    return header + "".join(line + "\n" for line in keep)
+    return header + "".join(line + "\n" for line in lines)
