@@ -1,0 +1,25 @@
+"""`make demo` keeps working: run it as a user would and check what it shows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.netlab
+
+
+def test_demo_runs_and_cleans_up() -> None:
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    r = subprocess.run([sys.executable, "-m", "netlab.demo"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "hello from guest" in r.stdout
+    assert "hello 198.18.0.1, this is the internet" in r.stdout  # masqueraded
+    assert "added tcp [::]:8000" in r.stdout
+    assert "removed network namespace" in r.stdout
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    demo_ns = {ln.split()[0] for ln in after.splitlines() if "-demo" in ln} - {
+        ln.split()[0] for ln in before.splitlines()}
+    assert not demo_ns
