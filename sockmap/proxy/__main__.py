@@ -22,7 +22,15 @@ from sockmap.proxy.stats import MappingRow
 from sockmap.proxy.table import MappingTable
 
 
-def parse_map(text: str, *, guest: str, copy: bool, drain: float | None) -> MappingSpec:
+def parse_map(
+    text: str,
+    *,
+    guest: str,
+    copy: bool = False,
+    drain: float | None = None,
+    udp_max_flows: int = 1024,
+    udp_idle_s: float = 60.0,
+) -> MappingSpec:
     parts = text.split("/")
     if len(parts) != 5:
         raise SockmapError(f"bad --map {text!r}", hint="use PROTO/ADDR[+ADDR]/PORT/TARGET/TPORT")
@@ -37,6 +45,8 @@ def parse_map(text: str, *, guest: str, copy: bool, drain: float | None) -> Mapp
             target_port=int(tport),
             zero_copy=not copy,
             drain_s=drain,
+            udp_max_flows=udp_max_flows,
+            udp_idle_s=udp_idle_s,
         )
     except ValueError as e:
         raise SockmapError(f"bad --map {text!r}: {e}", hint="PROTO is tcp or udp") from None
@@ -90,13 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guest", default="g")
     ap.add_argument("--copy", action="store_true", help="force the recv/send copy path")
     ap.add_argument("--drain", type=float, default=None, help="drain seconds on close")
+    ap.add_argument("--udp-max-flows", type=int, default=1024)
+    ap.add_argument("--udp-idle", type=float, default=60.0, help="UDP flow idle seconds")
     ap.add_argument("--nofile", type=int, default=0, help="raise RLIMIT_NOFILE to this")
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
     a = ap.parse_args(argv)
     if a.nofile:
         resource.setrlimit(resource.RLIMIT_NOFILE, (a.nofile, a.nofile))
     try:
-        specs = [parse_map(m, guest=a.guest, copy=a.copy, drain=a.drain) for m in a.map]
+        specs = [
+            parse_map(
+                m,
+                guest=a.guest,
+                copy=a.copy,
+                drain=a.drain,
+                udp_max_flows=a.udp_max_flows,
+                udp_idle_s=a.udp_idle,
+            )
+            for m in a.map
+        ]
         if a.uvloop:
             import uvloop  # type: ignore[import-not-found]
 

@@ -123,8 +123,5 @@ def validate(spec: MappingSpec) -> MappingSpec:
     return spec
 
 
-def family_of(addr: str) -> int:
-    """socket.AF_INET or AF_INET6 for a literal address (validated elsewhere)."""
-    import socket
-
-    return socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
+def is_ipv6(addr: str) -> bool:
+    return ipaddress.ip_address(addr).version == 6

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from sockmap.errors import SockmapError
-from sockmap.proxy.spec import MappingSpec, family_of
+from sockmap.proxy.spec import MappingSpec, is_ipv6
 from sockmap.proxy.stats import Counters
 
 #: Returns a connected, non-blocking socket to the mapping's target, or raises.
@@ -41,6 +41,11 @@ ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER0 = struct.pack("ii", 1, 0)
+
+
+def family_of(addr: str) -> socket.AddressFamily:
+    """AF_INET6 or AF_INET for a literal (validated) address."""
+    return socket.AF_INET6 if is_ipv6(addr) else socket.AF_INET
 
 
 def tcp_connector(spec: MappingSpec) -> asyncio.Future[socket.socket]:
@@ -100,12 +105,33 @@ class _Direction:
     """One way of a connection: src socket -> (pipe | buffer) -> dst socket."""
 
     __slots__ = (
-        "buf", "conn", "dfd", "dst", "eof", "inbound", "loop", "pending", "pr", "pw",
-        "reading", "sfd", "shut", "splice", "src", "start", "writing",
-    )  # fmt: skip
+        "buf",
+        "conn",
+        "dfd",
+        "dst",
+        "eof",
+        "inbound",
+        "loop",
+        "pending",
+        "pr",
+        "pw",
+        "reading",
+        "sfd",
+        "shut",
+        "splice",
+        "src",
+        "start",
+        "writing",
+    )
 
-    def __init__(self, conn: TcpConnection, src: socket.socket, dst: socket.socket,
-                 inbound: bool, splice: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        conn: TcpConnection,
+        src: socket.socket,
+        dst: socket.socket,
+        inbound: bool,
+        splice: bool,
+    ) -> None:
         self.conn = conn
         self.loop = conn.loop
         self.src, self.dst = src, dst
@@ -248,8 +274,9 @@ class TcpConnection:
 
     __slots__ = ("client", "closed", "counters", "down", "listener", "loop", "up", "upstream")
 
-    def __init__(self, listener: TcpListener, client: socket.socket, upstream: socket.socket,
-                 splice: bool) -> None:  # fmt: skip
+    def __init__(
+        self, listener: TcpListener, client: socket.socket, upstream: socket.socket, splice: bool
+    ) -> None:
         self.listener = listener
         self.loop = listener.loop
         self.counters = listener.counters
@@ -290,8 +317,13 @@ class TcpConnection:
 class TcpListener:
     """The host side of one TCP mapping: listening sockets, pending connects, connections."""
 
-    def __init__(self, spec: MappingSpec, socks: list[socket.socket], counters: Counters,
-                 connector: Connector) -> None:  # fmt: skip
+    def __init__(
+        self,
+        spec: MappingSpec,
+        socks: list[socket.socket],
+        counters: Counters,
+        connector: Connector,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.spec = spec
         self.counters = counters

@@ -19,9 +19,9 @@ import socket
 from typing import Any
 
 from sockmap.proxy.flows import FlowTable
-from sockmap.proxy.spec import MappingSpec, family_of
+from sockmap.proxy.spec import MappingSpec
 from sockmap.proxy.stats import Counters
-from sockmap.proxy.tcp import bind_error
+from sockmap.proxy.tcp import bind_error, family_of
 
 BATCH = 64
 MAX_DGRAM = 65535
