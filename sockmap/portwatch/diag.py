@@ -159,3 +159,49 @@ def parse_dump(data: bytes, proto: Proto, *, seq: int | None = None) -> DumpChun
             break
         off += _align4(mlen)
     return DumpChunk(listeners=tuple(listeners), done=done)
+
+
+# -- the other direction: what the kernel would send (for tests, fuzzing and docs) ----------
+def frame(mtype: int, payload: bytes, *, seq: int, flags: int = NLM_F_MULTI, pid: int = 0) -> bytes:
+    """One netlink message: header + payload, padded to 4 bytes."""
+    msg = _NLMSGHDR.pack(NLMSGHDR_LEN + len(payload), mtype, flags, seq, pid) + payload
+    return msg + bytes(_align4(len(msg)) - len(msg))
+
+
+def build_diag_msg(
+    *,
+    family: Family,
+    state: int,
+    sport: int,
+    dport: int = 0,
+    src: str,
+    dst: str | None = None,
+    uid: int = 0,
+    inode: int = 0,
+    v6only: bool | None = None,
+    extra_attrs: bytes = b"",
+) -> bytes:
+    """An inet_diag_msg payload as the kernel lays it out (v6only as INET_DIAG_SKV6ONLY)."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    srcb = socket.inet_pton(af, src).ljust(16, b"\0")
+    dstb = socket.inet_pton(af, dst or ("0.0.0.0" if family == 4 else "::")).ljust(16, b"\0")
+    body = (
+        _MSG_HEAD.pack(af, state, 0, 0)
+        + _SOCKID.pack(sport, dport, srcb, dstb)
+        + _SOCKID_TAIL.pack(0, 0, 0)
+        + _MSG_TAIL.pack(0, 0, 0, uid, inode)
+    )
+    attrs = extra_attrs
+    if v6only is not None:
+        attr = _RTATTR.pack(_RTATTR.size + 1, INET_DIAG_SKV6ONLY) + bytes([int(v6only)])
+        attrs += attr + bytes(_align4(len(attr)) - len(attr))
+    return body + attrs
+
+
+def build_done(*, seq: int) -> bytes:
+    return frame(NLMSG_DONE, struct.pack("=i", 0), seq=seq)
+
+
+def build_error(err: int, *, seq: int, request: bytes = b"") -> bytes:
+    """NLMSG_ERROR carrying -err and (the header of) the offending request."""
+    return frame(NLMSG_ERROR, struct.pack("=i", -err) + request[:NLMSGHDR_LEN], seq=seq, flags=0)

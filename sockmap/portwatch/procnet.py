@@ -112,3 +112,38 @@ def parse_proc_net(
         if lst is not None:
             out.append(lst)
     return out
+
+
+def encode_addr(addr: str, family: Family, byteorder: ByteOrder = sys.byteorder) -> str:
+    """Text address to the kernel's hex words (the inverse of ``decode_addr``)."""
+    raw = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, addr)
+    return "".join(
+        f"{int.from_bytes(raw[i : i + 4], byteorder):08X}" for i in range(0, len(raw), 4)
+    )
+
+
+def format_line(
+    lst: Listener,
+    *,
+    slot: int = 0,
+    state: str | None = None,
+    remote: tuple[str, int] | None = None,
+    byteorder: ByteOrder = sys.byteorder,
+) -> str:
+    """A /proc/net line as the kernel prints it (for tests and fuzzing)."""
+    st = state or (TCP_LISTEN_HEX if lst.proto == "tcp" else TCP_CLOSE_HEX)
+    raddr, rport = remote or ("0.0.0.0" if lst.family == 4 else "::", 0)
+    local = f"{encode_addr(lst.addr, lst.family, byteorder)}:{lst.port:04X}"
+    rem = f"{encode_addr(raddr, lst.family, byteorder)}:{rport:04X}"
+    return (
+        f"{slot:4d}: {local} {rem} {st} 00000000:00000000 00:00000000 00000000 "
+        f"{lst.uid:5d}        0 {lst.inode} 2 0000000000000000 100 0 0 10 0"
+    )
+
+
+HEADER = {
+    "tcp": "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+    "   uid  timeout inode",
+    "udp": "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+    "   uid  timeout inode ref pointer drops",
+}
