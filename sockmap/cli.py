@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true")
     p.add_argument("--guest")
     p.add_argument("--port", type=int)
-    p = _sub(subs, "conflicts", _not_built("conflicts", 8), "explain port conflicts",
+    p = _sub(subs, "conflicts", _conflicts, "explain port conflicts",
              "sockmap conflicts --flat")
     p.add_argument("--json", action="store_true")
     p.add_argument("--flat", action="store_true")
@@ -165,6 +165,25 @@ def _guest_exec(args: argparse.Namespace) -> int:
         raise SockmapError("no command given", hint="usage: sockmap guest exec NAME -- CMD")
     rc: int = guests.exec_in(args.run_dir, args.name, cmd)
     return rc
+
+
+def _conflicts(args: argparse.Namespace) -> int:
+    import json
+
+    from sockmap.conflicts import flatscan, report
+
+    if not args.flat:
+        raise SockmapError(
+            f"no sockmap daemon is running at {args.run_dir / 'control.sock'} (the daemon "
+            "is not built yet, issue 5)",
+            hint="use `sockmap conflicts --flat` to analyse this network namespace alone",
+        )
+    found = flatscan.scan_flat()
+    if args.json:
+        print(json.dumps(report.to_json(found), indent=2))
+    else:
+        print(report.render_text(found, scope="flat namespace"))
+    return EXIT_FOUND if found else EXIT_OK
 
 
 def _agent(args: argparse.Namespace) -> int:

@@ -1,0 +1,86 @@
+"""The conflicts report, pure: Conflict records -> human text or JSON-ready objects.
+
+Human: one block per conflict: kind, proto and port, a summary, every party (side, address,
+pid, process and command line, context, what it receives), what sockmap did, and a one-line
+fix. JSON (``to_json``): a list of objects with ``kind``, ``proto``, ``port``, ``summary``,
+``parties`` (each ``side``, ``guest``, ``addr``, ``port``, ``pid``, ``process``,
+``cmdline``, ``context``, ``receives``), ``resolution`` and ``fix``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from typing import Any
+
+from sockmap.conflicts.records import Conflict, Party, endpoint
+
+TITLES = {
+    "host_port_in_use": "host port already in use",
+    "guests_collide": "two guests want one host port",
+    "time_wait": "host port blocked by TIME_WAIT sockets",
+    "reuseport_split": "one port split between programs (SO_REUSEPORT)",
+    "dualstack_vs_ipv4": "dual-stack [::] shadowed by 0.0.0.0 for IPv4",
+    "wildcard_specific": "wildcard and specific binds of one port",
+    "ipv4_ipv6_split": "127.0.0.1 and ::1 served by different programs",
+}
+MAX_CMDLINE = 200
+
+
+def party_json(p: Party) -> dict[str, Any]:
+    return {"side": p.side, "guest": p.guest, "addr": p.addr, "port": p.port, "pid": p.pid,
+            "process": p.process, "cmdline": list(p.cmdline), "context": p.context,
+            "receives": p.receives}
+
+
+def conflict_json(c: Conflict) -> dict[str, Any]:
+    return {"kind": c.kind, "proto": c.proto, "port": c.port, "summary": c.summary,
+            "parties": [party_json(p) for p in c.parties], "resolution": c.resolution,
+            "fix": c.fix}
+
+
+def to_json(conflicts: Sequence[Conflict]) -> list[dict[str, Any]]:
+    return [conflict_json(c) for c in conflicts]
+
+
+def _clean(s: str) -> str:
+    """Printable on one line: a process name or argument may hold control characters."""
+    return "".join(ch if ch.isprintable() else "?" for ch in s)
+
+
+def _cmdline(p: Party) -> str:
+    text = _clean(shlex.join(p.cmdline))
+    return text if len(text) <= MAX_CMDLINE else text[:MAX_CMDLINE - 3] + "..."
+
+
+def _party_lines(p: Party) -> list[str]:
+    side = "host" if p.side == "host" else f"guest {p.guest}"
+    who = "no process" if p.pid is None and not p.process else (
+        f"pid {p.pid if p.pid is not None else '?'} {_clean(p.process) or '?'}")
+    lines = [f"  - {side}: {endpoint(p.addr, p.port)}  {who}"]
+    if p.cmdline:
+        lines.append(f"      cmdline: {_cmdline(p)}")
+    if p.context:
+        lines.append(f"      context: {_clean(p.context)}")
+    if p.receives:
+        lines.append(f"      {_clean(p.receives)}")
+    return lines
+
+
+def render_block(c: Conflict) -> str:
+    lines = [f"{c.kind}: {c.proto} port {c.port} - {TITLES.get(c.kind, c.kind)}",
+             f"  {c.summary}"]
+    for p in c.parties:
+        lines += _party_lines(p)
+    lines.append(f"  sockmap: {c.resolution}")
+    lines.append(f"  fix: {c.fix}")
+    return "\n".join(lines)
+
+
+def render_text(conflicts: Sequence[Conflict], *, scope: str = "") -> str:
+    """The whole report; ``scope`` says what was analysed (e.g. "flat namespace")."""
+    where = f" ({scope})" if scope else ""
+    if not conflicts:
+        return f"no conflicts{where}"
+    head = f"{len(conflicts)} conflict{'s' if len(conflicts) != 1 else ''}{where}"
+    return "\n\n".join([head, *(render_block(c) for c in conflicts)])

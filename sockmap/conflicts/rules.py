@@ -1,0 +1,520 @@
+"""Every mapping decision in one place, pure: where a guest listener appears on the host,
+which upstream the host connects to, whether the host port is free, and what each policy
+does about it. The daemon, ``ls`` and ``conflicts`` import these; nothing else decides.
+
+- ``decide(listener, guest_addrs)``: Forwarded(bindings) or NotForwarded(reason).
+  ``host_bind_addrs`` is its short form.
+- ``bind_overlap`` / ``host_holders``: Linux bind semantics (wildcards, dual-stack ``[::]``,
+  IPv4-mapped addresses), used here for the host-port check and by flat.py.
+- ``plan(...)``: wanted guest listeners + host holders + current mappings + policies ->
+  commands (OpenMapping / CloseMapping), the desired mappings, and Conflict records.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, assert_never
+
+from sockmap.conflicts.records import Conflict, Party, endpoint, party_of
+from sockmap.portwatch.records import Family, Listener, Proto
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+HostEndpoint = tuple[Proto, str, int]  # (proto, host address, host port)
+
+LOOPBACK4 = "127.0.0.1"
+LOOPBACK6 = "::1"
+REMAP_LOW = 1024  # remap never lands on a privileged port
+
+
+# -- where a guest listener goes ---------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Nic:
+    """Connect to the guest's own NIC address."""
+
+    addr: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Relay:
+    """Ask the guest's agent to relay to the listener it reported as (family, port)."""
+
+    family: Family
+    port: int
+
+
+Upstream = Nic | Relay
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Binding:
+    host_addr: str
+    upstream: Upstream
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forwarded:
+    bindings: tuple[Binding, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotForwarded:
+    reason: str
+
+
+Decision = Forwarded | NotForwarded
+
+
+def parse_ip(addr: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+
+
+def nic_addr(guest_addrs: Iterable[str], family: Family) -> str | None:
+    """The first address of ``family`` the host can connect to (not loopback, link-local,
+    multicast or unspecified)."""
+    for a in guest_addrs:
+        ip = parse_ip(a)
+        if ip is None or ip.version != family:
+            continue
+        if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+            continue
+        return a
+    return None
+
+
+def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
+    """Where ``listener`` (in a guest whose NIC has ``guest_addrs``) appears on the host.
+
+    - ``0.0.0.0`` -> 127.0.0.1; ``[::]`` v6only -> ::1; ``[::]`` dual-stack (v6only False or
+      unknown) -> 127.0.0.1 and ::1. Upstream: the guest's NIC address of that family, or
+      the agent relay when the NIC has none.
+    - loopback (127.0.0.0/8, ::1) -> the same family's host loopback, through the relay.
+    - a specific address -> forwarded when it is one of the guest's NIC addresses, else not.
+    """
+    addrs = tuple(guest_addrs)
+    ip = parse_ip(listener.addr)
+    relay = Relay(family=listener.family, port=listener.port)
+    if ip is None:
+        return NotForwarded(reason=f"unparseable address {listener.addr!r}")
+    v4, v6 = nic_addr(addrs, 4), nic_addr(addrs, 6)
+    up4: Upstream = Nic(addr=v4) if v4 else relay
+    up6: Upstream = Nic(addr=v6) if v6 else relay
+    if ip.is_unspecified:
+        if ip.version == 4:
+            return Forwarded(bindings=(Binding(host_addr=LOOPBACK4, upstream=up4),))
+        b6 = Binding(host_addr=LOOPBACK6, upstream=up6)
+        if listener.v6only:
+            return Forwarded(bindings=(b6,))
+        return Forwarded(bindings=(Binding(host_addr=LOOPBACK4, upstream=up4), b6))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        if listener.v6only:
+            return NotForwarded(reason=f"{listener.addr} is IPv4-mapped on a v6only socket: "
+                                       "it receives nothing")
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        host = LOOPBACK4 if ip.version == 4 else LOOPBACK6
+        return Forwarded(bindings=(Binding(host_addr=host, upstream=relay),))
+    if any(parse_ip(a) == ip for a in addrs):
+        host = LOOPBACK4 if ip.version == 4 else LOOPBACK6
+        return Forwarded(bindings=(Binding(host_addr=host, upstream=Nic(addr=str(ip))),))
+    if ip.is_link_local:
+        return NotForwarded(reason=f"bound to link-local {listener.addr}, which needs an "
+                                   "interface scope; bind the NIC address or a wildcard")
+    known = ", ".join(addrs) or "none reported"
+    return NotForwarded(reason=f"bound to {listener.addr}, not one of this guest's addresses "
+                               f"({known}); sockmap connects only to the guest's own NIC "
+                               "address or its loopback")
+
+
+def host_bind_addrs(listener: Listener, guest_addrs: Iterable[str] = ()) -> tuple[str, ...]:
+    """The host addresses ``listener`` is forwarded on; () when it is not forwarded."""
+    d = decide(listener, guest_addrs)
+    match d:
+        case Forwarded():
+            return tuple(b.host_addr for b in d.bindings)
+        case NotForwarded():
+            return ()
+        case _:
+            assert_never(d)
+
+
+# -- Linux bind semantics --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Bind:
+    family: int
+    ip: IPAddress
+    v6only: bool
+
+
+def _bind(family: int, addr: str, v6only: bool | None) -> _Bind | None:
+    ip = parse_ip(addr)
+    if ip is None:
+        return None
+    return _Bind(family, ip, bool(v6only))
+
+
+def _v4_view(b: _Bind) -> IPAddress | None:
+    """What IPv4 destination an IPv6 socket takes: 0.0.0.0 for a dual-stack [::], the mapped
+    address for ::ffff:a.b.c.d, nothing for v6only or plain IPv6 addresses."""
+    if b.family == 4:
+        return b.ip
+    if b.v6only or not isinstance(b.ip, ipaddress.IPv6Address):
+        return None
+    if b.ip.is_unspecified:
+        return ipaddress.IPv4Address(0)
+    return b.ip.ipv4_mapped
+
+
+def _overlap(a: _Bind, b: _Bind) -> bool:
+    if a.family == 6 and b.family == 6 and (a.ip == b.ip or a.ip.is_unspecified
+                                            or b.ip.is_unspecified):
+        return True
+    va, vb = _v4_view(a), _v4_view(b)
+    if va is None or vb is None:
+        return False
+    return va == vb or va.is_unspecified or vb.is_unspecified
+
+
+def bind_overlap(a: Listener, b: Listener) -> bool:
+    """Whether two sockets of one proto and port claim a common local address (so they
+    conflict at bind time unless SO_REUSEADDR/SO_REUSEPORT allow sharing)."""
+    if a.proto != b.proto or a.port != b.port:
+        return False
+    ba, bb = _bind(a.family, a.addr, a.v6only), _bind(b.family, b.addr, b.v6only)
+    return ba is not None and bb is not None and _overlap(ba, bb)
+
+
+def host_holders(
+    proto: Proto, host_addr: str, port: int, host_listeners: Iterable[Listener]
+) -> tuple[Listener, ...]:
+    """Host sockets that hold ``host_addr:port`` (any overlapping bind: the same address,
+    0.0.0.0, ``[::]`` (IPv6, and IPv4 too when dual-stack), an IPv4-mapped twin)."""
+    ip = parse_ip(host_addr)
+    if ip is None:
+        return ()
+    want = _Bind(ip.version, ip, True)
+    out = []
+    for h in host_listeners:
+        if h.proto != proto or h.port != port:
+            continue
+        hb = _bind(h.family, h.addr, h.v6only)
+        if hb is not None and _overlap(want, hb):
+            out.append(h)
+    return tuple(out)
+
+
+# -- policies ------------------------------------------------------------------------------
+Policy = Literal["fail", "remap", "wait"]
+POLICIES: tuple[Policy, ...] = ("fail", "remap", "wait")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyRule:
+    """Applies to listeners matching every field given (None matches anything)."""
+
+    policy: Policy
+    guest: str | None = None
+    proto: Proto | None = None
+    ports: tuple[int, int] | None = None  # inclusive range
+
+    def matches(self, guest: str, proto: Proto, port: int) -> bool:
+        return ((self.guest is None or self.guest == guest)
+                and (self.proto is None or self.proto == proto)
+                and (self.ports is None or self.ports[0] <= port <= self.ports[1]))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policies:
+    """First matching rule wins; else ``default`` (``fail``)."""
+
+    default: Policy = "fail"
+    rules: tuple[PolicyRule, ...] = ()
+
+    def policy_for(self, guest: str, proto: Proto, port: int) -> Policy:
+        for r in self.rules:
+            if r.matches(guest, proto, port):
+                return r.policy
+        return self.default
+
+
+# -- the plan --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuestState:
+    """What the daemon knows of one guest: its listeners and its NIC addresses."""
+
+    name: str
+    listeners: tuple[Listener, ...]
+    addrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortMapping:
+    """One host socket forwarding to one guest listener. Equality ignores pid/process."""
+
+    guest: str
+    proto: Proto
+    host_addr: str
+    host_port: int
+    guest_addr: str  # the guest listener's bound address
+    guest_port: int
+    upstream: Upstream
+    pid: int | None = field(default=None, compare=False)
+    process: str = field(default="", compare=False)
+
+    @property
+    def host_endpoint(self) -> HostEndpoint:
+        return (self.proto, self.host_addr, self.host_port)
+
+    @property
+    def remapped(self) -> bool:
+        return self.host_port != self.guest_port
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenMapping:
+    mapping: PortMapping
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseMapping:
+    mapping: PortMapping
+    reason: str
+
+
+Command = OpenMapping | CloseMapping
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Skipped:
+    guest: str
+    listener: Listener
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """What the daemon applies: ``commands`` in order (closes first) take the current
+    mappings to ``mappings``. ``retry``: host endpoints to try again after a short delay
+    (TIME_WAIT; drop them from ``blocked`` and plan again). ``waiting``: endpoints held
+    under policy ``wait`` (plan again when the host listeners change)."""
+
+    commands: tuple[Command, ...]
+    mappings: tuple[PortMapping, ...]
+    conflicts: tuple[Conflict, ...]
+    retry: tuple[HostEndpoint, ...] = ()
+    waiting: tuple[HostEndpoint, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Want:
+    guest: str
+    listener: Listener
+    bindings: tuple[Binding, ...]
+
+    @property
+    def ident(self) -> tuple[str, Proto, str, int]:
+        return (self.guest, self.listener.proto, self.listener.addr, self.listener.port)
+
+
+def _mapping_ident(m: PortMapping) -> tuple[str, Proto, str, int]:
+    return (m.guest, m.proto, m.guest_addr, m.guest_port)
+
+
+def _wants(guests: Sequence[GuestState]) -> tuple[list[_Want], list[Skipped]]:
+    wants: list[_Want] = []
+    skipped: list[Skipped] = []
+    for g in guests:
+        seen: set[HostEndpoint] = set()
+        unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
+        for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
+                                                          li.addr)):
+            d = decide(li, g.addrs)
+            match d:
+                case NotForwarded():
+                    skipped.append(Skipped(guest=g.name, listener=li, reason=d.reason))
+                case Forwarded():
+                    # One guest, one host endpoint: a second listener of the same guest
+                    # (UDP 0.0.0.0:53 next to 10.0.0.2:53) adds nothing.
+                    bs = tuple(b for b in d.bindings
+                               if (li.proto, b.host_addr, li.port) not in seen)
+                    seen.update((li.proto, b.host_addr, li.port) for b in bs)
+                    if bs:
+                        wants.append(_Want(g.name, li, bs))
+                case _:
+                    assert_never(d)
+    return wants, skipped
+
+
+def _guest_party(w: _Want, *, receives: str = "") -> Party:
+    return party_of(w.listener, side="guest", guest=w.guest, receives=receives)
+
+
+def _who(p: Party) -> str:
+    if p.pid is None:
+        return "an unknown process"
+    return f"{p.process or '?'} (pid {p.pid})"
+
+
+def plan(
+    *,
+    guests: Sequence[GuestState],
+    host_listeners: Iterable[Listener] = (),
+    current: Iterable[PortMapping] = (),
+    policies: Policies = Policies(),
+    blocked: Iterable[HostEndpoint] = (),
+    own_pid: int | None = None,
+) -> Plan:
+    """Decide every mapping. Pure: the same inputs give the same plan.
+
+    ``guests`` in registry order: for a host port two guests want, a guest already mapped
+    there keeps it, else the earlier guest. ``host_listeners``: a scan of the host (the
+    daemon's own sockets, by ``own_pid`` or by being a current mapping's endpoint, are not
+    holders). ``blocked``: host endpoints whose bind() failed with EADDRINUSE.
+    A listener is forwarded on all of its host addresses or none (half a dual-stack forward
+    would make ``localhost`` reach different servers by client).
+    """
+    cur = tuple(current)
+    mine = {m.host_endpoint for m in cur}
+    holders = [h for h in host_listeners
+               if (h.proto, h.addr, h.port) not in mine
+               and not (own_pid is not None and h.owner is not None
+                        and h.owner.pid == own_pid)]
+    by_port: dict[tuple[Proto, int], list[Listener]] = {}
+    for h in holders:
+        by_port.setdefault((h.proto, h.port), []).append(h)
+    blocked_set = set(blocked)
+
+    wants, skipped = _wants(guests)
+    mapped_now = {_mapping_ident(m) for m in cur}
+    order = sorted(range(len(wants)), key=lambda i: (wants[i].ident not in mapped_now, i))
+    cur_port = {_mapping_ident(m): m.host_port for m in cur}
+
+    taken: dict[HostEndpoint, _Want] = {}
+    desired: list[PortMapping] = []
+    conflicts: list[Conflict] = []
+    retry: list[HostEndpoint] = []
+    waiting: list[HostEndpoint] = []
+
+    def held(proto: Proto, addr: str, port: int) -> tuple[Listener, ...]:
+        return host_holders(proto, addr, port, by_port.get((proto, port), ()))
+
+    def free(w: _Want, port: int) -> bool:
+        p = w.listener.proto
+        return all((p, b.host_addr, port) not in taken
+                   and (p, b.host_addr, port) not in blocked_set
+                   and not held(p, b.host_addr, port) for b in w.bindings)
+
+    for i in order:
+        w = wants[i]
+        li = w.listener
+        proto, port = li.proto, li.port
+        eps = [(proto, b.host_addr, port) for b in w.bindings]
+        rivals = list(dict.fromkeys(taken[e] for e in eps if e in taken))
+        holding = list(dict.fromkeys(h for e in eps for h in held(*e)))
+        tw = [e for e in eps if e in blocked_set] if not holding else []
+
+        if not rivals and not holding and not tw:
+            _take(w, port, taken, desired)
+            continue
+
+        pol = policies.policy_for(w.guest, proto, port)
+        if rivals or holding:
+            if pol == "remap":
+                q = cur_port.get(w.ident)
+                if q is None or q == port or not free(w, q):
+                    q = _next_free(w, port, free)
+                if q is not None:
+                    _take(w, q, taken, desired)
+                    did = (f"forwarded on host port {q} instead of {port} (policy remap)")
+                else:
+                    did = "not forwarded: no free host port to remap to (policy remap)"
+            elif pol == "wait":
+                waiting.extend(eps)
+                did = (f"waiting: host port {port} is forwarded as soon as it is free "
+                       "(policy wait)")
+            else:
+                did = f"not forwarded (policy fail); host port {port} left to its holder"
+            me = _guest_party(w, receives=did)
+            for r in rivals:
+                winner = _guest_party(r, receives=f"keeps host port {port}")
+                conflicts.append(Conflict(
+                    kind="guests_collide", proto=proto, port=port, parties=(winner, me),
+                    summary=f"guests {r.guest} and {w.guest} both listen on {proto} port "
+                            f"{port}; {r.guest} was first and keeps host port {port}",
+                    resolution=f"{w.guest}: {did}",
+                    fix=f"run one guest's server on another port, or set policy remap for "
+                        f"port {port}",
+                ))
+            if holding:
+                hp = tuple(party_of(h, side="host", receives=f"keeps host port {port}")
+                           for h in holding)
+                names = ", ".join(_who(p) for p in hp)
+                conflicts.append(Conflict(
+                    kind="host_port_in_use", proto=proto, port=port, parties=(me, *hp),
+                    summary=f"{w.guest} listens on {endpoint(li.addr, port)} but {proto} "
+                            f"port {port} on host localhost is held by {names}",
+                    resolution=did,
+                    fix=f"stop {names} on the host, or set policy remap (or wait) for port "
+                        f"{port}",
+                ))
+        else:
+            retry.extend(tw)
+            conflicts.append(Conflict(
+                kind="time_wait", proto=proto, port=port,
+                parties=(_guest_party(w, receives="waits for the port"),),
+                summary=f"host {proto} port {port} cannot be bound (EADDRINUSE) and no "
+                        "socket listens there: closed connections in TIME_WAIT hold it",
+                resolution="retrying until the TIME_WAIT sockets expire (at most 60 s), "
+                           "whatever the policy",
+                fix=f"wait, or move the server out of the ephemeral range "
+                    f"(net.ipv4.ip_local_port_range) so clients never take port {port}",
+            ))
+
+    want_ids = {w.ident for w in wants}
+    desired_set = set(desired)
+    cur_set = set(cur)
+    closes: list[Command] = [
+        CloseMapping(mapping=m, reason="replaced" if _mapping_ident(m) in want_ids
+                     and any(_mapping_ident(d) == _mapping_ident(m) for d in desired)
+                     else "guest listener gone or not forwardable now")
+        for m in cur if m not in desired_set
+    ]
+    opens: list[Command] = [OpenMapping(mapping=m) for m in desired if m not in cur_set]
+    conflicts.sort(key=lambda c: (c.port, c.proto, c.kind,
+                                  tuple((p.side, p.guest or "") for p in c.parties)))
+    return Plan(
+        commands=tuple(closes + opens),
+        mappings=tuple(desired),
+        conflicts=tuple(conflicts),
+        retry=tuple(dict.fromkeys(retry)),
+        waiting=tuple(dict.fromkeys(waiting)),
+        skipped=tuple(skipped),
+    )
+
+
+def _take(w: _Want, port: int, taken: dict[HostEndpoint, _Want],
+          desired: list[PortMapping]) -> None:
+    li = w.listener
+    o = li.owner
+    for b in w.bindings:
+        taken[(li.proto, b.host_addr, port)] = w
+        desired.append(PortMapping(
+            guest=w.guest, proto=li.proto, host_addr=b.host_addr, host_port=port,
+            guest_addr=li.addr, guest_port=li.port, upstream=b.upstream,
+            pid=None if o is None else o.pid, process="" if o is None else o.comm,
+        ))
+
+
+def _next_free(w: _Want, port: int, free: Callable[[_Want, int], bool]) -> int | None:
+    """The next port above ``port`` (never below REMAP_LOW) free on all of w's host
+    addresses, wrapping around once."""
+    for q in itertools.chain(range(max(port + 1, REMAP_LOW), 65536), range(REMAP_LOW, port)):
+        if free(w, q):
+            return q
+    return None
