@@ -53,7 +53,7 @@ class OwnerResolver:
         self._netns: int | None = None
         if same_netns_only:
             try:
-                self._netns = os.stat(proc / "self/ns/net").st_ino
+                self._netns = os.stat(proc / "thread-self/ns/net").st_ino
             except OSError:
                 self._netns = None
         self.scans = 0  # how many /proc walks were made (for tests and the bench)

@@ -122,7 +122,12 @@ class ProcSource:
 
     name = "proc"
 
-    def __init__(self, proc_net: Path = Path("/proc/net")) -> None:
+    def __init__(self, proc_net: Path | None = None) -> None:
+        # thread-self: the namespace of the calling thread (/proc/net follows the main one)
+        if proc_net is None:
+            proc_net = Path("/proc/thread-self/net")
+            if not proc_net.exists():
+                proc_net = Path("/proc/net")
         self.proc_net = proc_net
         if not (proc_net / "tcp").exists():
             raise SourceUnavailable(

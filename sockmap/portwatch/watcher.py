@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from types import TracebackType
 
 from sockmap.portwatch import diff
@@ -48,6 +48,7 @@ class Watcher:
         udp_ephemeral: bool = False,
         addresses: bool = True,
         nics: Collection[str] | None = None,
+        opener: Callable[[str], tuple[Source, list[str]]] = open_source,
     ) -> None:
         if source not in ("auto", "diag", "proc"):
             raise SourceUnavailable(
@@ -59,6 +60,7 @@ class Watcher:
                 hint="give between 1 ms and 60 s",
             )
         self._want = source
+        self._open = opener
         self._interval = interval
         self._owners = OwnerResolver() if resolve_owners else None
         self._udp_ephemeral = udp_ephemeral
@@ -89,7 +91,7 @@ class Watcher:
 
     async def __aenter__(self) -> Watcher:
         self._port_range = local_port_range()
-        src, problems = open_source(self._want)  # "diag"/"proc" forced: errors go to the caller
+        src, problems = self._open(self._want)  # "diag"/"proc" forced: errors go to the caller
         self._src = src
         for p in problems:
             self._report("diag", p)
@@ -199,7 +201,7 @@ class Watcher:
             order = [self._want]
         for kind in order:
             try:
-                self._src, problems = open_source(kind)
+                self._src, problems = self._open(kind)
             except (SourceUnavailable, ParseError) as e:
                 self._report(kind, str(e))
                 continue
