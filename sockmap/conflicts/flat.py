@@ -49,9 +49,13 @@ class _Dest:
     receivers: tuple[Listener, ...]
 
 
-def _sort_key(li: Listener) -> tuple[int, str, int, int, int]:
-    pid = li.owner.pid if li.owner is not None else 0
-    return (li.family, li.addr, li.inode, pid, li.uid)
+def _sort_key(li: Listener) -> tuple[object, ...]:
+    """A total order on sockets, so the output never depends on the input order."""
+    o = li.owner
+    cg, mnt, uid = context_of(li)
+    return (li.family, li.addr, li.inode, -1 if o is None else o.pid, cg,
+            -1 if mnt is None else mnt, uid, "" if o is None else o.comm,
+            () if o is None else o.cmdline, li.v6only is None, bool(li.v6only))
 
 
 def _is_wild(li: Listener) -> bool:
@@ -252,7 +256,8 @@ def _analyse_port(proto: Proto, port: int, socks: Sequence[Listener]) -> list[Co
 
 def analyse(listeners: Iterable[Listener]) -> tuple[Conflict, ...]:
     """Every flat-namespace conflict among ``listeners`` (all sockets, with owners), in a
-    stable order (by port, proto, kind), whatever the input order."""
+    stable order (by port, proto, then kind as listed above), whatever the input
+    order."""
     by_port: dict[tuple[Proto, int], list[Listener]] = {}
     for li in listeners:
         by_port.setdefault((li.proto, li.port), []).append(li)

@@ -69,11 +69,11 @@ def _party_lines(p: Party) -> list[str]:
 
 def render_block(c: Conflict) -> str:
     lines = [f"{c.kind}: {c.proto} port {c.port} - {TITLES.get(c.kind, c.kind)}",
-             f"  {c.summary}"]
+             f"  {_clean(c.summary)}"]
     for p in c.parties:
         lines += _party_lines(p)
-    lines.append(f"  sockmap: {c.resolution}")
-    lines.append(f"  fix: {c.fix}")
+    lines.append(f"  sockmap: {_clean(c.resolution)}")
+    lines.append(f"  fix: {_clean(c.fix)}")
     return "\n".join(lines)
 
 

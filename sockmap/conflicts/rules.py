@@ -119,12 +119,12 @@ def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
     if ip.is_loopback:
         host = LOOPBACK4 if ip.version == 4 else LOOPBACK6
         return Forwarded(bindings=(Binding(host_addr=host, upstream=relay),))
-    if any(parse_ip(a) == ip for a in addrs):
-        host = LOOPBACK4 if ip.version == 4 else LOOPBACK6
-        return Forwarded(bindings=(Binding(host_addr=host, upstream=Nic(addr=str(ip))),))
     if ip.is_link_local:
         return NotForwarded(reason=f"bound to link-local {listener.addr}, which needs an "
                                    "interface scope; bind the NIC address or a wildcard")
+    if any(parse_ip(a) == ip for a in addrs):
+        host = LOOPBACK4 if ip.version == 4 else LOOPBACK6
+        return Forwarded(bindings=(Binding(host_addr=host, upstream=Nic(addr=str(ip))),))
     known = ", ".join(addrs) or "none reported"
     return NotForwarded(reason=f"bound to {listener.addr}, not one of this guest's addresses "
                                f"({known}); sockmap connects only to the guest's own NIC "

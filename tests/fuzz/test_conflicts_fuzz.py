@@ -1,0 +1,142 @@
+"""Hypothesis properties of the conflicts engine: the plan is consistent, stable and
+order-independent; flat analysis needs two contexts and ignores input order."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sockmap.conflicts import flat, rules
+from sockmap.conflicts.rules import CloseMapping, GuestState, OpenMapping, Policies
+from sockmap.portwatch.records import Family, Listener, Owner, Proto
+
+PORTS = st.integers(8000, 8003)
+ADDR_CHOICES = ["0.0.0.0", "127.0.0.1", "10.0.0.2", "10.0.0.9", "::", "::1", "fd00::2",
+                "::ffff:127.0.0.1"]
+PROTOS: list[Proto] = ["tcp", "udp"]
+
+
+@st.composite
+def sockets(draw: st.DrawFn, *, pid: int | None = None, uid: int | None = None,
+            mnt: int | None = None) -> Listener:
+    addr = draw(st.sampled_from(ADDR_CHOICES))
+    fam: Family = 6 if ":" in addr else 4
+    p = pid if pid is not None else draw(st.integers(1, 6))
+    u = uid if uid is not None else draw(st.sampled_from([0, 1000]))
+    m = mnt if mnt is not None else draw(st.sampled_from([1, 2]))
+    return Listener(
+        proto=draw(st.sampled_from(PROTOS)), family=fam, addr=addr, port=draw(PORTS),
+        inode=draw(st.integers(1, 10**9)), uid=u,
+        v6only=draw(st.none() | st.booleans()) if fam == 6 else None,
+        owner=Owner(pid=p, comm=f"p{p}", cgroup="/c", mntns=m, uid=u),
+    )
+
+
+def _key(c: object) -> str:
+    return repr(c)
+
+
+@settings(max_examples=200)
+@given(st.lists(sockets(pid=1, uid=0, mnt=1), max_size=8))
+def test_single_context_never_conflicts(socks: list[Listener]) -> None:
+    assert flat.analyse(socks) == ()
+
+
+@settings(max_examples=200)
+@given(st.lists(sockets(), max_size=8), st.randoms())
+def test_flat_order_independent(socks: list[Listener], rnd: object) -> None:
+    shuffled = list(socks)
+    rnd.shuffle(shuffled)  # type: ignore[attr-defined]
+    assert flat.analyse(socks) == flat.analyse(shuffled)
+
+
+@settings(max_examples=200)
+@given(st.lists(sockets(), max_size=8))
+def test_flat_conflicts_span_contexts(socks: list[Listener]) -> None:
+    for c in flat.analyse(socks):
+        assert len({p.context for p in c.parties}) >= 2
+        assert all(p.receives for p in c.parties)
+        assert all(p.port == c.port for p in c.parties)
+
+
+@settings(max_examples=300)
+@given(st.lists(sockets(), max_size=8))
+def test_flat_delivery_follows_bind_rules(socks: list[Listener]) -> None:
+    """Each destination goes to sockets whose bind covers it, all of one tier (exact
+    address or wildcard), and exact binds always win over wildcards."""
+    for proto, port in {(s.proto, s.port) for s in socks}:
+        group = [s for s in socks if (s.proto, s.port) == (proto, port)]
+        for d in flat.delivery(group, port):
+            wild = [flat._is_wild(s) for s in d.receivers]
+            assert all(wild) or not any(wild)
+            if d.label.startswith("any other"):
+                assert all(wild)
+                continue
+            addr = d.label.rsplit(":", 1)[0].strip("[]")
+            fam: Family = 6 if ":" in addr else 4
+            probe = Listener(proto=proto, family=fam, addr=addr, port=port,
+                             v6only=True if fam == 6 else None)
+            assert all(rules.bind_overlap(s, probe) for s in d.receivers)
+            exact = [s for s in group if s.addr == addr]
+            if exact:
+                assert not any(wild)
+                assert {id(s) for s in exact} <= {id(s) for s in d.receivers}
+
+
+guests_st = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c"]), st.lists(sockets(), max_size=4)),
+    max_size=3, unique_by=lambda t: t[0],
+).map(lambda gs: [GuestState(name=n, listeners=tuple(ls), addrs=("10.0.0.2", "fd00::2"))
+                  for n, ls in gs])
+holders_st = st.lists(sockets(pid=50), max_size=4)
+policies_st = st.sampled_from(rules.POLICIES).map(lambda p: Policies(default=p))
+blocked_st = st.lists(st.tuples(st.sampled_from(PROTOS), st.sampled_from(["127.0.0.1", "::1"]),
+                                PORTS), max_size=2)
+
+
+def _apply(current: tuple[rules.PortMapping, ...], p: rules.Plan) -> set[rules.PortMapping]:
+    state = set(current)
+    for c in p.commands:
+        match c:
+            case CloseMapping():
+                assert c.mapping in state
+                state.remove(c.mapping)
+            case OpenMapping():
+                assert c.mapping not in state
+                state.add(c.mapping)
+    return state
+
+
+@settings(max_examples=200)
+@given(guests_st, holders_st, policies_st, blocked_st, guests_st, holders_st)
+def test_plan_consistent_and_stable(
+    guests: list[GuestState], holders: list[Listener], pol: Policies,
+    blocked: list[rules.HostEndpoint], guests2: list[GuestState], holders2: list[Listener],
+) -> None:
+    p1 = rules.plan(guests=guests, host_listeners=holders, policies=pol, blocked=blocked)
+    assert _apply((), p1) == set(p1.mappings)
+    # one host endpoint, one mapping; never on a port a host process or TIME_WAIT holds
+    eps = [m.host_endpoint for m in p1.mappings]
+    assert len(eps) == len(set(eps))
+    for m in p1.mappings:
+        assert not rules.host_holders(m.proto, m.host_addr, m.host_port, holders)
+        assert m.host_endpoint not in blocked
+    # replanning the same world changes nothing
+    again = rules.plan(guests=guests, host_listeners=holders, policies=pol, blocked=blocked,
+                       current=p1.mappings)
+    assert again.commands == () and set(again.mappings) == set(p1.mappings)
+    # a changed world: commands still take current to the new desired state
+    p2 = rules.plan(guests=guests2, host_listeners=holders2, policies=pol, current=p1.mappings)
+    assert _apply(p1.mappings, p2) == set(p2.mappings)
+
+
+@settings(max_examples=100)
+@given(guests_st, holders_st, policies_st, st.randoms())
+def test_plan_ignores_host_scan_order(guests: list[GuestState], holders: list[Listener],
+                                      pol: Policies, rnd: object) -> None:
+    shuffled = list(holders)
+    rnd.shuffle(shuffled)  # type: ignore[attr-defined]
+    a = rules.plan(guests=guests, host_listeners=holders, policies=pol)
+    b = rules.plan(guests=guests, host_listeners=shuffled, policies=pol)
+    assert a.mappings == b.mappings
+    assert [(c.kind, c.port) for c in a.conflicts] == [(c.kind, c.port) for c in b.conflicts]

@@ -1,0 +1,300 @@
+"""Table tests of the mapping rules: where a listener goes, who holds a host port, and the
+plan under each policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from sockmap.conflicts import rules as r
+from sockmap.conflicts.rules import (
+    Binding,
+    CloseMapping,
+    Forwarded,
+    GuestState,
+    Nic,
+    NotForwarded,
+    OpenMapping,
+    Policies,
+    PolicyRule,
+    PortMapping,
+    Relay,
+)
+from sockmap.portwatch.records import Family, Listener, Owner, Proto
+
+ADDRS = ("10.0.0.2", "fd00::2", "fe80::2")
+
+
+def L(addr: str, port: int = 8000, *, proto: Proto = "tcp", v6only: bool | None = None,
+      pid: int = 100, comm: str = "srv", inode: int = 0) -> Listener:
+    fam: Family = 6 if ":" in addr else 4
+    return Listener(proto=proto, family=fam, addr=addr, port=port, inode=inode or pid,
+                    v6only=v6only if fam == 6 else None,
+                    owner=Owner(pid=pid, comm=comm, cmdline=(comm, str(port))))
+
+
+N4, N6 = Nic(addr="10.0.0.2"), Nic(addr="fd00::2")
+R4, R6 = Relay(family=4, port=8000), Relay(family=6, port=8000)
+
+DECIDE = [
+    ("0.0.0.0", None, ADDRS, (("127.0.0.1", N4),)),
+    ("0.0.0.0", None, (), (("127.0.0.1", R4),)),
+    ("::", False, ADDRS, (("127.0.0.1", N4), ("::1", N6))),
+    ("::", None, ADDRS, (("127.0.0.1", N4), ("::1", N6))),
+    ("::", True, ADDRS, (("::1", N6),)),
+    ("::", True, ("fe80::2",), (("::1", R6),)),
+    ("::", False, ("fd00::2",), (("127.0.0.1", R6), ("::1", N6))),
+    ("::1", True, ADDRS, (("::1", R6),)),
+    ("127.0.0.1", None, ADDRS, (("127.0.0.1", R4),)),
+    ("127.0.0.53", None, ADDRS, (("127.0.0.1", R4),)),
+    ("10.0.0.2", None, ADDRS, (("127.0.0.1", N4),)),
+    ("fd00::2", False, ADDRS, (("::1", N6),)),
+    ("::ffff:127.0.0.1", False, ADDRS, (("127.0.0.1", R6),)),
+    ("::ffff:10.0.0.2", False, ADDRS, (("127.0.0.1", N4),)),
+]
+
+
+@pytest.mark.parametrize(("addr", "v6only", "addrs", "want"), DECIDE)
+def test_decide(addr: str, v6only: bool | None, addrs: tuple[str, ...],
+                want: tuple[tuple[str, r.Upstream], ...]) -> None:
+    d = r.decide(L(addr, v6only=v6only), addrs)
+    assert d == Forwarded(bindings=tuple(Binding(host_addr=h, upstream=u) for h, u in want))
+    assert r.host_bind_addrs(L(addr, v6only=v6only), addrs) == tuple(h for h, _ in want)
+
+
+@pytest.mark.parametrize(("addr", "words"), [
+    ("10.0.0.9", "not one of this guest's addresses"),
+    ("192.168.1.5", "not one of this guest's addresses"),
+    ("fe80::2", "link-local"),
+    ("fd00::9", "not one of this guest's addresses"),
+])
+def test_not_forwarded(addr: str, words: str) -> None:
+    d = r.decide(L(addr, v6only=True), ADDRS)
+    assert isinstance(d, NotForwarded)
+    assert words in d.reason and addr in d.reason
+    assert r.host_bind_addrs(L(addr, v6only=True), ADDRS) == ()
+
+
+HOLD = [
+    ("127.0.0.1", L("127.0.0.1"), True),
+    ("127.0.0.1", L("0.0.0.0"), True),
+    ("127.0.0.1", L("::", v6only=False), True),
+    ("127.0.0.1", L("::", v6only=None), True),
+    ("127.0.0.1", L("::", v6only=True), False),
+    ("127.0.0.1", L("::1"), False),
+    ("127.0.0.1", L("127.0.0.2"), False),
+    ("127.0.0.1", L("192.168.1.1"), False),
+    ("127.0.0.1", L("::ffff:127.0.0.1", v6only=False), True),
+    ("127.0.0.1", L("127.0.0.1", proto="udp"), False),
+    ("127.0.0.1", L("127.0.0.1", port=8001), False),
+    ("::1", L("::1"), True),
+    ("::1", L("::", v6only=True), True),
+    ("::1", L("::", v6only=False), True),
+    ("::1", L("0.0.0.0"), False),
+    ("::1", L("127.0.0.1"), False),
+    ("::1", L("fd00::1"), False),
+]
+
+
+@pytest.mark.parametrize(("want", "host", "held"), HOLD)
+def test_host_holders(want: str, host: Listener, held: bool) -> None:
+    assert bool(r.host_holders("tcp", want, 8000, [host])) == held
+
+
+def guest(name: str, *lis: Listener, addrs: tuple[str, ...] = ADDRS) -> GuestState:
+    return GuestState(name=name, listeners=lis, addrs=addrs)
+
+
+def opened(p: r.Plan) -> list[tuple[str, str, int]]:
+    return [(c.mapping.guest, c.mapping.host_addr, c.mapping.host_port)
+            for c in p.commands if isinstance(c, OpenMapping)]
+
+
+def closed(p: r.Plan) -> list[tuple[str, str, int]]:
+    return [(c.mapping.guest, c.mapping.host_addr, c.mapping.host_port)
+            for c in p.commands if isinstance(c, CloseMapping)]
+
+
+HOLDER = L("0.0.0.0", pid=7, comm="nginx")
+
+
+def test_plan_opens_and_is_stable() -> None:
+    p = r.plan(guests=[guest("a", L("::", v6only=False))])
+    assert opened(p) == [("a", "127.0.0.1", 8000), ("a", "::1", 8000)]
+    assert p.conflicts == ()
+    again = r.plan(guests=[guest("a", L("::", v6only=False))], current=p.mappings)
+    assert again.commands == () and again.mappings == p.mappings
+
+
+def test_plan_closes_when_listener_gone() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0"))])
+    gone = r.plan(guests=[guest("a")], current=p.mappings)
+    assert closed(gone) == [("a", "127.0.0.1", 8000)] and gone.mappings == ()
+
+
+def test_plan_retargets_on_ip_change() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0"))])
+    moved = r.plan(guests=[guest("a", L("0.0.0.0"), addrs=("10.0.0.7",))], current=p.mappings)
+    assert closed(moved) == opened(moved) == [("a", "127.0.0.1", 8000)]
+    assert moved.mappings[0].upstream == Nic(addr="10.0.0.7")
+    # closes come before opens, so the host port is free again when it is reopened
+    assert isinstance(moved.commands[0], CloseMapping)
+
+
+def test_fail_policy_reports_host_holder() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0", comm="vite"))], host_listeners=[HOLDER])
+    assert p.commands == () and p.mappings == ()
+    (c,) = p.conflicts
+    assert c.kind == "host_port_in_use" and c.port == 8000 and c.proto == "tcp"
+    assert [(x.side, x.guest, x.pid, x.process) for x in c.parties] == [
+        ("guest", "a", 100, "vite"), ("host", None, 7, "nginx")]
+    assert "policy fail" in c.resolution and "nginx (pid 7)" in c.fix
+
+
+def test_fail_conflict_clears_when_holder_exits() -> None:
+    g = [guest("a", L("0.0.0.0"))]
+    p1 = r.plan(guests=g, host_listeners=[HOLDER])
+    p2 = r.plan(guests=g, host_listeners=[], current=p1.mappings)
+    assert p2.conflicts == () and opened(p2) == [("a", "127.0.0.1", 8000)]
+
+
+def test_remap_next_free_port_and_stability() -> None:
+    pol = Policies(default="remap")
+    g = [guest("a", L("0.0.0.0"))]
+    holders = [HOLDER, L("127.0.0.1", port=8001, pid=8)]
+    p = r.plan(guests=g, host_listeners=holders, policies=pol)
+    assert opened(p) == [("a", "127.0.0.1", 8002)]
+    (c,) = p.conflicts
+    assert c.kind == "host_port_in_use" and "8002" in c.resolution
+    assert p.mappings[0].remapped
+    # stays on 8002 while 8000 is held, even though 8001 freed meanwhile
+    p2 = r.plan(guests=g, host_listeners=[HOLDER], policies=pol, current=p.mappings)
+    assert p2.commands == () and len(p2.conflicts) == 1
+    # and moves back once 8000 is free
+    p3 = r.plan(guests=g, host_listeners=[], policies=pol, current=p2.mappings)
+    assert closed(p3) == [("a", "127.0.0.1", 8002)] and opened(p3) == [("a", "127.0.0.1", 8000)]
+    assert p3.conflicts == ()
+
+
+def test_remap_needs_a_port_free_on_every_host_address() -> None:
+    pol = Policies(default="remap")
+    holders = [L("::1", pid=7), L("127.0.0.1", port=8001, pid=8)]
+    p = r.plan(guests=[guest("a", L("::", v6only=False))], host_listeners=holders,
+               policies=pol)
+    assert opened(p) == [("a", "127.0.0.1", 8002), ("a", "::1", 8002)]
+
+
+def test_remap_never_below_1024() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0", port=80))],
+               host_listeners=[L("0.0.0.0", port=80, pid=7)], policies=Policies(default="remap"))
+    assert opened(p) == [("a", "127.0.0.1", 1024)]
+
+
+def test_wait_policy_opens_when_port_frees() -> None:
+    pol = Policies(rules=(PolicyRule(policy="wait", ports=(8000, 8000)),))
+    g = [guest("a", L("0.0.0.0"))]
+    p = r.plan(guests=g, host_listeners=[HOLDER], policies=pol)
+    assert p.commands == () and p.waiting == (("tcp", "127.0.0.1", 8000),)
+    assert "policy wait" in p.conflicts[0].resolution
+    p2 = r.plan(guests=g, host_listeners=[], policies=pol, current=p.mappings)
+    assert opened(p2) == [("a", "127.0.0.1", 8000)] and p2.conflicts == () and not p2.waiting
+
+
+def test_dual_stack_is_all_or_nothing() -> None:
+    p = r.plan(guests=[guest("a", L("::", v6only=False))], host_listeners=[L("::1", pid=7)])
+    assert p.mappings == () and p.conflicts[0].kind == "host_port_in_use"
+
+
+def test_two_guests_first_keeps_port() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0", pid=1)), guest("b", L("0.0.0.0", pid=2))])
+    assert opened(p) == [("a", "127.0.0.1", 8000)]
+    (c,) = p.conflicts
+    assert c.kind == "guests_collide"
+    assert [(x.guest, x.pid) for x in c.parties] == [("a", 1), ("b", 2)]
+    assert "a" in c.summary and "b" in c.summary
+
+
+def test_two_guests_remap_second() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0"))],
+               policies=Policies(rules=(PolicyRule(policy="remap", guest="b"),)))
+    assert opened(p) == [("a", "127.0.0.1", 8000), ("b", "127.0.0.1", 8001)]
+    assert p.conflicts[0].kind == "guests_collide" and "8001" in p.conflicts[0].resolution
+
+
+def test_current_holder_keeps_port_whatever_guest_order() -> None:
+    first = r.plan(guests=[guest("b", L("0.0.0.0"))])
+    p = r.plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0"))],
+               current=first.mappings)
+    assert p.commands == () and p.mappings == first.mappings
+    assert [x.guest for x in p.conflicts[0].parties] == ["b", "a"]
+
+
+def test_two_guests_loopback_vs_dual_stack_collide_on_ipv4_only() -> None:
+    p = r.plan(guests=[guest("a", L("127.0.0.1")), guest("b", L("::", v6only=False))])
+    assert opened(p) == [("a", "127.0.0.1", 8000)]
+    assert p.conflicts[0].kind == "guests_collide"
+
+
+def test_time_wait_retried_whatever_policy() -> None:
+    ep: r.HostEndpoint = ("tcp", "127.0.0.1", 8000)
+    for pol in r.POLICIES:
+        p = r.plan(guests=[guest("a", L("0.0.0.0"))], blocked=[ep],
+                   policies=Policies(default=pol))
+        assert p.mappings == () and p.retry == (ep,)
+        (c,) = p.conflicts
+        assert c.kind == "time_wait"
+        assert [x.side for x in c.parties] == ["guest"]  # no process to blame
+        assert "retrying" in c.resolution
+    p = r.plan(guests=[guest("a", L("0.0.0.0"))], blocked=[])
+    assert opened(p) == [("a", "127.0.0.1", 8000)]
+
+
+def test_blocked_with_a_holder_is_host_port_in_use() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0"))], blocked=[("tcp", "127.0.0.1", 8000)],
+               host_listeners=[HOLDER])
+    assert [c.kind for c in p.conflicts] == ["host_port_in_use"] and p.retry == ()
+
+
+def test_own_sockets_are_not_holders() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0"))])
+    mine = L("127.0.0.1", pid=999)
+    again = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[mine],
+                   current=p.mappings)
+    assert again.conflicts == () and again.commands == ()
+    by_pid = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[L("0.0.0.0", pid=5)],
+                    own_pid=5)
+    assert by_pid.conflicts == () and opened(by_pid) == [("a", "127.0.0.1", 8000)]
+
+
+def test_not_forwardable_is_skipped_with_reason() -> None:
+    p = r.plan(guests=[guest("a", L("192.168.9.9"))])
+    assert p.mappings == () and p.conflicts == ()
+    assert "192.168.9.9" in p.skipped[0].reason
+
+
+def test_same_guest_same_host_endpoint_once() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0", proto="udp", port=53),
+                             L("10.0.0.2", proto="udp", port=53, pid=101))])
+    assert opened(p) == [("a", "127.0.0.1", 53)] and p.conflicts == ()
+
+
+def test_tcp_and_udp_do_not_collide() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0", proto="udp"))])
+    assert len(p.mappings) == 2 and p.conflicts == ()
+
+
+def test_policy_rules_first_match() -> None:
+    pols = Policies(default="fail", rules=(
+        PolicyRule(policy="wait", guest="a", proto="udp"),
+        PolicyRule(policy="remap", ports=(3000, 3999)),
+    ))
+    assert pols.policy_for("a", "udp", 3000) == "wait"
+    assert pols.policy_for("a", "tcp", 3000) == "remap"
+    assert pols.policy_for("b", "tcp", 4000) == "fail"
+
+
+def test_mapping_equality_ignores_process() -> None:
+    a = PortMapping(guest="g", proto="tcp", host_addr="127.0.0.1", host_port=1, guest_addr="x",
+                    guest_port=1, upstream=N4, pid=1, process="a")
+    b = PortMapping(guest="g", proto="tcp", host_addr="127.0.0.1", host_port=1, guest_addr="x",
+                    guest_port=1, upstream=N4, pid=2, process="b")
+    assert a == b
