@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import json
 import resource
 import sys
+from typing import Any
 
 from sockmap.errors import SockmapError
 from sockmap.proxy.spec import MappingKey, MappingSpec, Proto
@@ -105,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nofile", type=int, default=0, help="raise RLIMIT_NOFILE to this")
     ap.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
     a = ap.parse_args(argv)
-    if a.nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (a.nofile, a.nofile))
+    if a.nofile:  # soft limit up to the hard one; raising the hard one may not be allowed
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY:
+            a.nofile = min(a.nofile, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (a.nofile, hard))
     try:
         specs = [
             parse_map(
@@ -120,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in a.map
         ]
         if a.uvloop:
-            import uvloop  # type: ignore[import-not-found]
-
+            uvloop: Any = importlib.import_module("uvloop")  # optional, not a dependency
             uvloop.run(serve(specs))
         else:
             asyncio.run(serve(specs))

@@ -3,14 +3,18 @@
 No task and no thread per connection: each direction is a small state machine driven by
 ``loop.add_reader``/``add_writer`` callbacks on raw fds.
 
-Zero-copy path: per direction a non-blocking pipe (made on first data, so an idle connection
-holds only its two sockets); ``splice(src -> pipe)`` then ``splice(pipe -> dst)``. The pipe
-is the only buffer, so memory per connection is bounded by two pipe capacities whatever the
-speed of either end: when the pipe is full we stop reading ``src`` until ``dst`` drains it.
-The two directions are independent, so both busy cannot deadlock. Copy path (``zero_copy``
-False, or splice refused with EINVAL): one bounded ``bytearray`` per direction, recv_into/send.
+Each direction starts on the copy path: ``recv_into`` a process-wide scratch buffer and
+``send`` at once (two syscalls, no per-connection buffer; only bytes dst does not take are
+kept, at most one 64 KiB chunk, and reading stops until they are gone). When a read fills
+the whole chunk, the data is bulk and the direction switches to the zero-copy path: its own
+non-blocking pipe, ``splice(src -> pipe)`` then ``splice(pipe -> dst)``. The pipe is then the
+only buffer, so memory per connection stays bounded (two pipe capacities) whatever the speed
+of either end: when the pipe is full we stop reading ``src`` until ``dst`` drains it. The
+two directions are independent, so both busy cannot deadlock. ``zero_copy`` False (or
+splice refused with EINVAL) keeps a direction on the copy path. Idle connections hold only
+their two sockets.
 
-Half-close: EOF from one side is passed on as ``shutdown(SHUT_WR)`` once its pipe is empty;
+Half-close: EOF from one side is passed on as ``shutdown(SHUT_WR)`` once nothing is held;
 the connection closes when both directions are shut. A reset (or any socket error) on either
 side aborts both with SO_LINGER 0, so the other end sees a reset too. A refused or failed
 upstream connect resets the already-accepted host client instead of a silent close.
@@ -36,11 +40,17 @@ from sockmap.proxy.stats import Counters
 Connector = Callable[[MappingSpec], Awaitable[socket.socket]]
 
 PIPE_SIZE = 256 * 1024  # per direction; the bound on in-flight bytes (kernel may cap lower)
-COPY_CHUNK = 64 * 1024  # copy-path buffer per direction
+COPY_CHUNK = 64 * 1024  # copy path: one read; a full one means bulk data: switch to splice
+SPLICE_ROUNDS = 8  # splice in/out rounds per wake-up while dst keeps up
 ACCEPT_BATCH = 64  # accepts per wake-up, so one busy listener cannot starve the loop
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _LINGER0 = struct.pack("ii", 1, 0)
+_HAVE_SPLICE = hasattr(os, "splice")
+# One scratch buffer for every copy-path read: data is sent on at once, and only what dst
+# does not take is copied out, so an idle or keeping-up connection holds no buffer.
+_SCRATCH = bytearray(COPY_CHUNK)
+_SCRATCH_MV = memoryview(_SCRATCH)
 
 
 def family_of(addr: str) -> socket.AddressFamily:
@@ -102,10 +112,14 @@ def _abort(s: socket.socket) -> None:
 
 
 class _Direction:
-    """One way of a connection: src socket -> (pipe | buffer) -> dst socket."""
+    """One way of a connection: src socket -> dst socket.
+
+    Starts on the copy path (recv into the shared scratch buffer, send at once: two
+    syscalls, no pipe, nothing held unless dst is slow); switches to splice through its own
+    pipe once a read fills the whole scratch buffer (bulk data) and ``zero_copy`` allows.
+    """
 
     __slots__ = (
-        "buf",
         "conn",
         "dfd",
         "dst",
@@ -116,32 +130,29 @@ class _Direction:
         "pr",
         "pw",
         "reading",
+        "rest",
         "sfd",
         "shut",
         "splice",
+        "splice_ok",
         "src",
-        "start",
         "writing",
     )
 
     def __init__(
-        self,
-        conn: TcpConnection,
-        src: socket.socket,
-        dst: socket.socket,
-        inbound: bool,
-        splice: bool,
-    ) -> None:
+        self, conn: TcpConnection, src: socket.socket, dst: socket.socket, inbound: bool,
+        splice_ok: bool,
+    ) -> None:  # fmt: skip
         self.conn = conn
         self.loop = conn.loop
         self.src, self.dst = src, dst
         self.sfd, self.dfd = src.fileno(), dst.fileno()
         self.inbound = inbound  # host client -> guest
-        self.splice = splice
-        self.pr = self.pw = -1  # pipe ends, made on first data
-        self.buf: bytearray | None = None
-        self.start = 0  # copy path: bytes of buf already sent
-        self.pending = 0  # bytes held (pipe or buf) not yet written to dst
+        self.splice_ok = splice_ok and _HAVE_SPLICE
+        self.splice = False  # current path; copy until the data looks like bulk
+        self.pr = self.pw = -1  # pipe ends, made when switching to splice
+        self.rest = b""  # copy path: bytes read but not yet taken by dst
+        self.pending = 0  # bytes held (pipe or rest) not yet written to dst
         self.eof = self.shut = self.reading = self.writing = False
 
     def begin(self) -> None:
@@ -160,53 +171,86 @@ class _Direction:
             self.loop.remove_reader(self.sfd)
             self.reading = False
 
-    def _make_pipe(self) -> None:
-        self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    def _want_write(self) -> None:
+        if not self.writing:
+            self.loop.add_writer(self.dfd, self.flush)
+            self.writing = True
+
+    def _to_splice(self) -> None:
+        try:
+            self.pr, self.pw = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.splice_ok = False  # out of fds: stay on the copy path
+            return
         with contextlib.suppress(OSError):  # unprivileged users over their pipe quota
             fcntl.fcntl(self.pw, _F_SETPIPE_SZ, PIPE_SIZE)
+        self.splice = True
 
     def on_readable(self) -> None:
         if self.splice:
-            if self.pw < 0:
-                self._make_pipe()
+            self._read_splice()
+        else:
+            self._read_copy()
+
+    def _read_copy(self) -> None:
+        try:
+            n = self.src.recv_into(_SCRATCH)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.conn.abort(e)
+            return
+        if n == 0:
+            self._eof()
+            return
+        try:
+            m = self.dst.send(_SCRATCH_MV[:n])
+        except BlockingIOError:
+            m = 0
+        except OSError as e:
+            self.conn.abort(e)
+            return
+        if m:
+            self._count(m)
+        if m < n:  # dst is slow: hold the rest (at most one chunk), stop reading
+            self.rest = bytes(_SCRATCH_MV[m:n])
+            self.pending = n - m
+            self._pause_read()
+            self._want_write()
+        elif n == COPY_CHUNK and self.splice_ok:
+            self._to_splice()
+
+    def _read_splice(self) -> None:
+        for _ in range(SPLICE_ROUNDS):
             try:
                 n = os.splice(self.sfd, self.pw, PIPE_SIZE, flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                # socket empty (spurious wake) or pipe full: if bytes wait in the pipe, the
-                # writer resumes reading once dst takes some; else keep waiting for data.
+                # socket empty, or pipe full: if bytes wait in the pipe, the writer resumes
+                # reading once dst takes some; else wait for the next wake-up.
                 if self.pending:
                     self._pause_read()
                 return
             except OSError as e:
                 if e.errno == errno.EINVAL and not self.pending:
-                    self.splice = False  # this socket pair cannot splice: copy instead
+                    self.splice_ok = self.splice = False  # cannot splice: copy instead
                     self._close_pipe()
-                    self.on_readable()
+                    self._read_copy()
                     return
                 self.conn.abort(e)
                 return
-        else:
-            if self.pending:
-                self._pause_read()
+            if n == 0:
+                self._eof()
                 return
-            if self.buf is None:
-                self.buf = bytearray(COPY_CHUNK)
-            try:
-                n = self.src.recv_into(self.buf)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                self.conn.abort(e)
-                return
-            self.start = 0
-        if n == 0:
-            self.eof = True
-            self._pause_read()
-            if not self.pending:
-                self._shutdown()
-            return
-        self.pending += n
-        self.flush()
+            self.pending += n
+            self.flush()
+            if self.pending or not self.reading:
+                return  # dst is slow (writer armed) or the connection ended
+
+    def _eof(self) -> None:
+        self.eof = True
+        self._pause_read()
+        if not self.pending:
+            self._shutdown()
 
     def flush(self) -> None:
         """Write held bytes to dst (also the add_writer callback)."""
@@ -214,10 +258,8 @@ class _Direction:
             if self.splice:
                 n = os.splice(self.pr, self.dfd, self.pending, flags=_SPLICE_FLAGS)
             else:
-                assert self.buf is not None
-                with memoryview(self.buf) as mv:
-                    n = self.dst.send(mv[self.start : self.start + self.pending])
-                self.start += n
+                n = self.dst.send(self.rest)
+                self.rest = self.rest[n:]
         except BlockingIOError:
             n = 0
         except OSError as e:
@@ -227,11 +269,7 @@ class _Direction:
             self.pending -= n
             self._count(n)
         if self.pending:
-            if not self.writing:
-                self.loop.add_writer(self.dfd, self.flush)
-                self.writing = True
-            if not self.splice:
-                self._pause_read()  # copy path: one buffer, refill only when empty
+            self._want_write()
             return
         if self.writing:
             self.loop.remove_writer(self.dfd)
@@ -245,7 +283,6 @@ class _Direction:
     def _shutdown(self) -> None:
         self.shut = True
         self._close_pipe()
-        self.buf = None
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as e:
@@ -266,7 +303,7 @@ class _Direction:
             self.loop.remove_writer(self.dfd)
             self.writing = False
         self._close_pipe()
-        self.buf = None
+        self.rest = b""
 
 
 class TcpConnection:

@@ -1,0 +1,406 @@
+"""Side-by-side relay benchmark: ``python -m bench.proxy`` writes docs/bench-proxy.md.
+
+In one hermetic netlab (host namespace + one guest), against the same guest servers
+(iperf3, and bench/loadgen.c's epoll echo / reply-then-close server):
+
+- direct: the client straight to the guest NIC address (the ceiling);
+- sockmap: ``python -m sockmap.proxy`` (splice path), and on uvloop if installed;
+- sockmap-copy: the same relay forced onto its recv/send copy path;
+- socat: ``TCP-LISTEN:P,fork TCP:guest:P`` (a process per connection);
+- pasta: Debian's passt, ``pasta -t P --netns GUEST``: its loopback "splice" path connects to
+  the guest's own loopback, so the guest servers listen on 0.0.0.0;
+- naive: bench/naive_relay.py, asyncio streams.
+
+Figures: iperf3 1 and 4 streams, short connections/s (32 concurrent), 1-byte echo p50/p99
+on one connection, relay memory per idle connection at 10,000. Clients run in the lab's host
+namespace; all relays listen on its 127.0.0.1. Bounded: a few seconds per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import netlab
+from netlab import wait_for_line
+
+ROOT = Path(__file__).resolve().parents[1]
+IPERF, ECHO, REPLYCLOSE = 5201, 7000, 7001
+HOLD = 10_000
+PASTA_HOLD = 3_000  # pasta spends 2 sockets + 2 pipes (6 fds) per spliced connection
+
+
+@dataclass
+class Target:
+    name: str
+    host: str
+    ports: dict[int, int]  # guest port -> port the client dials
+    pid: int | None = None  # the relay process (memory)
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def rss_kib(pid: int) -> int:
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            kids = (t / "children").read_text().split()
+            out += [int(k) for k in kids]
+    return out
+
+
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (raising the hard one needs CAP_SYS_RESOURCE,
+    which containers often lack); return the limit now in force."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def build_loadgen(tmp: Path) -> Path:
+    exe = tmp / "loadgen"
+    subprocess.run(
+        ["gcc", "-O2", "-pthread", "-o", str(exe), str(ROOT / "bench" / "loadgen.c")],
+        check=True,
+        capture_output=True,
+    )
+    return exe
+
+
+def free_ports(n: int, base: int) -> list[int]:
+    return [base + i for i in range(n)]
+
+
+class Bench:
+    def __init__(self, lab: netlab.Lab, seconds: float, loadgen: Path) -> None:
+        self.lab = lab
+        self.seconds = seconds
+        self.loadgen = str(loadgen)
+        self.guest = lab.add_guest()
+        self.targets: list[Target] = []
+        self.notes: list[str] = []
+
+    # -- set-up ----------------------------------------------------------------------
+    def start_guest(self) -> None:
+        g = self.guest.ns
+        p = g.popen(["iperf3", "-s", "-p", str(IPERF)])
+        del p
+        srv = g.popen([self.loadgen, "serve", str(ECHO), str(REPLYCLOSE)])
+        assert srv.stdout is not None
+        wait_for_line(srv.stdout, "^ready")
+        # iperf3 prints its banner once listening
+        for _ in range(50):
+            r = g.run(["ss", "-Htln", f"sport = :{IPERF}"])
+            if r.stdout.strip():
+                break
+            time.sleep(0.05)  # iperf3 has no ready line on a pipe (it buffers stdout)
+
+    def add(self, name: str, argv: list[str] | None, base: int, ready: str | None = None,
+            host: str = "127.0.0.1") -> Target | None:  # fmt: skip
+        ports = dict(zip((IPERF, ECHO, REPLYCLOSE), free_ports(3, base), strict=True))
+        if argv is None:  # direct
+            t = Target(name, self.guest.addr4, {p: p for p in ports})
+            self.targets.append(t)
+            return t
+        proc = self.lab.host.popen(argv, cwd=ROOT, stdin=subprocess.PIPE)
+        if ready:
+            assert proc.stdout is not None
+            try:
+                wait_for_line(proc.stdout, ready, timeout=15)
+            except TimeoutError as e:
+                self.notes.append(f"{name}: did not start: {e}")
+                return None
+        t = Target(name, host, ports, pid=proc.pid)
+        self.targets.append(t)
+        return t
+
+    def sockmap(self, name: str, base: int, *extra: str) -> None:
+        ga = self.guest.addr4
+        maps: list[str] = []
+        for i, gp in enumerate((IPERF, ECHO, REPLYCLOSE)):
+            maps += ["--map", f"tcp/127.0.0.1/{base + i}/{ga}/{gp}"]
+        argv = [sys.executable, "-m", "sockmap.proxy", *maps, "--nofile", "65536", *extra]
+        self.add(name, argv, base, r"^ready")
+
+    def naive(self, base: int) -> None:
+        ga = self.guest.addr4
+        args: list[str] = []
+        for i, gp in enumerate((IPERF, ECHO, REPLYCLOSE)):
+            args += [str(base + i), ga, str(gp)]
+        self.add("naive asyncio", [sys.executable, "-m", "bench.naive_relay", *args], base,
+                 r"^ready")  # fmt: skip
+
+    def socat(self, base: int) -> None:
+        # one socat per port; the first is the one whose memory we could read
+        ga = self.guest.addr4
+        procs = []
+        for i, gp in enumerate((IPERF, ECHO, REPLYCLOSE)):
+            argv = ["socat", f"TCP-LISTEN:{base + i},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                    f"TCP:{ga}:{gp}"]  # fmt: skip
+            procs.append(self.lab.host.popen(argv))
+        self._wait_listening(base, 3)
+        ports = dict(zip((IPERF, ECHO, REPLYCLOSE), free_ports(3, base), strict=True))
+        self.targets.append(Target("socat", "127.0.0.1", ports, pid=procs[1].pid))
+
+    def pasta(self, base: int) -> None:
+        spec = ",".join(f"{base + i}:{gp}" for i, gp in enumerate((IPERF, ECHO, REPLYCLOSE)))
+        argv = ["pasta", "-f", "-q", "--netns", self.guest.ns.name, "-t", spec,
+                "-u", "none", "-T", "none", "-U", "none", "--runas", "0"]  # fmt: skip
+        proc = self.lab.host.popen(argv)
+        try:
+            self._wait_listening(base, 3, proc=proc)
+        except TimeoutError as e:
+            err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+            self.notes.append(f"pasta did not start ({e}); stderr: {err.strip()[:300]}")
+            return
+        ports = dict(zip((IPERF, ECHO, REPLYCLOSE), free_ports(3, base), strict=True))
+        self.targets.append(Target("pasta", "127.0.0.1", ports, pid=proc.pid))
+
+    def _wait_listening(self, base: int, n: int, proc: subprocess.Popen[str] | None = None,
+                        timeout: float = 10) -> None:  # fmt: skip
+        """Wait until ports base..base+n-1 listen in the lab host (ss; no ready line)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            out = self.lab.host.run(["ss", "-Htln"]).stdout
+            have = sum(f":{base + i} " in out for i in range(n))
+            if have == n:
+                return
+            if proc is not None and proc.poll() is not None:
+                raise TimeoutError(f"exited with {proc.returncode}")
+            time.sleep(0.05)  # external tools print no ready line: bounded ss poll
+        raise TimeoutError(f"ports {base}.. not listening after {timeout}s")
+
+    # -- figures ---------------------------------------------------------------------
+    def iperf(self, t: Target, streams: int) -> float | None:
+        argv = ["iperf3", "-c", t.host, "-p", str(t.ports[IPERF]), "-t", str(self.seconds),
+                "-P", str(streams), "-J"]  # fmt: skip
+        r = self.lab.host.run(argv, check=False, timeout=self.seconds + 30)
+        try:
+            bps = json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"]
+        except (ValueError, KeyError):
+            self.notes.append(f"{t.name}: iperf3 -P {streams} failed: {r.stdout[-200:]}")
+            return None
+        return float(bps) / 1e9
+
+    def cps(self, t: Target) -> float | None:
+        argv = [self.loadgen, "cps", t.host, str(t.ports[REPLYCLOSE]), "32", "200000",
+                str(self.seconds)]  # fmt: skip
+        r = self.lab.host.run(argv, check=False, timeout=self.seconds + 30)
+        try:
+            res = json.loads(r.stdout)
+        except ValueError:
+            self.notes.append(f"{t.name}: cps failed: {r.stderr[-200:]}")
+            return None
+        if res["errors"]:
+            self.notes.append(f"{t.name}: {res['errors']} of {res['conns']} short conns failed")
+        return float(res["per_s"])
+
+    def rtt(self, t: Target) -> tuple[float, float] | None:
+        r = self.lab.host.run([self.loadgen, "rtt", t.host, str(t.ports[ECHO]), "20000"],
+                              check=False, timeout=60)  # fmt: skip
+        try:
+            res = json.loads(r.stdout)
+        except ValueError:
+            self.notes.append(f"{t.name}: rtt failed: {r.stderr[-200:]}")
+            return None
+        return float(res["p50_us"]), float(res["p99_us"])
+
+    def idle_memory(self, t: Target, n: int) -> float | None:
+        """KiB of relay RSS per idle connection with n open (each proven by one echo)."""
+        if t.pid is None:
+            return None
+        code = (
+            "import resource,socket,sys\n"
+            "h=resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))\n"
+            f"ss=[socket.create_connection(('{t.host}',{t.ports[ECHO]}),10) for _ in range({n})]\n"
+            "for s in ss: s.sendall(b'x')\n"
+            "for s in ss: assert s.recv(1)==b'x'\n"
+            "print('held',flush=True); sys.stdin.readline()\n"
+        )
+        before = rss_kib(t.pid)
+        p = self.lab.host.python(code, stdin=subprocess.PIPE)
+        assert p.stdout is not None and p.stdin is not None
+        try:
+            wait_for_line(p.stdout, "^held", timeout=120)
+            after = rss_kib(t.pid)
+        except TimeoutError as e:
+            self.notes.append(f"{t.name}: holding {n} connections failed: {e}")
+            return None
+        finally:
+            with contextlib.suppress(OSError):
+                p.stdin.write("\n")
+                p.stdin.flush()
+            p.wait(30)
+        return (after - before) / n
+
+    def run(self, hold: int) -> None:
+        for t in self.targets:
+            t.results["1 stream Gbit/s"] = self.iperf(t, 1)
+        for t in self.targets:
+            t.results["4 streams Gbit/s"] = self.iperf(t, 4)
+        for t in self.targets:
+            t.results["short conn/s"] = self.cps(t)
+        for t in self.targets:
+            rt = self.rtt(t)
+            t.results["echo p50 µs"] = rt[0] if rt else None
+            t.results["echo p99 µs"] = rt[1] if rt else None
+        for t in self.targets:
+            if t.name in ("socat",):
+                t.results["KiB/idle conn"] = None  # a forked process per connection
+                continue
+            n = min(hold, PASTA_HOLD) if t.name == "pasta" else hold
+            t.results["KiB/idle conn"] = self.idle_memory(t, n)
+            if n != hold:
+                self.notes.append(f"{t.name}: idle memory measured at {n:,} connections")
+
+
+def versions() -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "missing"
+        return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr) else "?"
+
+    def deb(pkg: str) -> str:
+        return first_line(["dpkg-query", "-W", "-f=${Version}", pkg])
+
+    out = {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "iperf3": deb("iperf3"),
+        "socat": deb("socat"),
+        "passt/pasta": deb("passt"),
+        "cpus": str(os.cpu_count()),
+    }
+    with contextlib.suppress(ImportError):
+        out["uvloop"] = importlib.import_module("uvloop").__version__
+    return out
+
+
+def fmt(v: Any, ratio_to: Any = None) -> str:
+    if v is None:
+        return "n/a"
+    s = f"{v:,.1f}" if isinstance(v, float) and v < 100 else f"{v:,.0f}"
+    if ratio_to:
+        s += f" ({v / ratio_to:.2f}x)"
+    return s
+
+
+def report(b: Bench, load: tuple[float, float], load_after: tuple[float, float],
+           took: float, hold: int) -> str:  # fmt: skip
+    cols = ["1 stream Gbit/s", "4 streams Gbit/s", "short conn/s", "echo p50 µs", "echo p99 µs",
+            "KiB/idle conn"]  # fmt: skip
+    pasta = next((t for t in b.targets if t.name == "pasta"), None)
+    lines = [
+        "# proxy benchmark",
+        "",
+        "Written by `python -m bench.proxy` (see bench/proxy.py for how each figure is made).",
+        f"Date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; whole run {took:.0f} s;",
+        f"load average {load[0]:.2f}/{load[1]:.2f} before, {load_after[0]:.2f}/"
+        f"{load_after[1]:.2f} after (1/5 min; the 2 cores are shared with other work).",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".",
+        "",
+        "Throughput and connection rate in brackets: ratio to pasta. Echo: one connection, "
+        "1-byte round trips (added latency = relay minus direct). Idle memory: relay RSS "
+        f"growth / {hold:,} open connections (user space only; kernel socket and pipe memory "
+        "not included).",
+        "",
+        "| relay | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    direct = next((t for t in b.targets if t.name == "direct"), None)
+    for t in b.targets:
+        cells = []
+        for c in cols:
+            v = t.results.get(c)
+            ref = pasta.results.get(c) if pasta and c in cols[:3] and t is not pasta else None
+            cell = fmt(v, ref)
+            if c == "echo p50 µs" and direct and t is not direct and v is not None:
+                d = direct.results.get(c)
+                if d is not None:
+                    cell += f" (+{v - d:.1f})"
+            cells.append(cell)
+        lines.append(f"| {t.name} | " + " | ".join(cells) + " |")
+    if b.notes:
+        lines += ["", "Notes from this run:", ""] + [f"- {n}" for n in b.notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.proxy", description=__doc__)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per iperf3/cps figure")
+    ap.add_argument("--hold", type=int, default=HOLD, help="idle connections for memory")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench-proxy.md"))
+    ap.add_argument("--only", default="", help="comma list of relay names (debugging)")
+    a = ap.parse_args(argv)
+    limit = raise_nofile()
+    if 2 * a.hold + 64 > limit:
+        hold = (limit - 64) // 2
+        note = (
+            f"RLIMIT_NOFILE is {limit:,} here and cannot be raised (no CAP_SYS_RESOURCE): "
+            f"a relay needs 2 fds per connection, so {hold:,} idle connections, "
+            f"not {a.hold:,}"
+        )
+        a.hold = hold
+    else:
+        note = ""
+    missing = [t for t in ("iperf3", "socat", "pasta", "gcc") if not shutil.which(t)]
+    if missing:
+        print(f"missing {missing}: run scripts/bootstrap.sh bench", file=sys.stderr)
+        return 2
+    raise_nofile()
+    load = os.getloadavg()[:2]
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, netlab.Lab() as lab:
+        b = Bench(lab, a.seconds, build_loadgen(Path(tmp)))
+        if note:
+            b.notes.append(note)
+        b.start_guest()
+        b.add("direct", None, 0)
+        b.sockmap("sockmap", 20000)
+        if importlib.util.find_spec("uvloop"):
+            b.sockmap("sockmap+uvloop", 20100, "--uvloop")
+        b.sockmap("sockmap copy path", 20200, "--copy")
+        b.pasta(20300)
+        b.socat(20400)
+        b.naive(20500)
+        if a.only:
+            keep = set(a.only.split(","))
+            b.targets = [t for t in b.targets if t.name in keep]
+        b.run(a.hold)
+        took = time.monotonic() - t0
+        text = report(b, load, os.getloadavg()[:2], took, a.hold)
+    Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
