@@ -45,7 +45,7 @@ def to_json(conflicts: Sequence[Conflict]) -> list[dict[str, Any]]:
 
 def _clean(s: str) -> str:
     """Printable on one line: a process name or argument may hold control characters."""
-    return "".join(ch if ch.isprintable() else "?" for ch in s)
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in s)
 
 
 def _cmdline(p: Party) -> str:
