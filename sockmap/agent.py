@@ -129,10 +129,9 @@ async def _run_until_signal(cfg: PrintConfig) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.connect:
-        raise SockmapError(
-            "`sockmap agent --connect` is not built yet (tracked as issue 5)",
-            hint="use `sockmap agent --print` to see the events on stdout",
-        )
+        from sockmap import agentlink
+
+        return agentlink.main(args)
     if not args.print_events:
         raise SockmapError(
             "nothing to do: give --print (or --connect, once issue 5 lands)",

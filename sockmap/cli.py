@@ -101,10 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report unconnected UDP sockets on ephemeral ports")
 
     # daemon, ls, conflicts --------------------------------------------------------------
-    p = _sub(subs, "daemon", _not_built("daemon", 5), "host daemon (foreground)",
+    p = _sub(subs, "daemon", _daemon, "host daemon (foreground)",
              "sockmap daemon --config /etc/sockmap/sockmap.toml")
     p.add_argument("--config", type=Path)
-    p = _sub(subs, "ls", _not_built("ls", 6), "list active mappings", "sockmap ls --json")
+    p.add_argument("--agent-listen", metavar="HOST:PORT",
+                   help="also accept agents (VMs) over TCP, bound only there; each needs "
+                        "RUN_DIR/tokens/NAME.token")
+    p = _sub(subs, "ls", _ls, "list active mappings", "sockmap ls --json")
     p.add_argument("--json", action="store_true")
     p.add_argument("--watch", action="store_true")
     p.add_argument("--guest")
@@ -125,18 +128,30 @@ def _not_built(name: str, issue: int) -> Handler:
 
 # -- handlers: thin; the modules do the work ---------------------------------------------
 def _guest_create(args: argparse.Namespace) -> int:
+    from sockmap import control
     from sockmap.nat import guests
+    from sockmap.nat.plan import GuestRecord
 
-    rec = guests.create(args.run_dir, args.name, subnet=args.subnet, nat=not args.no_nat)
+    try:  # a running daemon makes the guest and starts its agent
+        data = control.request(args.run_dir, "guest_create", timeout=120, name=args.name,
+                               subnet=args.subnet, nat=not args.no_nat)
+        rec = GuestRecord.from_json(data, source="the daemon's answer")
+    except control.DaemonNotRunning:
+        rec = guests.create(args.run_dir, args.name, subnet=args.subnet, nat=not args.no_nat)
     print(f"guest {rec.name}: {rec.guest_addr4} (host end {rec.host_addr4} on "
           f"{rec.host_ifname}), {rec.guest_addr6}; nat {'on' if rec.nat else 'off'}")
     return EXIT_OK
 
 
 def _guest_delete(args: argparse.Namespace) -> int:
+    from sockmap import control
     from sockmap.nat import guests
 
-    for line in guests.delete(args.run_dir, args.name):
+    try:  # a running daemon stops the agent and closes the mappings first
+        lines = control.request(args.run_dir, "guest_delete", timeout=120, name=args.name)
+    except control.DaemonNotRunning:
+        lines = guests.delete(args.run_dir, args.name)
+    for line in lines:
         print(line)
     return EXIT_OK
 
@@ -184,6 +199,30 @@ def _conflicts(args: argparse.Namespace) -> int:
     else:
         print(report.render_text(found, scope="flat namespace"))
     return EXIT_FOUND if found else EXIT_OK
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from sockmap import daemon
+
+    if args.config is not None:
+        raise SockmapError("rules files (--config) are not supported yet",
+                           hint="run `sockmap daemon` without --config")
+    listen = daemon.parse_listen(args.agent_listen) if args.agent_listen else None
+    rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen))
+    return rc
+
+
+def _ls(args: argparse.Namespace) -> int:
+    import json
+
+    from sockmap import control, lsview
+
+    if args.watch:
+        raise SockmapError("`sockmap ls --watch` is not built yet", hint="use `watch sockmap ls`")
+    rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10),
+                              guest=args.guest, port=args.port)
+    print(json.dumps(rows, indent=2) if args.json else lsview.render(rows))
+    return EXIT_OK
 
 
 def _agent(args: argparse.Namespace) -> int:

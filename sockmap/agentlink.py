@@ -1,0 +1,370 @@
+"""``sockmap agent --connect ADDR``: the guest agent's link to the host daemon.
+
+Session: connect (``unix:PATH``, ``tcp:HOST:PORT`` or ``vsock:CID:PORT``), send Hello (guest
+name and token), wait for Welcome (which sets the heartbeat interval), send one Snapshot of
+every listener and NIC address, then Added/Removed/Addresses as the watcher reports changes,
+and a Heartbeat every interval. The daemon heartbeats too; no frame from it for four
+intervals (at least 1 s) ends the session. After any end the agent reconnects with
+exponential backoff (100 ms doubling to 5 s, with jitter) and starts again with a full
+Snapshot, so the daemon never has to trust an old diff. An Error ``auth`` from the daemon
+(bad token, unknown guest) is final: the agent exits with status 2.
+
+The watcher runs for the whole process, across sessions: a reconnect does not rescan.
+vsock is built (AF_VSOCK stream socket) but untested: these machines have no vsock loopback.
+
+The loopback relay (RelayOpen) is not built yet: the agent answers RelayResult(ok=False).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, assert_never
+
+from sockmap import protocol as p
+from sockmap.errors import SockmapError
+from sockmap.portwatch import (
+    AddressesChanged,
+    Event,
+    ListenerAdded,
+    ListenerRemoved,
+    SourceError,
+    Watcher,
+)
+
+log = logging.getLogger("sockmap.agent")
+
+AUTH_CODE = "auth"  # the daemon's Error code for a refused Hello: do not retry
+
+
+class AuthRefused(SockmapError):
+    """The daemon refused this agent's name or token."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectAddr:
+    kind: Literal["unix", "tcp", "vsock"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+    cid: int = 0
+
+    def __str__(self) -> str:
+        match self.kind:
+            case "unix":
+                return f"unix:{self.path}"
+            case "tcp":
+                return f"tcp:[{self.host}]:{self.port}" if ":" in self.host else \
+                    f"tcp:{self.host}:{self.port}"
+            case "vsock":
+                return f"vsock:{self.cid}:{self.port}"
+            case _:
+                assert_never(self.kind)
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise SockmapError(f"{what}: {text!r} is not a port", hint="give 1..65535")
+    return int(text)
+
+
+def parse_connect(text: str) -> ConnectAddr:
+    """``unix:PATH`` | ``tcp:HOST:PORT`` (``tcp:[V6]:PORT``) | ``vsock:CID:PORT``."""
+    kind, sep, rest = text.partition(":")
+    usage = "use unix:PATH, tcp:HOST:PORT or vsock:CID:PORT"
+    if not sep or not rest:
+        raise SockmapError(f"--connect {text!r}: no address", hint=usage)
+    if kind == "unix":
+        return ConnectAddr(kind="unix", path=rest)
+    if kind in ("tcp", "vsock"):
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host:
+            raise SockmapError(f"--connect {text!r}: expected {kind}:HOST:PORT", hint=usage)
+        if kind == "tcp":
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            return ConnectAddr(kind="tcp", host=host, port=_port(port, f"--connect {text!r}"))
+        if not host.isdigit():
+            raise SockmapError(f"--connect {text!r}: CID {host!r} is not a number", hint=usage)
+        return ConnectAddr(kind="vsock", cid=int(host), port=_port(port, f"--connect {text!r}"))
+    raise SockmapError(f"--connect {text!r}: unknown kind {kind!r}", hint=usage)
+
+
+async def open_stream(addr: ConnectAddr) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    match addr.kind:
+        case "unix":
+            return await asyncio.open_unix_connection(addr.path)
+        case "tcp":
+            return await asyncio.open_connection(addr.host, addr.port)
+        case "vsock":  # untested here: no vsock loopback on these machines
+            af = getattr(socket, "AF_VSOCK", None)
+            if af is None:
+                raise SockmapError("this Python has no AF_VSOCK", hint="use unix: or tcp:")
+            s = socket.socket(af, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(s, (addr.cid, addr.port))
+            except BaseException:
+                s.close()
+                raise
+            return await asyncio.open_connection(sock=s)
+        case _:
+            assert_never(addr.kind)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkConfig:
+    addr: ConnectAddr
+    name: str
+    token: str
+    source: str = "auto"
+    interval: float | None = None
+    udp_ephemeral: bool = False
+    backoff_min: float = 0.1
+    backoff_max: float = 5.0
+    connect_timeout: float = 5.0
+    first_addrs_timeout: float = 1.0
+
+
+class _Nics:
+    """The NIC addresses as the watcher last reported them, per interface."""
+
+    def __init__(self) -> None:
+        self.by_nic: dict[str, tuple[str, ...]] = {}
+
+    def apply(self, ev: AddressesChanged) -> None:
+        if ev.addrs:
+            self.by_nic[ev.ifname] = ev.addrs
+        else:
+            self.by_nic.pop(ev.ifname, None)
+
+    def message(self) -> p.Addresses:
+        addrs = tuple(dict.fromkeys(a for nic in sorted(self.by_nic) for a in self.by_nic[nic]))
+        ifname = next(iter(self.by_nic)) if len(self.by_nic) == 1 else ""
+        return p.Addresses(addrs=addrs[: p.MAX_ADDRS], ifname=ifname[:15])
+
+
+def _batch(events: list[Event], nics: _Nics) -> list[p.Message]:
+    """Consecutive events of one kind become one message, in order."""
+    out: list[p.Message] = []
+    run: list[ListenerAdded | ListenerRemoved] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        lst = tuple(e.listener for e in run)
+        out.append(p.Added(listeners=lst) if isinstance(run[0], ListenerAdded)
+                   else p.Removed(listeners=lst))
+        run.clear()
+
+    for ev in events:
+        match ev:
+            case ListenerAdded() | ListenerRemoved():
+                if run and type(run[0]) is not type(ev):
+                    flush()
+                run.append(ev)
+            case AddressesChanged():
+                flush()
+                nics.apply(ev)
+                out.append(nics.message())
+            case SourceError():
+                log.warning("listener source %s: %s", ev.source, ev.message)
+            case _:
+                assert_never(ev)
+    flush()
+    return out
+
+
+class _Session:
+    def __init__(self, cfg: LinkConfig, w: Watcher, nics: _Nics) -> None:
+        self.cfg, self.w, self.nics = cfg, w, nics
+        self.dec = p.Decoder()
+
+    async def _read(self, reader: asyncio.StreamReader, timeout: float) -> list[p.Message]:
+        async with asyncio.timeout(timeout):
+            data = await reader.read(65536)
+        if not data:
+            self.dec.eof()
+            raise ConnectionError("the daemon closed the connection")
+        return self.dec.feed(data)
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        async with asyncio.timeout(cfg.connect_timeout):
+            reader, writer = await open_stream(cfg.addr)
+        try:
+            writer.write(p.encode(p.Hello(guest=cfg.name, token=cfg.token)))
+            pending: list[p.Message] = []
+            while not pending:
+                pending = await self._read(reader, cfg.connect_timeout)
+            first = pending.pop(0)
+            match first:
+                case p.Welcome():
+                    hb = first.heartbeat_ms / 1000
+                case p.Error() if first.code == AUTH_CODE:
+                    raise AuthRefused(f"the daemon refused guest {cfg.name!r}: {first.message}",
+                                      hint="check --name and --token-file")
+                case p.Error():
+                    raise ConnectionError(f"daemon error {first.code}: {first.message}")
+                case _:
+                    raise ConnectionError(f"expected welcome, got {type(first).__name__}")
+            events: list[Event] = []
+            while (ev := self.w.get_nowait()) is not None:
+                events.append(ev)
+            _batch(events, self.nics)  # already in the snapshot below; keep the addresses
+            addrs = self.nics.message()
+            writer.write(p.encode(p.Snapshot(listeners=tuple(self.w.snapshot()),
+                                             addrs=addrs.addrs, ifname=addrs.ifname)))
+            await writer.drain()
+            log.info("connected to %s as %s: %d listeners, addresses %s", cfg.addr, cfg.name,
+                     len(self.w.snapshot()), ", ".join(addrs.addrs) or "none")
+            tasks = [
+                asyncio.create_task(self._pump(writer)),
+                asyncio.create_task(self._heartbeats(writer, hb)),
+                asyncio.create_task(self._inbound(reader, writer, pending, max(1.0, 4 * hb))),
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for t in done:
+                t.result()  # re-raise why the session ended
+            raise ConnectionError("session ended")
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _pump(self, writer: asyncio.StreamWriter) -> None:
+        async for ev in self.w:
+            events = [ev]
+            while (more := self.w.get_nowait()) is not None:
+                events.append(more)
+            for msg in _batch(events, self.nics):
+                writer.write(p.encode(msg))
+            await writer.drain()
+
+    async def _heartbeats(self, writer: asyncio.StreamWriter, every: float) -> None:
+        seq = 0
+        while True:
+            await asyncio.sleep(every)  # the heartbeat clock
+            writer.write(p.encode(p.Heartbeat(seq=seq)))
+            await writer.drain()
+            seq += 1
+
+    async def _inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       pending: list[p.Message], dead_after: float) -> None:
+        while True:
+            for msg in pending:
+                match msg:
+                    case p.Heartbeat():
+                        pass
+                    case p.Error():
+                        raise ConnectionError(f"daemon error {msg.code}: {msg.message}")
+                    case p.RelayOpen():
+                        writer.write(p.encode(p.RelayResult(
+                            relay_id=msg.relay_id, ok=False,
+                            reason="this agent does not relay yet")))
+                    case _:
+                        raise p.ProtocolError("bad_field",
+                                              f"unexpected {type(msg).__name__} from the daemon")
+            try:
+                pending = await self._read(reader, dead_after)
+            except TimeoutError:
+                raise ConnectionError(f"no frame from the daemon for {dead_after:g} s") from None
+
+
+async def run(cfg: LinkConfig) -> None:
+    """Watch and report until cancelled; reconnect after every lost session."""
+    async with Watcher(source=cfg.source, interval=cfg.interval,
+                       udp_ephemeral=cfg.udp_ephemeral) as w:
+        nics = _Nics()
+        # The first addresses come from a thread right after start: wait for them (bounded)
+        # so the first Snapshot carries them and the daemon does not plan twice.
+        early: list[Event] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(cfg.first_addrs_timeout):
+                async for ev in w:
+                    early.append(ev)
+                    if isinstance(ev, AddressesChanged):
+                        break
+        _batch(early, nics)
+        delay = cfg.backoff_min
+        while True:
+            started = time.monotonic()
+            try:
+                await _Session(cfg, w, nics).run()
+            except AuthRefused:
+                raise
+            except (OSError, TimeoutError, p.ProtocolError) as e:
+                log.warning("link to %s: %s", cfg.addr, e or type(e).__name__)
+            if time.monotonic() - started > 10:
+                delay = cfg.backoff_min
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # reconnect backoff
+            delay = min(delay * 2, cfg.backoff_max)
+
+
+def read_token(path: Path | None) -> str:
+    if path is None:
+        raise SockmapError("--connect needs --token-file",
+                           hint="the daemon writes RUN_DIR/tokens/NAME.token for each guest")
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise SockmapError(f"cannot read token file {path}: {e.strerror}",
+                           hint="give the file the daemon wrote for this guest") from e
+    if not token or len(token) > p.MAX_TOKEN:
+        raise SockmapError(f"token file {path} holds no usable token",
+                           hint=f"one line of 1..{p.MAX_TOKEN} characters")
+    return token
+
+
+def config_from_args(args: argparse.Namespace) -> LinkConfig:
+    name = args.name or socket.gethostname()
+    if not p.NAME_RE.fullmatch(name):
+        raise SockmapError(f"guest name {name!r} is not valid",
+                           hint="letters, digits, '.', '_', '-'; at most 63 characters")
+    interval = None
+    if args.interval_ms is not None:
+        if not 1 <= args.interval_ms <= 60_000:
+            raise SockmapError(f"--interval-ms {args.interval_ms} is out of range",
+                               hint="give between 1 and 60000")
+        interval = args.interval_ms / 1000
+    return LinkConfig(addr=parse_connect(args.connect), name=name,
+                      token=read_token(args.token_file), source=args.source,
+                      interval=interval, udp_ephemeral=args.udp_ephemeral)
+
+
+async def _until_signal(cfg: LinkConfig) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await run(cfg)
+    except asyncio.CancelledError:
+        if not stopping.is_set():
+            raise
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    asyncio.run(_until_signal(cfg))
+    return 0

@@ -1,0 +1,131 @@
+"""The CLI <-> daemon control socket: one JSON-lines request and one response per connection.
+
+The socket is ``RUN_DIR/control.sock`` (mode 0600: root only). A request is one line, a JSON
+object ``{"op": NAME, ...args}``; the answer is one line, ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": MESSAGE, "hint": HINT}``. Lines are capped at MAX_LINE bytes.
+
+Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subnet, nat),
+``guest_delete`` (name).
+
+Pure helpers (``parse_request``, ``ok``, ``fail``) and one synchronous client (``request``,
+used by cli.py); the server side lives in the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from sockmap.errors import SockmapError
+
+SOCKET_NAME: Final = "control.sock"
+MAX_LINE: Final = 1 << 20
+OPS: Final = ("ls", "status", "guest_create", "guest_delete")
+
+
+class DaemonNotRunning(SockmapError):
+    """Nobody answers on the control socket."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    op: str
+    args: dict[str, Any]
+
+
+def socket_path(run_dir: Path) -> Path:
+    return run_dir / SOCKET_NAME
+
+
+def parse_request(line: bytes) -> Request:
+    """A request line -> Request, or SockmapError saying what is wrong with it."""
+    if len(line) > MAX_LINE:
+        raise SockmapError(f"control request longer than {MAX_LINE} bytes")
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        raise SockmapError("control request is not JSON") from None
+    if not isinstance(obj, dict):
+        raise SockmapError("control request is not a JSON object")
+    op = obj.pop("op", None)
+    if op not in OPS:
+        raise SockmapError(f"unknown control op {str(op)[:40]!r}",
+                           hint=f"known: {', '.join(OPS)}")
+    assert isinstance(op, str)
+    return Request(op=op, args=obj)
+
+
+def ok(result: object) -> bytes:
+    return json.dumps({"ok": True, "result": result}, separators=(",", ":")).encode() + b"\n"
+
+
+def fail(e: SockmapError) -> bytes:
+    return json.dumps({"ok": False, "error": e.message, "hint": e.hint},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+def arg_str(req: Request, name: str, *, optional: bool = False) -> str | None:
+    v = req.args.get(name)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        raise SockmapError(f"control op {req.op}: {name} must be a string")
+    return v
+
+
+def not_running(run_dir: Path, why: str) -> DaemonNotRunning:
+    return DaemonNotRunning(
+        f"no sockmap daemon answers on {socket_path(run_dir)} ({why})",
+        hint="start it with `sockmap daemon` (or pass the --run-dir it uses)",
+    )
+
+
+def request(run_dir: Path, op: str, timeout: float = 30.0, **args: object) -> Any:
+    """Send one request, return its result; raise DaemonNotRunning or the daemon's error."""
+    path = socket_path(run_dir)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except FileNotFoundError:
+            raise not_running(run_dir, "no socket") from None
+        except ConnectionRefusedError:
+            raise not_running(run_dir, "stale socket") from None
+        except PermissionError:
+            raise SockmapError(f"no permission to use {path}", hint="run it as root") from None
+        try:
+            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            buf = bytearray()
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_LINE:
+                    raise SockmapError("daemon answer too long")
+        except TimeoutError:
+            raise SockmapError(f"the daemon did not answer {op} within {timeout:g} s",
+                               hint="see the daemon's log") from None
+        except OSError as e:
+            if e.errno in (errno.ECONNRESET, errno.EPIPE):
+                raise SockmapError(f"the daemon closed the control connection during {op}",
+                                   hint="see the daemon's log") from None
+            raise
+    finally:
+        s.close()
+    try:
+        resp = json.loads(buf)
+    except ValueError:
+        raise SockmapError(f"the daemon's answer to {op} is not JSON",
+                           hint="agent and CLI must be the same sockmap version") from None
+    if not isinstance(resp, dict) or not isinstance(resp.get("ok"), bool):
+        raise SockmapError(f"the daemon's answer to {op} is malformed")
+    if not resp["ok"]:
+        hint = resp.get("hint")
+        raise SockmapError(str(resp.get("error")), hint=hint if isinstance(hint, str) else None)
+    return resp.get("result")

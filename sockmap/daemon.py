@@ -1,0 +1,724 @@
+"""The host daemon: agents report, ``conflicts.rules.plan`` decides, the proxy forwards.
+
+Shape (uvicorn's): cli.py builds a frozen ``Config`` (no I/O); ``serve`` installs the signal
+handlers (SIGTERM, SIGINT: the one place), then ``Daemon.startup`` / ``run`` / ``shutdown``.
+``run`` is one TaskGroup: the replanner and one supervisor per daemon-made guest.
+
+Sockets, all under RUN_DIR:
+- ``control.sock`` (0600): the CLI's JSON-lines requests (sockmap.control).
+- ``agent.sock`` (0600): agents of netns guests (the daemon starts them with nsenter).
+- a TCP agent listener only when configured (``--agent-listen HOST:PORT``), bound only there.
+
+Agents authenticate with Hello(guest, token); the token must equal RUN_DIR/tokens/GUEST.token
+(hmac.compare_digest). The daemon writes a random token (0600) for each guest it starts an
+agent for; for an external agent (a VM), the administrator writes that file. A refused
+Hello, a malformed or oversized frame, or an unexpected message closes the connection with
+a logged reason; the registry is only touched by a session that passed Hello.
+
+Liveness: the daemon heartbeats every ``heartbeat_s``; a session with no frame from its
+agent for ``dead_after_s`` is closed, and its guest's listeners are dropped, so the next
+plan closes its mappings. A reconnecting agent's Snapshot replaces everything it reported.
+
+Every mapping decision comes from ``plan()``; the daemon only groups its per-host-address
+PortMappings into one MappingSpec per (guest, proto, guest port) and applies closes, then
+opens. The upstream is always a guest NIC address that the registry vouches for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hmac
+import ipaddress
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sockmap
+from sockmap import control, natproc
+from sockmap import protocol as p
+from sockmap.conflicts.rules import HostEndpoint, Nic, Plan, PortMapping, plan
+from sockmap.errors import SockmapError
+from sockmap.nat.plan import GuestRecord
+from sockmap.portwatch import Listener, scan_listeners
+from sockmap.proxy import MappingKey, MappingSpec, MappingTable, Proto
+from sockmap.registry import Registry
+
+log = logging.getLogger("sockmap.daemon")
+
+READY_LINE = "sockmap daemon ready"
+AGENT_SOCKET = "agent.sock"
+TOKENS_DIR = "tokens"
+NETNS_DIR = Path("/run/netns")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    run_dir: Path
+    agent_listen: tuple[str, int] | None = None  # TCP agent listener, only when given
+    heartbeat_s: float = 0.25
+    dead_after_s: float = 0.8  # no frame from an agent for this long: it is gone
+    hello_timeout_s: float = 2.0
+    first_snapshot_timeout_s: float = 15.0  # guest_create waits this long for the agent
+    drain_s: float = 30.0  # open connections of a closed mapping may finish this long
+    retry_s: float = 1.0  # replan this often while conflicts or blocked ports remain
+    start_agents: bool = True
+    python: str = sys.executable
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` for --agent-listen (pure)."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise SockmapError(f"--agent-listen {text!r}: {host!r} is not an IP address",
+                           hint="give an address of this host, e.g. 192.168.122.1:7070") from None
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SockmapError(f"--agent-listen {text!r}: no valid port", hint="use HOST:PORT")
+    return host, int(port)
+
+
+def token_path(run_dir: Path, guest: str) -> Path:
+    return run_dir / TOKENS_DIR / f"{guest}.token"
+
+
+def group_mappings(mappings: tuple[PortMapping, ...]) -> dict[MappingKey, tuple[PortMapping, ...]]:
+    """plan()'s per-host-address mappings as one group per proxy key (guest, proto, guest
+    port). Two listeners of one guest port (0.0.0.0:P and a v6only [::]:P) would need two
+    targets under one key: the first listener's group is kept (pure)."""
+    out: dict[MappingKey, list[PortMapping]] = {}
+    for m in mappings:
+        key = MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
+        group = out.setdefault(key, [])
+        if group and group[0].guest_addr != m.guest_addr:
+            continue
+        group.append(m)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def nic_target(group: tuple[PortMapping, ...]) -> str | None:
+    """The upstream address of a group: its IPv4 NIC target first (a dual-stack listener
+    takes IPv4 too), else its IPv6 one; None when only the relay can reach it (pure)."""
+    addrs = [m.upstream.addr for m in group if isinstance(m.upstream, Nic)]
+    addrs.sort(key=lambda a: ipaddress.ip_address(a).version)
+    return addrs[0] if addrs else None
+
+
+class _Supervisor:
+    """Runs one guest's agent in its netns and restarts it with backoff when it dies."""
+
+    def __init__(self, d: Daemon, name: str, netns: str) -> None:
+        self.d, self.name, self.netns = d, name, netns
+        self.proc: asyncio.subprocess.Process | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.starts = 0
+
+    def argv(self) -> list[str]:
+        cfg = self.d.cfg
+        nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+        return [nsenter, f"--net={NETNS_DIR / self.netns}", "--", cfg.python, "-m",
+                "sockmap.cli", "agent", "--log-level", "info",
+                "--connect", f"unix:{cfg.run_dir / AGENT_SOCKET}", "--name", self.name,
+                "--token-file", str(token_path(cfg.run_dir, self.name))]
+
+    async def run(self) -> None:
+        env = dict(os.environ)
+        src = str(Path(sockmap.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (src, env.get("PYTHONPATH")) if x)
+        delay = 0.1
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    self.proc = await asyncio.create_subprocess_exec(
+                        *self.argv(), stdin=asyncio.subprocess.DEVNULL, env=env)
+                except OSError as e:
+                    log.error("cannot start the agent of guest %s: %s", self.name, e)
+                else:
+                    self.starts += 1
+                    log.info("agent of guest %s started (pid %d)", self.name, self.proc.pid)
+                    rc = await self.proc.wait()
+                    log.warning("agent of guest %s (pid %d) exited with status %s; restarting",
+                                self.name, self.proc.pid, rc)
+                    self.proc = None
+                if time.monotonic() - started > 10:
+                    delay = 0.1
+                await asyncio.sleep(delay)  # restart backoff
+                delay = min(delay * 2, 5.0)
+        finally:
+            await self._kill()
+
+    async def _kill(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            async with asyncio.timeout(2):
+                await proc.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.registry = Registry()
+        self.table: MappingTable | None = None
+        self.last_plan: Plan | None = None
+        self._open: dict[MappingKey, tuple[PortMapping, ...]] = {}
+        self._shown: dict[MappingKey, tuple[PortMapping, ...]] = {}  # for draining rows
+        self._blocked: dict[HostEndpoint, float] = {}  # bind failed: endpoint -> retry at
+        self._purge: set[str] = set()  # guests being deleted: close without draining
+        self._logged: set[str] = set()
+        self._sessions = itertools.count(1)
+        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._synced: dict[str, asyncio.Event] = {}
+        self._agents: dict[str, _Supervisor] = {}
+        self._servers: list[asyncio.Server] = []
+        self._conns: set[asyncio.Task[Any]] = set()
+        self._drains: set[asyncio.Task[Any]] = set()
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._want_gen = 0
+        self._done_gen = 0
+        self._planned = asyncio.Condition()
+        self._retry: asyncio.TimerHandle | None = None
+        self._guest_lock = asyncio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def startup(self) -> None:
+        cfg = self.cfg
+        try:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            (cfg.run_dir / TOKENS_DIR).mkdir(exist_ok=True, mode=0o700)
+            os.chmod(cfg.run_dir / TOKENS_DIR, 0o700)
+        except OSError as e:
+            raise SockmapError(f"cannot use run dir {cfg.run_dir}: {e.strerror}",
+                               hint="run as root or pass --run-dir DIR") from e
+        self._refuse_second_daemon()
+        self.table = MappingTable()
+        self._servers.append(await self._unix_server(control.socket_path(cfg.run_dir),
+                                                     self._control_conn))
+        self._servers.append(await self._unix_server(cfg.run_dir / AGENT_SOCKET,
+                                                     self._agent_conn))
+        if cfg.agent_listen is not None:
+            host, port = cfg.agent_listen
+            try:
+                self._servers.append(await asyncio.start_server(
+                    self._agent_conn, host, port, reuse_address=True))
+            except OSError as e:
+                raise SockmapError(f"cannot listen for agents on {host}:{port}: {e.strerror}",
+                                   hint="give an address this host has and a free port") from e
+            log.info("TCP agent listener on %s:%d", host, port)
+
+    def _refuse_second_daemon(self) -> None:
+        path = control.socket_path(self.cfg.run_dir)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(path))
+            except OSError:
+                return
+        raise SockmapError(f"a sockmap daemon already runs on {path}",
+                           hint="stop it first, or give another --run-dir")
+
+    async def _unix_server(
+        self, path: Path, cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                       Awaitable[None]],
+    ) -> asyncio.Server:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o177)  # the socket is born 0600: no window where others connect
+        try:
+            server = await asyncio.start_unix_server(cb, str(path), limit=control.MAX_LINE + 2)
+        except OSError as e:
+            raise SockmapError(f"cannot listen on {path}: {e.strerror}",
+                               hint="is the run dir writable?") from e
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        return server
+
+    async def run(self) -> None:
+        from sockmap.nat import guests
+
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            replanner = tg.create_task(self._replanner(), name="replanner")
+            try:
+                records = await asyncio.to_thread(guests.list_guests, self.cfg.run_dir)
+            except SockmapError as e:
+                log.error("guest records: %s", e)
+                records = []
+            for rec in records:
+                self.registry.set_record(rec.name, (rec.guest_addr4, rec.guest_addr6))
+                if self.cfg.start_agents and (NETNS_DIR / rec.netns).exists():
+                    self._write_token(rec.name, keep=True)
+                    self._start_agent(rec.name, rec.netns)
+            await self._stop.wait()
+            log.info("stopping")
+            for sup in list(self._agents.values()):
+                await sup.stop()
+            replanner.cancel()
+        self._tg = None
+
+    async def shutdown(self) -> None:
+        for s in self._servers:
+            s.close()
+        for t in list(self._conns) + list(self._drains):
+            t.cancel()
+        await asyncio.gather(*self._conns, *self._drains, return_exceptions=True)
+        if self._retry is not None:
+            self._retry.cancel()
+        if self.table is not None:
+            await self.table.aclose()
+        for path in (control.socket_path(self.cfg.run_dir), self.cfg.run_dir / AGENT_SOCKET):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        log.info("stopped")
+
+    # -- agents we start ------------------------------------------------------------------
+    def _write_token(self, name: str, *, keep: bool = False) -> None:
+        path = token_path(self.cfg.run_dir, name)
+        if keep and path.exists():
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+
+    def _start_agent(self, name: str, netns: str) -> None:
+        assert self._tg is not None
+        sup = _Supervisor(self, name, netns)
+        self._agents[name] = sup
+        sup.task = self._tg.create_task(sup.run(), name=f"agent-{name}")
+
+    async def _stop_agent(self, name: str) -> None:
+        sup = self._agents.pop(name, None)
+        if sup is not None:
+            await sup.stop()
+
+    # -- agent connections ----------------------------------------------------------------
+    async def _agent_conn(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        peer = _peer(writer)
+        session = next(self._sessions)
+        name: str | None = None
+        dec = p.Decoder()
+        try:
+            name, pending = await self._hello(reader, writer, dec, peer)
+            if name is None:
+                return
+            old = self.registry.connect(name, session)
+            if old is not None and old in self._writers:
+                log.info("guest %s reconnected; closing its old session", name)
+                self._writers[old].close()
+            self._writers[session] = writer
+            writer.write(p.encode(p.Welcome(heartbeat_ms=round(self.cfg.heartbeat_s * 1000))))
+            beat = asyncio.create_task(self._heartbeats(writer))
+            try:
+                await self._serve_agent(name, session, reader, dec, pending)
+            finally:
+                beat.cancel()
+        except p.ProtocolError as e:
+            log.warning("agent %s (%s): %s; connection closed", name or "?", peer, e.message)
+            with contextlib.suppress(OSError, p.ProtocolError):
+                writer.write(p.encode(p.Error(code=e.reason, message=e.detail[:200])))
+        except TimeoutError:
+            log.warning("agent %s (%s): no frame for %g s; connection closed", name or "?",
+                        peer, self.cfg.dead_after_s)
+        except (ConnectionError, OSError) as e:
+            log.info("agent %s (%s): %s", name or "?", peer, e)
+        finally:
+            self._writers.pop(session, None)
+            writer.close()
+            self._conns.discard(task)
+            if name is not None and self.registry.disconnect(name, session):
+                log.warning("guest %s: agent gone; closing its mappings", name)
+                self.request_replan()
+
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     dec: p.Decoder, peer: str) -> tuple[str | None, list[p.Message]]:
+        msgs: list[p.Message] = []
+        try:
+            async with asyncio.timeout(self.cfg.hello_timeout_s):
+                while not msgs:
+                    data = await reader.read(65536)
+                    if not data:
+                        dec.eof()
+                        return None, []
+                    msgs = dec.feed(data)
+        except TimeoutError:
+            log.warning("agent (%s): no hello within %g s; connection closed", peer,
+                        self.cfg.hello_timeout_s)
+            return None, []
+        hello = msgs.pop(0)
+        if not isinstance(hello, p.Hello):
+            raise p.ProtocolError("bad_field", f"first frame is {type(hello).__name__}, "
+                                               "not hello")
+        if not self._token_ok(hello.guest, hello.token):
+            log.warning("agent (%s): refused hello for guest %s: unknown guest or bad token",
+                        peer, hello.guest)
+            writer.write(p.encode(p.Error(code="auth", message="unknown guest or bad token")))
+            return None, []
+        log.info("guest %s: agent connected (%s)", hello.guest, peer)
+        return hello.guest, msgs
+
+    def _token_ok(self, guest: str, token: str) -> bool:
+        try:
+            want = token_path(self.cfg.run_dir, guest).read_text().strip()
+        except OSError:
+            want = ""
+        # compare even when there is no token file, so timing tells nothing
+        good = hmac.compare_digest(token.encode(), (want or secrets.token_hex(32)).encode())
+        return bool(want) and good
+
+    async def _heartbeats(self, writer: asyncio.StreamWriter) -> None:
+        seq = 0
+        with contextlib.suppress(OSError, TimeoutError):
+            while True:
+                await asyncio.sleep(self.cfg.heartbeat_s)  # the heartbeat clock
+                writer.write(p.encode(p.Heartbeat(seq=seq)))
+                seq += 1
+                async with asyncio.timeout(self.cfg.dead_after_s):
+                    await writer.drain()
+        writer.close()
+
+    async def _serve_agent(self, name: str, session: int, reader: asyncio.StreamReader,
+                           dec: p.Decoder, pending: list[p.Message]) -> None:
+        while True:
+            for msg in pending:
+                self._on_message(name, session, msg)
+            async with asyncio.timeout(self.cfg.dead_after_s):
+                data = await reader.read(65536)
+            if not data:
+                dec.eof()
+                raise ConnectionError("agent closed the connection")
+            pending = dec.feed(data)
+
+    def _on_message(self, name: str, session: int, msg: p.Message) -> None:
+        reg = self.registry
+        if not reg.current(name, session):
+            raise ConnectionError("replaced by a newer session")
+        g = reg.get(name)
+        assert g is not None
+        match msg:
+            case p.Snapshot():
+                reg.snapshot(name, msg.listeners, msg.addrs)
+                log.info("guest %s: snapshot, %d listeners, addresses %s", name,
+                         len(msg.listeners), ", ".join(reg.addrs_of(name)) or "none usable")
+                ev = self._synced.get(name)
+                if ev is not None:
+                    ev.set()
+            case p.Added() | p.Removed() | p.Addresses() if not g.synced:
+                raise p.ProtocolError("bad_field", f"{type(msg).__name__} before snapshot")
+            case p.Added():
+                reg.added(name, msg.listeners)
+            case p.Removed():
+                reg.removed(name, msg.listeners)
+            case p.Addresses():
+                reg.addresses(name, msg.addrs)
+            case p.Heartbeat() | p.RelayResult():
+                return
+            case p.Error():
+                raise ConnectionError(f"agent error {msg.code}: {msg.message}")
+            case p.Hello() | p.Welcome() | p.RelayOpen():
+                raise p.ProtocolError("bad_field", f"unexpected {type(msg).__name__} "
+                                                   "from an agent")
+        self.request_replan()
+
+    # -- planning -------------------------------------------------------------------------
+    def request_replan(self) -> int:
+        self._want_gen += 1
+        self._dirty.set()
+        return self._want_gen
+
+    async def wait_planned(self, gen: int) -> None:
+        async with self._planned:
+            await self._planned.wait_for(lambda: self._done_gen >= gen)
+
+    async def _replanner(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            gen = self._want_gen
+            try:
+                await self._replan()
+            except Exception:
+                log.exception("replanning failed; mappings left as they were")
+            self._done_gen = gen
+            async with self._planned:
+                self._planned.notify_all()
+
+    def _scan_host(self) -> list[Listener]:
+        try:
+            return scan_listeners()
+        except SockmapError as e:
+            self._log_once(f"host scan: {e}")
+            return []
+
+    def _log_once(self, text: str) -> None:
+        if text not in self._logged:
+            self._logged.add(text)
+            log.warning("%s", text)
+
+    async def _replan(self) -> None:
+        host = await asyncio.to_thread(self._scan_host)
+        now = time.monotonic()
+        self._blocked = {e: t for e, t in self._blocked.items() if t > now}
+        current = tuple(m for ms in self._open.values() for m in ms)
+        pl = plan(guests=self.registry.states(), host_listeners=host, current=current,
+                  blocked=tuple(self._blocked), own_pid=os.getpid())
+        self.last_plan = pl
+        desired = group_mappings(pl.mappings)
+        touched: list[MappingKey] = []
+        for cmd in pl.commands:
+            m = cmd.mapping
+            key = MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
+            if key not in touched:
+                touched.append(key)
+        for key in touched:
+            have = self._open.get(key)
+            if have is not None and have != desired.get(key):
+                await self._close(key)
+        for key in touched:
+            want = desired.get(key)
+            if want is not None and self._open.get(key) != want:
+                self._open_group(key, want)
+        for c in pl.conflicts:
+            self._log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; {c.resolution}")
+        if (pl.conflicts or self._blocked) and self._retry is None:
+            def again() -> None:
+                self._retry = None
+                self.request_replan()
+            self._retry = asyncio.get_running_loop().call_later(self.cfg.retry_s, again)
+
+    async def _close(self, key: MappingKey) -> None:
+        assert self.table is not None
+        self._open.pop(key, None)
+        drain = 0.0 if key.guest in self._purge else self.cfg.drain_s
+        t = asyncio.create_task(self.table.close(key, drain_s=drain))
+        self._drains.add(t)
+        t.add_done_callback(self._drains.discard)
+        await asyncio.sleep(0)  # close() stops listening in its first step: let it run now
+        log.info("closed %s", key)
+
+    def _open_group(self, key: MappingKey, group: tuple[PortMapping, ...]) -> None:
+        assert self.table is not None
+        target = nic_target(group)
+        if target is None:
+            self._log_once(f"{key}: loopback-only listener {group[0].guest_addr}; the agent "
+                           "relay is not built yet, not forwarded")
+            return
+        if target not in self.registry.addrs_of(key.guest):  # never trust past the registry
+            log.error("%s: target %s is not an address of guest %s; not forwarded", key,
+                      target, key.guest)
+            return
+        spec = MappingSpec(guest=key.guest, proto=key.proto,
+                           host_addrs=tuple(m.host_addr for m in group),
+                           host_port=group[0].host_port, target_addr=target,
+                           target_port=key.port, drain_s=self.cfg.drain_s)
+        try:
+            self.table.open(spec)
+        except SockmapError as e:
+            cause = e.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                for m in group:
+                    self._blocked[m.host_endpoint] = time.monotonic() + self.cfg.retry_s
+            log.warning("%s", e)
+            return
+        self._open[key] = group
+        self._shown[key] = group
+        log.info("forwarding %s on %s port %d -> %s:%d", key,
+                 "+".join(spec.host_addrs), spec.host_port, target, key.port)
+
+    # -- control requests -----------------------------------------------------------------
+    async def _control_conn(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            try:
+                async with asyncio.timeout(10):
+                    line = await reader.readline()
+                req = control.parse_request(line)
+                writer.write(control.ok(await self._dispatch(req)))
+            except SockmapError as e:
+                writer.write(control.fail(e))
+            except (ValueError, TimeoutError):  # LimitOverrunError is a ValueError
+                writer.write(control.fail(SockmapError("bad control request")))
+            with contextlib.suppress(OSError):
+                await writer.drain()
+        except Exception:
+            log.exception("control request failed")
+        finally:
+            writer.close()
+            self._conns.discard(task)
+
+    async def _dispatch(self, req: control.Request) -> object:
+        match req.op:
+            case "ls":
+                return self.rows()
+            case "status":
+                return self.status()
+            case "guest_create":
+                name = control.arg_str(req, "name")
+                assert name is not None
+                nat = req.args.get("nat", True)
+                return await self.guest_create(name, control.arg_str(req, "subnet",
+                                                                     optional=True),
+                                               nat=nat is not False)
+            case "guest_delete":
+                name = control.arg_str(req, "name")
+                assert name is not None
+                return await self.guest_delete(name)
+        raise SockmapError(f"unknown control op {req.op!r}")
+
+    def rows(self) -> list[dict[str, Any]]:
+        assert self.table is not None
+        now = time.time()
+        out = []
+        for r in self.table.snapshot():
+            key = MappingKey(guest=r.guest, proto=r.proto, port=r.target_port)
+            group = self._shown.get(key, ())
+            first = group[0] if group else None
+            out.append({
+                "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
+                "host_addrs": list(r.host_addrs), "host_port": r.host_port,
+                "guest_addr": first.guest_addr if first else r.target_addr,
+                "guest_port": r.target_port, "target_addr": r.target_addr,
+                "pid": first.pid if first else None,
+                "process": first.process if first else "",
+                "state": str(r.state), "connections": r.connections,
+                "connections_total": r.connections_total, "bytes_in": r.bytes_in,
+                "bytes_out": r.bytes_out, "errors": r.errors, "dropped": r.dropped,
+                "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
+            })
+        return out
+
+    def status(self) -> dict[str, Any]:
+        guests = []
+        for name in self.registry.names():
+            g = self.registry.get(name)
+            assert g is not None
+            sup = self._agents.get(name)
+            guests.append({
+                "name": name, "connected": g.session is not None, "synced": g.synced,
+                "listeners": len(g.listeners), "addrs": list(self.registry.addrs_of(name)),
+                "snapshots": g.snapshots,
+                "agent_pid": sup.proc.pid if sup and sup.proc else None,
+                "agent_starts": sup.starts if sup else 0,
+            })
+        return {"pid": os.getpid(), "guests": guests, "mappings": len(self._open)}
+
+    async def guest_create(self, name: str, subnet: str | None, *, nat: bool) -> object:
+        async with self._guest_lock:
+            data = await natproc.call(self.cfg.python, "create", run_dir=str(self.cfg.run_dir),
+                                      name=name, subnet=subnet, nat=nat)
+            rec = GuestRecord.from_json(data, source="guest create")
+            try:
+                self._write_token(name)
+                self.registry.set_record(name, (rec.guest_addr4, rec.guest_addr6))
+                synced = self._synced[name] = asyncio.Event()
+                self._start_agent(name, rec.netns)
+                async with asyncio.timeout(self.cfg.first_snapshot_timeout_s):
+                    await synced.wait()
+            except BaseException as e:
+                await self._remove(name)
+                if isinstance(e, TimeoutError):
+                    raise SockmapError(
+                        f"the agent of guest {name} sent no snapshot within "
+                        f"{self.cfg.first_snapshot_timeout_s:g} s; the guest was removed",
+                        hint="see the daemon's log") from e
+                raise
+            finally:
+                self._synced.pop(name, None)
+            return rec.to_json()
+
+    async def guest_delete(self, name: str) -> list[str]:
+        async with self._guest_lock:
+            return await self._remove(name)
+
+    async def _remove(self, name: str) -> list[str]:
+        """Stop the agent, close the guest's mappings, then delete the guest."""
+        await self._stop_agent(name)
+        self._purge.add(name)
+        try:
+            self.registry.forget(name)
+            await self.wait_planned(self.request_replan())
+            lines: list[str] = await natproc.call(self.cfg.python, "delete",
+                                                  run_dir=str(self.cfg.run_dir), name=name)
+        finally:
+            self._purge.discard(name)
+            with contextlib.suppress(FileNotFoundError):
+                token_path(self.cfg.run_dir, name).unlink()
+        return lines
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"tcp {peer[0]}:{peer[1]}"
+    cred = writer.get_extra_info("socket")
+    if cred is not None and cred.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            import struct
+
+            pid, _uid, _gid = struct.unpack(
+                "3i", cred.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return f"unix pid {pid}"
+    return "unix"
+
+
+async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
+    """Run the daemon until SIGTERM or SIGINT (the one place signals are handled)."""
+    d = Daemon(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, d.stop)
+    try:
+        await d.startup()
+        on_ready()
+        await d.run()
+    finally:
+        await d.shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def main(cfg: Config) -> int:
+    def ready() -> None:
+        print(READY_LINE, flush=True)
+
+    asyncio.run(serve(cfg, ready))
+    return 0

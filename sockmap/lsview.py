@@ -1,0 +1,85 @@
+"""``sockmap ls`` rendering, pure: filter the daemon's rows, print aligned columns.
+
+Rows come from the daemon (``Daemon.rows``) as JSON objects. Text columns are sized to their
+content; a host side of 127.0.0.1 and ::1 on one port shows as ``localhost:PORT``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Row = dict[str, Any]
+COLUMNS = ("GUEST", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "CONN", "IN", "OUT",
+           "AGE")
+RIGHT = {"CONN", "IN", "OUT", "AGE"}
+
+
+def filter_rows(rows: Sequence[Row], *, guest: str | None = None,
+                port: int | None = None) -> list[Row]:
+    """Rows of ``guest`` whose host or guest port is ``port`` (None: any)."""
+    return [r for r in rows
+            if (guest is None or r.get("guest") == guest)
+            and (port is None or port in (r.get("host_port"), r.get("guest_port")))]
+
+
+def endpoint(addr: str, port: object) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def host_text(r: Row) -> str:
+    addrs = list(r.get("host_addrs") or [r.get("host_addr", "?")])
+    port = r.get("host_port", "?")
+    if sorted(addrs) == ["127.0.0.1", "::1"]:
+        return f"localhost:{port}"
+    return ",".join(endpoint(str(a), port) for a in addrs)
+
+
+def human_bytes(n: object) -> str:
+    if not isinstance(n, int):
+        return "?"
+    size = float(n)
+    for unit in ("", "K", "M", "G", "T"):
+        if size < 1024 or unit == "T":
+            return f"{size:.0f}{unit}" if unit == "" or size >= 10 else f"{size:.1f}{unit}"
+        size /= 1024
+    return str(n)
+
+
+def human_age(s: object) -> str:
+    if not isinstance(s, int | float):
+        return "?"
+    s = int(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def cells(r: Row) -> tuple[str, ...]:
+    pid, proc = r.get("pid"), r.get("process") or ""
+    who = f"{proc}/{pid}" if pid is not None else (proc or "-")
+    return (
+        str(r.get("guest", "?")), str(r.get("proto", "?")), host_text(r),
+        endpoint(str(r.get("guest_addr", "?")), r.get("guest_port", "?")), who,
+        str(r.get("state", "?")), str(r.get("connections", "?")),
+        human_bytes(r.get("bytes_in")), human_bytes(r.get("bytes_out")),
+        human_age(r.get("age_s")),
+    )
+
+
+def render(rows: Sequence[Row]) -> str:
+    """Aligned text; an explanatory line when there is nothing to show."""
+    if not rows:
+        return "no mappings (start a server in a guest; `sockmap guest list` lists guests)"
+    table = [COLUMNS, *(cells(r) for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = []
+    for row in table:
+        parts = [c.rjust(w) if COLUMNS[i] in RIGHT else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append(" ".join(parts).rstrip())
+    return "\n".join(lines)
