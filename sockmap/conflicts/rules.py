@@ -396,6 +396,7 @@ def plan(
     cur_port = {_mapping_ident(m): m.host_port for m in cur}
 
     taken: dict[HostEndpoint, _Want] = {}
+    hint: dict[tuple[Proto, int], int] = {}  # last remap result per wanted port
     desired: list[PortMapping] = []
     conflicts: list[Conflict] = []
     retry: list[HostEndpoint] = []
@@ -428,7 +429,11 @@ def plan(
             if pol == "remap":
                 q = cur_port.get(w.ident)
                 if q is None or q == port or not free(w, q):
-                    q = _next_free(w, port, free)
+                    # ports only get taken during one plan, so a later search for the same
+                    # port can start where the previous one ended
+                    q = _next_free(w, port, free, after=hint.get((proto, port)))
+                    if q is not None:
+                        hint[(proto, port)] = q
                 if q is not None:
                     _take(w, q, taken, desired)
                     did = (f"forwarded on host port {q} instead of {port} (policy remap)")
@@ -511,10 +516,19 @@ def _take(w: _Want, port: int, taken: dict[HostEndpoint, _Want],
         ))
 
 
-def _next_free(w: _Want, port: int, free: Callable[[_Want, int], bool]) -> int | None:
-    """The next port above ``port`` (never below REMAP_LOW) free on all of w's host
-    addresses, wrapping around once."""
-    for q in itertools.chain(range(max(port + 1, REMAP_LOW), 65536), range(REMAP_LOW, port)):
+def _next_free(w: _Want, port: int, free: Callable[[_Want, int], bool], *,
+               after: int | None) -> int | None:
+    """The next port free on all of w's host addresses, in the cyclic order ``port+1 ..
+    65535, 1024 .. port-1`` (never below REMAP_LOW), starting after ``after`` if given."""
+    lo = max(port + 1, REMAP_LOW)
+    wrap = range(REMAP_LOW, port)
+    if after is None:
+        seq: Iterable[int] = itertools.chain(range(lo, 65536), wrap)
+    elif after >= lo:
+        seq = itertools.chain(range(after + 1, 65536), wrap)
+    else:
+        seq = range(after + 1, port)
+    for q in seq:
         if free(w, q):
             return q
     return None
