@@ -79,9 +79,10 @@ for _ in range(int(n)):
 """
 
 
-def serve(g: netlab.Guest, *specs: str, pre: Sequence[str] = ()) -> int:
+def serve(g: netlab.Guest | netlab.Netns, *specs: str, pre: Sequence[str] = ()) -> int:
     """Start a server holding ``specs`` (proto/family/addr/port/options...); its pid."""
-    proc = g.ns.popen([*pre, PY, "-u", "-c", SERVER, *specs])
+    ns = g.ns if isinstance(g, netlab.Guest) else g
+    proc = ns.popen([*pre, PY, "-u", "-c", SERVER, *specs])
     assert proc.stdout is not None
     m = netlab.wait_for_line(proc.stdout, r"^(ready (\d+)|bind-error.*)$")
     assert m.group(2), f"{specs}: {m.group(0)}"
