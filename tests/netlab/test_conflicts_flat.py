@@ -1,9 +1,10 @@
 """`sockmap conflicts --flat` in a real namespace with real servers making each conflict kind.
 
 Contexts: processes started in a netlab namespace (which enters only the network namespace)
-share the test's mount namespace, cgroup and uid, so a second context comes from `unshare --mount` (same uid, so SO_REUSEPORT groups can still
-span it: the kernel only lets sockets of one uid join a group, checked below) or from
-`setpriv` to uid 65534 (UDP sockets with SO_REUSEADDR can share a port across uids).
+share the test's mount namespace, cgroup and uid, so a second context comes from
+`unshare --mount` (same uid, so SO_REUSEPORT groups can still span it: the kernel only lets
+sockets of one uid join a group, checked below) or from `setpriv` to uid 65534 (UDP sockets
+with SO_REUSEADDR can share a port across uids).
 Every claim of the report about who receives what is checked by connecting: each server
 answers with its pid.
 """
