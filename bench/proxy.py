@@ -103,6 +103,7 @@ class Bench:
         self.guest = lab.add_guest()
         self.targets: list[Target] = []
         self.notes: list[str] = []
+        self.profiles: dict[str, list[str]] = {}
 
     # -- set-up ----------------------------------------------------------------------
     def start_guest(self) -> None:
@@ -258,17 +259,30 @@ class Bench:
             p.wait(30)
         return (after - before) / n
 
-    def run(self, hold: int) -> None:
-        for t in self.targets:
-            t.results["1 stream Gbit/s"] = self.iperf(t, 1)
-        for t in self.targets:
-            t.results["4 streams Gbit/s"] = self.iperf(t, 4)
-        for t in self.targets:
-            t.results["short conn/s"] = self.cps(t)
-        for t in self.targets:
-            rt = self.rtt(t)
-            t.results["echo p50 µs"] = rt[0] if rt else None
-            t.results["echo p99 µs"] = rt[1] if rt else None
+    def run(self, hold: int, rounds: int) -> None:
+        """Each figure ``rounds`` times, targets interleaved within a round; keep the best
+        (highest rate, lowest p50 with its p99): the 2 cores are shared, and the best of a
+        few runs is the figure least disturbed by other work."""
+
+        def better(key: str, v: float | None, higher: bool) -> None:
+            if v is None:
+                return
+            old = t.results.get(key)
+            if old is None or (v > old if higher else v < old):
+                t.results[key] = v
+
+        for _ in range(rounds):
+            for t in self.targets:
+                better("1 stream Gbit/s", self.iperf(t, 1), True)
+            for t in self.targets:
+                better("4 streams Gbit/s", self.iperf(t, 4), True)
+            for t in self.targets:
+                better("short conn/s", self.cps(t), True)
+            for t in self.targets:
+                rt = self.rtt(t)
+                old = t.results.get("echo p50 µs")
+                if rt and (old is None or rt[0] < old):
+                    t.results["echo p50 µs"], t.results["echo p99 µs"] = rt
         for t in self.targets:
             if t.name in ("socat",):
                 t.results["KiB/idle conn"] = None  # a forked process per connection
@@ -277,6 +291,44 @@ class Bench:
             t.results["KiB/idle conn"] = self.idle_memory(t, n)
             if n != hold:
                 self.notes.append(f"{t.name}: idle memory measured at {n:,} connections")
+
+    def profile(self, t: Target, what: str) -> list[str]:
+        """py-spy (if installed) on the sockmap relay during one figure: where time goes."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if t.pid is None or not Path(spy).exists():
+            return [f"(py-spy not installed: no profile of {what})"]
+        with tempfile.NamedTemporaryFile(suffix=".txt") as f:
+            argv = [spy, "record", "-r", "250", "-d", str(int(self.seconds) + 1), "-f", "raw",
+                    "-o", f.name, "-p", str(t.pid), "--nonblocking"]  # fmt: skip
+            p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if what == "cps":
+                self.cps(t)
+            else:
+                self.iperf(t, 1)
+            p.wait(60)
+            counts: dict[str, int] = {}
+            total = 0
+            for line in Path(f.name).read_text().splitlines():
+                stack, _, n = line.rpartition(" ")
+                leaf = stack.split(";")[-1]
+                counts[leaf] = counts.get(leaf, 0) + int(n)
+                total += int(n)
+        out = []
+        for leaf, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8]:
+            out.append(f"{100 * n / max(total, 1):5.1f}%  {leaf}  {source_line(leaf)}")
+        return out
+
+
+def source_line(leaf: str) -> str:
+    """`func (path:line)` -> the source text of that line, for sockmap's own frames."""
+    try:
+        where = leaf.rsplit("(", 1)[1].rstrip(")")
+        path, line = where.rsplit(":", 1)
+        if not path.startswith("sockmap/"):
+            return ""
+        return "`" + (ROOT / path).read_text().splitlines()[int(line) - 1].strip() + "`"
+    except (IndexError, ValueError, OSError):
+        return ""
 
 
 def versions() -> dict[str, str]:
@@ -313,7 +365,7 @@ def fmt(v: Any, ratio_to: Any = None) -> str:
 
 
 def report(b: Bench, load: tuple[float, float], load_after: tuple[float, float],
-           took: float, hold: int) -> str:  # fmt: skip
+           took: float, hold: int, rounds: int) -> str:  # fmt: skip
     cols = ["1 stream Gbit/s", "4 streams Gbit/s", "short conn/s", "echo p50 µs", "echo p99 µs",
             "KiB/idle conn"]  # fmt: skip
     pasta = next((t for t in b.targets if t.name == "pasta"), None)
@@ -327,6 +379,7 @@ def report(b: Bench, load: tuple[float, float], load_after: tuple[float, float],
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + ".",
         "",
+        f"Best of {rounds} interleaved rounds per figure. "
         "Throughput and connection rate in brackets: ratio to pasta. Echo: one connection, "
         "1-byte round trips (added latency = relay minus direct). Idle memory: relay RSS "
         f"growth / {hold:,} open connections (user space only; kernel socket and pipe memory "
@@ -350,6 +403,15 @@ def report(b: Bench, load: tuple[float, float], load_after: tuple[float, float],
         lines.append(f"| {t.name} | " + " | ".join(cells) + " |")
     if b.notes:
         lines += ["", "Notes from this run:", ""] + [f"- {n}" for n in b.notes]
+    for what, prof in b.profiles.items():
+        lines += [
+            "",
+            f"py-spy profile of the sockmap relay during {what} (self time by line; "
+            "time on a syscall line is mostly kernel time in that syscall):",
+            "",
+            "```",
+        ]
+        lines += [*prof, "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -358,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="per iperf3/cps figure")
     ap.add_argument("--hold", type=int, default=HOLD, help="idle connections for memory")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-proxy.md"))
+    ap.add_argument("--rounds", type=int, default=2, help="repeat each figure, keep the best")
+    ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     ap.add_argument("--only", default="", help="comma list of relay names (debugging)")
     a = ap.parse_args(argv)
     limit = raise_nofile()
@@ -394,9 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.only:
             keep = set(a.only.split(","))
             b.targets = [t for t in b.targets if t.name in keep]
-        b.run(a.hold)
+        b.run(a.hold, a.rounds)
+        sm = next((t for t in b.targets if t.name == "sockmap"), None)
+        if sm is not None and not a.no_profile:
+            b.profiles["short connections (32 concurrent)"] = b.profile(sm, "cps")
+            b.profiles["iperf3 single stream"] = b.profile(sm, "iperf")
         took = time.monotonic() - t0
-        text = report(b, load, os.getloadavg()[:2], took, a.hold)
+        text = report(b, load, os.getloadavg()[:2], took, a.hold, a.rounds)
     Path(a.out).write_text(text)
     print(text)
     return 0
