@@ -143,6 +143,29 @@ def host_bind_addrs(listener: Listener, guest_addrs: Iterable[str] = ()) -> tupl
             assert_never(d)
 
 
+def relay_target(reported: Iterable[Listener], proto: Proto, family: Family,
+                 port: int) -> str | None:
+    """The agent's side of ``Relay``: the loopback address to connect to for a relay
+    request naming (proto, family, port), or None to refuse. Only a listener the agent
+    itself reported qualifies, and only one that loopback reaches (a loopback or wildcard
+    bind); the address is always a loopback one, never taken from the request."""
+    for li in reported:
+        if (li.proto, li.family, li.port) != (proto, family, port):
+            continue
+        ip = parse_ip(li.addr)
+        if ip is None:
+            continue
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            if li.v6only:
+                continue
+            ip = ip.ipv4_mapped
+        if ip.is_loopback:
+            return str(ip)
+        if ip.is_unspecified:
+            return LOOPBACK4 if family == 4 else LOOPBACK6
+    return None
+
+
 # -- Linux bind semantics --------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class _Bind:

@@ -298,3 +298,33 @@ def test_mapping_equality_ignores_process() -> None:
     b = PortMapping(guest="g", proto="tcp", host_addr="127.0.0.1", host_port=1, guest_addr="x",
                     guest_port=1, upstream=N4, pid=2, process="b")
     assert a == b
+
+
+@pytest.mark.parametrize(("reported", "req", "want"), [
+    ([L("127.0.0.1")], ("tcp", 4, 8000), "127.0.0.1"),
+    ([L("127.0.0.53")], ("tcp", 4, 8000), "127.0.0.53"),
+    ([L("::1")], ("tcp", 6, 8000), "::1"),
+    ([L("0.0.0.0")], ("tcp", 4, 8000), "127.0.0.1"),
+    ([L("::", v6only=False)], ("tcp", 6, 8000), "::1"),
+    ([L("::ffff:127.0.0.1", v6only=False)], ("tcp", 6, 8000), "127.0.0.1"),
+    ([L("10.0.0.2")], ("tcp", 4, 8000), None),  # NIC-only: the host connects directly
+    ([L("127.0.0.1")], ("tcp", 4, 8001), None),  # not reported
+    ([L("127.0.0.1")], ("udp", 4, 8000), None),
+    ([L("127.0.0.1")], ("tcp", 6, 8000), None),
+    ([], ("tcp", 4, 8000), None),
+])
+def test_relay_target(reported: list[Listener], req: tuple[Proto, Family, int],
+                      want: str | None) -> None:
+    assert r.relay_target(reported, *req) == want
+
+
+@pytest.mark.parametrize(("addr", "v6only", "addrs"), [a[:3] for a in DECIDE])
+def test_relay_decisions_are_accepted_by_the_agent(addr: str, v6only: bool | None,
+                                                   addrs: tuple[str, ...]) -> None:
+    """Whenever decide() routes through the relay, the agent's relay_target agrees."""
+    li = L(addr, v6only=v6only)
+    d = r.decide(li, addrs)
+    assert isinstance(d, Forwarded)
+    for b in d.bindings:
+        if isinstance(b.upstream, Relay):
+            assert r.relay_target([li], li.proto, b.upstream.family, b.upstream.port)
