@@ -118,6 +118,15 @@ def nic_target(group: tuple[PortMapping, ...]) -> str | None:
     return addrs[0] if addrs else None
 
 
+def _die_with_parent() -> None:
+    """In the forked child: SIGTERM it when the daemon dies (kept across exec), so a
+    killed daemon leaves no agent behind; the next daemon starts fresh ones."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class _Supervisor:
     """Runs one guest's agent in its netns and restarts it with backoff when it dies."""
 
@@ -145,7 +154,8 @@ class _Supervisor:
                 started = time.monotonic()
                 try:
                     self.proc = await asyncio.create_subprocess_exec(
-                        *self.argv(), stdin=asyncio.subprocess.DEVNULL, env=env)
+                        *self.argv(), stdin=asyncio.subprocess.DEVNULL, env=env,
+                        preexec_fn=_die_with_parent)
                 except OSError as e:
                     log.error("cannot start the agent of guest %s: %s", self.name, e)
                 else:
