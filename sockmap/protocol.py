@@ -405,6 +405,34 @@ def encode(msg: Message) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def encode_snapshot(listeners: tuple[Listener, ...], addrs: tuple[str, ...] = (),
+                    ifname: str = "", *, max_frame: int = MAX_FRAME) -> list[bytes]:
+    """A full snapshot as frames: one Snapshot, then Added frames for what did not fit, so
+    any number of listeners can be sent (the receiver applies them in order)."""
+    frames: list[bytes] = []
+    rest = listeners
+    first = True
+    while first or rest:
+        n = len(rest)
+        while True:
+            chunk = rest[:n]
+            msg: Message = (Snapshot(listeners=chunk, addrs=addrs, ifname=ifname) if first
+                            else Added(listeners=chunk))
+            try:
+                data = encode(msg)
+            except ProtocolError:
+                data = b""
+            if data and len(data) - HEADER.size <= max_frame:
+                break
+            if n <= 1:
+                raise ProtocolError("oversized", "one listener does not fit in a frame")
+            n //= 2
+        frames.append(data)
+        rest = rest[n:]
+        first = False
+    return frames
+
+
 # -- decoding -------------------------------------------------------------------------------
 class _Fields:
     """A JSON object's fields, each taken once; leftovers are refused."""

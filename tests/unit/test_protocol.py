@@ -202,3 +202,23 @@ def test_ipv4_mapped_address_kept_as_sent() -> None:
     (got,) = p.Decoder().feed(p.encode(p.Added(listeners=(li,))))
     assert isinstance(got, p.Added)
     assert got.listeners[0].addr == "::ffff:1.2.3.4"
+
+
+def test_encode_snapshot_splits_into_added_frames() -> None:
+    many = tuple(
+        Listener(proto="tcp", family=4, addr="10.0.0.1", port=1 + i, inode=i,
+                 owner=Owner(pid=1, comm="x", cmdline=("a" * 1000,)))
+        for i in range(200)
+    )
+    frames = p.encode_snapshot(many, ("10.0.0.1",), "eth0", max_frame=50_000)
+    assert len(frames) > 4 and all(len(f) - 4 <= 50_000 for f in frames)
+    msgs = p.Decoder().feed(b"".join(frames))
+    assert isinstance(msgs[0], p.Snapshot) and msgs[0].addrs == ("10.0.0.1",)
+    assert all(isinstance(m, p.Added) for m in msgs[1:])
+    got = [li for m in msgs for li in m.listeners]  # type: ignore[union-attr]
+    assert tuple(got) == many
+
+
+def test_encode_snapshot_empty_is_one_frame() -> None:
+    (f,) = p.encode_snapshot(())
+    assert p.Decoder().feed(f) == [p.Snapshot(listeners=())]
