@@ -1,4 +1,4 @@
-"""The guest agent (issue 3: the watcher and ``--print``; issue 5: the daemon connection).
+"""The guest agent: ``--print`` here (issue 3), ``--connect`` in agentlink.py (issue 5).
 
 ``sockmap agent --print`` runs the portwatch Watcher and prints one JSON object per line:
 
@@ -134,8 +134,8 @@ def main(args: argparse.Namespace) -> int:
         return agentlink.main(args)
     if not args.print_events:
         raise SockmapError(
-            "nothing to do: give --print (or --connect, once issue 5 lands)",
-            hint="sockmap agent --print",
+            "nothing to do: give --print or --connect",
+            hint="sockmap agent --print, or sockmap agent --connect unix:PATH --token-file F",
         )
     interval = None
     if args.interval_ms is not None:

@@ -91,6 +91,27 @@ def _v6only(attrs: bytes) -> bool | None:
     return None
 
 
+def dump_status(data: bytes, *, seq: int) -> tuple[bool, int]:
+    """(done, errno) of one datagram, walking the message headers only: what the poll needs
+    to know to keep reading, without decoding the sockets (that happens only on change)."""
+    off = 0
+    while off + NLMSGHDR_LEN <= len(data):
+        mlen, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+        if mlen < NLMSGHDR_LEN or off + mlen > len(data) or mseq != seq:
+            raise ParseError(f"sock_diag: bad message header at offset {off}")
+        if mtype == NLMSG_DONE:
+            return True, 0
+        if mtype == NLMSG_ERROR:
+            if mlen < NLMSGHDR_LEN + 4:
+                raise ParseError("sock_diag: truncated NLMSG_ERROR")
+            (err,) = struct.unpack_from("=i", data, off + NLMSGHDR_LEN)
+            return True, -err
+        off += _align4(mlen)
+    if off < len(data):
+        raise ParseError(f"sock_diag: {len(data) - off} trailing bytes, no full header")
+    return False, 0
+
+
 def parse_diag_msg(payload: bytes, proto: Proto) -> Listener | None:
     """One inet_diag_msg (with its attributes) to a Listener, or None if it is not one we
     report (not LISTEN for TCP; connected or unbound for UDP)."""

@@ -87,16 +87,18 @@ class DiagSource:
                 self._sock.sendto(req, (0, 0))
                 proto = _DUMPS[i][0]
                 while True:
+                    if len(out) > 100_000:
+                        raise ParseError("sock_diag: dump without end (100,000 datagrams)")
                     data = self._recv()
                     out.append(data)
-                    chunk = diag.parse_dump(data, proto, seq=i + 1)
-                    if chunk.errno:
+                    done, err = diag.dump_status(data, seq=i + 1)
+                    if err:
                         raise SourceUnavailable(
                             f"sock_diag {proto}/IPv{_DUMPS[i][1]} dump refused: "
-                            f"{os.strerror(chunk.errno)}",
+                            f"{os.strerror(err)}",
                             hint="the kernel may lack tcp_diag/udp_diag; use --source proc",
                         )
-                    if chunk.done:
+                    if done:
                         break
         except OSError as e:
             raise SourceUnavailable(

@@ -9,7 +9,9 @@ owners of new sockets, watch NIC addresses; events come out of an async iterator
 The first events are a ``ListenerAdded`` per listener already there (and a ``SourceError``
 if "auto" had to fall back to /proc), then the initial ``AddressesChanged`` per NIC, then
 changes. The poll is the one deliberate sleep loop (sock_diag has no change notification):
-at the default 20 ms, one idle poll is four small netlink dumps and a bytes comparison.
+at the default 20 ms, one idle poll is four small netlink dumps and a bytes comparison, in
+a thread of its own; parsing, diff and owner lookup run there too, only on change, and
+events reach the event loop with ``call_soon_threadsafe``.
 
 When a source fails mid-run (unreadable, or bytes the parser refuses), the failure is
 reported once as ``SourceError`` and the other source takes over; if both fail, each
@@ -22,6 +24,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import threading
+import time
 from collections.abc import Callable, Collection
 from types import TracebackType
 
@@ -29,7 +33,13 @@ from sockmap.portwatch import diff
 from sockmap.portwatch.addrs import AddressWatcher
 from sockmap.portwatch.errors import ParseError, SourceUnavailable
 from sockmap.portwatch.owners import OwnerResolver
-from sockmap.portwatch.records import Event, Listener, SourceError
+from sockmap.portwatch.records import (
+    Event,
+    Listener,
+    ListenerAdded,
+    ListenerRemoved,
+    SourceError,
+)
 from sockmap.portwatch.sources import Raw, Source, local_port_range, open_source
 
 log = logging.getLogger(__name__)
@@ -67,11 +77,16 @@ class Watcher:
         self._port_range = diff.DEFAULT_PORT_RANGE
         self._addrs = AddressWatcher(nics) if addresses else None
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._snap: diff.Snapshot = {}
+        self._snap: diff.Snapshot = {}  # the poll thread's
+        self._delivered: diff.Snapshot = {}  # the event loop's: matches the events queued
         self._raw: Raw | None = None
         self._src: Source | None = None
         self._reported: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self.polls = 0
         self.parses = 0
 
@@ -86,8 +101,9 @@ class Watcher:
         return self._interval or DEFAULT_INTERVAL.get(self.source, 0.1)
 
     def snapshot(self) -> list[Listener]:
-        """The current listeners, one per endpoint, in key order."""
-        return list(self._snap.values())
+        """The listeners as of the last event queued, one per endpoint, in key order: drain
+        the queue, then take the snapshot, and later events are exactly the changes."""
+        return list(self._delivered.values())
 
     async def __aenter__(self) -> Watcher:
         self._port_range = local_port_range()
@@ -95,12 +111,17 @@ class Watcher:
         self._src = src
         for p in problems:
             self._report("diag", p)
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         try:
             self._poll_once()
         except BaseException:
             self._close_source()
             raise
-        self._tasks.append(asyncio.create_task(self._poll_loop(), name="portwatch-poll"))
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll_thread, name="portwatch-poll",
+                                        daemon=True)
+        self._thread.start()
         if self._addrs is not None:
             self._tasks.append(asyncio.create_task(self._addr_loop(), name="portwatch-addrs"))
         for t in self._tasks:
@@ -112,7 +133,7 @@ class Watcher:
             return
         exc = task.exception()
         log.error("%s failed", task.get_name(), exc_info=exc)
-        self._queue.put_nowait(
+        self._emit(
             SourceError(source=task.get_name(), message=f"internal error, stopped: {exc!r}")
         )
 
@@ -122,6 +143,10 @@ class Watcher:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -134,7 +159,7 @@ class Watcher:
         return self
 
     async def __anext__(self) -> Event:
-        if not self._tasks and self._queue.empty():
+        if self._thread is None and self._queue.empty():
             raise StopAsyncIteration
         return await self._queue.get()
 
@@ -146,15 +171,30 @@ class Watcher:
             return None
 
     # -- the loop -----------------------------------------------------------------------------
-    async def _poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)  # the deliberate sock_diag poll
-            self._poll_once()
+    def _poll_thread(self) -> None:
+        """The deliberate sock_diag poll, in its own thread: a plain sleep costs this VM a
+        third of an asyncio timer wake-up, and the event loop is woken only on change."""
+        try:
+            while not self._stop.is_set():
+                time.sleep(self.interval)
+                if not self._stop.is_set():
+                    self._poll_once()
+        except Exception as e:
+            log.exception("poll thread failed")
+            self._emit(SourceError(source="watcher", message=f"internal error, stopped: {e!r}"))
+
+    def _emit(self, ev: Event) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._queue.put_nowait(ev)
+        else:
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, ev)
 
     async def _addr_loop(self) -> None:
         assert self._addrs is not None
         try:
-            await self._addrs.run(self._queue.put_nowait)
+            await self._addrs.run(self._emit)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -165,7 +205,7 @@ class Watcher:
             return
         self._reported.add(message)
         log.warning("%s: %s", source, message)
-        self._queue.put_nowait(SourceError(source=source, message=message))
+        self._emit(SourceError(source=source, message=message))
 
     def _close_source(self) -> None:
         if self._src is not None:
@@ -222,6 +262,15 @@ class Watcher:
             self._owners.forget_except(s.inode for s in new.values())
         events = diff.diff(self._snap, new)
         self._snap = new
+        if threading.get_ident() == self._loop_thread:
+            self._deliver(events, new)
+        else:
+            assert self._loop is not None
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens
+                self._loop.call_soon_threadsafe(self._deliver, events, new)
+
+    def _deliver(self, events: list[ListenerAdded | ListenerRemoved], snap: diff.Snapshot) -> None:
+        self._delivered = snap
         for ev in events:
             self._queue.put_nowait(ev)
 

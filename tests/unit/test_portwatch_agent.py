@@ -42,7 +42,6 @@ def test_event_json() -> None:
     ("argv", "match"),
     [
         (["agent"], "nothing to do"),
-        (["agent", "--connect", "unix:/tmp/x"], "not built yet"),
         (["agent", "--print", "--interval-ms", "0"], "out of range"),
     ],
 )
