@@ -1,7 +1,8 @@
 """``sockmap ls`` rendering, pure: filter the daemon's rows, print aligned columns.
 
 Rows come from the daemon (``Daemon.rows``) as JSON objects. Text columns are sized to their
-content; a host side of 127.0.0.1 and ::1 on one port shows as ``localhost:PORT``.
+content; STATE shows only when some mapping is not open (draining). A host side of 127.0.0.1
+and ::1 on one port shows as ``localhost:PORT``.
 """
 
 from __future__ import annotations
@@ -75,11 +76,14 @@ def render(rows: Sequence[Row]) -> str:
     """Aligned text; an explanatory line when there is nothing to show."""
     if not rows:
         return "no mappings (start a server in a guest; `sockmap guest list` lists guests)"
-    table = [COLUMNS, *(cells(r) for r in rows)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    show = [c for c in COLUMNS
+            if c != "STATE" or any(r.get("state") != "open" for r in rows)]
+    keep = [COLUMNS.index(c) for c in show]
+    table = [tuple(show), *(tuple(cells(r)[i] for i in keep) for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(show))]
     lines = []
     for row in table:
-        parts = [c.rjust(w) if COLUMNS[i] in RIGHT else c.ljust(w)
+        parts = [c.rjust(w) if show[i] in RIGHT else c.ljust(w)
                  for i, (c, w) in enumerate(zip(row, widths, strict=True))]
         lines.append(" ".join(parts).rstrip())
     return "\n".join(lines)

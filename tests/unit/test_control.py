@@ -1,0 +1,98 @@
+"""The control socket's pure parts and `sockmap ls` rendering."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sockmap import control, lsview
+from sockmap.errors import SockmapError
+
+
+@pytest.mark.parametrize(("line", "op", "args"), [
+    (b'{"op":"ls"}\n', "ls", {}),
+    (b'{"op":"guest_create","name":"dev1","subnet":null,"nat":true}', "guest_create",
+     {"name": "dev1", "subnet": None, "nat": True}),
+])
+def test_parse_request(line: bytes, op: str, args: dict[str, Any]) -> None:
+    req = control.parse_request(line)
+    assert req.op == op and req.args == args
+
+
+@pytest.mark.parametrize("line", [b"", b"nope", b"[]", b'{"op":"rm -rf"}', b'{"op":1}',
+                                  b'{"name":"x"}', b"\xff\xfe"])
+def test_parse_request_refuses(line: bytes) -> None:
+    with pytest.raises(SockmapError):
+        control.parse_request(line)
+
+
+@given(st.binary(max_size=200))
+def test_parse_request_never_crashes(line: bytes) -> None:
+    with contextlib.suppress(SockmapError):
+        control.parse_request(line)
+
+
+def test_answers_round_trip() -> None:
+    assert json.loads(control.ok([1, 2])) == {"ok": True, "result": [1, 2]}
+    e = json.loads(control.fail(SockmapError("boom", hint="do x")))
+    assert e == {"ok": False, "error": "boom", "hint": "do x"}
+
+
+def test_request_without_daemon(tmp_path: Path) -> None:
+    with pytest.raises(control.DaemonNotRunning, match="sockmap daemon"):
+        control.request(tmp_path, "ls")
+
+
+def row(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "guest": "dev1", "proto": "tcp", "host_addr": "127.0.0.1",
+        "host_addrs": ["127.0.0.1", "::1"], "host_port": 8080, "guest_addr": "::",
+        "guest_port": 8080, "pid": 4242, "process": "node", "state": "open",
+        "connections": 3, "bytes_in": 1234, "bytes_out": 5_600_000, "age_s": 4000.0,
+    }
+    base.update(kw)
+    return base
+
+
+def test_render_aligned_and_narrow() -> None:
+    rows = [row(), row(guest="a-longer-guest-nm", proto="udp", host_addrs=["127.0.0.1"],
+                       host_port=5353, guest_addr="172.31.0.2", guest_port=5353, pid=None,
+                       process="", connections=0, bytes_in=0, bytes_out=0, age_s=3.0)]
+    text = lsview.render(rows)
+    lines = text.splitlines()
+    assert lines[0].startswith("GUEST") and len(lines) == 3
+    assert "localhost:8080" in lines[1] and "[::]:8080" in lines[1] and "node/4242" in lines[1]
+    assert "127.0.0.1:5353" in lines[2] and "172.31.0.2:5353" in lines[2]
+    assert "5.3M" in lines[1] and "1.2K" in lines[1] and "1h" in lines[1]
+    assert all(len(line) <= 80 for line in lines), text
+    # columns line up: each header starts where its cells start
+    col = lines[0].index("HOST")
+    assert lines[1][col:].startswith("localhost") and lines[2][col:].startswith("127.0.0.1")
+
+
+def test_render_empty_and_filter() -> None:
+    assert "no mappings" in lsview.render([])
+    rows = [row(), row(guest="b", host_port=9000, guest_port=90)]
+    assert lsview.filter_rows(rows, guest="b") == rows[1:]
+    assert lsview.filter_rows(rows, port=90) == rows[1:]
+    assert lsview.filter_rows(rows, port=9000) == rows[1:]
+    assert lsview.filter_rows(rows, guest="dev1", port=90) == []
+
+
+@pytest.mark.parametrize(("n", "text"), [(0, "0"), (1023, "1023"), (1024, "1.0K"),
+                                         (10 * 1024, "10K"), (3 * 1024**3, "3.0G"),
+                                         (None, "?")])
+def test_human_bytes(n: int | None, text: str) -> None:
+    assert lsview.human_bytes(n) == text
+
+
+def test_render_shows_state_only_when_some_row_is_not_open() -> None:
+    assert "STATE" not in lsview.render([row()])
+    text = lsview.render([row(), row(guest="b", state="draining")])
+    assert "STATE" in text and "draining" in text
