@@ -614,7 +614,9 @@ class Decoder:
     """Incremental frame decoder: ``feed`` bytes as they arrive, get whole messages back.
 
     After a ProtocolError the decoder stays failed (the stream has lost framing): every
-    later ``feed`` raises the same error. Call ``eof()`` when the stream ends to learn
+    later ``feed`` raises the same error, and messages decoded from the same ``feed`` call
+    before the bad frame are dropped with it (the connection closes; the agent's reconnect
+    snapshot restores the truth). Call ``eof()`` when the stream ends to learn
     whether it stopped inside a frame.
     """
 

@@ -36,13 +36,13 @@ def _key(c: object) -> str:
     return repr(c)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(sockets(pid=1, uid=0, mnt=1), max_size=8))
 def test_single_context_never_conflicts(socks: list[Listener]) -> None:
     assert flat.analyse(socks) == ()
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(sockets(), max_size=8), st.randoms())
 def test_flat_order_independent(socks: list[Listener], rnd: object) -> None:
     shuffled = list(socks)
@@ -50,7 +50,7 @@ def test_flat_order_independent(socks: list[Listener], rnd: object) -> None:
     assert flat.analyse(socks) == flat.analyse(shuffled)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(sockets(), max_size=8))
 def test_flat_conflicts_span_contexts(socks: list[Listener]) -> None:
     for c in flat.analyse(socks):
@@ -59,7 +59,7 @@ def test_flat_conflicts_span_contexts(socks: list[Listener]) -> None:
         assert all(p.port == c.port for p in c.parties)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(sockets(), max_size=8))
 def test_flat_delivery_follows_bind_rules(socks: list[Listener]) -> None:
     """Each destination goes to sockets whose bind covers it, all of one tier (exact
@@ -107,7 +107,7 @@ def _apply(current: tuple[rules.PortMapping, ...], p: rules.Plan) -> set[rules.P
     return state
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(guests_st, holders_st, policies_st, blocked_st, guests_st, holders_st)
 def test_plan_consistent_and_stable(
     guests: list[GuestState], holders: list[Listener], pol: Policies,
@@ -130,7 +130,7 @@ def test_plan_consistent_and_stable(
     assert _apply(p1.mappings, p2) == set(p2.mappings)
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None)
 @given(guests_st, holders_st, policies_st, st.randoms())
 def test_plan_ignores_host_scan_order(guests: list[GuestState], holders: list[Listener],
                                       pol: Policies, rnd: object) -> None:

@@ -69,6 +69,7 @@ def _owners(m: p.Message) -> list[Owner | None]:
     return []
 
 
+@settings(deadline=None)
 @given(st.lists(messages, min_size=1, max_size=4), st.integers(1, 64))
 def test_round_trip_any_split(msgs: list[p.Message], chunk: int) -> None:
     data = b"".join(p.encode(m) for m in msgs)
@@ -91,19 +92,19 @@ def _feed_all(data: bytes) -> None:
                             "unknown_type", "bad_field"}
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_only_protocol_error(data: bytes) -> None:
     _feed_all(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_body_in_valid_frame(body: bytes) -> None:
     _feed_all(struct.pack(">I", len(body)) + body)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(messages, st.data())
 def test_mutated_frames_only_protocol_error(msg: p.Message, data: st.DataObject) -> None:
     frame = bytearray(p.encode(msg))
@@ -128,7 +129,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(messages, st.data())
 def test_mutated_json_fields_only_protocol_error(msg: p.Message, data: st.DataObject) -> None:
     """Valid JSON with one field replaced by any JSON value: refused or still valid."""
@@ -145,7 +146,7 @@ def test_mutated_json_fields_only_protocol_error(msg: p.Message, data: st.DataOb
     assert p.Decoder().feed(p.encode(out[0])) == out
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(listeners(), min_size=1, max_size=3), st.data())
 def test_mutated_listener_fields_only_protocol_error(
     lis: list[Listener], data: st.DataObject
