@@ -62,7 +62,7 @@ def human_age(s: object) -> str:
 
 def cells(r: Row) -> tuple[str, ...]:
     pid, proc = r.get("pid"), r.get("process") or ""
-    who = f"{proc}/{pid}" if pid is not None else (proc or "-")
+    who = proc or (f"pid {pid}" if pid is not None else "-")  # the pid is in --json
     return (
         str(r.get("guest", "?")), str(r.get("proto", "?")), host_text(r),
         endpoint(str(r.get("guest_addr", "?")), r.get("guest_port", "?")), who,

@@ -67,7 +67,7 @@ def test_render_aligned_and_narrow() -> None:
     text = lsview.render(rows)
     lines = text.splitlines()
     assert lines[0].startswith("GUEST") and len(lines) == 3
-    assert "localhost:8080" in lines[1] and "[::]:8080" in lines[1] and "node/4242" in lines[1]
+    assert "localhost:8080" in lines[1] and "[::]:8080" in lines[1] and " node " in lines[1]
     assert "127.0.0.1:5353" in lines[2] and "172.31.0.2:5353" in lines[2]
     assert "5.3M" in lines[1] and "1.2K" in lines[1] and "1h" in lines[1]
     assert all(len(line) <= 80 for line in lines), text
