@@ -61,7 +61,7 @@ def row(**kw: Any) -> dict[str, Any]:
 
 
 def test_render_aligned_and_narrow() -> None:
-    rows = [row(), row(guest="a-longer-guest-nm", proto="udp", host_addrs=["127.0.0.1"],
+    rows = [row(), row(guest="smk-12345-1-gst", proto="udp", host_addrs=["127.0.0.1"],
                        host_port=5353, guest_addr="172.31.0.2", guest_port=5353, pid=None,
                        process="", connections=0, bytes_in=0, bytes_out=0, age_s=3.0)]
     text = lsview.render(rows)
