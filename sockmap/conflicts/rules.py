@@ -396,18 +396,22 @@ def plan(
     """Decide every mapping. Pure: the same inputs give the same plan.
 
     ``guests`` in registry order: for a host port two guests want, a guest already mapped
-    there keeps it, else the earlier guest. ``host_listeners``: a scan of the host (the
-    daemon's own sockets, by ``own_pid`` or by being a current mapping's endpoint, are not
-    holders). ``blocked``: host endpoints whose bind() failed with EADDRINUSE.
+    there keeps it, else the earlier guest. ``host_listeners``: a scan of the host; the
+    daemon's own sockets are not holders (owner pid == ``own_pid``; when the owner or
+    ``own_pid`` is unknown, a socket on a current mapping's endpoint counts as ours).
+    ``blocked``: host endpoints whose bind() failed with EADDRINUSE.
     A listener is forwarded on all of its host addresses or none (half a dual-stack forward
     would make ``localhost`` reach different servers by client).
     """
     cur = tuple(current)
     mine = {m.host_endpoint for m in cur}
-    holders = [h for h in host_listeners
-               if (h.proto, h.addr, h.port) not in mine
-               and not (own_pid is not None and h.owner is not None
-                        and h.owner.pid == own_pid)]
+
+    def ours(h: Listener) -> bool:
+        if own_pid is not None and h.owner is not None:
+            return h.owner.pid == own_pid
+        return (h.proto, h.addr, h.port) in mine  # owner unknown: trust the endpoint
+
+    holders = [h for h in host_listeners if not ours(h)]
     by_port: dict[tuple[Proto, int], list[Listener]] = {}
     for h in holders:
         by_port.setdefault((h.proto, h.port), []).append(h)

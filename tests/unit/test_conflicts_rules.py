@@ -328,3 +328,13 @@ def test_relay_decisions_are_accepted_by_the_agent(addr: str, v6only: bool | Non
     for b in d.bindings:
         if isinstance(b.upstream, Relay):
             assert r.relay_target([li], li.proto, b.upstream.family, b.upstream.port)
+
+
+def test_another_process_on_our_endpoint_is_a_holder_when_pids_are_known() -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0"))], own_pid=5)
+    intruder = L("127.0.0.1", pid=7, comm="sneaky")  # e.g. joined with SO_REUSEPORT
+    again = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[L("127.0.0.1", pid=5),
+                                                                       intruder],
+                   current=p.mappings, own_pid=5)
+    assert [c.kind for c in again.conflicts] == ["host_port_in_use"]
+    assert "sneaky" in again.conflicts[0].summary
