@@ -221,8 +221,9 @@ class _Session:
                 events.append(ev)
             _batch(events, self.nics)  # already in the snapshot below; keep the addresses
             addrs = self.nics.message()
-            writer.write(p.encode(p.Snapshot(listeners=tuple(self.w.snapshot()),
-                                             addrs=addrs.addrs, ifname=addrs.ifname)))
+            for frame in p.encode_snapshot(tuple(self.w.snapshot()), addrs.addrs,
+                                           addrs.ifname):
+                writer.write(frame)
             await writer.drain()
             log.info("connected to %s as %s: %d listeners, addresses %s", cfg.addr, cfg.name,
                      len(self.w.snapshot()), ", ".join(addrs.addrs) or "none")
