@@ -12,7 +12,12 @@ Snapshot, so the daemon never has to trust an old diff. An Error ``auth`` from t
 The watcher runs for the whole process, across sessions: a reconnect does not rescan.
 vsock is built (AF_VSOCK stream socket) but untested: these machines have no vsock loopback.
 
-The loopback relay (RelayOpen) is not built yet: the agent answers RelayResult(ok=False).
+Loopback relay: on RelayOpen(id, proto, family, port) the agent looks the port up among the
+listeners it reported (``rules.relay_target``: only a loopback or wildcard TCP bind, and the
+address is always its own loopback, never taken from the request), connects to it, opens a
+new stream to the daemon with Hello + RelayResult(id, ok), waits for Welcome, then copies
+bytes both ways (half-close passed on). Anything else: RelayResult(ok=False, reason) on the
+session. Relayed connections outlive a session's end; they end with their peers.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from pathlib import Path
 from typing import Literal, assert_never
 
 from sockmap import protocol as p
+from sockmap.conflicts.rules import relay_target
 from sockmap.errors import SockmapError
 from sockmap.portwatch import (
     AddressesChanged,
     Event,
+    Listener,
     ListenerAdded,
     ListenerRemoved,
     SourceError,
@@ -183,10 +190,70 @@ def _batch(events: list[Event], nics: _Nics) -> list[p.Message]:
     return out
 
 
+async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        if w.can_write_eof():
+            w.write_eof()
+    except OSError:
+        w.transport.abort()
+
+
+async def _read_frame(r: asyncio.StreamReader) -> p.Message:
+    """Exactly one frame: the bytes after it belong to someone else (the relayed stream)."""
+    (n,) = p.HEADER.unpack(await r.readexactly(p.HEADER.size))
+    if not 0 < n <= p.MAX_FRAME:
+        raise p.ProtocolError("oversized" if n else "empty", f"frame length {n}")
+    return p.decode_body(await r.readexactly(n))
+
+
+async def relay(cfg: LinkConfig, reported: list[Listener], msg: p.RelayOpen,
+                session: asyncio.StreamWriter) -> None:
+    """Serve one RelayOpen (see the module docstring)."""
+    def refuse(reason: str) -> None:
+        log.info("relay %d to %s port %d refused: %s", msg.relay_id, msg.proto, msg.port, reason)
+        session.write(p.encode(p.RelayResult(relay_id=msg.relay_id, ok=False,
+                                             reason=reason[:200])))
+
+    target = relay_target(reported, msg.proto, msg.family, msg.port) \
+        if msg.proto == "tcp" else None
+    if target is None:
+        refuse(f"no reported loopback {msg.proto} listener on port {msg.port} (IPv{msg.family})")
+        return
+    try:
+        async with asyncio.timeout(cfg.connect_timeout):
+            lr, lw = await asyncio.open_connection(target, msg.port)
+    except (OSError, TimeoutError) as e:
+        refuse(f"connect {target} port {msg.port}: {e}")
+        return
+    try:
+        async with asyncio.timeout(cfg.connect_timeout):
+            dr, dw = await open_stream(cfg.addr)
+            dw.write(p.encode(p.Hello(guest=cfg.name, token=cfg.token))
+                     + p.encode(p.RelayResult(relay_id=msg.relay_id, ok=True)))
+            answer = await _read_frame(dr)
+        if not isinstance(answer, p.Welcome):
+            raise ConnectionError(f"daemon answered the relay stream with "
+                                  f"{type(answer).__name__}")
+    except (OSError, TimeoutError, EOFError, p.ProtocolError) as e:
+        lw.transport.abort()
+        refuse(f"relay stream to the daemon: {e}")
+        return
+    try:
+        await asyncio.gather(_pipe(lr, dw), _pipe(dr, lw))
+    finally:
+        for w in (lw, dw):
+            w.close()
+
+
 class _Session:
-    def __init__(self, cfg: LinkConfig, w: Watcher, nics: _Nics) -> None:
+    def __init__(self, cfg: LinkConfig, w: Watcher, nics: _Nics,
+                 relays: set[asyncio.Task[None]]) -> None:
         self.cfg, self.w, self.nics = cfg, w, nics
         self.dec = p.Decoder()
+        self.relays = relays
 
     async def _read(self, reader: asyncio.StreamReader, timeout: float) -> list[p.Message]:
         async with asyncio.timeout(timeout):
@@ -273,9 +340,9 @@ class _Session:
                     case p.Error():
                         raise ConnectionError(f"daemon error {msg.code}: {msg.message}")
                     case p.RelayOpen():
-                        writer.write(p.encode(p.RelayResult(
-                            relay_id=msg.relay_id, ok=False,
-                            reason="this agent does not relay yet")))
+                        t = asyncio.create_task(relay(self.cfg, self.w.snapshot(), msg, writer))
+                        self.relays.add(t)
+                        t.add_done_callback(self.relays.discard)
                     case _:
                         raise p.ProtocolError("bad_field",
                                               f"unexpected {type(msg).__name__} from the daemon")
@@ -301,10 +368,11 @@ async def run(cfg: LinkConfig) -> None:
                         break
         _batch(early, nics)
         delay = cfg.backoff_min
+        relays: set[asyncio.Task[None]] = set()
         while True:
             started = time.monotonic()
             try:
-                await _Session(cfg, w, nics).run()
+                await _Session(cfg, w, nics, relays).run()
             except AuthRefused:
                 raise
             except (OSError, TimeoutError, p.ProtocolError) as e:

@@ -48,11 +48,11 @@ from typing import Any
 import sockmap
 from sockmap import control, natproc
 from sockmap import protocol as p
-from sockmap.conflicts.rules import HostEndpoint, Nic, Plan, PortMapping, plan
+from sockmap.conflicts.rules import HostEndpoint, Nic, Plan, PortMapping, Relay, plan
 from sockmap.errors import SockmapError
 from sockmap.nat.plan import GuestRecord
 from sockmap.portwatch import Listener, scan_listeners
-from sockmap.proxy import MappingKey, MappingSpec, MappingTable, Proto
+from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto
 from sockmap.registry import Registry
 
 log = logging.getLogger("sockmap.daemon")
@@ -219,6 +219,8 @@ class Daemon:
         self._planned = asyncio.Condition()
         self._retry: asyncio.TimerHandle | None = None
         self._guest_lock = asyncio.Lock()
+        self._relay_ids = itertools.count(1)
+        self._relays: dict[int, tuple[str, asyncio.Future[socket.socket]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -348,6 +350,10 @@ class Daemon:
             name, pending = await self._hello(reader, writer, dec, peer)
             if name is None:
                 return
+            if pending and isinstance(pending[0], p.RelayResult):
+                self._attach_relay(name, pending, writer)
+                name = None  # a relay stream is no session: its end changes nothing
+                return
             old = self.registry.connect(name, session)
             if old is not None and old in self._writers:
                 log.info("guest %s reconnected; closing its old session", name)
@@ -400,7 +406,8 @@ class Daemon:
                         peer, hello.guest)
             writer.write(p.encode(p.Error(code="auth", message="unknown guest or bad token")))
             return None, []
-        log.info("guest %s: agent connected (%s)", hello.guest, peer)
+        if not (msgs and isinstance(msgs[0], p.RelayResult)):
+            log.info("guest %s: agent connected (%s)", hello.guest, peer)
         return hello.guest, msgs
 
     def _token_ok(self, guest: str, token: str) -> bool:
@@ -457,7 +464,10 @@ class Daemon:
                 reg.removed(name, msg.listeners)
             case p.Addresses():
                 reg.addresses(name, msg.addrs)
-            case p.Heartbeat() | p.RelayResult():
+            case p.RelayResult():
+                self._relay_refused(name, msg)
+                return
+            case p.Heartbeat():
                 return
             case p.Error():
                 raise ConnectionError(f"agent error {msg.code}: {msg.message}")
@@ -465,6 +475,58 @@ class Daemon:
                 raise p.ProtocolError("bad_field", f"unexpected {type(msg).__name__} "
                                                    "from an agent")
         self.request_replan()
+
+    # -- the loopback relay ----------------------------------------------------------------
+    def _relay_connector(self, guest: str, family: int) -> Connector:
+        """A connector that asks ``guest``'s agent to relay to the loopback listener it
+        reported as (tcp, family, port): the agent opens a new stream to us, sends Hello and
+        RelayResult(ok), gets Welcome, and the stream carries the bytes."""
+
+        async def connect(spec: MappingSpec) -> socket.socket:
+            g = self.registry.get(guest)
+            writer = self._writers.get(g.session) if g and g.session is not None else None
+            if writer is None:
+                raise ConnectionRefusedError(f"the agent of guest {guest} is not connected")
+            rid = next(self._relay_ids)
+            fut: asyncio.Future[socket.socket] = asyncio.get_running_loop().create_future()
+            self._relays[rid] = (guest, fut)
+            try:
+                writer.write(p.encode(p.RelayOpen(relay_id=rid, proto="tcp",
+                                                  family=4 if family == 4 else 6,
+                                                  port=spec.target_port)))
+                return await fut
+            finally:
+                self._relays.pop(rid, None)
+
+        return connect
+
+    def _relay_refused(self, guest: str, msg: p.RelayResult) -> None:
+        entry = self._relays.get(msg.relay_id)
+        if entry is None or entry[0] != guest or entry[1].done() or msg.ok:
+            return
+        entry[1].set_exception(ConnectionRefusedError(f"guest {guest}'s agent refused the "
+                                                      f"relay: {msg.reason}"))
+
+    def _attach_relay(self, guest: str, pending: list[p.Message],
+                      writer: asyncio.StreamWriter) -> None:
+        """Hand an agent's relay stream to the waiting connector (raw socket, our own fd)."""
+        msg = pending[0]
+        assert isinstance(msg, p.RelayResult)
+        entry = self._relays.get(msg.relay_id)
+        if len(pending) != 1 or not msg.ok or entry is None or entry[0] != guest \
+                or entry[1].done():
+            raise p.ProtocolError("bad_field", f"relay stream {msg.relay_id} matches no "
+                                               f"pending relay of guest {guest}")
+        tsock = writer.get_extra_info("socket")
+        s = socket.socket(fileno=os.dup(tsock.fileno()))
+        s.setblocking(False)
+        try:
+            s.send(p.encode(p.Welcome(heartbeat_ms=round(self.cfg.heartbeat_s * 1000))))
+        except OSError:
+            s.close()
+            raise
+        entry[1].set_result(s)
+        writer.transport.abort()  # closes the transport's fd; ours keeps the stream
 
     # -- planning -------------------------------------------------------------------------
     def request_replan(self) -> int:
@@ -545,20 +607,26 @@ class Daemon:
     def _open_group(self, key: MappingKey, group: tuple[PortMapping, ...]) -> None:
         assert self.table is not None
         target = nic_target(group)
+        connector: Connector | None = None
         if target is None:
-            self._log_once(f"{key}: loopback-only listener {group[0].guest_addr}; the agent "
-                           "relay is not built yet, not forwarded")
-            return
-        if target not in self.registry.addrs_of(key.guest):  # never trust past the registry
+            relay = next((m.upstream for m in group if isinstance(m.upstream, Relay)), None)
+            if relay is None or key.proto is not Proto.TCP:
+                self._log_once(f"{key}: loopback-only UDP listener {group[0].guest_addr}; "
+                               "the relay carries TCP only, not forwarded")
+                return
+            target = "127.0.0.1" if relay.family == 4 else "::1"  # the guest's, for display
+            connector = self._relay_connector(key.guest, relay.family)
+        elif target not in self.registry.addrs_of(key.guest):  # never trust past the registry
             log.error("%s: target %s is not an address of guest %s; not forwarded", key,
                       target, key.guest)
             return
         spec = MappingSpec(guest=key.guest, proto=key.proto,
                            host_addrs=tuple(m.host_addr for m in group),
                            host_port=group[0].host_port, target_addr=target,
-                           target_port=key.port, drain_s=self.cfg.drain_s)
+                           target_port=key.port, drain_s=self.cfg.drain_s,
+                           connect_timeout_s=5.0)
         try:
-            self.table.open(spec)
+            self.table.open(spec, connector=connector)
         except SockmapError as e:
             cause = e.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
@@ -627,6 +695,7 @@ class Daemon:
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
                 "guest_addr": first.guest_addr if first else r.target_addr,
                 "guest_port": r.target_port, "target_addr": r.target_addr,
+                "via": "relay" if first and isinstance(first.upstream, Relay) else "nic",
                 "pid": first.pid if first else None,
                 "process": first.process if first else "",
                 "state": str(r.state), "connections": r.connections,

@@ -90,8 +90,8 @@ class Daemon:
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.lab.host.sockmap(*args, "--run-dir", str(self.run_dir), timeout=timeout)
 
-    def request(self, op: str, **args: object) -> Any:
-        return control.request(self.run_dir, op, **args)
+    def request(self, op: str) -> Any:
+        return control.request(self.run_dir, op)
 
     def guest(self, tag: str = "g") -> tuple[str, netlab.Netns, dict[str, Any]]:
         name = self.lab.guest_name(tag)

@@ -17,6 +17,7 @@ import pytest
 
 import netlab
 from sockmap import protocol as p
+from sockmap.portwatch.records import Listener
 from tests.netlab.e2e_fixtures import Daemon, kill, probe, serve, start_daemon
 
 pytestmark = pytest.mark.netlab
@@ -144,7 +145,7 @@ def test_bad_token_forged_and_oversized_frames_leave_state_intact(
     def codes(data: bytes) -> list[str]:
         return [m.code for m in _raw_session(sock, data) if isinstance(m, p.Error)]
 
-    forged = p.Listener(proto="tcp", family=4, addr="0.0.0.0", port=9999)
+    forged = Listener(proto="tcp", family=4, addr="0.0.0.0", port=9999)
     assert codes(p.encode(p.Hello(guest=name, token="x" * 64))) == ["auth"]
     # a real token under another guest's name (no such token file) is refused too
     assert codes(p.encode(p.Hello(guest=f"{name}-x", token=token))) == ["auth"]
@@ -234,3 +235,33 @@ def test_cli_without_daemon(lab: netlab.Lab, tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
     r = lab.host.sockmap("daemon", "--run-dir", str(tmp_path), "--config", "/nonexistent")
     assert r.returncode == 2 and "not supported yet" in r.stderr
+
+
+def test_loopback_only_servers_through_the_relay_not_from_another_guest(
+    lab: netlab.Lab, daemon: Daemon
+) -> None:
+    _, g, rec = daemon.guest("a")
+    serve(g, "tcp", "127.0.0.1", 3000)  # vite / next dev / rails default
+    serve(g, "tcp", "::1", 3001)  # ::1-only
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3000)
+    assert ok and a == "hi 127.0.0.1", a + daemon.log_text()
+    ok, _, a = probe(lab.host, "open", "tcp", "::1", 3001)
+    assert ok and a == "hi ::1", a + daemon.log_text()
+    rows = {r["guest_port"]: r for r in json.loads(daemon.cli("ls", "--json").stdout)}
+    assert rows[3000]["via"] == "relay" and rows[3000]["host_addrs"] == ["127.0.0.1"]
+    assert rows[3001]["host_addrs"] == ["::1"] and rows[3000]["connections_total"] == 1
+
+    # a second guest reaches none of it: not through the host end of its link (the
+    # mapping is on host loopback only), not through the first guest's NIC
+    _, g2, rec2 = daemon.guest("b")
+    for addr in (rec2["host_addr4"], rec["guest_addr4"]):
+        ok, _, _ = probe(g2, "open", "tcp", addr, 3000, within=0.5)
+        assert not ok, f"{addr}:3000 reached from the second guest"
+    # nor by claiming a relay stream with its own token
+    tok2 = (daemon.run_dir / "tokens" / f"{rec2['name']}.token").read_text().strip()
+    got = _raw_session(daemon.run_dir / "agent.sock",
+                       p.encode(p.Hello(guest=rec2["name"], token=tok2))
+                       + p.encode(p.RelayResult(relay_id=1, ok=True)))
+    assert [m.code for m in got if isinstance(m, p.Error)] == ["bad_field"]
+    assert not any(isinstance(m, p.Welcome) for m in got)
+    assert probe(lab.host, "open", "tcp", "127.0.0.1", 3000)[0]  # still served
