@@ -265,3 +265,32 @@ def test_loopback_only_servers_through_the_relay_not_from_another_guest(
     assert [m.code for m in got if isinstance(m, p.Error)] == ["bad_field"]
     assert not any(isinstance(m, p.Welcome) for m in got)
     assert probe(lab.host, "open", "tcp", "127.0.0.1", 3000)[0]  # still served
+
+
+def test_guest_ip_change_retargets_its_mapping(lab: netlab.Lab, tmp_path: Path) -> None:
+    vm = lab.add_guest()
+    run = tmp_path / "run"
+    (run / "tokens").mkdir(parents=True)
+    tok = run / "tokens" / "vm2.token"
+    tok.write_text("another-token\n")
+    d = start_daemon(lab, run, tmp_path / "daemon.log", "--agent-listen",
+                     f"{vm.host_addr4}:7071")
+    try:
+        vm.ns.popen([sys.executable, "-m", "sockmap.cli", "agent", "--connect",
+                     f"tcp:{vm.host_addr4}:7071", "--name", "vm2", "--token-file", str(tok)])
+        serve(vm.ns, "tcp", "0.0.0.0", 9091)
+        ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 9091, within=10)
+        assert ok and a == f"hi {vm.addr4}", a + d.log_text()
+        new = vm.addr4.rsplit(".", 1)[0] + ".3"
+        vm.ns.run(["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])
+        vm.ns.ip("addr", "add", f"{new}/24", "dev", "eth0")
+        vm.ns.ip("addr", "del", f"{vm.addr4}/24", "dev", "eth0")
+        t0 = time.monotonic()
+        answer = ""
+        while time.monotonic() - t0 < 15 and answer != f"hi {new}":
+            _, _, answer = probe(lab.host, "open", "tcp", "127.0.0.1", 9091, within=2)
+        print(f"\nguest IP change -> mapping retargeted: {time.monotonic() - t0:.2f} s")
+        assert answer == f"hi {new}", answer + d.log_text()
+        assert d.guest_state("vm2")["addrs"][0] == new
+    finally:
+        assert d.stop() == 0
