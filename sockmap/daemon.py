@@ -34,6 +34,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -236,6 +237,9 @@ class Daemon:
             raise SockmapError(f"cannot use run dir {cfg.run_dir}: {e.strerror}",
                                hint="run as root or pass --run-dir DIR") from e
         self._refuse_second_daemon()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # two sockets per forwarded port, plus their connections
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.table = MappingTable()
         self._servers.append(await self._unix_server(control.socket_path(cfg.run_dir),
                                                      self._control_conn))
