@@ -201,7 +201,7 @@ def report(res: dict[str, Any]) -> str:
 | idle CPU, daemon + agent, {idle['ports']} forwarded ports, {idle['window_s']:g} s \
 | {idle['cpu_pct_of_core']:.2f} % of a core (daemon {idle['daemon_pct']:.2f}, agent \
 {idle['agent_pct']:.2f}) | ≤ 1 % |
-| {rest['ports']} more ports mapped, listeners opened one by one \
+| {rest['ports']} ports mapped, counted from the last listen() \
 | {rest['first_map_s']:.2f} s | |
 | daemon restart → ready line | {rest['ready_s']:.2f} s | |
 | daemon restart → all {rest['ports']} mappings back | {rest['restore_s']:.2f} s | |
