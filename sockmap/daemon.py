@@ -205,6 +205,7 @@ class Daemon:
         self._blocked: dict[HostEndpoint, float] = {}  # bind failed: endpoint -> retry at
         self._purge: set[str] = set()  # guests being deleted: close without draining
         self._logged: set[str] = set()
+        self._bind_failed: set[MappingKey] = set()
         self._sessions = itertools.count(1)
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._synced: dict[str, asyncio.Event] = {}
@@ -636,8 +637,11 @@ class Daemon:
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
                 for m in group:
                     self._blocked[m.host_endpoint] = time.monotonic() + self.cfg.retry_s
-            log.warning("%s", e)
+            # retried every retry_s while it lasts (TIME_WAIT: up to 60 s): say it once
+            log.log(logging.DEBUG if key in self._bind_failed else logging.WARNING, "%s", e)
+            self._bind_failed.add(key)
             return
+        self._bind_failed.discard(key)
         self._open[key] = group
         self._shown[key] = group
         log.info("forwarding %s on %s port %d -> %s:%d", key,

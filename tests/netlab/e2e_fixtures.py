@@ -26,6 +26,7 @@ proto, addr, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 v6only = len(sys.argv) > 4 and sys.argv[4] == "v6only"
 fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT shares
 if fam == socket.AF_INET6:
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
 s.bind((addr, port))

@@ -294,3 +294,42 @@ def test_guest_ip_change_retargets_its_mapping(lab: netlab.Lab, tmp_path: Path) 
         assert d.guest_state("vm2")["addrs"][0] == new
     finally:
         assert d.stop() == 0
+
+
+def test_two_guests_one_port_first_keeps_it_then_hands_over(
+    lab: netlab.Lab, daemon: Daemon
+) -> None:
+    _, ga, reca = daemon.guest("a")
+    _, gb, recb = daemon.guest("b")
+    sa = serve(ga, "tcp", "0.0.0.0", 8080)
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 8080)
+    assert ok and a == f"hi {reca['guest_addr4']}", a + daemon.log_text()
+    serve(gb, "tcp", "0.0.0.0", 8080)
+    serve(gb, "tcp", "0.0.0.0", 8081)
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 8081)
+    assert ok and a == f"hi {recb['guest_addr4']}", a
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 8080)
+    assert ok and a == f"hi {reca['guest_addr4']}", a  # a was first and keeps it
+    assert "guests_collide" in daemon.log_text()
+    sa.kill()
+    sa.wait()
+    t0 = time.monotonic()
+    answer = ""
+    while time.monotonic() - t0 < 10 and answer != f"hi {recb['guest_addr4']}":
+        _, _, answer = probe(lab.host, "open", "tcp", "127.0.0.1", 8080, within=2)
+    assert answer == f"hi {recb['guest_addr4']}", answer + daemon.log_text()
+
+
+def test_host_port_in_use_then_freed(lab: netlab.Lab, daemon: Daemon) -> None:
+    holder = serve(lab.host, "tcp", "127.0.0.1", 8080)  # a host process holds the port
+    _, g, rec = daemon.guest()
+    serve(g, "tcp", "0.0.0.0", 8080)
+    serve(g, "tcp", "0.0.0.0", 8081)  # a port the plan is sure to forward: a ready signal
+    assert probe(lab.host, "open", "tcp", "127.0.0.1", 8081)[0], daemon.log_text()
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 8080)
+    assert ok and a == "hi 127.0.0.1", a  # still the host's own server
+    assert "host_port_in_use" in daemon.log_text()
+    holder.kill()  # its closed connections sit in TIME_WAIT, sharing the port (REUSEADDR)
+    holder.wait()
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 8080, within=10)
+    assert ok and a == f"hi {rec['guest_addr4']}", a + daemon.log_text()
