@@ -18,6 +18,7 @@ Bounded: well under two minutes. A shared 2-core machine: the load average is re
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -84,6 +85,20 @@ for line in sys.stdin:
 """
 
 
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(path: str) -> None:
+    """Move this (single-threaded) process into a network namespace: the daemon serves
+    control requests only from its own namespace."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -123,6 +138,8 @@ def run(trials: int, idle_s: float, restore_n: int) -> dict[str, Any]:
     res: dict[str, Any] = {"load_before": os.getloadavg()}
     with netlab.Lab(outside=False) as lab, tempfile.TemporaryDirectory() as tmp:
         run_dir, log = Path(tmp) / "run", Path(tmp) / "daemon.log"
+        home = f"/proc/self/fd/{os.open('/proc/self/ns/net', os.O_RDONLY)}"
+        enter_netns(str(netlab.lab.NETNS_DIR / lab.host.name))
         d = start_daemon(lab, run_dir, log)
         name = lab.guest_name("bench")
         r = lab.host.sockmap("guest", "create", name, "--run-dir", str(run_dir), cwd=ROOT)
@@ -180,6 +197,7 @@ def run(trials: int, idle_s: float, restore_n: int) -> dict[str, Any]:
         res["restore"]["restore_s"] = time.monotonic() - t0
         d.send_signal(signal.SIGTERM)
         d.wait(30)
+        enter_netns(home)
     res["load_after"] = os.getloadavg()
     return res
 

@@ -59,6 +59,7 @@ from sockmap.registry import Registry
 log = logging.getLogger("sockmap.daemon")
 
 READY_LINE = "sockmap daemon ready"
+MAX_UNAUTHENTICATED = 64  # agent connections that have not passed hello yet
 AGENT_SOCKET = "agent.sock"
 TOKENS_DIR = "tokens"
 NETNS_DIR = Path("/run/netns")
@@ -222,6 +223,9 @@ class Daemon:
         self._retry: asyncio.TimerHandle | None = None
         self._guest_lock = asyncio.Lock()
         self._relay_ids = itertools.count(1)
+        self._own_netns = netns_of(os.getpid())
+        self._unauthenticated = 0
+        self._netns_of_guest: dict[str, str] = {}  # daemon-made guests: name -> netns
         self._relays: dict[int, tuple[str, asyncio.Future[socket.socket]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -332,6 +336,7 @@ class Daemon:
 
     def _start_agent(self, name: str, netns: str) -> None:
         assert self._tg is not None
+        self._netns_of_guest[name] = netns
         sup = _Supervisor(self, name, netns)
         self._agents[name] = sup
         sup.task = self._tg.create_task(sup.run(), name=f"agent-{name}")
@@ -352,7 +357,14 @@ class Daemon:
         name: str | None = None
         dec = p.Decoder()
         try:
-            name, pending = await self._hello(reader, writer, dec, peer)
+            if self._unauthenticated >= MAX_UNAUTHENTICATED:
+                log.warning("agent (%s): too many connections before hello; closed", peer)
+                return
+            self._unauthenticated += 1
+            try:
+                name, pending = await self._hello(reader, writer, dec, peer)
+            finally:
+                self._unauthenticated -= 1
             if name is None:
                 return
             if pending and isinstance(pending[0], p.RelayResult):
@@ -406,14 +418,31 @@ class Daemon:
         if not isinstance(hello, p.Hello):
             raise p.ProtocolError("bad_field", f"first frame is {type(hello).__name__}, "
                                                "not hello")
-        if not self._token_ok(hello.guest, hello.token):
-            log.warning("agent (%s): refused hello for guest %s: unknown guest or bad token",
-                        peer, hello.guest)
+        where = self._wrong_netns(hello.guest, writer)
+        if where or not self._token_ok(hello.guest, hello.token):
+            log.warning("agent (%s): refused hello for guest %s: %s", peer, hello.guest,
+                        where or "unknown guest or bad token")
             writer.write(p.encode(p.Error(code="auth", message="unknown guest or bad token")))
             return None, []
         if not (msgs and isinstance(msgs[0], p.RelayResult)):
             log.info("guest %s: agent connected (%s)", hello.guest, peer)
         return hello.guest, msgs
+
+    def _wrong_netns(self, guest: str, writer: asyncio.StreamWriter) -> str:
+        """For a daemon-made guest on the unix socket: why the peer is not inside that
+        guest's network namespace ("" when it is). Tokens are readable by any guest (one
+        shared filesystem); the kernel's answer is not forgeable."""
+        netns = self._netns_of_guest.get(guest)
+        pid = peer_pid(writer)
+        if netns is None or pid is None:
+            return ""
+        try:
+            want = os.stat(NETNS_DIR / netns).st_ino
+        except OSError:
+            return f"netns {netns} is gone"
+        if netns_of(pid) != want:
+            return f"peer pid {pid} is not in guest {guest}'s network namespace"
+        return ""
 
     def _token_ok(self, guest: str, token: str) -> bool:
         try:
@@ -655,6 +684,13 @@ class Daemon:
         self._conns.add(task)
         try:
             try:
+                pid = peer_pid(writer)
+                if pid is None or netns_of(pid) != self._own_netns:
+                    # a guest shares the host's filesystem, so it can reach this socket
+                    log.warning("control request from pid %s outside the host's network "
+                                "namespace refused", pid)
+                    raise SockmapError("control requests are served only to the host's "
+                                       "network namespace", hint="run sockmap on the host")
                 async with asyncio.timeout(10):
                     line = await reader.readline()
                 req = control.parse_request(line)
@@ -762,6 +798,7 @@ class Daemon:
         self._purge.add(name)
         try:
             self.registry.forget(name)
+            self._netns_of_guest.pop(name, None)
             await self.wait_planned(self.request_replan())
             lines: list[str] = await natproc.call(self.cfg.python, "delete",
                                                   run_dir=str(self.cfg.run_dir), name=name)
@@ -770,6 +807,29 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 token_path(self.cfg.run_dir, name).unlink()
         return lines
+
+
+def peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The pid of a unix-socket peer (SO_PEERCRED), None for TCP or when unknown."""
+    import struct
+
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        pid, _uid, _gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return None
+    return int(pid) if pid > 0 else None
+
+
+def netns_of(pid: int) -> int | None:
+    """The network namespace (inode) of process ``pid``; None if it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

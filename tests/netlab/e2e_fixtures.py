@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import netlab
-from sockmap import control
 
 PY = sys.executable
 
@@ -81,6 +80,14 @@ print("timeout", last, flush=True)
 """
 
 
+REQUEST = r"""
+import json, sys
+from pathlib import Path
+from sockmap import control
+print(json.dumps(control.request(Path(sys.argv[1]), sys.argv[2])))
+"""
+
+
 @dataclass
 class Daemon:
     lab: netlab.Lab
@@ -92,7 +99,9 @@ class Daemon:
         return self.lab.host.sockmap(*args, "--run-dir", str(self.run_dir), timeout=timeout)
 
     def request(self, op: str) -> Any:
-        return control.request(self.run_dir, op)
+        """A control request from the lab's host namespace (the daemon serves no other)."""
+        r = self.lab.host.run([PY, "-c", REQUEST, str(self.run_dir), op])
+        return json.loads(r.stdout)
 
     def guest(self, tag: str = "g") -> tuple[str, netlab.Netns, dict[str, Any]]:
         name = self.lab.guest_name(tag)

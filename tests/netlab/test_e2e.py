@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 import netlab
+from sockmap import control
 from sockmap import protocol as p
+from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Listener
 from tests.netlab.e2e_fixtures import Daemon, kill, probe, serve, start_daemon
 
@@ -117,6 +119,26 @@ def test_killed_agent_closes_mappings_then_supervisor_restores(
     assert "agent gone" in daemon.log_text()
 
 
+CLAIM_RELAY = r"""
+import socket, sys
+from pathlib import Path
+from sockmap import control
+from sockmap import protocol as p
+from sockmap.errors import SockmapError
+run, name = Path(sys.argv[1]), sys.argv[2]
+token = (run / "tokens" / f"{name}.token").read_text().strip()
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(str(run / "agent.sock"))
+s.sendall(p.encode(p.Hello(guest=name, token=token)) + p.encode(p.RelayResult(relay_id=1, ok=True)))
+buf = b""
+while chunk := s.recv(65536):
+    buf += chunk
+for m in p.Decoder().feed(buf):
+    print(m.code if isinstance(m, p.Error) else type(m).__name__)
+"""
+
+
 def _raw_session(path: Path, data: bytes) -> list[p.Message]:
     """Write raw bytes to agent.sock; return what the daemon sent back before closing."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -146,6 +168,8 @@ def test_bad_token_forged_and_oversized_frames_leave_state_intact(
         return [m.code for m in _raw_session(sock, data) if isinstance(m, p.Error)]
 
     forged = Listener(proto="tcp", family=4, addr="0.0.0.0", port=9999)
+    # the right token from outside the guest's network namespace (a stolen token) is refused
+    assert codes(p.encode(p.Hello(guest=name, token=token))) == ["auth"]
     assert codes(p.encode(p.Hello(guest=name, token="x" * 64))) == ["auth"]
     # a real token under another guest's name (no such token file) is refused too
     assert codes(p.encode(p.Hello(guest=f"{name}-x", token=token))) == ["auth"]
@@ -161,6 +185,10 @@ def test_bad_token_forged_and_oversized_frames_leave_state_intact(
     assert probe(lab.host, "refused", "tcp", "127.0.0.1", 9999, within=0.5)[0]
     log = daemon.log_text()
     assert "unknown guest or bad token" in log and "oversized" in log and "malformed" in log
+    assert "not in guest" in log
+    # the control socket serves only the host's network namespace
+    with pytest.raises(SockmapError, match="host's network namespace"):
+        control.request(daemon.run_dir, "status")
 
 
 def test_guest_delete_through_daemon(lab: netlab.Lab, daemon: Daemon) -> None:
@@ -257,13 +285,9 @@ def test_loopback_only_servers_through_the_relay_not_from_another_guest(
     for addr in (rec2["host_addr4"], rec["guest_addr4"]):
         ok, _, _ = probe(g2, "open", "tcp", addr, 3000, within=0.5)
         assert not ok, f"{addr}:3000 reached from the second guest"
-    # nor by claiming a relay stream with its own token
-    tok2 = (daemon.run_dir / "tokens" / f"{rec2['name']}.token").read_text().strip()
-    got = _raw_session(daemon.run_dir / "agent.sock",
-                       p.encode(p.Hello(guest=rec2["name"], token=tok2))
-                       + p.encode(p.RelayResult(relay_id=1, ok=True)))
-    assert [m.code for m in got if isinstance(m, p.Error)] == ["bad_field"]
-    assert not any(isinstance(m, p.Welcome) for m in got)
+    # nor by claiming a relay stream (from inside it, with its own token)
+    r = g2.run([sys.executable, "-c", CLAIM_RELAY, str(daemon.run_dir), rec2["name"]])
+    assert r.stdout.split() == ["bad_field"], r.stdout + r.stderr
     assert probe(lab.host, "open", "tcp", "127.0.0.1", 3000)[0]  # still served
 
 
