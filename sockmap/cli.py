@@ -217,12 +217,21 @@ def _ls(args: argparse.Namespace) -> int:
 
     from sockmap import control, lsview
 
-    if args.watch:
-        raise SockmapError("`sockmap ls --watch` is not built yet", hint="use `watch sockmap ls`")
-    rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10),
-                              guest=args.guest, port=args.port)
-    print(json.dumps(rows, indent=2) if args.json else lsview.render(rows))
-    return EXIT_OK
+    def show() -> str:
+        rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10),
+                                  guest=args.guest, port=args.port)
+        return json.dumps(rows, indent=2) if args.json else lsview.render(rows)
+
+    if not args.watch:
+        print(show())
+        return EXIT_OK
+    import time
+
+    while True:  # a display refresh once a second, until ^C (exit 130)
+        text = show()
+        sys.stdout.write("\x1b[H\x1b[2J" + text + "\n" if sys.stdout.isatty() else text + "\n\n")
+        sys.stdout.flush()
+        time.sleep(1.0)
 
 
 def _agent(args: argparse.Namespace) -> int:

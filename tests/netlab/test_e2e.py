@@ -63,6 +63,12 @@ def test_dualstack_wildcard_on_both_loopbacks_and_ls(lab: netlab.Lab, daemon: Da
     assert all(len(line) <= 80 for line in text.splitlines()), text
     assert json.loads(daemon.cli("ls", "--json", "--port", "9").stdout) == []
     assert len(json.loads(daemon.cli("ls", "--json", "--guest", name).stdout)) == 1
+    watch = lab.host.popen([sys.executable, "-m", "sockmap.cli", "ls", "--watch", "--run-dir",
+                            str(daemon.run_dir)])
+    assert watch.stdout is not None
+    netlab.wait_for_line(watch.stdout, "localhost:8080", timeout=10)
+    netlab.wait_for_line(watch.stdout, "localhost:8080", timeout=10)  # refreshed
+    watch.terminate()
 
 
 def test_v6only_specific_addresses_and_udp(lab: netlab.Lab, daemon: Daemon) -> None:
