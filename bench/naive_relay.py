@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import sys
+from collections.abc import Awaitable, Callable
 
 
 async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -22,7 +23,10 @@ async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.close()
 
 
-def handler(target: str, port: int):  # type: ignore[no-untyped-def]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def handler(target: str, port: int) -> Handler:
     async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
             ur, uw = await asyncio.open_connection(target, port)

@@ -309,10 +309,10 @@ class Bench:
             counts: dict[str, int] = {}
             total = 0
             for line in Path(f.name).read_text().splitlines():
-                stack, _, n = line.rpartition(" ")
+                stack, _, count = line.rpartition(" ")
                 leaf = stack.split(";")[-1]
-                counts[leaf] = counts.get(leaf, 0) + int(n)
-                total += int(n)
+                counts[leaf] = counts.get(leaf, 0) + int(count)
+                total += int(count)
         out = []
         for leaf, n in sorted(counts.items(), key=lambda kv: -kv[1])[:8]:
             out.append(f"{100 * n / max(total, 1):5.1f}%  {leaf}  {source_line(leaf)}")

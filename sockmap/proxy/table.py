@@ -92,6 +92,14 @@ class MappingTable:
             self._draining.discard(m)
         return m.row()
 
+    async def wait_idle(self, key: MappingKey) -> MappingRow:
+        """Wait until an open mapping has no connections (TCP) or flows (UDP) left."""
+        m = self._open.get(key)
+        if m is None:
+            raise SockmapError(f"{key} is not forwarded", hint="`sockmap ls` lists the mappings")
+        await m.relay.idle.wait()
+        return m.row()
+
     def get(self, key: MappingKey) -> MappingRow | None:
         m = self._open.get(key)
         return None if m is None else m.row()

@@ -282,6 +282,10 @@ class _Direction:
 
     def _shutdown(self) -> None:
         self.shut = True
+        conn = self.conn
+        if conn.up.shut and conn.down.shut:
+            conn.finish()  # both ways done: close() sends our FIN, no shutdown needed
+            return
         self._close_pipe()
         try:
             self.dst.shutdown(socket.SHUT_WR)
@@ -330,6 +334,9 @@ class TcpConnection:
         if self.up.shut and self.down.shut:
             self._close(reset=False)
 
+    def finish(self) -> None:
+        self._close(reset=False)
+
     def abort(self, exc: OSError | None = None) -> None:
         """Reset both sides (a reset or error on one is passed on as a reset)."""
         if not self.closed:
@@ -368,6 +375,12 @@ class TcpListener:
         self.socks = socks
         self.conns: set[TcpConnection] = set()
         self.pending: dict[asyncio.Future[socket.socket], socket.socket] = {}
+        # the default connector, inlined: fd -> (client, upstream, timeout timer); saves a
+        # Future, a done-callback and a loop iteration per connection
+        self.connecting: dict[int, tuple[socket.socket, socket.socket, asyncio.TimerHandle]] = {}
+        self._fast = connector is tcp_connector
+        self._target = (spec.target_addr, spec.target_port)
+        self._family = family_of(spec.target_addr)
         self.idle = asyncio.Event()
         self.idle.set()
         self._accept_paused = False
@@ -390,6 +403,9 @@ class TcpListener:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.counters.opened()
             self.idle.clear()
+            if self._fast:
+                self._connect(client)
+                continue
             try:
                 fut = asyncio.ensure_future(self.connector(self.spec))
             except Exception:
@@ -398,6 +414,44 @@ class TcpListener:
             self.pending[fut] = client
             timer = self.loop.call_later(self.spec.connect_timeout_s, fut.cancel)
             fut.add_done_callback(functools.partial(self._on_upstream, timer=timer))
+
+    def _connect(self, client: socket.socket) -> None:
+        """tcp_connector inlined (same behaviour): non-blocking connect, add_writer."""
+        up = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = up.connect_ex(self._target)
+        except OSError:
+            err = -1
+        if err == 0:
+            self._start(client, up)
+            return
+        if err != errno.EINPROGRESS:
+            up.close()
+            self._refused(client)
+            return
+        fd = up.fileno()
+        timer = self.loop.call_later(self.spec.connect_timeout_s, self._connected, fd, True)
+        self.connecting[fd] = (client, up, timer)
+        self.loop.add_writer(fd, self._connected, fd, False)
+
+    def _connected(self, fd: int, timed_out: bool) -> None:
+        entry = self.connecting.pop(fd, None)
+        if entry is None:
+            return
+        client, up, timer = entry
+        self.loop.remove_writer(fd)
+        timer.cancel()
+        if timed_out or up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            up.close()
+            self._refused(client)
+        else:
+            self._start(client, up)
+
+    def _start(self, client: socket.socket, upstream: socket.socket) -> None:
+        conn = TcpConnection(self, client, upstream, self.spec.zero_copy)
+        self.conns.add(conn)
+        conn.start()
 
     def _pause_accept(self, delay: float) -> None:
         if self._accept_paused:
@@ -428,9 +482,7 @@ class TcpListener:
             return
         upstream = fut.result()
         upstream.setblocking(False)
-        conn = TcpConnection(self, client, upstream, self.spec.zero_copy)
-        self.conns.add(conn)
-        conn.start()
+        self._start(client, upstream)
 
     def _refused(self, client: socket.socket) -> None:
         self.counters.errors += 1
@@ -443,7 +495,7 @@ class TcpListener:
 
     def _gone(self) -> None:
         self.counters.closed()
-        if not self.conns and not self.pending:
+        if not self.conns and not self.pending and not self.connecting:
             self.idle.set()
 
     # -- closing -----------------------------------------------------------------------
@@ -456,6 +508,8 @@ class TcpListener:
         self._accept_paused = True  # a pending resume() sees closed sockets
 
     def abort_all(self) -> None:
+        for fd in list(self.connecting):
+            self._connected(fd, True)  # resets the client
         for fut in list(self.pending):
             fut.cancel()  # _on_upstream resets the client
         for conn in list(self.conns):

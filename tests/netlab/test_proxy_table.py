@@ -6,6 +6,8 @@ Binds only 127.0.0.1 and ::1 (kernel-chosen ports), which the rules allow in any
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -33,6 +35,7 @@ def spec(
     proto: Proto = Proto.TCP,
     addrs: tuple[str, ...] = ("127.0.0.1",),
     drain_s: float | None = 30.0,
+    connect_timeout_s: float = 10.0,
 ) -> MappingSpec:
     return MappingSpec(
         guest="t",
@@ -42,6 +45,7 @@ def spec(
         target_addr="127.0.0.1",
         target_port=target_port,
         drain_s=drain_s,
+        connect_timeout_s=connect_timeout_s,
     )
 
 
@@ -208,3 +212,70 @@ def test_linger_struct_is_reset() -> None:
     from sockmap.proxy.tcp import _LINGER0
 
     assert struct.unpack("ii", _LINGER0) == (1, 0)
+
+
+async def test_upstream_connect_timeout_resets_client() -> None:
+    # a listener that never accepts, its backlog filled: further SYNs are dropped
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+        fillers.append(f)
+    t = MappingTable()
+    row = t.open(spec(0, port, connect_timeout_s=0.3))
+    r, w = await asyncio.open_connection("127.0.0.1", row.host_port)
+    async with asyncio.timeout(5):
+        with pytest.raises(ConnectionResetError):
+            await r.read()
+    w.close()
+    assert t.snapshot()[0].errors == 1 and t.snapshot()[0].connections == 0
+    await t.aclose()
+    for f in [*fillers, full]:
+        f.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_udp_flows_expire_when_idle_and_free_their_sockets() -> None:
+    import asyncio_dgram
+
+    server = await asyncio_dgram.bind(("127.0.0.1", 0))
+    sport = server.sockname[1]
+
+    async def echo() -> None:
+        while True:
+            data, remote = await server.recv()
+            await server.send(data, remote)
+
+    task = asyncio.create_task(echo())
+    t = MappingTable()
+    s = dataclasses.replace(spec(0, sport, proto=Proto.UDP), udp_idle_s=0.2)
+    row = t.open(s)
+    clients = [await asyncio_dgram.connect(("127.0.0.1", row.host_port)) for _ in range(3)]
+    fds0 = _fds()  # everything but the flows' upstream sockets
+    for i, c in enumerate(clients):
+        await c.send(b"m%d" % i)
+    for i, c in enumerate(clients):
+        async with asyncio.timeout(5):
+            data, _ = await c.recv()
+        assert data == b"m%d" % i
+    assert t.snapshot()[0].connections == 3
+    async with asyncio.timeout(5):
+        idle = await t.wait_idle(s.key)  # each flow's timer fires after 0.2 s without traffic
+    assert idle.connections == 0 and idle.connections_total == 3
+    assert idle.bytes_in == idle.bytes_out == 6
+    assert _fds() == fds0  # the expired flows' sockets are closed
+    await t.aclose()
+    assert _fds() == fds0 - 1  # and the host socket
+    for c in clients:
+        c.close()
+    task.cancel()
+    server.close()
+    await asyncio.sleep(0)  # let the transports' close callbacks run before the loop ends
