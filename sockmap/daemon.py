@@ -32,6 +32,7 @@ import errno
 import hmac
 import ipaddress
 import itertools
+import json
 import logging
 import os
 import resource
@@ -226,6 +227,7 @@ class Daemon:
         self._own_netns = netns_of(os.getpid())
         self._unauthenticated = 0
         self._netns_of_guest: dict[str, str] = {}  # daemon-made guests: name -> netns
+        self._addr_checks: dict[str, int] = {}
         self._relays: dict[int, tuple[str, asyncio.Future[socket.socket]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -485,6 +487,7 @@ class Daemon:
         match msg:
             case p.Snapshot():
                 reg.snapshot(name, msg.listeners, msg.addrs)
+                self._verify_addrs(name)
                 log.info("guest %s: snapshot, %d listeners, addresses %s", name,
                          len(msg.listeners), ", ".join(reg.addrs_of(name)) or "none usable")
                 ev = self._synced.get(name)
@@ -498,6 +501,7 @@ class Daemon:
                 reg.removed(name, msg.listeners)
             case p.Addresses():
                 reg.addresses(name, msg.addrs)
+                self._verify_addrs(name)
             case p.RelayResult():
                 self._relay_refused(name, msg)
                 return
@@ -509,6 +513,37 @@ class Daemon:
                 raise p.ProtocolError("bad_field", f"unexpected {type(msg).__name__} "
                                                    "from an agent")
         self.request_replan()
+
+    def _verify_addrs(self, name: str) -> None:
+        """For a daemon-made guest, ask the kernel (``ip -j -n NETNS addr``, an exec'd child)
+        which addresses its netns really has, and let only those count: the record's
+        addresses until then, the kernel's after (so a guest IP change is followed, and a
+        guest cannot claim an address it does not have)."""
+        netns = self._netns_of_guest.get(name)
+        if netns is None:
+            return
+        gen = self._addr_checks[name] = self._addr_checks.get(name, 0) + 1
+
+        async def check() -> None:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    "ip", "-j", "-n", netns, "addr", "show",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+                out, _ = await proc.communicate()
+                links = json.loads(out or b"[]")
+                addrs = [str(a["local"]) for link in links for a in link.get("addr_info", ())
+                         if isinstance(a, dict) and "local" in a]
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                self._log_once(f"guest {name}: cannot read its addresses from the kernel: {e}")
+                return
+            if self._addr_checks.get(name) != gen or name not in self._netns_of_guest:
+                return  # a newer check or a deleted guest
+            self.registry.set_record(name, addrs)
+            self.request_replan()
+
+        t = asyncio.create_task(check())
+        self._drains.add(t)
+        t.add_done_callback(self._drains.discard)
 
     # -- the loopback relay ----------------------------------------------------------------
     def _relay_connector(self, guest: str, family: int) -> Connector:

@@ -363,3 +363,20 @@ def test_host_port_in_use_then_freed(lab: netlab.Lab, daemon: Daemon) -> None:
     holder.wait()
     ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 8080, within=10)
     assert ok and a == f"hi {rec['guest_addr4']}", a + daemon.log_text()
+
+
+def test_netns_guest_ip_change_follows_the_kernel(lab: netlab.Lab, daemon: Daemon) -> None:
+    name, g, rec = daemon.guest()
+    serve(g, "tcp", "::", 8080, "v6only")  # reached on host ::1 through the guest's IPv6
+    ok, _, a = probe(lab.host, "open", "tcp", "::1", 8080)
+    assert ok and a == f"hi {rec['guest_addr6']}", a + daemon.log_text()
+    new = rec["guest_addr6"].rsplit(":", 1)[0] + ":7"  # same prefix, another address
+    g.ip("-6", "addr", "add", f"{new}/64", "dev", "eth0", "nodad")
+    g.ip("-6", "addr", "del", f"{rec['guest_addr6']}/64", "dev", "eth0")
+    t0 = time.monotonic()
+    answer = ""
+    while time.monotonic() - t0 < 10 and answer != f"hi {new}":
+        _, _, answer = probe(lab.host, "open", "tcp", "::1", 8080, within=2)
+    print(f"\nnetns guest IPv6 change -> mapping retargeted: {time.monotonic() - t0:.2f} s")
+    assert answer == f"hi {new}", answer + daemon.log_text()
+    assert new in daemon.guest_state(name)["addrs"]
