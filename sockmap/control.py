@@ -96,8 +96,9 @@ def request(run_dir: Path, op: str, timeout: float = 30.0, **args: object) -> An
             raise not_running(run_dir, "no socket") from None
         except ConnectionRefusedError:
             raise not_running(run_dir, "stale socket") from None
-        except PermissionError:
-            raise SockmapError(f"no permission to use {path}", hint="run it as root") from None
+        except PermissionError:  # not root: the direct paths then say what they need
+            raise DaemonNotRunning(f"no permission to reach the daemon at {path}",
+                                   hint="run it as root") from None
         try:
             s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
             buf = bytearray()
