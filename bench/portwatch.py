@@ -5,7 +5,7 @@ In one hermetic netlab guest namespace:
 - detection latency: a process calls listen() at a random moment, stamps CLOCK_MONOTONIC
   right after it returns (the same clock in every network namespace) and prints it;
   ``sockmap agent --print`` stamps its "added" line with the same clock. p50/p99 over
-  >= 100 trials, for the sock_diag source (default 25 ms poll) and the /proc source
+  >= 100 trials, for the sock_diag source (default 30 ms poll) and the /proc source
   (default 100 ms poll);
 - idle CPU of the agent (all its threads: /proc/PID/task/*/schedstat, and utime+stime of
   /proc/PID/stat) over a fixed window, with 10, 100 and 1,000 listeners, and with 100

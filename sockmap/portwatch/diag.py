@@ -32,6 +32,7 @@ from sockmap.portwatch.errors import ParseError
 from sockmap.portwatch.records import Family, Listener, Proto
 
 NETLINK_SOCK_DIAG = 4
+TCPDIAG_GETSOCK = 18  # the legacy request: inet_diag_req (v1), answered for both families
 SOCK_DIAG_BY_FAMILY = 20
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
@@ -40,6 +41,7 @@ INET_DIAG_SKV6ONLY = 11
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBxI")
+_REQ_V1_TAIL = struct.Struct("=II")  # idiag_states, idiag_dbs
 _SOCKID = struct.Struct(">HH16s16s")  # ports and addresses are big-endian on the wire
 _SOCKID_TAIL = struct.Struct("=III")  # if, cookie[2]: host order
 _MSG_HEAD = struct.Struct("=BBBB")
@@ -69,6 +71,21 @@ def build_request(proto: Proto, family: Family, *, seq: int) -> bytes:
     body = _REQ.pack(_AF[family], _PROTO_NUM[proto], 0, states) + bytes(48)
     hdr = _NLMSGHDR.pack(
         NLMSGHDR_LEN + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
+    )
+    return hdr + body
+
+
+def build_tcp_listen_request_v1(*, seq: int) -> bytes:
+    """The legacy TCPDIAG_GETSOCK dump of TCP LISTEN sockets. The kernel turns it into a v2
+    request with family AF_UNSPEC, so one walk of the listening hash answers for IPv4 and
+    IPv6 (a v2 request names one family, and each walks the whole host-wide table).
+
+    inet_diag_req: u8 family, u8 src_len, u8 dst_len, u8 ext, sockid (48), u32 states,
+    u32 dbs; 60 bytes.
+    """
+    body = bytes(4) + bytes(48) + _REQ_V1_TAIL.pack(1 << TCP_LISTEN, 0)
+    hdr = _NLMSGHDR.pack(
+        NLMSGHDR_LEN + len(body), TCPDIAG_GETSOCK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0
     )
     return hdr + body
 
@@ -170,7 +187,7 @@ def parse_dump(data: bytes, proto: Proto, *, seq: int | None = None) -> DumpChun
                 return DumpChunk(listeners=tuple(listeners), done=True, errno=-err)
         elif mtype == NLMSG_OVERRUN:
             raise ParseError("sock_diag: NLMSG_OVERRUN (data lost)")
-        elif mtype == SOCK_DIAG_BY_FAMILY:
+        elif mtype in (SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK):
             lst = parse_diag_msg(payload, proto)
             if lst is not None:
                 listeners.append(lst)

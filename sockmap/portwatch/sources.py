@@ -1,8 +1,11 @@
 """The two listener sources behind one small interface: ``read()`` returns the raw bytes
 (cheap to compare with the previous poll), ``parse(raw)`` turns them into sockets.
 
-- ``DiagSource``: a raw AF_NETLINK / NETLINK_SOCK_DIAG socket, four dumps per read
-  (TCP LISTEN and unconnected UDP, IPv4 and IPv6), bytes built and parsed by ``diag``.
+- ``DiagSource``: a raw AF_NETLINK / NETLINK_SOCK_DIAG socket, three dumps per read (TCP
+  LISTEN of both families through the legacy TCPDIAG_GETSOCK request, unconnected UDP of
+  IPv4 and of IPv6), or four v2 dumps where the kernel refuses the legacy request; bytes
+  built and parsed by ``diag``. Each dump walks a host-wide hash table (16,384 buckets
+  here), so fewer dumps is most of what an idle poll can save.
 - ``ProcSource``: reads /proc/net/{tcp,tcp6,udp,udp6}, parsed by ``procnet``. A missing
   file (IPv6 disabled) is read as empty.
 
@@ -25,6 +28,21 @@ from sockmap.portwatch.records import Family, Listener, Proto
 
 Raw = tuple[bytes, ...]
 _DUMPS: tuple[tuple[Proto, Family], ...] = (("tcp", 4), ("tcp", 6), ("udp", 4), ("udp", 6))
+Plan = tuple[tuple[Proto, str, bytes], ...]  # (proto, label, request), seq = index + 1
+
+
+def plan_v2() -> Plan:
+    return tuple(
+        (p, f"{p}/IPv{f}", diag.build_request(p, f, seq=i + 1)) for i, (p, f) in enumerate(_DUMPS)
+    )
+
+
+def plan_v1_tcp() -> Plan:
+    return (
+        ("tcp", "tcp", diag.build_tcp_listen_request_v1(seq=1)),
+        ("udp", "udp/IPv4", diag.build_request("udp", 4, seq=2)),
+        ("udp", "udp/IPv6", diag.build_request("udp", 6, seq=3)),
+    )
 _RECV_TIMEOUT = 2.0
 PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
@@ -56,9 +74,7 @@ class DiagSource:
                 hint="the kernel lacks sock_diag (CONFIG_INET_DIAG); use --source proc",
             ) from None
         # Fixed sequence numbers: identical socket tables give identical bytes.
-        self._reqs = [
-            diag.build_request(p, f, seq=i + 1) for i, (p, f) in enumerate(_DUMPS)
-        ]
+        self._plan = plan_v1_tcp()
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
         # datagram -> whether it ended its dump, for datagrams seen in the last read: an idle
@@ -84,13 +100,22 @@ class DiagSource:
         return bytes(self._view[:n])
 
     def read(self) -> Raw:
-        """The raw datagrams of the four dumps, in a fixed order, each dump ended by DONE."""
+        """The raw datagrams of the dumps, in a fixed order, each dump ended by DONE."""
+        try:
+            return self._read()
+        except SourceUnavailable:
+            if self._plan == plan_v2():
+                raise
+            self._plan = plan_v2()  # no legacy TCPDIAG_GETSOCK here: one v2 dump per family
+            self._status = {}
+            return self._read()
+
+    def _read(self) -> Raw:
         out: list[bytes] = []
         status, new_status = self._status, {}
         try:
-            for i, req in enumerate(self._reqs):
+            for i, (_proto, label, req) in enumerate(self._plan):
                 self._sock.sendto(req, (0, 0))
-                proto = _DUMPS[i][0]
                 while True:
                     if len(out) > 100_000:
                         raise ParseError("sock_diag: dump without end (100,000 datagrams)")
@@ -105,7 +130,7 @@ class DiagSource:
                     done, err = diag.dump_status(data, seq=i + 1)
                     if err:
                         raise SourceUnavailable(
-                            f"sock_diag {proto}/IPv{_DUMPS[i][1]} dump refused: "
+                            f"sock_diag {label} dump refused: "
                             f"{os.strerror(err)}",
                             hint="the kernel may lack tcp_diag/udp_diag; use --source proc",
                         )
@@ -123,9 +148,9 @@ class DiagSource:
         out: list[Listener] = []
         i = 0
         for data in raw:
-            if i >= len(_DUMPS):
+            if i >= len(self._plan):
                 raise ParseError("sock_diag: more dumps than requests")
-            chunk = diag.parse_dump(data, _DUMPS[i][0], seq=i + 1)
+            chunk = diag.parse_dump(data, self._plan[i][0], seq=i + 1)
             out.extend(chunk.listeners)
             if chunk.done:
                 i += 1

@@ -9,7 +9,7 @@ owners of new sockets, watch NIC addresses; events come out of an async iterator
 The first events are a ``ListenerAdded`` per listener already there (and a ``SourceError``
 if "auto" had to fall back to /proc), then the initial ``AddressesChanged`` per NIC, then
 changes. The poll is the one deliberate sleep loop (sock_diag has no change notification):
-at the default 25 ms, one idle poll is four small netlink dumps and a bytes comparison, in
+at the default 30 ms, one idle poll is three small netlink dumps and a bytes comparison, in
 a thread of its own; parsing, diff and owner lookup run there too, only on change, and
 events reach the event loop with ``call_soon_threadsafe``.
 
@@ -43,7 +43,7 @@ from sockmap.portwatch.records import (
 from sockmap.portwatch.sources import Raw, Source, local_port_range, open_source
 
 log = logging.getLogger(__name__)
-DEFAULT_INTERVAL = {"diag": 0.025, "proc": 0.100}
+DEFAULT_INTERVAL = {"diag": 0.030, "proc": 0.100}
 
 
 class Watcher:

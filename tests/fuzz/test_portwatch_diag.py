@@ -108,3 +108,10 @@ def test_mutated_dumps_only_parse_error(m: tuple[str, bytes]) -> None:
 def test_random_message_payload_only_parse_error(payload: bytes, proto: str) -> None:
     with contextlib.suppress(ParseError):
         diag.parse_diag_msg(payload, proto)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(mutated(), st.integers(0, 3))
+def test_dump_status_only_parse_error(m: tuple[str, bytes], seq: int) -> None:
+    with contextlib.suppress(ParseError):
+        diag.dump_status(m[1], seq=seq)

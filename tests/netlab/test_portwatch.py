@@ -27,7 +27,7 @@ from sockmap.portwatch import (
     Watcher,
     scan_listeners,
 )
-from sockmap.portwatch.sources import DiagSource, Raw, Source, open_source
+from sockmap.portwatch.sources import DiagSource, Raw, Source, open_source, plan_v2
 
 pytestmark = pytest.mark.netlab
 CLONE_NEWNET = 0x40000000
@@ -193,6 +193,21 @@ def test_both_sources_agree_with_owners_removal_and_addresses(lab: netlab.Lab) -
         scanned = in_netns(g.ns, lambda src=src: scan_listeners(src))  # type: ignore[misc]
         assert {lst.key for lst in scanned} == want, src
         assert {lst.owner.pid for lst in scanned if lst.owner} == {pid}
+
+    # both sock_diag request plans (legacy TCP dump of both families, or one v2 dump per
+    # family where the kernel refuses the legacy one) see the same sockets
+    def both_plans() -> tuple[set[Any], set[Any]]:
+        d = DiagSource()
+        try:
+            v1 = {(x.key, x.inode, x.v6only) for x in d.parse(d.read())}
+            d._plan = plan_v2()
+            v2 = {(x.key, x.inode, x.v6only) for x in d.parse(d.read())}
+        finally:
+            d.close()
+        return v1, v2
+
+    v1, v2 = in_netns(g.ns, both_plans)
+    assert v1 == v2 and {k for k, _i, _v in v1} >= want
 
     # removal, seen by both
     assert proc.stdin is not None

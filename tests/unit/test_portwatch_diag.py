@@ -124,3 +124,33 @@ def test_malformed_raises_parse_error(data: bytes, match: str) -> None:
 def test_noop_is_ignored() -> None:
     data = diag.frame(diag.NLMSG_NOOP, b"", seq=1) + diag.build_done(seq=1)
     assert diag.parse_dump(data, "tcp", seq=1).done
+
+
+def test_build_tcp_listen_request_v1_layout() -> None:
+    req = diag.build_tcp_listen_request_v1(seq=4)
+    assert len(req) == 16 + 60
+    mlen, mtype, flags, seq, _pid = struct.unpack_from("=IHHII", req, 0)
+    assert (mlen, mtype, flags, seq) == (76, 18, diag.NLM_F_REQUEST | diag.NLM_F_DUMP, 4)
+    assert req[16:20] == bytes(4)  # family AF_UNSPEC: both families in one walk
+    assert struct.unpack_from("=II", req, 16 + 52) == (1 << 10, 0)
+
+
+def test_legacy_answers_parse_like_v2() -> None:
+    msg = diag.build_diag_msg(family=6, state=LISTEN, sport=80, src="::", v6only=False)
+    data = diag.frame(diag.TCPDIAG_GETSOCK, msg, seq=1) + diag.build_done(seq=1)
+    chunk = diag.parse_dump(data, "tcp", seq=1)
+    assert [(x.addr, x.port, x.v6only) for x in chunk.listeners] == [("::", 80, False)]
+
+
+@pytest.mark.parametrize("seq", [1, 2])
+def test_dump_status(seq: int) -> None:
+    msg = diag.frame(diag.SOCK_DIAG_BY_FAMILY,
+                     diag.build_diag_msg(family=4, state=LISTEN, sport=1, src="0.0.0.0"), seq=1)
+    assert diag.dump_status(msg, seq=1) == (False, 0)
+    assert diag.dump_status(msg + diag.build_done(seq=1), seq=1) == (True, 0)
+    assert diag.dump_status(diag.build_error(errno.EINVAL, seq=1), seq=1) == (True, errno.EINVAL)
+    if seq != 1:
+        with pytest.raises(ParseError):
+            diag.dump_status(msg, seq=seq)
+    with pytest.raises(ParseError):
+        diag.dump_status(msg[:-3], seq=1)
