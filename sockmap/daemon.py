@@ -431,13 +431,15 @@ class Daemon:
         return hello.guest, msgs
 
     def _wrong_netns(self, guest: str, writer: asyncio.StreamWriter) -> str:
-        """For a daemon-made guest on the unix socket: why the peer is not inside that
-        guest's network namespace ("" when it is). Tokens are readable by any guest (one
+        """For a daemon-made guest: why the peer is not inside that guest's network
+        namespace ("" when it is, or for other guests). Tokens are readable by any guest (one
         shared filesystem); the kernel's answer is not forgeable."""
         netns = self._netns_of_guest.get(guest)
-        pid = peer_pid(writer)
-        if netns is None or pid is None:
+        if netns is None:
             return ""
+        pid = peer_pid(writer)
+        if pid is None:
+            return f"guest {guest} is a netns guest: its agent connects over the unix socket"
         try:
             want = os.stat(NETNS_DIR / netns).st_ino
         except OSError:
@@ -719,6 +721,8 @@ class Daemon:
         self._conns.add(task)
         try:
             try:
+                async with asyncio.timeout(10):
+                    line = await reader.readline()  # read first: unread data means a reset
                 pid = peer_pid(writer)
                 if pid is None or netns_of(pid) != self._own_netns:
                     # a guest shares the host's filesystem, so it can reach this socket
@@ -726,8 +730,6 @@ class Daemon:
                                 "namespace refused", pid)
                     raise SockmapError("control requests are served only to the host's "
                                        "network namespace", hint="run sockmap on the host")
-                async with asyncio.timeout(10):
-                    line = await reader.readline()
                 req = control.parse_request(line)
                 writer.write(control.ok(await self._dispatch(req)))
             except SockmapError as e:
