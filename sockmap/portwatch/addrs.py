@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from sockmap.portwatch.records import AddressesChanged
 
@@ -38,7 +38,9 @@ def nic_addrs(
     return {name: tuple(sorted(a)) for name, a in sorted(out.items())}
 
 
-def addr_events(old: NicAddrs, new: NicAddrs) -> list[AddressesChanged]:
+def addr_events(
+    old: Mapping[str, tuple[str, ...]], new: Mapping[str, tuple[str, ...]]
+) -> list[AddressesChanged]:
     """One event per interface whose addresses differ (a vanished interface: ``()``)."""
     return [
         AddressesChanged(ifname=name, addrs=new.get(name, ()))

@@ -34,9 +34,9 @@ def files(draw: st.DrawFn) -> tuple[str, int, str, bytes, list[Listener]]:
         connected = draw(st.booleans())
         if connected:
             rem = ("10.0.0.1" if family == 4 else "fd00::1", 443)
-            lines.append(procnet.format_line(lst, slot=i, state="01", remote=rem, byteorder=order))
+            lines.append(procnet.format_line(lst, slot=i, state="01", remote=rem, byteorder=order))  # type: ignore[arg-type]
         else:
-            lines.append(procnet.format_line(lst, slot=i, byteorder=order))
+            lines.append(procnet.format_line(lst, slot=i, byteorder=order))  # type: ignore[arg-type]
             want.append(lst)
     return proto, family, order, ("\n".join(lines) + "\n").encode(), want
 

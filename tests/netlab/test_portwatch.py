@@ -214,7 +214,7 @@ def test_both_sources_agree_with_owners_removal_and_addresses(lab: netlab.Lab) -
     proc.stdin.write("tcp 5004 ::\nudp 5003 " + g.addr4 + "\n")
     proc.stdin.flush()
     for agent in (diag_agent, proc_agent):
-        removed = set()
+        removed: set[tuple[str, int, str, int]] = set()
         while len(removed) < 2:
             ev, _ = agent.wait(lambda o: o["event"] == "removed")
             removed.add(key(ev["listener"]))
@@ -315,9 +315,11 @@ def test_watcher_reports_bad_source_once_and_falls_back(lab: netlab.Lab) -> None
                 # the /proc source has taken over and still sees the listener: no churn
                 while w.source != "proc" or w.parses < 2:
                     await asyncio.sleep(0.01)
-                await asyncio.sleep(0.05)
-                while (ev := w.get_nowait()) is not None:
-                    events.append(ev)
+                polls = w.polls
+                while w.polls < polls + 3:  # a few more /proc polls: no churn may follow
+                    await asyncio.sleep(0.01)
+                while (more := w.get_nowait()) is not None:
+                    events.append(more)
             assert [lst.port for lst in w.snapshot()] == [7000]
         return events
 
