@@ -417,7 +417,13 @@ class TcpListener:
 
     def _connect(self, client: socket.socket) -> None:
         """tcp_connector inlined (same behaviour): non-blocking connect, add_writer."""
-        up = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            up = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as e:  # out of fds or memory: reset this client, back off accepting
+            self._refused(client)
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._pause_accept(0.1)
+            return
         try:
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = up.connect_ex(self._target)

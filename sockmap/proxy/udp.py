@@ -81,9 +81,13 @@ class UdpRelay:
                 c.bytes_in += len(data)
 
     def _new_flow(self, hsock: socket.socket, addr: Addr) -> _Flow | None:
-        up = socket.socket(
-            family_of(self.spec.target_addr), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-        )
+        try:
+            up = socket.socket(
+                family_of(self.spec.target_addr), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+            )
+        except OSError:  # out of fds: drop this datagram, count it
+            self.counters.errors += 1
+            return None
         try:
             up.connect((self.spec.target_addr, self.spec.target_port))
         except OSError:

@@ -324,6 +324,34 @@ def c_push_to_nonreader(port: int) -> dict[str, object]:
     return {"stalled": None, "sent": sent}
 
 
+def c_exhaust(port: int, n: int) -> dict[str, object]:
+    """N connections at once against a relay short of fds: each is echoed, reset, or still
+    waiting in the backlog after 2 s; then all close and a fresh connection must echo."""
+    import select
+
+    socks = [connect(port) for _ in range(n)]
+    for s in socks:
+        s.sendall(b"x")
+    state = dict.fromkeys(range(n), "waiting")
+    end = time.monotonic() + 2.0
+    while (left := [i for i, v in state.items() if v == "waiting"]) and time.monotonic() < end:
+        ready, _, _ = select.select([socks[i] for i in left], [], [], end - time.monotonic())
+        for s in ready:
+            i = socks.index(s)
+            try:
+                state[i] = "echoed" if s.recv(1) == b"x" else "eof"
+            except ConnectionResetError:
+                state[i] = "reset"
+    for s in socks:
+        s.close()
+    fresh = connect(port)
+    fresh.sendall(b"y")
+    fresh.settimeout(10)
+    out: dict[str, object] = {k: list(state.values()).count(k) for k in set(state.values())}
+    out["fresh"] = fresh.recv(1).decode()
+    return out
+
+
 def main() -> None:
     role, *args = sys.argv[1:]
     if role == "server":

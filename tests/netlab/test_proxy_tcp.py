@@ -140,3 +140,11 @@ def test_hundreds_of_concurrent_connections_leave_no_fds(env: Env) -> None:
     row = relay.row("tcp", peers.ECHO)
     assert row["connections_total"] == 400 and row["connections"] == 0 and row["errors"] == 0
     assert relay.fds() == fds0
+
+
+def test_out_of_fds_resets_some_and_keeps_serving(env: Env) -> None:
+    relay = env.relay(env.tcp(peers.ECHO), extra=("--nofile", "40"))
+    res = env.client("exhaust", relay.port("tcp", peers.ECHO), 30)
+    assert res.get("echoed", 0) >= 1 and res.get("reset", 0) >= 1, res
+    assert res.get("eof", 0) == 0 and res["fresh"] == "y"
+    assert relay.proc.poll() is None  # alive
