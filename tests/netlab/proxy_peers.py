@@ -130,6 +130,7 @@ def server(addr4: str, addr6: str) -> None:
     handlers = [echo, eofreply, greet_shut, probe, rst, flood, never_read]
     for port, h in zip(range(ECHO, NEVER_READ + 1), handlers, strict=True):
         serve_tcp(addr4, port, h)
+    serve_tcp(addr6, ECHO, echo)
     asyncio.run(udp_echo([addr4, addr6]))
 
 
@@ -322,6 +323,18 @@ def c_push_to_nonreader(port: int) -> dict[str, object]:
     except TimeoutError:
         return {"stalled": sent}
     return {"stalled": None, "sent": sent}
+
+
+def c_echo_both(port: int) -> dict[str, object]:
+    """One echo through each host loopback (the mapping binds 127.0.0.1 and ::1)."""
+    out: dict[str, object] = {}
+    for addr in ("127.0.0.1", "::1"):
+        c = connect(port, addr)
+        c.sendall(addr.encode())
+        c.shutdown(socket.SHUT_WR)
+        out[addr] = read_all(c).decode()
+        c.close()
+    return out
 
 
 def c_exhaust(port: int, n: int) -> dict[str, object]:

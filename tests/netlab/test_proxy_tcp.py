@@ -75,6 +75,15 @@ def test_guest_reset_reaches_client(env: Env, mode: str) -> None:
     assert relay.row("tcp", peers.RST)["errors"] == 1
 
 
+def test_both_loopbacks_to_the_guest_ipv6_address(env: Env) -> None:
+    g = env.guest
+    relay = env.relay(f"tcp/127.0.0.1+::1/0/{g.addr6}/{peers.ECHO}")
+    res = env.client("echo_both", relay.port("tcp", peers.ECHO))
+    assert res == {"127.0.0.1": "127.0.0.1", "::1": "::1"}
+    row = relay.row("tcp", peers.ECHO)
+    assert row["host_addrs"] == ["127.0.0.1", "::1"] and row["connections_total"] == 2
+
+
 def test_refused_upstream_resets_client(env: Env) -> None:
     relay = env.relay(env.tcp(9))  # nothing listens on guest port 9
     res = env.client("refused", relay.port("tcp", 9))
