@@ -81,7 +81,11 @@ class OwnerResolver:
             entries = [e.name for e in os.scandir(self.proc) if e.name.isdigit()]
         except OSError:
             return found
-        for name in sorted(entries, key=int):
+        # Processes already owning a listener first: a server opening one more is the common
+        # case, and it may hold thousands of fds we would otherwise read past. Then by pid,
+        # so of several holders of one socket (fork) the parent is the one reported.
+        known = {str(o.pid) for o in self._cache.values() if o is not None}
+        for name in sorted(entries, key=lambda n: (n not in known, int(n))):
             base = f"{self.proc}/{name}"
             try:
                 if self._netns is not None and os.stat(f"{base}/ns/net").st_ino != self._netns:
