@@ -1,24 +1,30 @@
 """`make demo`: sockmap in a sandbox. Everything happens in namespaces it makes and removes.
 
 1. a sandbox "host" namespace and an "outside" one standing for the internet;
-2. `sockmap guest create` makes a NAT'd guest; `sockmap guest list` shows it;
-3. a web server in the guest answers the host at the guest's NIC address (IPv4 and IPv6);
+2. `sockmap daemon` runs on the sandbox host; `sockmap guest create` makes a NAT'd guest
+   through it (the daemon starts the guest's agent);
+3. a web server started in the guest answers on the host's localhost, 127.0.0.1 and ::1,
+   moments later; `sockmap ls` shows the mapping with its process;
 4. the guest reaches the "internet", which sees the host's address (masquerade);
-5. the guest's agent (`sockmap agent --print`) reports the web server's listener;
+5. the server stops: the host port is refused again;
 6. `sockmap guest delete` removes it all.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import netlab
 from netlab.lab import OUTSIDE_INTERNET_ADDR
 
 PY = sys.executable
+PORT = 8000
 PEER_SERVER = r"""
 import socket
 s = socket.create_server((%r, 80))
@@ -28,9 +34,31 @@ while True:
     c.sendall(f"hello {peer[0]}, this is the internet\n".encode())
     c.close()
 """
+# GET a URL until it answers, up to a deadline; print the seconds it took and the body.
 FETCH = r"""
-import sys, urllib.request
-print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())
+import sys, time, urllib.request
+url, deadline, t0 = sys.argv[1], time.monotonic() + float(sys.argv[2]), time.monotonic()
+while True:
+    try:
+        body = urllib.request.urlopen(url, timeout=2).read().decode().strip()
+        print(f"{(time.monotonic() - t0) * 1000:.0f} ms: {body}")
+        break
+    except OSError as e:
+        if time.monotonic() > deadline:
+            print(f"no answer: {e}")
+            sys.exit(1)
+        time.sleep(0.005)  # a bounded measurement loop, not a ready signal
+"""
+REFUSED = r"""
+import socket, sys, time
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()
+    except ConnectionRefusedError:
+        print("connection refused"); sys.exit(0)
+    time.sleep(0.005)  # a bounded measurement loop
+print("still open"); sys.exit(1)
 """
 DIAL = r"""
 import socket
@@ -51,45 +79,54 @@ def show(cmd: str, out: str) -> None:
 def main() -> int:
     with netlab.Lab() as lab, tempfile.TemporaryDirectory(prefix="sockmap-demo-") as tmp:
         assert lab.outside is not None
-        rd = ("--run-dir", str(Path(tmp) / "run"))
+        run_dir = Path(tmp) / "run"
+        rd = ("--run-dir", str(run_dir))
+        env = {**os.environ, "SOCKMAP_RUN_DIR": str(run_dir)}
         step(f"sandbox: host namespace {lab.host.name}, outside namespace {lab.outside.name}")
 
+        step("start the host daemon: sockmap daemon")
+        daemon = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", *rd],
+                                stderr=subprocess.DEVNULL)
+        netlab.wait_for_line(daemon.stdout, "sockmap daemon ready", timeout=15)  # type: ignore[arg-type]
+        print("  sockmap daemon ready")
+
         name = lab.guest_name("demo")
-        step(f"create a NAT'd guest: sockmap guest create {name}")
-        r = lab.host.sockmap("guest", "create", name, *rd, check=True)
+        step(f"create a NAT'd guest through the daemon: sockmap guest create {name}")
+        r = lab.host.sockmap("guest", "create", name, check=True, env=env)
         show(f"sockmap guest create {name}", r.stdout)
         guest = lab.attach(name)
-        show("sockmap guest list", lab.host.sockmap("guest", "list", *rd, check=True).stdout)
-        rec = json.loads(lab.host.sockmap("guest", "list", "--json", *rd, check=True).stdout)[0]
+        show("sockmap guest list", lab.host.sockmap("guest", "list", check=True, env=env).stdout)
 
-        step("the guest's agent watches its listeners (sockmap agent --print)")
-        agent = guest.popen([PY, "-m", "sockmap.cli", "agent", "--print"])
-
-        step("a web server in the guest, reached from the host at the guest's NIC address")
+        step(f"a web server starts in the guest on [::]:{PORT}; the host reaches it on localhost")
         site = Path(tmp) / "site"
         site.mkdir()
         (site / "index.html").write_text(f"hello from guest {name}\n")
-        web = guest.popen([PY, "-u", "-m", "http.server", "8000", "--bind", "::",
-                           "--directory", str(site)])
+        web = guest.popen([PY, "-u", "-m", "http.server", str(PORT), "--bind", "::",
+                           "--directory", str(site)], stderr=subprocess.STDOUT)
         netlab.wait_for_line(web.stdout, "Serving HTTP")  # type: ignore[arg-type]
-        line = netlab.wait_for_line(agent.stdout, r'^\{"event":"added".*"port":8000,.*')  # type: ignore[arg-type]
-        ev = json.loads(line.group(0))["listener"]
-        show("sockmap agent --print   (the event for port 8000, summarized)",
-             f"added {ev['proto']} [{ev['addr']}]:{ev['port']} v6only={ev['v6only']} "
-             f"pid {ev['owner']['pid']} ({ev['owner']['comm']})")
-        for url in (f"http://{rec['guest_addr4']}:8000/", f"http://[{rec['guest_addr6']}]:8000/"):
-            out = lab.host.run([PY, "-c", FETCH, url], check=True).stdout
-            show(f"GET {url}   (from the host namespace)", out)
+        for url in (f"http://127.0.0.1:{PORT}/", f"http://[::1]:{PORT}/"):
+            out = lab.host.run([PY, "-c", FETCH, url, "5"], check=True).stdout
+            show(f"curl {url}   (on the host; time since the server was ready)", out)
+        show("sockmap ls", lab.host.sockmap("ls", check=True, env=env).stdout)
+        rows = json.loads(lab.host.sockmap("ls", "--json", check=True, env=env).stdout)
+        print(f"  ({len(rows)} mapping(s); `sockmap ls --json` for scripts)")
 
         step("the guest reaches the internet through the host's NAT")
-        lab.outside.popen([PY, "-u", "-c", PEER_SERVER % OUTSIDE_INTERNET_ADDR])
-        netlab.wait_for_line(lab.outside.procs[-1].stdout, "ready")  # type: ignore[arg-type]
+        peer = lab.outside.popen([PY, "-u", "-c", PEER_SERVER % OUTSIDE_INTERNET_ADDR])
+        netlab.wait_for_line(peer.stdout, "ready")  # type: ignore[arg-type]
         out = guest.run([PY, "-c", DIAL % OUTSIDE_INTERNET_ADDR], check=True).stdout
-        show(f"(in the guest {rec['guest_addr4']}) connect {OUTSIDE_INTERNET_ADDR}:80", out)
+        show(f"(in the guest) connect {OUTSIDE_INTERNET_ADDR}:80", out)
+
+        step("the web server stops; the host port closes with it")
+        web.terminate()
+        web.wait(5)
+        t0 = time.monotonic()
+        out = lab.host.run([PY, "-c", REFUSED, "127.0.0.1", str(PORT)], check=True).stdout
+        show(f"connect 127.0.0.1:{PORT}", f"{out.strip()} ({(time.monotonic() - t0):.2f} s)")
 
         step(f"delete the guest: sockmap guest delete {name}")
         show(f"sockmap guest delete {name}",
-             lab.host.sockmap("guest", "delete", name, *rd, check=True).stdout)
+             lab.host.sockmap("guest", "delete", name, check=True, env=env).stdout)
         assert not (netlab.lab.NETNS_DIR / name).exists()
     step("done: every namespace, link, nftables table and file made here is gone")
     return 0
