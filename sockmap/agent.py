@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from sockmap.portwatch import (
     SourceError,
     Watcher,
 )
+from sockmap.signals import until_signal
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,26 +107,6 @@ async def print_events(cfg: PrintConfig, out: TextIO) -> None:
             _write(out, event_json(ev))
 
 
-async def _run_until_signal(cfg: PrintConfig) -> None:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    stopping = asyncio.Event()
-
-    def stop() -> None:
-        stopping.set()
-        task.cancel()
-
-    loop.add_signal_handler(signal.SIGTERM, stop)
-    try:
-        await print_events(cfg, sys.stdout)
-    except asyncio.CancelledError:
-        if not stopping.is_set():
-            raise
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
-
-
 def main(args: argparse.Namespace) -> int:
     if args.connect:
         from sockmap import agentlink
@@ -147,5 +127,5 @@ def main(args: argparse.Namespace) -> int:
         interval = args.interval_ms / 1000
     cfg = PrintConfig(source=args.source, interval=interval, udp_ephemeral=args.udp_ephemeral)
     with contextlib.suppress(BrokenPipeError):  # the reader went away: nobody to tell
-        asyncio.run(_run_until_signal(cfg))
+        asyncio.run(until_signal(print_events(cfg, sys.stdout)))
     return 0

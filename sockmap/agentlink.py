@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from sockmap.portwatch import (
     SourceError,
     Watcher,
 )
+from sockmap.signals import until_signal
 
 log = logging.getLogger("sockmap.agent")
 
@@ -414,26 +414,7 @@ def config_from_args(args: argparse.Namespace) -> LinkConfig:
                       interval=interval, udp_ephemeral=args.udp_ephemeral)
 
 
-async def _until_signal(cfg: LinkConfig) -> None:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    stopping = asyncio.Event()
-
-    def stop() -> None:
-        stopping.set()
-        task.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
-    try:
-        await run(cfg)
-    except asyncio.CancelledError:
-        if not stopping.is_set():
-            raise
-
-
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    asyncio.run(_until_signal(cfg))
+    asyncio.run(until_signal(run(cfg)))
     return 0

@@ -14,27 +14,15 @@ from sockmap.conflicts import flat
 from sockmap.conflicts.records import Conflict
 from sockmap.portwatch import local_port_range
 from sockmap.portwatch.diff import drop_udp_ephemeral
-from sockmap.portwatch.errors import ParseError, SourceUnavailable
 from sockmap.portwatch.owners import OwnerResolver
 from sockmap.portwatch.records import Listener
-from sockmap.portwatch.sources import open_source
+from sockmap.portwatch.sources import read_sockets
 
 
 def scan_sockets(source: str = "auto") -> list[Listener]:
     """Every listening TCP and unconnected bound UDP socket (UDP clients on ephemeral ports
     left out), each with its owner when visible."""
-    src, _problems = open_source(source)
-    try:
-        try:
-            sockets = src.parse(src.read())
-        except (SourceUnavailable, ParseError):
-            if source != "auto" or src.name == "proc":
-                raise
-            src.close()
-            src, _ = open_source("proc")
-            sockets = src.parse(src.read())
-    finally:
-        src.close()
+    sockets = read_sockets(source)
     sockets = drop_udp_ephemeral(sockets, local_port_range())
     owners = OwnerResolver().resolve(s.inode for s in sockets)
     return [dataclasses.replace(s, owner=owners.get(s.inode)) for s in sockets]

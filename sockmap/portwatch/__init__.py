@@ -24,7 +24,7 @@ from sockmap.portwatch.records import (
     Owner,
     SourceError,
 )
-from sockmap.portwatch.sources import local_port_range, open_source
+from sockmap.portwatch.sources import local_port_range, read_sockets
 from sockmap.portwatch.watcher import Watcher
 
 __all__ = [
@@ -52,18 +52,7 @@ def scan_listeners(
     or ParseError (both SockmapError) if the chosen source cannot be read or understood;
     "auto" falls back to /proc when sock_diag fails.
     """
-    src, _problems = open_source(source)
-    try:
-        try:
-            sockets = src.parse(src.read())
-        except (SourceUnavailable, ParseError):
-            if source != "auto" or src.name == "proc":
-                raise
-            src.close()
-            src, _ = open_source("proc")
-            sockets = src.parse(src.read())
-    finally:
-        src.close()
+    sockets = read_sockets(source)
     if not udp_ephemeral:
         sockets = drop_udp_ephemeral(sockets, local_port_range())
     snap = snapshot(sockets)

@@ -229,6 +229,23 @@ def open_source(kind: str) -> tuple[Source, list[str]]:
             raise SourceUnavailable(
                 f"unknown listener source {kind!r}", hint="use auto, diag or proc"
             )
+def read_sockets(kind: str = "auto") -> list[Listener]:
+    """One read of every socket (no dedup, no owners). "auto" falls back to /proc when
+    sock_diag cannot be read or understood; a chosen source's failure is raised."""
+    src, _problems = open_source(kind)
+    try:
+        try:
+            return src.parse(src.read())
+        except (SourceUnavailable, ParseError):
+            if kind != "auto" or src.name == "proc":
+                raise
+            src.close()
+            src, _ = open_source("proc")
+            return src.parse(src.read())
+    finally:
+        src.close()
+
+
 def local_port_range(path: Path = PORT_RANGE_FILE) -> PortRange:
     """This network namespace's ephemeral port range (the kernel default if unreadable)."""
     try:
