@@ -8,10 +8,14 @@ does about it. The daemon, ``ls`` and ``conflicts`` import these; nothing else d
   IPv4-mapped addresses), used here for the host-port check and by flat.py.
 - ``plan(...)``: wanted guest listeners + host holders + current mappings + policies ->
   commands (OpenMapping / CloseMapping), the desired mappings, and Conflict records.
+- ``Rule`` / ``match_rule`` / ``apply_rule``: the rules file's decisions (first match wins):
+  ignore, host port fixed or offset, host address, per-rule conflict policy. ``plan`` calls
+  them; sockmap.config only parses and validates the file into ``Rule`` records.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import itertools
 from collections.abc import Callable, Iterable, Sequence
@@ -265,6 +269,88 @@ class Policies:
         return self.default
 
 
+# -- rules (the rules file's decisions) --------------------------------------------------------
+Action = Literal["forward", "ignore"]
+ACTIONS: tuple[Action, ...] = ("forward", "ignore")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    """One rule: matches a guest listener when every criterion given matches (None or ()
+    match anything); the first matching rule decides. Built by sockmap.config (validated)."""
+
+    guest: str | None = None  # glob on the guest name (fnmatch, case-sensitive)
+    proto: Proto | None = None
+    ports: tuple[tuple[int, int], ...] = ()  # inclusive guest-port ranges
+    guest_addr: str | None = None  # the listener's bound address: an address or a CIDR
+    process: str | None = None  # glob on the owning process name (comm)
+    action: Action = "forward"
+    host_port: int | None = None  # fixed host port (a rule of one guest port)
+    host_port_offset: int = 0  # host port = guest port + offset
+    host_addrs: tuple[str, ...] = ()  # () = loopback as decide() gives it
+    policy: Policy | None = None  # None: the daemon's default policy
+    origin: str = ""  # "FILE:LINE", for messages
+
+    def matches(self, guest: str, li: Listener) -> bool:
+        if self.guest is not None and not fnmatch.fnmatchcase(guest, self.guest):
+            return False
+        if self.proto is not None and self.proto != li.proto:
+            return False
+        if self.ports and not any(lo <= li.port <= hi for lo, hi in self.ports):
+            return False
+        if self.guest_addr is not None:
+            ip = parse_ip(li.addr)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            try:
+                net = ipaddress.ip_network(self.guest_addr, strict=False)
+            except ValueError:
+                return False
+            if ip is None or ip.version != net.version or ip not in net:
+                return False
+        if self.process is not None:
+            comm = li.owner.comm if li.owner is not None else None
+            if comm is None or not fnmatch.fnmatchcase(comm, self.process):
+                return False
+        return True
+
+    def host_port_for(self, guest_port: int) -> int | None:
+        """The host port this rule gives ``guest_port``; None when out of 1..65535."""
+        port = self.host_port if self.host_port is not None \
+            else guest_port + self.host_port_offset
+        return port if 1 <= port <= 65535 else None
+
+    @property
+    def where(self) -> str:
+        return f"rule at {self.origin}" if self.origin else "a rule"
+
+
+def match_rule(rules: Sequence[Rule], guest: str, li: Listener) -> Rule | None:
+    """The first rule matching ``li`` of ``guest``, or None (forward by default)."""
+    for r in rules:
+        if r.matches(guest, li):
+            return r
+    return None
+
+
+def apply_rule(rule: Rule | None, bindings: tuple[Binding, ...]) -> tuple[Binding, ...]:
+    """decide()'s bindings with the rule's host addresses: each gets the upstream of its own
+    family when decide() gave one, else the first (the proxy connects across families)."""
+    if rule is None or not rule.host_addrs or not bindings:
+        return bindings
+    by_family: dict[int, Upstream] = {}
+    for b in bindings:
+        ip = parse_ip(b.host_addr)
+        if ip is not None:
+            by_family.setdefault(ip.version, b.upstream)
+    out = []
+    for a in rule.host_addrs:
+        ip = parse_ip(a)
+        fam = ip.version if ip is not None else 4
+        out.append(Binding(host_addr=a, upstream=by_family.get(fam, bindings[0].upstream)))
+    return tuple(out)
+
+
 # -- the plan --------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GuestState:
@@ -339,6 +425,12 @@ class _Want:
     guest: str
     listener: Listener
     bindings: tuple[Binding, ...]
+    host_port: int = 0  # the host port it wants (0: its own port)
+    policy: Policy | None = None  # from its rule; None: the Policies
+
+    @property
+    def port(self) -> int:
+        return self.host_port or self.listener.port
 
     @property
     def ident(self) -> tuple[str, Proto, str, int]:
@@ -349,7 +441,8 @@ def _mapping_ident(m: PortMapping) -> tuple[str, Proto, str, int]:
     return (m.guest, m.proto, m.guest_addr, m.guest_port)
 
 
-def _wants(guests: Sequence[GuestState]) -> tuple[list[_Want], list[Skipped]]:
+def _wants(guests: Sequence[GuestState],
+           rules: Sequence[Rule] = ()) -> tuple[list[_Want], list[Skipped]]:
     wants: list[_Want] = []
     skipped: list[Skipped] = []
     for g in guests:
@@ -358,17 +451,29 @@ def _wants(guests: Sequence[GuestState]) -> tuple[list[_Want], list[Skipped]]:
         for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
                                                           li.addr)):
             d = decide(li, g.addrs)
+            rule = match_rule(rules, g.name, li)
+            if rule is not None and rule.action == "ignore":
+                skipped.append(Skipped(guest=g.name, listener=li,
+                                       reason=f"ignored by {rule.where}"))
+                continue
+            hport = li.port if rule is None else rule.host_port_for(li.port)
+            if hport is None:
+                skipped.append(Skipped(guest=g.name, listener=li, reason=(
+                    f"{rule.where if rule else 'a rule'} gives host port "
+                    f"{li.port}{(rule.host_port_offset if rule else 0):+d}, outside 1-65535")))
+                continue
             match d:
                 case NotForwarded():
                     skipped.append(Skipped(guest=g.name, listener=li, reason=d.reason))
                 case Forwarded():
                     # One guest, one host endpoint: a second listener of the same guest
                     # (UDP 0.0.0.0:53 next to 10.0.0.2:53) adds nothing.
-                    bs = tuple(b for b in d.bindings
-                               if (li.proto, b.host_addr, li.port) not in seen)
-                    seen.update((li.proto, b.host_addr, li.port) for b in bs)
+                    bs = tuple(b for b in apply_rule(rule, d.bindings)
+                               if (li.proto, b.host_addr, hport) not in seen)
+                    seen.update((li.proto, b.host_addr, hport) for b in bs)
                     if bs:
-                        wants.append(_Want(g.name, li, bs))
+                        wants.append(_Want(g.name, li, bs, host_port=hport,
+                                           policy=None if rule is None else rule.policy))
                 case _:
                     assert_never(d)
     return wants, skipped
@@ -392,6 +497,7 @@ def plan(
     policies: Policies = Policies(),
     blocked: Iterable[HostEndpoint] = (),
     own_pid: int | None = None,
+    rules: Sequence[Rule] = (),
 ) -> Plan:
     """Decide every mapping. Pure: the same inputs give the same plan.
 
@@ -402,6 +508,7 @@ def plan(
     ``blocked``: host endpoints whose bind() failed with EADDRINUSE.
     A listener is forwarded on all of its host addresses or none (half a dual-stack forward
     would make ``localhost`` reach different servers by client).
+    ``rules``: the rules file (first match wins): ignore, host port, host address, policy.
     """
     cur = tuple(current)
     mine = {m.host_endpoint for m in cur}
@@ -417,7 +524,7 @@ def plan(
         by_port.setdefault((h.proto, h.port), []).append(h)
     blocked_set = set(blocked)
 
-    wants, skipped = _wants(guests)
+    wants, skipped = _wants(guests, rules)
     mapped_now = {_mapping_ident(m) for m in cur}
     order = sorted(range(len(wants)), key=lambda i: (wants[i].ident not in mapped_now, i))
     cur_port = {_mapping_ident(m): m.host_port for m in cur}
@@ -441,7 +548,7 @@ def plan(
     for i in order:
         w = wants[i]
         li = w.listener
-        proto, port = li.proto, li.port
+        proto, port = li.proto, w.port
         eps = [(proto, b.host_addr, port) for b in w.bindings]
         rivals = list(dict.fromkeys(taken[e] for e in eps if e in taken))
         holding = list(dict.fromkeys(h for e in eps for h in held(*e)))
@@ -451,7 +558,7 @@ def plan(
             _take(w, port, taken, desired)
             continue
 
-        pol = policies.policy_for(w.guest, proto, port)
+        pol = w.policy or policies.policy_for(w.guest, proto, li.port)
         if rivals or holding:
             if pol == "remap":
                 q = cur_port.get(w.ident)
@@ -489,7 +596,7 @@ def plan(
                 names = ", ".join(_who(p) for p in hp)
                 conflicts.append(Conflict(
                     kind="host_port_in_use", proto=proto, port=port, parties=(me, *hp),
-                    summary=f"{w.guest} listens on {endpoint(li.addr, port)} but {proto} "
+                    summary=f"{w.guest} listens on {endpoint(li.addr, li.port)} but {proto} "
                             f"port {port} on host localhost is held by {names}",
                     resolution=did,
                     fix=f"stop {names} on the host, or set policy remap (or wait) for port "
