@@ -50,8 +50,11 @@ class Target:
     name: str
     host: str
     ports: dict[int, int]  # guest port -> port the client dials
+    iperf: int  # this target's own iperf3 server port in the guest
     pid: int | None = None  # the relay process (memory)
     results: dict[str, Any] = field(default_factory=dict)
+    # every round's value per figure (None: failed that round), for medians and ratios
+    samples: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 def rss_kib(pid: int) -> int:
@@ -96,35 +99,43 @@ def free_ports(n: int, base: int) -> list[int]:
 
 
 class Bench:
-    def __init__(self, lab: netlab.Lab, seconds: float, loadgen: Path) -> None:
+    def __init__(self, lab: netlab.Lab, seconds: float, loadgen: Path,
+                 guest: netlab.lab.Guest | None = None) -> None:  # fmt: skip
         self.lab = lab
         self.seconds = seconds
         self.loadgen = str(loadgen)
-        self.guest = lab.add_guest()
+        self.guest = guest if guest is not None else lab.add_guest()
         self.targets: list[Target] = []
         self.notes: list[str] = []
         self.profiles: dict[str, list[str]] = {}
+        self._iperf_next = IPERF
 
     # -- set-up ----------------------------------------------------------------------
     def start_guest(self) -> None:
-        g = self.guest.ns
-        p = g.popen(["iperf3", "-s", "-p", str(IPERF)])
-        del p
-        srv = g.popen([self.loadgen, "serve", str(ECHO), str(REPLYCLOSE)])
+        srv = self.guest.ns.popen([self.loadgen, "serve", str(ECHO), str(REPLYCLOSE)])
         assert srv.stdout is not None
         wait_for_line(srv.stdout, "^ready")
-        # iperf3 prints its banner once listening
-        for _ in range(50):
-            r = g.run(["ss", "-Htln", f"sport = :{IPERF}"])
-            if r.stdout.strip():
+
+    def _gports(self) -> tuple[int, int, int]:
+        """Guest ports for one target: its own iperf3 server (so a test left hanging by one
+        relay cannot block another's), and the shared echo / reply-close server."""
+        port = self._iperf_next
+        self._iperf_next += 1
+        g = self.guest.ns
+        g.popen(["iperf3", "-s", "-p", str(port)])
+        for _ in range(100):
+            if g.run(["ss", "-Htln", f"sport = :{port}"]).stdout.strip():
                 break
             time.sleep(0.05)  # iperf3 has no ready line on a pipe (it buffers stdout)
+        return (port, ECHO, REPLYCLOSE)
 
     def add(self, name: str, argv: list[str] | None, base: int, ready: str | None = None,
-            host: str = "127.0.0.1") -> Target | None:  # fmt: skip
-        ports = dict(zip((IPERF, ECHO, REPLYCLOSE), free_ports(3, base), strict=True))
+            host: str = "127.0.0.1", gports: tuple[int, int, int] | None = None
+            ) -> Target | None:  # fmt: skip
+        gp = gports or self._gports()
+        ports = dict(zip(gp, free_ports(3, base), strict=True))
         if argv is None:  # direct
-            t = Target(name, self.guest.addr4, {p: p for p in ports})
+            t = Target(name, self.guest.addr4, {p: p for p in gp}, iperf=gp[0])
             self.targets.append(t)
             return t
         proc = self.lab.host.popen(argv, cwd=ROOT, stdin=subprocess.PIPE)
@@ -135,40 +146,44 @@ class Bench:
             except TimeoutError as e:
                 self.notes.append(f"{name}: did not start: {e}")
                 return None
-        t = Target(name, host, ports, pid=proc.pid)
+        t = Target(name, host, ports, iperf=gp[0], pid=proc.pid)
         self.targets.append(t)
         return t
 
     def sockmap(self, name: str, base: int, *extra: str) -> None:
         ga = self.guest.addr4
+        gports = self._gports()
         maps: list[str] = []
-        for i, gp in enumerate((IPERF, ECHO, REPLYCLOSE)):
+        for i, gp in enumerate(gports):
             maps += ["--map", f"tcp/127.0.0.1/{base + i}/{ga}/{gp}"]
         argv = [sys.executable, "-m", "sockmap.proxy", *maps, "--nofile", "65536", *extra]
-        self.add(name, argv, base, r"^ready")
+        self.add(name, argv, base, r"^ready", gports=gports)
 
     def naive(self, base: int) -> None:
         ga = self.guest.addr4
+        gports = self._gports()
         args: list[str] = []
-        for i, gp in enumerate((IPERF, ECHO, REPLYCLOSE)):
+        for i, gp in enumerate(gports):
             args += [str(base + i), ga, str(gp)]
         self.add("naive asyncio", [sys.executable, "-m", "bench.naive_relay", *args], base,
-                 r"^ready")  # fmt: skip
+                 r"^ready", gports=gports)  # fmt: skip
 
     def socat(self, base: int) -> None:
         # one socat per port; the first is the one whose memory we could read
         ga = self.guest.addr4
+        gports = self._gports()
         procs = []
-        for i, gp in enumerate((IPERF, ECHO, REPLYCLOSE)):
+        for i, gp in enumerate(gports):
             argv = ["socat", f"TCP-LISTEN:{base + i},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
                     f"TCP:{ga}:{gp}"]  # fmt: skip
             procs.append(self.lab.host.popen(argv))
         self._wait_listening(base, 3)
-        ports = dict(zip((IPERF, ECHO, REPLYCLOSE), free_ports(3, base), strict=True))
-        self.targets.append(Target("socat", "127.0.0.1", ports, pid=procs[1].pid))
+        ports = dict(zip(gports, free_ports(3, base), strict=True))
+        self.targets.append(Target("socat", "127.0.0.1", ports, iperf=gports[0], pid=procs[1].pid))
 
     def pasta(self, base: int) -> None:
-        spec = ",".join(f"{base + i}:{gp}" for i, gp in enumerate((IPERF, ECHO, REPLYCLOSE)))
+        gports = self._gports()
+        spec = ",".join(f"{base + i}:{gp}" for i, gp in enumerate(gports))
         argv = ["pasta", "-f", "-q", "--netns", self.guest.ns.name, "-t", spec,
                 "-u", "none", "-T", "none", "-U", "none", "--runas", "0"]  # fmt: skip
         proc = self.lab.host.popen(argv)
@@ -178,8 +193,8 @@ class Bench:
             err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
             self.notes.append(f"pasta did not start ({e}); stderr: {err.strip()[:300]}")
             return
-        ports = dict(zip((IPERF, ECHO, REPLYCLOSE), free_ports(3, base), strict=True))
-        self.targets.append(Target("pasta", "127.0.0.1", ports, pid=proc.pid))
+        ports = dict(zip(gports, free_ports(3, base), strict=True))
+        self.targets.append(Target("pasta", "127.0.0.1", ports, iperf=gports[0], pid=proc.pid))
 
     def _wait_listening(self, base: int, n: int, proc: subprocess.Popen[str] | None = None,
                         timeout: float = 10) -> None:  # fmt: skip
@@ -197,9 +212,13 @@ class Bench:
 
     # -- figures ---------------------------------------------------------------------
     def iperf(self, t: Target, streams: int) -> float | None:
-        argv = ["iperf3", "-c", t.host, "-p", str(t.ports[IPERF]), "-t", str(self.seconds),
+        argv = ["iperf3", "-c", t.host, "-p", str(t.ports[t.iperf]), "-t", str(self.seconds),
                 "-P", str(streams), "-J"]  # fmt: skip
-        r = self.lab.host.run(argv, check=False, timeout=self.seconds + 30)
+        try:
+            r = self.lab.host.run(argv, check=False, timeout=self.seconds + 30)
+        except subprocess.TimeoutExpired:
+            self.notes.append(f"{t.name}: iperf3 -P {streams} hung (killed after 30 s)")
+            return None
         try:
             bps = json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"]
         except (ValueError, KeyError):
@@ -210,7 +229,11 @@ class Bench:
     def cps(self, t: Target) -> float | None:
         argv = [self.loadgen, "cps", t.host, str(t.ports[REPLYCLOSE]), "32", "200000",
                 str(self.seconds)]  # fmt: skip
-        r = self.lab.host.run(argv, check=False, timeout=self.seconds + 30)
+        try:
+            r = self.lab.host.run(argv, check=False, timeout=self.seconds + 30)
+        except subprocess.TimeoutExpired:
+            self.notes.append(f"{t.name}: cps hung (killed after 30 s)")
+            return None
         try:
             res = json.loads(r.stdout)
         except ValueError:
@@ -221,8 +244,12 @@ class Bench:
         return float(res["per_s"])
 
     def rtt(self, t: Target) -> tuple[float, float] | None:
-        r = self.lab.host.run([self.loadgen, "rtt", t.host, str(t.ports[ECHO]), "20000"],
-                              check=False, timeout=60)  # fmt: skip
+        try:
+            r = self.lab.host.run([self.loadgen, "rtt", t.host, str(t.ports[ECHO]), "20000"],
+                                  check=False, timeout=60)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            self.notes.append(f"{t.name}: rtt hung (killed after 60 s)")
+            return None
         try:
             res = json.loads(r.stdout)
         except ValueError:
@@ -256,15 +283,18 @@ class Bench:
             with contextlib.suppress(OSError):
                 p.stdin.write("\n")
                 p.stdin.flush()
+            with contextlib.suppress(OSError):
+                p.stdin.close()
             p.wait(30)
         return (after - before) / n
 
-    def run(self, hold: int, rounds: int) -> None:
+    def rounds(self, rounds: int) -> None:
         """Each figure ``rounds`` times, targets interleaved within a round; keep the best
         (highest rate, lowest p50 with its p99): the 2 cores are shared, and the best of a
         few runs is the figure least disturbed by other work."""
 
         def better(key: str, v: float | None, higher: bool) -> None:
+            t.samples.setdefault(key, []).append(v)
             if v is None:
                 return
             old = t.results.get(key)
@@ -280,9 +310,13 @@ class Bench:
                 better("short conn/s", self.cps(t), True)
             for t in self.targets:
                 rt = self.rtt(t)
+                t.samples.setdefault("echo p50 µs", []).append(rt[0] if rt else None)
+                t.samples.setdefault("echo p99 µs", []).append(rt[1] if rt else None)
                 old = t.results.get("echo p50 µs")
                 if rt and (old is None or rt[0] < old):
                     t.results["echo p50 µs"], t.results["echo p99 µs"] = rt
+
+    def memory(self, hold: int) -> None:
         for t in self.targets:
             if t.name in ("socat",):
                 t.results["KiB/idle conn"] = None  # a forked process per connection
@@ -514,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.only:
             keep = set(a.only.split(","))
             b.targets = [t for t in b.targets if t.name in keep]
-        b.run(a.hold, a.rounds)
+        b.rounds(a.rounds)
+        b.memory(a.hold)
         sm = next((t for t in b.targets if t.name == "sockmap"), None)
         if sm is not None and not a.no_profile:
             b.profiles["short connections (32 concurrent)"] = b.profile(sm, "cps")
