@@ -410,7 +410,10 @@ class Plan:
     """What the daemon applies: ``commands`` in order (closes first) take the current
     mappings to ``mappings``. ``retry``: host endpoints to try again after a short delay
     (TIME_WAIT; drop them from ``blocked`` and plan again). ``waiting``: endpoints held
-    under policy ``wait`` (plan again when the host listeners change)."""
+    under policy ``wait`` (plan again when the host listeners change). ``pending``: the
+    mappings that open once their host port frees (policy ``wait``, and TIME_WAIT whatever
+    the policy), for ``ls`` (state ``waiting``). ``remapped``: the mappings of ``mappings``
+    that policy ``remap`` moved to another host port (``ls`` state ``remapped``)."""
 
     commands: tuple[Command, ...]
     mappings: tuple[PortMapping, ...]
@@ -418,6 +421,8 @@ class Plan:
     retry: tuple[HostEndpoint, ...] = ()
     waiting: tuple[HostEndpoint, ...] = ()
     skipped: tuple[Skipped, ...] = ()
+    pending: tuple[PortMapping, ...] = ()
+    remapped: tuple[PortMapping, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,6 +540,8 @@ def plan(
     conflicts: list[Conflict] = []
     retry: list[HostEndpoint] = []
     waiting: list[HostEndpoint] = []
+    pending: list[PortMapping] = []
+    remapped: list[PortMapping] = []
 
     def held(proto: Proto, addr: str, port: int) -> tuple[Listener, ...]:
         return host_holders(proto, addr, port, by_port.get((proto, port), ()))
@@ -570,11 +577,13 @@ def plan(
                         hint[(proto, port)] = q
                 if q is not None:
                     _take(w, q, taken, desired)
+                    remapped.extend(_mappings(w, q))
                     did = (f"forwarded on host port {q} instead of {port} (policy remap)")
                 else:
                     did = "not forwarded: no free host port to remap to (policy remap)"
             elif pol == "wait":
                 waiting.extend(eps)
+                pending.extend(_mappings(w, port))
                 did = (f"waiting: host port {port} is forwarded as soon as it is free "
                        "(policy wait)")
             else:
@@ -604,9 +613,13 @@ def plan(
                 ))
         else:
             retry.extend(tw)
+            pending.extend(_mappings(w, port))
+            nobody = tuple(Party(side="host", guest=None, addr=e[1], port=port,
+                                 receives="held by closed connections in TIME_WAIT; no "
+                                          "process listens") for e in tw)
             conflicts.append(Conflict(
                 kind="time_wait", proto=proto, port=port,
-                parties=(_guest_party(w, receives="waits for the port"),),
+                parties=(_guest_party(w, receives="waits for the port"), *nobody),
                 summary=f"host {proto} port {port} cannot be bound (EADDRINUSE) and no "
                         "socket listens there: closed connections in TIME_WAIT hold it",
                 resolution="retrying until the TIME_WAIT sockets expire (at most 60 s), "
@@ -634,20 +647,27 @@ def plan(
         retry=tuple(dict.fromkeys(retry)),
         waiting=tuple(dict.fromkeys(waiting)),
         skipped=tuple(skipped),
+        pending=tuple(pending),
+        remapped=tuple(remapped),
     )
+
+
+def _mappings(w: _Want, port: int) -> list[PortMapping]:
+    """w's mappings (one per host address) on host port ``port``."""
+    li = w.listener
+    o = li.owner
+    return [PortMapping(
+        guest=w.guest, proto=li.proto, host_addr=b.host_addr, host_port=port,
+        guest_addr=li.addr, guest_port=li.port, upstream=b.upstream,
+        pid=None if o is None else o.pid, process="" if o is None else o.comm,
+    ) for b in w.bindings]
 
 
 def _take(w: _Want, port: int, taken: dict[HostEndpoint, _Want],
           desired: list[PortMapping]) -> None:
-    li = w.listener
-    o = li.owner
-    for b in w.bindings:
-        taken[(li.proto, b.host_addr, port)] = w
-        desired.append(PortMapping(
-            guest=w.guest, proto=li.proto, host_addr=b.host_addr, host_port=port,
-            guest_addr=li.addr, guest_port=li.port, upstream=b.upstream,
-            pid=None if o is None else o.pid, process="" if o is None else o.comm,
-        ))
+    for m in _mappings(w, port):
+        taken[m.host_endpoint] = w
+        desired.append(m)
 
 
 def _next_free(w: _Want, port: int, free: Callable[[_Want, int], bool], *,

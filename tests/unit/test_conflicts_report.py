@@ -47,7 +47,8 @@ def test_time_wait_party_has_no_process() -> None:
                    blocked=[("tcp", "127.0.0.1", 8000)])
     text = report.render_text(p.conflicts)
     assert "time_wait: tcp port 8000" in text and "retrying" in text
-    assert [x.side for x in p.conflicts[0].parties] == ["guest"]
+    assert [x.side for x in p.conflicts[0].parties] == ["guest", "host"]
+    assert "host: 127.0.0.1:8000  no process" in text  # nobody to blame
 
 
 def test_no_conflicts_text() -> None:

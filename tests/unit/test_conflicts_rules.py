@@ -195,6 +195,8 @@ def test_wait_policy_opens_when_port_frees() -> None:
     p = r.plan(guests=g, host_listeners=[HOLDER], policies=pol)
     assert p.commands == () and p.waiting == (("tcp", "127.0.0.1", 8000),)
     assert "policy wait" in p.conflicts[0].resolution
+    assert [(m.guest, m.host_addr, m.host_port) for m in p.pending] == [
+        ("a", "127.0.0.1", 8000)] and p.remapped == ()
     p2 = r.plan(guests=g, host_listeners=[], policies=pol, current=p.mappings)
     assert opened(p2) == [("a", "127.0.0.1", 8000)] and p2.conflicts == () and not p2.waiting
 
@@ -218,6 +220,7 @@ def test_two_guests_remap_second() -> None:
                policies=Policies(rules=(PolicyRule(policy="remap", guest="b"),)))
     assert opened(p) == [("a", "127.0.0.1", 8000), ("b", "127.0.0.1", 8001)]
     assert p.conflicts[0].kind == "guests_collide" and "8001" in p.conflicts[0].resolution
+    assert [(m.guest, m.host_port) for m in p.remapped] == [("b", 8001)] and p.pending == ()
 
 
 def test_current_holder_keeps_port_whatever_guest_order() -> None:
@@ -242,8 +245,11 @@ def test_time_wait_retried_whatever_policy() -> None:
         assert p.mappings == () and p.retry == (ep,)
         (c,) = p.conflicts
         assert c.kind == "time_wait"
-        assert [x.side for x in c.parties] == ["guest"]  # no process to blame
-        assert "retrying" in c.resolution
+        # the host side is the endpoint, with no process to blame
+        assert [(x.side, x.addr, x.pid is None) for x in c.parties] == [
+            ("guest", "0.0.0.0", False), ("host", "127.0.0.1", True)]
+        assert "TIME_WAIT" in c.parties[1].receives and "retrying" in c.resolution
+        assert [(m.host_addr, m.host_port) for m in p.pending] == [("127.0.0.1", 8000)]
     p = r.plan(guests=[guest("a", L("0.0.0.0"))], blocked=[])
     assert opened(p) == [("a", "127.0.0.1", 8000)]
 
