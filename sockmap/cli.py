@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "daemon", _daemon, "host daemon (foreground)",
              "sockmap daemon --config /etc/sockmap/sockmap.toml")
     p.add_argument("--config", type=Path)
+    p.add_argument("--conflict-policy", choices=["fail", "remap", "wait"], default="fail",
+                   help="when a host port is held (by a host program or another guest): "
+                        "fail = report, don't forward (default); remap = forward on the "
+                        "next free host port; wait = forward once it frees")
+    p.add_argument("--flat", action="store_true",
+                   help="flat mode: report this network namespace's conflicts (served by "
+                        "`sockmap conflicts`), forward nothing")
     p.add_argument("--agent-listen", metavar="HOST:PORT",
                    help="also accept agents (VMs) over TCP, bound only there; each needs "
                         "RUN_DIR/tokens/NAME.token")
@@ -185,19 +192,31 @@ def _guest_exec(args: argparse.Namespace) -> int:
 def _conflicts(args: argparse.Namespace) -> int:
     import json
 
+    from sockmap import control
     from sockmap.conflicts import flatscan, report
 
-    if not args.flat:
-        raise SockmapError(
-            f"no sockmap daemon is running at {args.run_dir / 'control.sock'} (the daemon "
-            "is not built yet, issue 5)",
-            hint="use `sockmap conflicts --flat` to analyse this network namespace alone",
-        )
-    found = flatscan.scan_flat()
+    if args.flat:
+        found = flatscan.scan_flat()
+        scope = "flat namespace"
+    else:  # the daemon's view: its plan (NAT mode) or its flat analysis (daemon --flat)
+        try:
+            answer = control.request(args.run_dir, "conflicts", timeout=15)
+        except control.DaemonNotRunning as e:
+            raise SockmapError(e.message, hint="start `sockmap daemon`, or use `sockmap "
+                               "conflicts --flat` to analyse this namespace alone") from None
+        try:
+            if not isinstance(answer, dict):
+                raise ValueError("not an object")
+            found = report.from_json(answer.get("conflicts"))
+        except ValueError as e:
+            raise SockmapError(f"the daemon's conflicts answer is malformed: {e}",
+                               hint="the CLI and daemon must be the same sockmap version"
+                               ) from None
+        scope = "daemon, flat mode" if answer.get("mode") == "flat" else "daemon, NAT mode"
     if args.json:
         print(json.dumps(report.to_json(found), indent=2))
     else:
-        print(report.render_text(found, scope="flat namespace"))
+        print(report.render_text(found, scope=scope))
     return EXIT_FOUND if found else EXIT_OK
 
 
@@ -208,7 +227,11 @@ def _daemon(args: argparse.Namespace) -> int:
         raise SockmapError("rules files (--config) are not supported yet",
                            hint="run `sockmap daemon` without --config")
     listen = daemon.parse_listen(args.agent_listen) if args.agent_listen else None
-    rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen))
+    from sockmap.conflicts.rules import Policies
+
+    rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen,
+                                        policies=Policies(default=args.conflict_policy),
+                                        flat=args.flat))
     return rc
 
 

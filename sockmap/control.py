@@ -5,7 +5,8 @@ object ``{"op": NAME, ...args}``; the answer is one line, ``{"ok": true, "result
 ``{"ok": false, "error": MESSAGE, "hint": HINT}``. Lines are capped at MAX_LINE bytes.
 
 Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subnet, nat),
-``guest_delete`` (name).
+``guest_delete`` (name), ``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
+list in ``conflicts.report.to_json`` form).
 
 Pure helpers (``parse_request``, ``ok``, ``fail``) and one synchronous client (``request``,
 used by cli.py); the server side lives in the daemon.
@@ -24,7 +25,7 @@ from sockmap.errors import SockmapError
 
 SOCKET_NAME: Final = "control.sock"
 MAX_LINE: Final = 1 << 20
-OPS: Final = ("ls", "status", "guest_create", "guest_delete")
+OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts")
 
 
 class DaemonNotRunning(SockmapError):

@@ -43,14 +43,25 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sockmap
 from sockmap import control, natproc
 from sockmap import protocol as p
-from sockmap.conflicts.rules import HostEndpoint, Nic, Plan, PortMapping, Relay, plan
+from sockmap.conflicts import flatscan
+from sockmap.conflicts import report as conflict_report
+from sockmap.conflicts.records import Conflict
+from sockmap.conflicts.rules import (
+    HostEndpoint,
+    Nic,
+    Plan,
+    Policies,
+    PortMapping,
+    Relay,
+    plan,
+)
 from sockmap.errors import SockmapError
 from sockmap.nat.plan import GuestRecord
 from sockmap.portwatch import Listener, scan_listeners
@@ -75,9 +86,12 @@ class Config:
     hello_timeout_s: float = 2.0
     first_snapshot_timeout_s: float = 15.0  # guest_create waits this long for the agent
     drain_s: float = 30.0  # open connections of a closed mapping may finish this long
-    retry_s: float = 1.0  # replan this often while conflicts or blocked ports remain
+    retry_s: float = 1.0  # probe a port whose bind failed (EADDRINUSE) this often
     start_agents: bool = True
     python: str = sys.executable
+    policies: Policies = field(default_factory=Policies)  # --conflict-policy, rules file
+    host_poll_s: float = 0.25  # host listener poll while a conflict waits on a host holder
+    flat: bool = False  # flat mode: report this namespace's conflicts, forward nothing
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -119,6 +133,32 @@ def nic_target(group: tuple[PortMapping, ...]) -> str | None:
     addrs = [m.upstream.addr for m in group if isinstance(m.upstream, Nic)]
     addrs.sort(key=lambda a: ipaddress.ip_address(a).version)
     return addrs[0] if addrs else None
+
+
+def watch_keys(listeners: list[Listener], watched: frozenset[tuple[str, int]]
+               ) -> frozenset[tuple[object, ...]]:
+    """What the host poll compares: the endpoints and inodes on the watched (proto, port)s
+    (pure)."""
+    return frozenset((li.proto, li.family, li.addr, li.port, li.inode) for li in listeners
+                     if (li.proto, li.port) in watched)
+
+
+def bind_free(ep: HostEndpoint) -> bool:
+    """Whether the proxy could bind ``ep`` now: bind (no listen) a throwaway socket with the
+    proxy's options (TCP SO_REUSEADDR, IPv6 v6only). Only EADDRINUSE counts as not free:
+    any other error is the real bind's to report."""
+    proto, addr, port = ep
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM) as s:
+        if proto == "tcp":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            return e.errno != errno.EADDRINUSE
+    return True
 
 
 def _die_with_parent() -> None:
@@ -229,6 +269,12 @@ class Daemon:
         self._netns_of_guest: dict[str, str] = {}  # daemon-made guests: name -> netns
         self._addr_checks: dict[str, int] = {}
         self._relays: dict[int, tuple[str, asyncio.Future[socket.socket]]] = {}
+        # conflicts: host ports a conflict waits on, their listeners at the last plan
+        self._watch: frozenset[tuple[str, int]] = frozenset()
+        self._watch_keys: frozenset[tuple[object, ...]] = frozenset()
+        self._watch_ev = asyncio.Event()
+        self._waiting_since: dict[MappingKey, float] = {}
+        self._flat: tuple[Conflict, ...] = ()
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -250,6 +296,8 @@ class Daemon:
         self.table = MappingTable()
         self._servers.append(await self._unix_server(control.socket_path(cfg.run_dir),
                                                      self._control_conn))
+        if cfg.flat:
+            return  # flat mode: no agents, no guests, no forwards
         self._servers.append(await self._unix_server(cfg.run_dir / AGENT_SOCKET,
                                                      self._agent_conn))
         if cfg.agent_listen is not None:
@@ -292,9 +340,17 @@ class Daemon:
     async def run(self) -> None:
         from sockmap.nat import guests
 
+        if self.cfg.flat:
+            async with asyncio.TaskGroup() as tg:
+                watch = tg.create_task(self._flat_watch(), name="flat")
+                await self._stop.wait()
+                log.info("stopping")
+                watch.cancel()
+            return
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             replanner = tg.create_task(self._replanner(), name="replanner")
+            host_watch = tg.create_task(self._host_watch(), name="host-watch")
             try:
                 records = await asyncio.to_thread(guests.list_guests, self.cfg.run_dir)
             except SockmapError as e:
@@ -310,6 +366,7 @@ class Daemon:
             for sup in list(self._agents.values()):
                 await sup.stop()
             replanner.cancel()
+            host_watch.cancel()
         self._tg = None
 
     async def shutdown(self) -> None:
@@ -637,11 +694,25 @@ class Daemon:
     async def _replan(self) -> None:
         host = await asyncio.to_thread(self._scan_host)
         now = time.monotonic()
-        self._blocked = {e: t for e, t in self._blocked.items() if t > now}
+        for e, due in list(self._blocked.items()):  # EADDRINUSE: free again?
+            if due <= now:
+                if bind_free(e):
+                    del self._blocked[e]
+                else:
+                    self._blocked[e] = now + self.cfg.retry_s
         current = tuple(m for ms in self._open.values() for m in ms)
         pl = plan(guests=self.registry.states(), host_listeners=host, current=current,
-                  blocked=tuple(self._blocked), own_pid=os.getpid())
+                  blocked=tuple(self._blocked), own_pid=os.getpid(),
+                  policies=self.cfg.policies)
         self.last_plan = pl
+        self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
+                                if c.kind == "host_port_in_use")
+        self._watch_keys = watch_keys(host, self._watch)
+        if self._watch:
+            self._watch_ev.set()
+        waiting = {MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
+                   for m in pl.pending}
+        self._waiting_since = {k: self._waiting_since.get(k, time.time()) for k in waiting}
         desired = group_mappings(pl.mappings)
         touched: list[MappingKey] = []
         for cmd in pl.commands:
@@ -659,11 +730,74 @@ class Daemon:
                 self._open_group(key, want)
         for c in pl.conflicts:
             self._log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; {c.resolution}")
-        if (pl.conflicts or self._blocked) and self._retry is None:
+        if self._blocked and self._retry is None:
             def again() -> None:
                 self._retry = None
                 self.request_replan()
             self._retry = asyncio.get_running_loop().call_later(self.cfg.retry_s, again)
+
+    async def _host_watch(self) -> None:
+        """The deliberate host poll: while a conflict waits on a host holder, read the host's
+        listeners (sock_diag, no owners: ~0.1 ms) every ``host_poll_s`` and replan when
+        those on the watched ports differ from what the last plan saw (the holder exited:
+        the conflict clears, ``wait`` opens, ``remap`` moves back). Idle otherwise."""
+        while True:
+            await self._watch_ev.wait()
+            await asyncio.sleep(self.cfg.host_poll_s)  # the poll interval
+            watched = self._watch
+            if not watched:
+                self._watch_ev.clear()
+                continue
+            keys = await asyncio.to_thread(self._scan_keys, watched)
+            if keys is not None and watched == self._watch and keys != self._watch_keys:
+                await self.wait_planned(self.request_replan())
+
+    def _scan_keys(self, watched: frozenset[tuple[str, int]]
+                   ) -> frozenset[tuple[object, ...]] | None:
+        try:
+            return watch_keys(scan_listeners(resolve_owners=False), watched)
+        except SockmapError as e:
+            self._log_once(f"host scan: {e}")
+            return None
+
+    async def _flat_watch(self) -> None:
+        """Flat mode: analyse this namespace when its sockets change (polled every
+        ``host_poll_s``; the analysis, with owners, only on a change); log what appears and
+        what clears."""
+        keys: frozenset[tuple[object, ...]] | None = None
+        while True:
+            try:
+                new = await asyncio.to_thread(flatscan.socket_keys)
+                if new != keys:
+                    await self._flat_analyse()
+                    keys = new
+            except SockmapError as e:
+                self._log_once(f"flat scan: {e}")
+            await asyncio.sleep(self.cfg.host_poll_s)  # the poll interval
+
+    async def _flat_analyse(self) -> tuple[Conflict, ...]:
+        found = await asyncio.to_thread(flatscan.scan_flat)
+        old = {c.summary for c in self._flat}
+        for c in found:
+            if c.summary not in old:
+                log.warning("conflict %s %s/%d: %s", c.kind, c.proto, c.port, c.summary)
+        new = {c.summary for c in found}
+        for c in self._flat:
+            if c.summary not in new:
+                log.info("conflict cleared: %s %s/%d", c.kind, c.proto, c.port)
+        self._flat = found
+        return found
+
+    async def conflicts(self) -> dict[str, Any]:
+        """The ``conflicts`` op: a fresh analysis (flat) or a fresh plan (NAT)."""
+        if self.cfg.flat:
+            found = await self._flat_analyse()
+            return {"mode": "flat", "conflicts": conflict_report.to_json(found)}
+        async with asyncio.timeout(10):
+            await self.wait_planned(self.request_replan())
+        pl = self.last_plan
+        found = pl.conflicts if pl is not None else ()
+        return {"mode": "nat", "conflicts": conflict_report.to_json(found)}
 
     async def _close(self, key: MappingKey) -> None:
         assert self.table is not None
@@ -701,8 +835,9 @@ class Daemon:
         except SockmapError as e:
             cause = e.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-                for m in group:
+                for m in group:  # probed again after retry_s (TIME_WAIT: up to 60 s)
                     self._blocked[m.host_endpoint] = time.monotonic() + self.cfg.retry_s
+                self.request_replan()  # so the plan (and the report) says why
             # retried every retry_s while it lasts (TIME_WAIT: up to 60 s): say it once
             log.log(logging.DEBUG if key in self._bind_failed else logging.WARNING, "%s", e)
             self._bind_failed.add(key)
@@ -750,6 +885,12 @@ class Daemon:
                 return self.rows()
             case "status":
                 return self.status()
+            case "conflicts":
+                return await self.conflicts()
+        if self.cfg.flat:
+            raise SockmapError("this daemon runs in flat mode: it reports conflicts and "
+                               "makes no guests", hint="run `sockmap daemon` without --flat")
+        match req.op:
             case "guest_create":
                 name = control.arg_str(req, "name")
                 assert name is not None
@@ -764,8 +905,15 @@ class Daemon:
         raise SockmapError(f"unknown control op {req.op!r}")
 
     def rows(self) -> list[dict[str, Any]]:
-        assert self.table is not None
+        """One row per open or draining mapping (state ``remapped`` when policy remap put
+        it on another host port), then one per mapping waiting for its host port (state
+        ``waiting``: policy wait, or TIME_WAIT)."""
+        if self.table is None:
+            return []
         now = time.time()
+        pl = self.last_plan
+        moved = {(m.guest, m.proto, m.guest_port, m.host_port)
+                 for m in (pl.remapped if pl is not None else ())}
         out = []
         for r in self.table.snapshot():
             key = MappingKey(guest=r.guest, proto=r.proto, port=r.target_port)
@@ -779,10 +927,29 @@ class Daemon:
                 "via": "relay" if first and isinstance(first.upstream, Relay) else "nic",
                 "pid": first.pid if first else None,
                 "process": first.process if first else "",
-                "state": str(r.state), "connections": r.connections,
+                "state": "remapped" if str(r.state) == "open" and (
+                    r.guest, str(r.proto), r.target_port, r.host_port) in moved
+                    else str(r.state),
+                "connections": r.connections,
                 "connections_total": r.connections_total, "bytes_in": r.bytes_in,
                 "bytes_out": r.bytes_out, "errors": r.errors, "dropped": r.dropped,
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
+            })
+        pending = group_mappings(pl.pending if pl is not None else ())
+        for key, group in pending.items():
+            if key in self._open:
+                continue
+            first = group[0]
+            since = self._waiting_since.get(key, now)
+            out.append({
+                "guest": key.guest, "proto": str(key.proto), "host_addr": first.host_addr,
+                "host_addrs": [m.host_addr for m in group], "host_port": first.host_port,
+                "guest_addr": first.guest_addr, "guest_port": key.port,
+                "target_addr": nic_target(group) or "",
+                "via": "nic" if nic_target(group) else "relay", "pid": first.pid,
+                "process": first.process, "state": "waiting", "connections": 0,
+                "connections_total": 0, "bytes_in": 0, "bytes_out": 0, "errors": 0,
+                "dropped": 0, "since": since, "age_s": round(max(0.0, now - since), 3),
             })
         return out
 

@@ -28,6 +28,13 @@ def scan_sockets(source: str = "auto") -> list[Listener]:
     return [dataclasses.replace(s, owner=owners.get(s.inode)) for s in sockets]
 
 
+def socket_keys(source: str = "auto") -> frozenset[tuple[object, ...]]:
+    """A cheap fingerprint of this namespace's sockets (no owners): when it changes, the
+    analysis may change."""
+    return frozenset((s.proto, s.family, s.addr, s.port, s.inode, s.uid)
+                     for s in drop_udp_ephemeral(read_sockets(source), local_port_range()))
+
+
 def scan_flat(source: str = "auto") -> tuple[Conflict, ...]:
     """The flat-namespace conflicts of the network namespace this process runs in."""
     return flat.analyse(scan_sockets(source))

@@ -4,7 +4,8 @@ Human: one block per conflict: kind, proto and port, a summary, every party (sid
 pid, process and command line, context, what it receives), what sockmap did, and a one-line
 fix. JSON (``to_json``): a list of objects with ``kind``, ``proto``, ``port``, ``summary``,
 ``parties`` (each ``side``, ``guest``, ``addr``, ``port``, ``pid``, ``process``,
-``cmdline``, ``context``, ``receives``), ``resolution`` and ``fix``.
+``cmdline``, ``context``, ``receives``), ``resolution`` and ``fix``; ``from_json`` reads it
+back (the CLI renders what the daemon sends).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from sockmap.conflicts.records import Conflict, Party, endpoint
+from sockmap.conflicts.records import KINDS, Conflict, Party, endpoint
 
 TITLES = {
     "host_port_in_use": "host port already in use",
@@ -41,6 +42,74 @@ def conflict_json(c: Conflict) -> dict[str, Any]:
 
 def to_json(conflicts: Sequence[Conflict]) -> list[dict[str, Any]]:
     return [conflict_json(c) for c in conflicts]
+
+
+def _str(obj: dict[str, Any], key: str, default: str | None = None) -> str:
+    v = obj.get(key, default)
+    if not isinstance(v, str):
+        raise ValueError(f"{key} is not a string")
+    return v
+
+
+def _opt_int(obj: dict[str, Any], key: str) -> int | None:
+    v = obj.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{key} is not an integer")
+    return v
+
+
+def _party_from(obj: object) -> Party:
+    if not isinstance(obj, dict):
+        raise ValueError("a party is not an object")
+    side = obj.get("side")
+    if side not in ("host", "guest"):
+        raise ValueError(f"party side {str(side)[:20]!r}")
+    guest = obj.get("guest")
+    if guest is not None and not isinstance(guest, str):
+        raise ValueError("party guest is not a string")
+    port = _opt_int(obj, "port")
+    cmdline = obj.get("cmdline", [])
+    if not isinstance(cmdline, list) or not all(isinstance(a, str) for a in cmdline):
+        raise ValueError("party cmdline is not a list of strings")
+    return Party(side="host" if side == "host" else "guest", guest=guest,
+                 addr=_str(obj, "addr"), port=0 if port is None else port,
+                 pid=_opt_int(obj, "pid"), process=_str(obj, "process", ""),
+                 cmdline=tuple(cmdline), context=_str(obj, "context", ""),
+                 receives=_str(obj, "receives", ""))
+
+
+def from_json(data: object) -> tuple[Conflict, ...]:
+    """``to_json``'s output (as the daemon sends it) back to records; ValueError saying
+    what is wrong when it is malformed (never anything else)."""
+    if not isinstance(data, list):
+        raise ValueError("conflicts is not a list")
+    out = []
+    for i, obj in enumerate(data):
+        try:
+            if not isinstance(obj, dict):
+                raise ValueError("not an object")
+            kind = obj.get("kind")
+            if kind not in KINDS:
+                raise ValueError(f"unknown kind {str(kind)[:40]!r}")
+            proto = obj.get("proto")
+            if proto not in ("tcp", "udp"):
+                raise ValueError(f"proto {str(proto)[:20]!r}")
+            parties = obj.get("parties")
+            if not isinstance(parties, list):
+                raise ValueError("parties is not a list")
+            port = _opt_int(obj, "port")
+            out.append(Conflict(
+                kind=next(k for k in KINDS if k == kind),
+                proto="tcp" if proto == "tcp" else "udp",
+                port=0 if port is None else port,
+                parties=tuple(_party_from(x) for x in parties),
+                summary=_str(obj, "summary", ""), resolution=_str(obj, "resolution"),
+                fix=_str(obj, "fix", "")))
+        except ValueError as e:
+            raise ValueError(f"conflict {i}: {e}") from None
+    return tuple(out)
 
 
 def _clean(s: str) -> str:

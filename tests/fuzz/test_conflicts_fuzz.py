@@ -140,3 +140,22 @@ def test_plan_ignores_host_scan_order(guests: list[GuestState], holders: list[Li
     b = rules.plan(guests=guests, host_listeners=shuffled, policies=pol)
     assert a.mappings == b.mappings
     assert [(c.kind, c.port) for c in a.conflicts] == [(c.kind, c.port) for c in b.conflicts]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda kids: st.lists(kids, max_size=3)
+                    | st.dictionaries(st.sampled_from(["kind", "proto", "port", "parties",
+                                                       "side", "addr", "pid", "resolution",
+                                                       "cmdline", "guest"]), kids,
+                                      max_size=6), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON)
+def test_report_from_json_only_raises_value_error(data: object) -> None:
+    from sockmap.conflicts import report
+
+    try:
+        report.from_json(data)
+    except ValueError:
+        pass

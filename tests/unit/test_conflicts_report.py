@@ -82,3 +82,35 @@ def test_cli_conflicts_without_flat_needs_daemon(tmp_path: object,
     assert rc == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "daemon" in err and "--flat" in err
+
+
+def test_json_round_trip_every_nat_kind() -> None:
+    host = [_li("127.0.0.1", 6, "nginx")]
+    g = [rules.GuestState(name=n, listeners=(_li("0.0.0.0", pid, "node"),), addrs=(a,))
+         for n, pid, a in (("a", 5, "10.0.0.2"), ("b", 7, "10.0.0.6"))]
+    cs = (*rules.plan(guests=g, host_listeners=host).conflicts,
+          *rules.plan(guests=g[:1], blocked=[("tcp", "127.0.0.1", 8000)]).conflicts,
+          *flat.analyse([_li("127.0.0.1", 11, "vite"), _li("::1", 22, "rails", uid=1000)]))
+    assert {c.kind for c in cs} >= {"host_port_in_use", "time_wait", "ipv4_ipv6_split"}
+    back = report.from_json(json.loads(json.dumps(report.to_json(cs))))
+    assert back == cs
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    ({}, "not a list"),
+    ([1], "conflict 0: not an object"),
+    ([{"kind": "nope"}], "unknown kind"),
+    ([{"kind": "time_wait", "proto": "sctp"}], "proto"),
+    ([{"kind": "time_wait", "proto": "tcp", "parties": {}}], "parties is not a list"),
+    ([{"kind": "time_wait", "proto": "tcp", "port": "80", "parties": []}], "port"),
+    ([{"kind": "time_wait", "proto": "tcp", "port": 80, "parties": [{"side": "vm"}]}],
+     "side"),
+    ([{"kind": "time_wait", "proto": "tcp", "port": 80, "resolution": "r",
+       "parties": [{"side": "host", "addr": "x", "pid": True}]}], "pid"),
+    ([{"kind": "time_wait", "proto": "tcp", "port": 80, "resolution": "r",
+       "parties": [{"side": "host", "addr": "x", "cmdline": "ls -l"}]}], "cmdline"),
+    ([{"kind": "time_wait", "proto": "tcp", "port": 80, "parties": []}], "resolution"),
+])
+def test_from_json_rejects_malformed(data: object, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        report.from_json(data)
