@@ -50,7 +50,9 @@ class Target:
     name: str
     host: str
     ports: dict[int, int]  # guest port -> port the client dials
-    iperf: int  # this target's own iperf3 server port in the guest
+    iperf: int  # this target's own guest servers' ports: iperf3,
+    echo: int  # loadgen echo,
+    close: int  # loadgen reply-then-close
     pid: int | None = None  # the relay process (memory)
     results: dict[str, Any] = field(default_factory=dict)
     # every round's value per figure (None: failed that round), for medians and ratios
@@ -108,26 +110,27 @@ class Bench:
         self.targets: list[Target] = []
         self.notes: list[str] = []
         self.profiles: dict[str, list[str]] = {}
-        self._iperf_next = IPERF
+        self._targets_made = 0
 
     # -- set-up ----------------------------------------------------------------------
-    def start_guest(self) -> None:
-        srv = self.guest.ns.popen([self.loadgen, "serve", str(ECHO), str(REPLYCLOSE)])
+    def _gports(self) -> tuple[int, int, int]:
+        """Guest ports for one target, served by its own iperf3 and loadgen servers: a test
+        left hanging by one relay cannot block another, and each target's upstream
+        connections (and TIME_WAITs: ~10,000 per memory figure) get their own 4-tuple space
+        (one source address has ~28,000 ephemeral ports per destination)."""
+        k = self._targets_made
+        self._targets_made += 1
+        iperf, echo, close = IPERF + k, ECHO + 2 * k, REPLYCLOSE + 2 * k
+        g = self.guest.ns
+        srv = g.popen([self.loadgen, "serve", str(echo), str(close)])
         assert srv.stdout is not None
         wait_for_line(srv.stdout, "^ready")
-
-    def _gports(self) -> tuple[int, int, int]:
-        """Guest ports for one target: its own iperf3 server (so a test left hanging by one
-        relay cannot block another's), and the shared echo / reply-close server."""
-        port = self._iperf_next
-        self._iperf_next += 1
-        g = self.guest.ns
-        g.popen(["iperf3", "-s", "-p", str(port)])
+        g.popen(["iperf3", "-s", "-p", str(iperf)])
         for _ in range(100):
-            if g.run(["ss", "-Htln", f"sport = :{port}"]).stdout.strip():
+            if g.run(["ss", "-Htln", f"sport = :{iperf}"]).stdout.strip():
                 break
             time.sleep(0.05)  # iperf3 has no ready line on a pipe (it buffers stdout)
-        return (port, ECHO, REPLYCLOSE)
+        return (iperf, echo, close)
 
     def add(self, name: str, argv: list[str] | None, base: int, ready: str | None = None,
             host: str = "127.0.0.1", gports: tuple[int, int, int] | None = None
@@ -135,7 +138,7 @@ class Bench:
         gp = gports or self._gports()
         ports = dict(zip(gp, free_ports(3, base), strict=True))
         if argv is None:  # direct
-            t = Target(name, self.guest.addr4, {p: p for p in gp}, iperf=gp[0])
+            t = Target(name, self.guest.addr4, {p: p for p in gp}, *gp)
             self.targets.append(t)
             return t
         proc = self.lab.host.popen(argv, cwd=ROOT, stdin=subprocess.PIPE)
@@ -146,7 +149,7 @@ class Bench:
             except TimeoutError as e:
                 self.notes.append(f"{name}: did not start: {e}")
                 return None
-        t = Target(name, host, ports, iperf=gp[0], pid=proc.pid)
+        t = Target(name, host, ports, *gp, pid=proc.pid)
         self.targets.append(t)
         return t
 
@@ -179,7 +182,7 @@ class Bench:
             procs.append(self.lab.host.popen(argv))
         self._wait_listening(base, 3)
         ports = dict(zip(gports, free_ports(3, base), strict=True))
-        self.targets.append(Target("socat", "127.0.0.1", ports, iperf=gports[0], pid=procs[1].pid))
+        self.targets.append(Target("socat", "127.0.0.1", ports, *gports, pid=procs[1].pid))
 
     def pasta(self, base: int) -> None:
         gports = self._gports()
@@ -194,7 +197,7 @@ class Bench:
             self.notes.append(f"pasta did not start ({e}); stderr: {err.strip()[:300]}")
             return
         ports = dict(zip(gports, free_ports(3, base), strict=True))
-        self.targets.append(Target("pasta", "127.0.0.1", ports, iperf=gports[0], pid=proc.pid))
+        self.targets.append(Target("pasta", "127.0.0.1", ports, *gports, pid=proc.pid))
 
     def _wait_listening(self, base: int, n: int, proc: subprocess.Popen[str] | None = None,
                         timeout: float = 10) -> None:  # fmt: skip
@@ -227,7 +230,7 @@ class Bench:
         return float(bps) / 1e9
 
     def cps(self, t: Target) -> float | None:
-        argv = [self.loadgen, "cps", t.host, str(t.ports[REPLYCLOSE]), "32", "200000",
+        argv = [self.loadgen, "cps", t.host, str(t.ports[t.close]), "32", "200000",
                 str(self.seconds)]  # fmt: skip
         try:
             r = self.lab.host.run(argv, check=False, timeout=self.seconds + 30)
@@ -245,7 +248,7 @@ class Bench:
 
     def rtt(self, t: Target) -> tuple[float, float] | None:
         try:
-            r = self.lab.host.run([self.loadgen, "rtt", t.host, str(t.ports[ECHO]), "20000"],
+            r = self.lab.host.run([self.loadgen, "rtt", t.host, str(t.ports[t.echo]), "20000"],
                                   check=False, timeout=60)  # fmt: skip
         except subprocess.TimeoutExpired:
             self.notes.append(f"{t.name}: rtt hung (killed after 60 s)")
@@ -261,11 +264,12 @@ class Bench:
         """KiB of relay RSS per idle connection with n open (each proven by one echo)."""
         if t.pid is None:
             return None
+        port = t.ports[t.echo]
         code = (
             "import resource,socket,sys\n"
             "h=resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
             "resource.setrlimit(resource.RLIMIT_NOFILE,(h,h))\n"
-            f"ss=[socket.create_connection(('{t.host}',{t.ports[ECHO]}),10) for _ in range({n})]\n"
+            f"ss=[socket.create_connection(('{t.host}',{port}),10) for _ in range({n})]\n"
             "for s in ss: s.sendall(b'x')\n"
             "for s in ss: assert s.recv(1)==b'x'\n"
             "print('held',flush=True); sys.stdin.readline()\n"
@@ -276,8 +280,11 @@ class Bench:
         try:
             wait_for_line(p.stdout, "^held", timeout=120)
             after = rss_kib(t.pid)
-        except TimeoutError as e:
-            self.notes.append(f"{t.name}: holding {n} connections failed: {e}")
+        except TimeoutError:
+            err = ""
+            if p.poll() is not None and p.stderr is not None:
+                err = "".join(p.stderr.read().strip().splitlines()[-1:])
+            self.notes.append(f"{t.name}: holding {n} connections failed: {err}")
             return None
         finally:
             with contextlib.suppress(OSError):
@@ -536,7 +543,6 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(lab, a.seconds, build_loadgen(Path(tmp)))
         if note:
             b.notes.append(note)
-        b.start_guest()
         b.add("direct", None, 0)
         b.sockmap("sockmap", 20000)
         if importlib.util.find_spec("uvloop"):
