@@ -134,6 +134,37 @@ def wait_rows(run: Path, n: int, limit: float) -> float:
     return time.monotonic() - t0
 
 
+def detection(lab: netlab.Lab, guest: netlab.Netns, trials: int, base: int
+              ) -> tuple[subprocess.Popen[str], list[float]]:  # fmt: skip
+    """``trials`` fresh ports base.. opened in ``guest`` at random phases; the ms from each
+    listen() returning to the first answered host connect on 127.0.0.1 (a port never
+    reached is left out). The listener process is returned: its ports stay open."""
+    listener = guest.popen([PY, "-u", "-c", LISTENER], stdin=subprocess.PIPE)
+    prober = lab.host.popen([PY, "-u", "-c", PROBER], stdin=subprocess.PIPE)
+    assert listener.stdin is not None and prober.stdin is not None
+    lat: list[float] = []
+    for i in range(trials):
+        port = base + i
+        prober.stdin.write(f"{port}\n")
+        prober.stdin.flush()
+        time.sleep(random.uniform(0.0, 0.03))  # a random phase against the agent's poll
+        listener.stdin.write(f"open {port}\n")
+        listener.stdin.flush()
+        t_listen = float(_line(listener)[2])
+        got = _line(prober)
+        if got[0] == "reached":
+            lat.append((float(got[2]) - t_listen) * 1000)
+    prober.stdin.close()
+    prober.wait(15)
+    return listener, lat
+
+
+def summary(lat_ms: list[float]) -> dict[str, float]:
+    xs = sorted(lat_ms)
+    return {"trials": len(xs), "p50": statistics.median(xs),
+            "p99": xs[min(len(xs) - 1, int(len(xs) * 0.99))], "min": xs[0], "max": xs[-1]}
+
+
 def run(trials: int, idle_s: float, restore_n: int) -> dict[str, Any]:
     res: dict[str, Any] = {"load_before": os.getloadavg()}
     with netlab.Lab(outside=False) as lab, tempfile.TemporaryDirectory() as tmp:
@@ -145,29 +176,11 @@ def run(trials: int, idle_s: float, restore_n: int) -> dict[str, Any]:
         r = lab.host.sockmap("guest", "create", name, "--run-dir", str(run_dir), cwd=ROOT)
         assert r.returncode == 0, r.stderr
         g = lab.attach(name)
-        listener = g.popen([PY, "-u", "-c", LISTENER], stdin=subprocess.PIPE)
-        prober = lab.host.popen([PY, "-u", "-c", PROBER], stdin=subprocess.PIPE)
-        assert listener.stdin is not None and prober.stdin is not None
-
-        lat: list[float] = []
-        for i in range(trials):
-            port = 20000 + i
-            prober.stdin.write(f"{port}\n")
-            prober.stdin.flush()
-            time.sleep(random.uniform(0.0, 0.02))  # a random phase against the 20 ms poll
-            listener.stdin.write(f"open {port}\n")
-            listener.stdin.flush()
-            t_listen = float(_line(listener)[2])
-            got = _line(prober)
-            if got[0] != "reached":
-                raise RuntimeError(f"port {port} never reached:\n{log.read_text()[-2000:]}")
-            lat.append(float(got[2]) - t_listen)
-        lat_ms = sorted(x * 1000 for x in lat)
-        res["latency_ms"] = {
-            "trials": len(lat_ms), "p50": statistics.median(lat_ms),
-            "p99": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))],
-            "min": lat_ms[0], "max": lat_ms[-1],
-        }
+        listener, lat_ms = detection(lab, g, trials, base=20000)
+        res["latency_ms"] = summary(lat_ms)
+        if len(lat_ms) < trials:
+            raise RuntimeError(f"ports never reached:\n{log.read_text()[-2000:]}")
+        assert listener.stdin is not None
 
         # idle CPU with 100 forwarded ports (the trials' ports are still open)
         wait_rows(run_dir, min(trials, 100), 30)
