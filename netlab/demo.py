@@ -7,7 +7,9 @@
    moments later; `sockmap ls` shows the mapping with its process;
 4. the guest reaches the "internet", which sees the host's address (masquerade);
 5. the server stops: the host port is refused again;
-6. `sockmap guest delete` removes it all.
+6. a host program holds a port a second guest server wants: `sockmap conflicts` names both
+   and says what sockmap did (policy wait); the holder exits and the forward opens;
+7. `sockmap guest delete` removes it all.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def main() -> int:
         step(f"sandbox: host namespace {lab.host.name}, outside namespace {lab.outside.name}")
 
         step("start the host daemon: sockmap daemon")
-        daemon = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", *rd],
+        daemon = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", *rd,
+                                 "--conflict-policy", "wait"],
                                 stderr=subprocess.DEVNULL)
         netlab.wait_for_line(daemon.stdout, "sockmap daemon ready", timeout=15)  # type: ignore[arg-type]
         print("  sockmap daemon ready")
@@ -123,6 +126,31 @@ def main() -> int:
         t0 = time.monotonic()
         out = lab.host.run([PY, "-c", REFUSED, "127.0.0.1", str(PORT)], check=True).stdout
         show(f"connect 127.0.0.1:{PORT}", f"{out.strip()} ({(time.monotonic() - t0):.2f} s)")
+
+        held = PORT + 1
+        step(f"a host program holds port {held}; a guest server wants it too")
+        holder = lab.host.popen([PY, "-u", "-m", "http.server", str(held), "--bind",
+                                 "127.0.0.1", "--directory", tmp], stderr=subprocess.STDOUT)
+        netlab.wait_for_line(holder.stdout, "Serving HTTP")  # type: ignore[arg-type]
+        web2 = guest.popen([PY, "-u", "-m", "http.server", str(held), "--bind", "::",
+                            "--directory", str(site)], stderr=subprocess.STDOUT)
+        netlab.wait_for_line(web2.stdout, "Serving HTTP")  # type: ignore[arg-type]
+        deadline = time.monotonic() + 5
+        while True:  # until the guest's report has reached the daemon (a few ms)
+            r = lab.host.sockmap("conflicts", env=env)
+            if r.returncode != 0 or time.monotonic() > deadline:
+                break
+        show(f"sockmap conflicts   (exit status {r.returncode})", r.stdout)
+        show("sockmap ls", lab.host.sockmap("ls", check=True, env=env).stdout)
+        holder.terminate()
+        holder.wait(5)
+        out = lab.host.run([PY, "-c", FETCH, f"http://127.0.0.1:{held}/", "5"],
+                           check=True).stdout
+        show(f"(the holder exits) curl http://127.0.0.1:{held}/", out)
+        r = lab.host.sockmap("conflicts", env=env)
+        show(f"sockmap conflicts   (exit status {r.returncode})", r.stdout)
+        web2.terminate()
+        web2.wait(5)
 
         step(f"delete the guest: sockmap guest delete {name}")
         show(f"sockmap guest delete {name}",

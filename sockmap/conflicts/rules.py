@@ -596,8 +596,10 @@ def plan(
                     summary=f"guests {r.guest} and {w.guest} both listen on {proto} port "
                             f"{port}; {r.guest} was first and keeps host port {port}",
                     resolution=f"{w.guest}: {did}",
-                    fix=f"run one guest's server on another port, or set policy remap for "
-                        f"port {port}",
+                    fix=(f"run one guest's server on another port, or set policy remap for "
+                         f"port {port}") if pol != "remap" else
+                        "run one guest's server on another port to keep host port numbers "
+                        "equal to guest ports",
                 ))
             if holding:
                 hp = tuple(party_of(h, side="host", receives=f"keeps host port {port}")
@@ -608,8 +610,7 @@ def plan(
                     summary=f"{w.guest} listens on {endpoint(li.addr, li.port)} but {proto} "
                             f"port {port} on host localhost is held by {names}",
                     resolution=did,
-                    fix=f"stop {names} on the host, or set policy remap (or wait) for port "
-                        f"{port}",
+                    fix=_host_fix(pol, names, port),
                 ))
         else:
             retry.extend(tw)
@@ -650,6 +651,20 @@ def plan(
         pending=tuple(pending),
         remapped=tuple(remapped),
     )
+
+
+def _host_fix(pol: Policy, names: str, port: int) -> str:
+    match pol:
+        case "fail":
+            return (f"stop {names} on the host, or set policy remap (or wait) for port "
+                    f"{port}")
+        case "wait":
+            return f"stop {names} on the host: the forward then opens by itself"
+        case "remap":
+            return (f"stop {names} on the host to get port {port} back (the mapping moves "
+                    "back by itself)")
+        case _:
+            assert_never(pol)
 
 
 def _mappings(w: _Want, port: int) -> list[PortMapping]:

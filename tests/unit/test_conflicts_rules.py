@@ -344,3 +344,16 @@ def test_another_process_on_our_endpoint_is_a_holder_when_pids_are_known() -> No
                    current=p.mappings, own_pid=5)
     assert [c.kind for c in again.conflicts] == ["host_port_in_use"]
     assert "sneaky" in again.conflicts[0].summary
+
+
+@pytest.mark.parametrize(("pol", "resolution", "fix"), [
+    ("fail", "not forwarded (policy fail)", "or set policy remap (or wait) for port 8000"),
+    ("remap", "forwarded on host port 8001 instead of 8000", "mapping moves back by itself"),
+    ("wait", "forwarded as soon as it is free (policy wait)", "forward then opens by itself"),
+])
+def test_host_conflict_resolution_and_fix_follow_the_policy(pol: r.Policy, resolution: str,
+                                                           fix: str) -> None:
+    p = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[HOLDER],
+               policies=Policies(default=pol))
+    (c,) = p.conflicts
+    assert resolution in c.resolution and fix in c.fix and "nginx (pid 7)" in c.fix
