@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 "found something" (conflicts), 2 error (bad input, failed op
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -61,12 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sockmap",
         description="Forward guest listeners to host localhost; explain every port conflict.",
+        epilog="examples:\n  sockmap daemon &\n  sockmap guest create dev1\n"
+               "  sockmap guest exec dev1 -- python3 -m http.server 8000\n"
+               "  sockmap ls\n\n`sockmap COMMAND --help` shows each command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sockmap {__version__}")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # guest ------------------------------------------------------------------------------
-    guest = subs.add_parser("guest", help="create, delete, list NAT'd netns guests, or run in one")
+    guest = subs.add_parser("guest", help="create, delete, list NAT'd netns guests, or run in one",
+                            description="NAT'd network-namespace guests.",
+                            epilog="example:\n  sockmap guest create dev1 && sockmap guest "
+                                   "exec dev1 -- python3 -m http.server 8000",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     gsubs = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
     p = _sub(gsubs, "create", _guest_create, "create a NAT'd network-namespace guest",
              "sockmap guest create dev1 --subnet 172.31.9.0/30")
@@ -87,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # agent ------------------------------------------------------------------------------
     p = _sub(subs, "agent", _agent, "guest agent: watch listeners and report them",
-             "sockmap agent --print")
+             "sockmap agent --connect tcp:192.168.122.1:7070 --name vm1 "
+             "--token-file /etc/sockmap/vm1.token")
     p.add_argument("--connect", help="unix:PATH | tcp:HOST:PORT | vsock:CID:PORT")
     p.add_argument("--name", help="guest name to report (default: hostname)")
     p.add_argument("--token-file", type=Path, help="file holding the shared token")
@@ -103,22 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     # daemon, ls, conflicts --------------------------------------------------------------
     p = _sub(subs, "daemon", _daemon, "host daemon (foreground)",
              "sockmap daemon --config /etc/sockmap/sockmap.toml")
-    p.add_argument("--config", type=Path)
-    p.add_argument("--conflict-policy", choices=["fail", "remap", "wait"], default="fail",
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="rules file (TOML; default /etc/sockmap/sockmap.toml if it exists); "
+                        "reloaded on SIGHUP")
+    p.add_argument("--metrics", metavar="ADDR:PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (loopback "
+                        "only, e.g. 127.0.0.1:9464)")
+    p.add_argument("--conflict-policy", choices=["fail", "remap", "wait"], default=None,
                    help="when a host port is held (by a host program or another guest): "
-                        "fail = report, don't forward (default); remap = forward on the "
-                        "next free host port; wait = forward once it frees")
+                        "fail = report, don't forward; remap = forward on the next free host "
+                        "port; wait = forward once it frees (default: the rules file's "
+                        "conflict_policy, else fail)")
     p.add_argument("--flat", action="store_true",
                    help="flat mode: report this network namespace's conflicts (served by "
                         "`sockmap conflicts`), forward nothing")
     p.add_argument("--agent-listen", metavar="HOST:PORT",
                    help="also accept agents (VMs) over TCP, bound only there; each needs "
                         "RUN_DIR/tokens/NAME.token")
-    p = _sub(subs, "ls", _ls, "list active mappings", "sockmap ls --json")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", action="store_true")
-    p.add_argument("--guest")
-    p.add_argument("--port", type=int)
+    p = _sub(subs, "ls", _ls, "list active mappings", "sockmap ls --guest dev1 --port 8000")
+    p.add_argument("--json", action="store_true", help="a JSON list of mapping objects")
+    p.add_argument("--watch", action="store_true", help="redraw once a second until ^C")
+    p.add_argument("--guest", metavar="NAME", help="only this guest's mappings")
+    p.add_argument("--port", type=int, metavar="N", help="only mappings with host or guest "
+                                                         "port N")
     p = _sub(subs, "conflicts", _conflicts, "explain port conflicts",
              "sockmap conflicts --flat")
     p.add_argument("--json", action="store_true")
@@ -221,17 +236,24 @@ def _conflicts(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from sockmap import daemon
-
-    if args.config is not None:
-        raise SockmapError("rules files (--config) are not supported yet",
-                           hint="run `sockmap daemon` without --config")
-    listen = daemon.parse_listen(args.agent_listen) if args.agent_listen else None
+    from sockmap import config, daemon
     from sockmap.conflicts.rules import Policies
 
+    # the rules file: --config FILE (must exist), else /etc/sockmap/sockmap.toml if present;
+    # a bad file stops here (exit 2) with its file:line:key. Flags win over [daemon].
+    path: Path | None = args.config
+    if path is None and config.DEFAULT_PATH.exists():
+        path = config.DEFAULT_PATH
+    fc = config.load(path) if path is not None else config.FileConfig()
+    listen = daemon.parse_listen(args.agent_listen) if args.agent_listen else fc.agent_listen
+    metrics = (config.loopback_only(config.parse_hostport(args.metrics, "--metrics"),
+                                    "--metrics") if args.metrics else fc.metrics)
+    policy = args.conflict_policy or fc.conflict_policy or "fail"
     rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen,
-                                        policies=Policies(default=args.conflict_policy),
-                                        flat=args.flat))
+                                        policies=Policies(default=policy),
+                                        flat=args.flat, config_path=path, rules=fc.rules,
+                                        metrics=metrics,
+                                        udp_ephemeral=bool(fc.udp_ephemeral)))
     return rc
 
 
@@ -276,11 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cmd = command or []
     elif command is not None:
         parser.error("'--' is only for `sockmap guest exec NAME -- CMD`")
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from sockmap import logs
+
+    logs.setup(args.log_level)  # one line per event on stderr (journald-friendly)
     try:
         rc: int = args.handler(args)
     except SockmapError as e:

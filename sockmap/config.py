@@ -17,7 +17,7 @@ process = "python*"            # glob on the owning process name
 action = "forward"             # forward | ignore
 host_port = 18000              # fixed host port (one guest port only), or
 host_port_offset = 10000       # host port = guest port + offset
-host_addr = "192.168.1.5"      # default: loopback; anything else needs expose = true
+host_addr = "192.168.1.5"      # default: loopback; any other address needs expose = true
 expose = true
 policy = "remap"               # this rule's conflict policy
 ```
@@ -392,6 +392,10 @@ def _host_addrs(r: dict[str, Any], err: Any) -> tuple[str, ...]:
         if ip.is_multicast or ip.is_link_local:
             raise err("host_addr", f"{a} is a multicast or link-local address",
                       "use a unicast address of this host")
+        if ip.is_unspecified:
+            raise err("host_addr", f"{a} is a wildcard (every address of this host, and it "
+                      "would shadow other listeners of the port)",
+                      "list the host addresses to expose on, e.g. [\"192.168.1.5\", \"::1\"]")
         if str(ip) in out:
             raise err("host_addr", f"{a} is listed twice", "list each address once")
         out.append(str(ip))

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import sockmap
-from sockmap import control, natproc
+from sockmap import config, control, metrics, natproc, sdnotify
 from sockmap import protocol as p
 from sockmap.conflicts import flatscan
 from sockmap.conflicts import report as conflict_report
@@ -60,6 +60,7 @@ from sockmap.conflicts.rules import (
     Policies,
     PortMapping,
     Relay,
+    Rule,
     plan,
 )
 from sockmap.errors import SockmapError
@@ -92,6 +93,10 @@ class Config:
     policies: Policies = field(default_factory=Policies)  # --conflict-policy, rules file
     host_poll_s: float = 0.25  # host listener poll while a conflict waits on a host holder
     flat: bool = False  # flat mode: report this namespace's conflicts, forward nothing
+    config_path: Path | None = None  # the rules file, reloaded on SIGHUP
+    rules: tuple[Rule, ...] = ()  # its rules at start
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint (loopback), only when given
+    udp_ephemeral: bool = False  # agents we start also report UDP on ephemeral ports
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -185,7 +190,8 @@ class _Supervisor:
         return [nsenter, f"--net={NETNS_DIR / self.netns}", "--", cfg.python, "-m",
                 "sockmap.cli", "agent", "--log-level", "info",
                 "--connect", f"unix:{cfg.run_dir / AGENT_SOCKET}", "--name", self.name,
-                "--token-file", str(token_path(cfg.run_dir, self.name))]
+                "--token-file", str(token_path(cfg.run_dir, self.name)),
+                *(["--udp-ephemeral"] if cfg.udp_ephemeral else [])]
 
     async def run(self) -> None:
         env = dict(os.environ)
@@ -275,6 +281,12 @@ class Daemon:
         self._watch_ev = asyncio.Event()
         self._waiting_since: dict[MappingKey, float] = {}
         self._flat: tuple[Conflict, ...] = ()
+        # rules file and metrics
+        self.rules: tuple[Rule, ...] = cfg.rules
+        self._reloads = {"ok": 0, "error": 0}
+        self._reload_error = ""
+        self._first_seen: dict[tuple[str, str, int], float] = {}  # (guest, proto, port)
+        self._latency = metrics.Histogram()
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -309,6 +321,17 @@ class Daemon:
                 raise SockmapError(f"cannot listen for agents on {host}:{port}: {e.strerror}",
                                    hint="give an address this host has and a free port") from e
             log.info("TCP agent listener on %s:%d", host, port)
+        if cfg.metrics is not None:
+            host, port = config.loopback_only(cfg.metrics, "metrics address")
+            try:
+                self._servers.append(await asyncio.start_server(
+                    self._metrics_conn, host, port, reuse_address=True))
+            except OSError as e:
+                raise SockmapError(f"cannot serve metrics on {host}:{port}: {e.strerror}",
+                                   hint="pick a free port with --metrics ADDR:PORT") from e
+            log.info("metrics on http://%s/metrics", control_endpoint(host, port))
+        if cfg.config_path is not None:
+            log.info("rules from %s: %d rules", cfg.config_path, len(self.rules))
 
     def _refuse_second_daemon(self) -> None:
         path = control.socket_path(self.cfg.run_dir)
@@ -545,6 +568,7 @@ class Daemon:
         assert g is not None
         match msg:
             case p.Snapshot():
+                self._seen(name, msg.listeners)
                 reg.snapshot(name, msg.listeners, msg.addrs)
                 self._verify_addrs(name)
                 log.info("guest %s: snapshot, %d listeners, addresses %s", name,
@@ -555,6 +579,7 @@ class Daemon:
             case p.Added() | p.Removed() | p.Addresses() if not g.synced:
                 raise p.ProtocolError("bad_field", f"{type(msg).__name__} before snapshot")
             case p.Added():
+                self._seen(name, msg.listeners)
                 reg.added(name, msg.listeners)
             case p.Removed():
                 reg.removed(name, msg.listeners)
@@ -703,7 +728,7 @@ class Daemon:
         current = tuple(m for ms in self._open.values() for m in ms)
         pl = plan(guests=self.registry.states(), host_listeners=host, current=current,
                   blocked=tuple(self._blocked), own_pid=os.getpid(),
-                  policies=self.cfg.policies)
+                  policies=self.cfg.policies, rules=self.rules)
         self.last_plan = pl
         self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
                                 if c.kind == "host_port_in_use")
@@ -730,6 +755,10 @@ class Daemon:
                 self._open_group(key, want)
         for c in pl.conflicts:
             self._log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; {c.resolution}")
+        # first-report times: kept only for wanted mappings not open yet
+        wanted = {(m.guest, str(m.proto), m.guest_port) for m in pl.mappings}
+        wanted -= {(k.guest, str(k.proto), k.port) for k in self._open}
+        self._first_seen = {k: t for k, t in self._first_seen.items() if k in wanted}
         if self._blocked and self._retry is None:
             def again() -> None:
                 self._retry = None
@@ -843,6 +872,9 @@ class Daemon:
             self._bind_failed.add(key)
             return
         self._bind_failed.discard(key)
+        seen = self._first_seen.pop((key.guest, str(key.proto), key.port), None)
+        if seen is not None:
+            self._latency.observe(time.monotonic() - seen)
         self._open[key] = group
         self._shown[key] = group
         log.info("forwarding %s on %s port %d -> %s:%d", key,
@@ -966,7 +998,87 @@ class Daemon:
                 "agent_pid": sup.proc.pid if sup and sup.proc else None,
                 "agent_starts": sup.starts if sup else 0,
             })
-        return {"pid": os.getpid(), "guests": guests, "mappings": len(self._open)}
+        return {"pid": os.getpid(), "guests": guests, "mappings": len(self._open),
+                "config": str(self.cfg.config_path or ""), "rules": len(self.rules),
+                "reloads": dict(self._reloads), "reload_error": self._reload_error}
+
+    # -- rules file and metrics -----------------------------------------------------------
+    def _seen(self, guest: str, listeners: tuple[Listener, ...]) -> None:
+        """When a listener was first reported (for sockmap_event_to_mapping_seconds)."""
+        now = time.monotonic()
+        for li in listeners:
+            self._first_seen.setdefault((guest, li.proto, li.port), now)
+
+    def reload(self) -> None:
+        """SIGHUP: read the rules file again; on success replan with the new rules (mappings
+        whose decision did not change stay open, connections of changed ones drain); on
+        failure keep the old rules and log one line."""
+        t = asyncio.get_running_loop().create_task(self._reload())
+        self._drains.add(t)
+        t.add_done_callback(self._drains.discard)
+
+    async def _reload(self) -> None:
+        path = self.cfg.config_path
+        if path is None:
+            log.warning("SIGHUP: no rules file to reload (start with --config FILE)")
+            return
+        try:
+            fc = await asyncio.to_thread(config.load, path)
+        except SockmapError as e:
+            self._reloads["error"] += 1
+            self._reload_error = str(e)
+            log.error("reload failed, keeping the old rules: %s", e)
+            return
+        static = [k for k, v in (("agent_listen", fc.agent_listen), ("metrics", fc.metrics),
+                                 ("conflict_policy", fc.conflict_policy),
+                                 ("udp_ephemeral", fc.udp_ephemeral)) if v is not None]
+        if static:
+            log.info("reload: [daemon] %s apply at start only; restart to change them",
+                     ", ".join(static))
+        self.rules = fc.rules
+        self._reloads["ok"] += 1
+        self._reload_error = ""
+        await self.wait_planned(self.request_replan())
+        log.info("reloaded %s: %d rules, %d mappings", path, len(fc.rules), len(self._open))
+
+    def metrics_text(self) -> str:
+        conn = []
+        for name in self.registry.names():
+            g = self.registry.get(name)
+            conn.append(g is not None and g.session is not None)
+        pl = self.last_plan
+        return metrics.render(rows=self.rows() if self.table is not None else [],
+                              guests=conn, conflicts=[c.kind for c in pl.conflicts] if pl
+                              else [], latency=self._latency, reloads=self._reloads)
+
+    async def _metrics_conn(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        """A minimal HTTP/1.0 GET /metrics (loopback only, one request per connection)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            async with asyncio.timeout(5):
+                first = await reader.readline()
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    del line  # headers: not needed
+            path = metrics.route(first)
+            if path is None:
+                writer.write(metrics.http_response("bad request\n", status="400 Bad Request",
+                                                   content_type="text/plain"))
+            elif path.split("?")[0] in ("/metrics", "/"):
+                writer.write(metrics.http_response(self.metrics_text()))
+            else:
+                writer.write(metrics.http_response("try /metrics\n", status="404 Not Found",
+                                                   content_type="text/plain"))
+            await writer.drain()
+        except (OSError, TimeoutError, ValueError):
+            pass  # a client that goes away or sends nonsense gets nothing more
+        except Exception:
+            log.exception("metrics request failed")
+        finally:
+            writer.close()
+            self._conns.discard(task)
 
     async def guest_create(self, name: str, subnet: str | None, *, nat: bool) -> object:
         async with self._guest_lock:
@@ -1013,6 +1125,10 @@ class Daemon:
         return lines
 
 
+def control_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def peer_pid(writer: asyncio.StreamWriter) -> int | None:
     """The pid of a unix-socket peer (SO_PEERCRED), None for TCP or when unknown."""
     import struct
@@ -1057,19 +1173,23 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, d.stop)
+    loop.add_signal_handler(signal.SIGHUP, d.reload)
     try:
         await d.startup()
         on_ready()
         await d.run()
     finally:
+        sdnotify.notify("STOPPING=1")
         await d.shutdown()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
 def main(cfg: Config) -> int:
     def ready() -> None:
         print(READY_LINE, flush=True)
+        sdnotify.notify(f"READY=1\nSTATUS=forwarding; control socket "
+                        f"{control.socket_path(cfg.run_dir)}\nMAINPID={os.getpid()}")
 
     asyncio.run(serve(cfg, ready))
     return 0

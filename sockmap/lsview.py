@@ -2,7 +2,11 @@
 
 Rows come from the daemon (``Daemon.rows``) as JSON objects. Text columns are sized to their
 content; STATE shows only when some mapping is not open (draining). A host side of 127.0.0.1
-and ::1 on one port shows as ``localhost:PORT``.
+and ::1 on one port shows as ``localhost:PORT``. When the table is wider than ``width`` (80),
+a host side of several addresses shows its first and a count (``198.18.0.1:7003+1``), a guest
+side of 0.0.0.0 shows as ``*`` (as ss does), the protocol joins the guest side
+(``*:7003/tcp``, as docker prints ports) and long process names are cut with "~";
+``--json`` always has everything.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ def endpoint(addr: str, port: object) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
-def host_text(r: Row) -> str:
+def host_text(r: Row, *, compact: bool = False) -> str:
     addrs = list(r.get("host_addrs") or [r.get("host_addr", "?")])
     port = r.get("host_port", "?")
     if sorted(addrs) == ["127.0.0.1", "::1"]:
         return f"localhost:{port}"
+    if compact and len(addrs) > 1:
+        return f"{endpoint(str(addrs[0]), port)}+{len(addrs) - 1}"
     return ",".join(endpoint(str(a), port) for a in addrs)
 
 
@@ -60,27 +66,47 @@ def human_age(s: object) -> str:
     return f"{s // 86400}d"
 
 
-def cells(r: Row) -> tuple[str, ...]:
+def guest_text(r: Row, *, compact: bool = False) -> str:
+    addr = str(r.get("guest_addr", "?"))
+    if not compact:
+        return endpoint(addr, r.get("guest_port", "?"))
+    if addr == "0.0.0.0":
+        addr = "*"  # as ss prints it
+    return f"{endpoint(addr, r.get('guest_port', '?'))}/{r.get('proto', '?')}"
+
+
+PROCESS_CUT = 8  # a narrower PROCESS column when the table is too wide
+
+
+def cells(r: Row, *, compact: bool = False) -> tuple[str, ...]:
     pid, proc = r.get("pid"), r.get("process") or ""
     who = proc or (f"pid {pid}" if pid is not None else "-")  # the pid is in --json
+    if compact and len(who) > PROCESS_CUT:
+        who = who[: PROCESS_CUT - 1] + "~"
     return (
-        str(r.get("guest", "?")), str(r.get("proto", "?")), host_text(r),
-        endpoint(str(r.get("guest_addr", "?")), r.get("guest_port", "?")), who,
+        str(r.get("guest", "?")), str(r.get("proto", "?")), host_text(r, compact=compact),
+        guest_text(r, compact=compact), who,
         str(r.get("state", "?")), str(r.get("connections", "?")),
         human_bytes(r.get("bytes_in")), human_bytes(r.get("bytes_out")),
         human_age(r.get("age_s")),
     )
 
 
-def render(rows: Sequence[Row]) -> str:
+def render(rows: Sequence[Row], *, width: int = 80) -> str:
     """Aligned text; an explanatory line when there is nothing to show."""
     if not rows:
         return "no mappings (start a server in a guest; `sockmap guest list` lists guests)"
-    show = [c for c in COLUMNS
+    base = [c for c in COLUMNS
             if c != "STATE" or any(r.get("state") != "open" for r in rows)]
-    keep = [COLUMNS.index(c) for c in show]
-    table = [tuple(show), *(tuple(cells(r)[i] for i in keep) for r in rows)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(show))]
+    for compact in (False, True):
+        # compact: the protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp")
+        show = [c for c in base if c != "PROTO"] if compact else base
+        keep = [COLUMNS.index(c) for c in show]
+        table = [tuple(show), *(tuple(cells(r, compact=compact)[i] for i in keep)
+                                for r in rows)]
+        widths = [max(len(row[i]) for row in table) for i in range(len(show))]
+        if sum(widths) + len(widths) - 1 <= width:
+            break
     lines = []
     for row in table:
         parts = [c.rjust(w) if show[i] in RIGHT else c.ljust(w)

@@ -268,7 +268,7 @@ def test_cli_without_daemon(lab: netlab.Lab, tmp_path: Path) -> None:
     assert r.returncode == 2 and "sockmap daemon" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r = lab.host.sockmap("daemon", "--run-dir", str(tmp_path), "--config", "/nonexistent")
-    assert r.returncode == 2 and "not supported yet" in r.stderr
+    assert r.returncode == 2 and "/nonexistent: no such file" in r.stderr
 
 
 def test_loopback_only_servers_through_the_relay_not_from_another_guest(

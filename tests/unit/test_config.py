@@ -99,11 +99,11 @@ BAD = [
     (R + "[[rule]]\nport = 80\nhost_port = 8080\nhost_port_offset = 1\n", 6, "both given"),
     (R + "[[rule]]\nport = \"65000-65500\"\nhost_port_offset = 1000\n", 5,
      "outside 1-65535"),
-    (R + "[[rule]]\nport = 80\nhost_addr = \"0.0.0.0\"\n", 5, "would expose"),
+    (R + "[[rule]]\nport = 80\nhost_addr = \"10.1.2.3\"\n", 5, "would expose"),
     (R + "[[rule]]\nport = 80\nhost_addr = \"192.168.1.9\"\nexpose = false\n", 5,
      "would expose"),
     (R + "[[rule]]\nport = 80\nexpose = true\n", 5, "host_addr is loopback"),
-    (R + "[[rule]]\nport = 80\nhost_addr = \"0.0.0.0\"\nexpose = \"yes\"\n", 6,
+    (R + "[[rule]]\nport = 80\nhost_addr = \"10.1.2.3\"\nexpose = \"yes\"\n", 6,
      "must be true or false"),
     (R + "[[rule]]\nport = 80\nhost_addr = \"localhost\"\n", 5, "not an IP address"),
     (R + "[[rule]]\nport = 80\nhost_addr = \"fe80::1\"\n", 5, "link-local"),
@@ -171,7 +171,7 @@ port = "3000-3999"
 host_port_offset = 100
 [[rule]]
 port = 7000
-host_addr = "0.0.0.0"
+host_addr = ["10.9.9.9", "::1"]
 expose = true
 [[rule]]
 guest = "other*"
@@ -182,7 +182,7 @@ action = "ignore"
     o = GuestState(name="other1", addrs=("10.0.1.2",), listeners=(li(9001),))
     p = plan(guests=[g, o], rules=c.rules)
     got = sorted((m.guest_port, m.host_addr, m.host_port) for m in p.mappings)
-    assert got == [(3000, "127.0.0.1", 3100), (7000, "0.0.0.0", 7000),
+    assert got == [(3000, "127.0.0.1", 3100), (7000, "10.9.9.9", 7000), (7000, "::1", 7000),
                    (8000, "127.0.0.1", 18000), (9000, "127.0.0.1", 9000)]
     why = {(s.guest, s.listener.port): s.reason for s in p.skipped}
     assert why == {("dev1", 5432): "ignored by rule at <config>:2",

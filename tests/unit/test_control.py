@@ -96,3 +96,14 @@ def test_render_shows_state_only_when_some_row_is_not_open() -> None:
     assert "STATE" not in lsview.render([row()])
     text = lsview.render([row(), row(guest="b", state="draining")])
     assert "STATE" in text and "draining" in text
+
+
+def test_render_compacts_to_80_columns() -> None:
+    rows = [row(guest="smk-15891-1-g", host_addrs=["198.18.0.1", "127.0.0.1"], host_port=7003,
+                guest_addr="0.0.0.0", guest_port=7003, process="a-very-long-name",
+                state="remapped")]
+    wide = lsview.render(rows, width=200)
+    assert "198.18.0.1:7003,127.0.0.1:7003" in wide and "a-very-long-name" in wide
+    text = lsview.render(rows)
+    assert "198.18.0.1:7003+1" in text and "a-very-~" in text and "*:7003/tcp" in text, text
+    assert all(len(line) <= 80 for line in text.splitlines()), text

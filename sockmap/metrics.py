@@ -1,0 +1,134 @@
+"""Prometheus text exposition (format 0.0.4), pure: the daemon's rows and counters in, text
+out. The HTTP side is a few lines in the daemon (``serve_http``), bound to loopback only.
+
+Metrics:
+- ``sockmap_mappings{state}``: mappings by state (ls's STATE column)
+- ``sockmap_guests{connected}``: guests the daemon knows, by whether an agent is connected
+- ``sockmap_connections{guest,proto,host_port}``: open connections per mapping
+- ``sockmap_connections_total{...}``, ``sockmap_bytes_total{...,direction}``: counters per
+  mapping (``in``: client -> guest, ``out``: guest -> client)
+- ``sockmap_conflicts{kind}``: conflicts in the last plan
+- ``sockmap_event_to_mapping_seconds``: histogram, from the agent's report of a new listener
+  reaching the daemon to its mapping listening on the host (what the daemon can measure:
+  the guest-side detection delay, one poll interval at most, comes before it)
+- ``sockmap_reloads_total{result}``: SIGHUP reloads, ``ok`` or ``error``
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(slots=True)
+class Histogram:
+    buckets: tuple[float, ...] = BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    total: int = 0
+    sum: float = 0.0
+
+    def observe(self, v: float) -> None:
+        if math.isnan(v) or v < 0:
+            return
+        self.total += 1
+        self.sum += v
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+
+
+def escape(v: object) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def labels(**kv: object) -> str:
+    if not kv:
+        return ""
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in kv.items()) + "}"
+
+
+def _num(v: object) -> str:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return "0"
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
+           conflicts: Iterable[str], latency: Histogram,
+           reloads: Mapping[str, int]) -> str:
+    """The exposition text. ``rows``: Daemon.rows(); ``guests``: connected? per guest;
+    ``conflicts``: the kind of each conflict of the last plan."""
+    out: list[str] = []
+
+    def head(name: str, kind: str, text: str) -> None:
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+
+    head("sockmap_mappings", "gauge", "Mappings by state.")
+    states: dict[str, int] = {}
+    for r in rows:
+        s = str(r.get("state", "?"))
+        states[s] = states.get(s, 0) + 1
+    for s in sorted(states or {"open": 0}):
+        out.append(f"sockmap_mappings{labels(state=s)} {states.get(s, 0)}")
+
+    head("sockmap_guests", "gauge", "Guests known to the daemon, by agent connection.")
+    conn = list(guests)
+    for flag in (True, False):
+        out.append(f"sockmap_guests{labels(connected=str(flag).lower())} "
+                   f"{sum(1 for g in conn if g == flag)}")
+
+    per = [(labels(guest=r.get("guest", ""), proto=r.get("proto", ""),
+                   host_port=r.get("host_port", "")), r) for r in rows]
+    head("sockmap_connections", "gauge", "Open connections (UDP: flows) per mapping.")
+    out.extend(f"sockmap_connections{lb} {_num(r.get('connections'))}" for lb, r in per)
+    head("sockmap_connections_total", "counter", "Connections accepted per mapping.")
+    out.extend(f"sockmap_connections_total{lb} {_num(r.get('connections_total'))}"
+               for lb, r in per)
+    head("sockmap_bytes_total", "counter",
+         "Bytes relayed per mapping; in: client to guest, out: guest to client.")
+    for lb, r in per:
+        for d in ("in", "out"):
+            out.append(f"sockmap_bytes_total{lb[:-1]},direction=\"{d}\"}} "
+                       f"{_num(r.get(f'bytes_{d}'))}")
+
+    head("sockmap_conflicts", "gauge", "Conflicts in the last plan, by kind.")
+    kinds: dict[str, int] = {}
+    for k in conflicts:
+        kinds[k] = kinds.get(k, 0) + 1
+    for k in sorted(kinds):
+        out.append(f"sockmap_conflicts{labels(kind=k)} {kinds[k]}")
+
+    name = "sockmap_event_to_mapping_seconds"
+    head(name, "histogram",
+         "From an agent's report of a new listener to its host mapping listening.")
+    for b, c in zip(latency.buckets, latency.counts, strict=True):
+        out.append(f'{name}_bucket{{le="{b}"}} {c}')
+    out.append(f'{name}_bucket{{le="+Inf"}} {latency.total}')
+    out.append(f"{name}_sum {latency.sum!r}")
+    out.append(f"{name}_count {latency.total}")
+
+    head("sockmap_reloads_total", "counter", "Rules file reloads (SIGHUP) by result.")
+    for res in ("ok", "error"):
+        out.append(f"sockmap_reloads_total{labels(result=res)} {reloads.get(res, 0)}")
+    return "\n".join(out) + "\n"
+
+
+def http_response(body: str, *, status: str = "200 OK",
+                  content_type: str = CONTENT_TYPE) -> bytes:
+    data = body.encode()
+    return (f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+
+
+def route(request_line: bytes) -> str | None:
+    """The path of a ``GET PATH HTTP/x`` line, None when it is not one."""
+    parts = request_line.decode("latin-1").split()
+    if len(parts) != 3 or parts[0] != "GET" or not parts[2].startswith("HTTP/"):
+        return None
+    return parts[1]

@@ -1,0 +1,93 @@
+"""Metrics text, sd_notify datagrams and one-line logs."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from sockmap import logs, metrics, sdnotify
+
+ROW = {"guest": 'de"v1', "proto": "tcp", "host_port": 8080, "state": "open", "connections": 2,
+       "connections_total": 7, "bytes_in": 10, "bytes_out": 2000}
+
+
+def test_render_families_and_values() -> None:
+    h = metrics.Histogram()
+    for v in (0.003, 0.02, 0.02, 7.0, -1.0, float("nan")):
+        h.observe(v)
+    text = metrics.render(rows=[ROW, {**ROW, "host_port": 9, "state": "remapped"}],
+                          guests=[True, False, True], conflicts=["time_wait", "time_wait"],
+                          latency=h, reloads={"ok": 2})
+    lines = text.splitlines()
+    assert 'sockmap_mappings{state="open"} 1' in lines
+    assert 'sockmap_mappings{state="remapped"} 1' in lines
+    assert 'sockmap_guests{connected="true"} 2' in lines
+    assert 'sockmap_bytes_total{guest="de\\"v1",proto="tcp",host_port="8080",direction="out"} ' \
+           "2000" in lines
+    assert 'sockmap_connections_total{guest="de\\"v1",proto="tcp",host_port="8080"} 7' in lines
+    assert 'sockmap_conflicts{kind="time_wait"} 2' in lines
+    assert 'sockmap_event_to_mapping_seconds_bucket{le="0.005"} 1' in lines
+    assert 'sockmap_event_to_mapping_seconds_bucket{le="0.025"} 3' in lines
+    assert 'sockmap_event_to_mapping_seconds_bucket{le="+Inf"} 4' in lines
+    assert "sockmap_event_to_mapping_seconds_count 4" in lines
+    assert 'sockmap_reloads_total{result="error"} 0' in lines
+    # every sample line: name{labels} value, and every family has HELP and TYPE
+    for ln in lines:
+        if not ln.startswith("#"):
+            assert re.fullmatch(r'[a-z_]+(\{[^}]*\})? [0-9.e+-]+', ln), ln
+    assert text.count("# TYPE") == text.count("# HELP") == 8
+
+
+def test_render_empty() -> None:
+    text = metrics.render(rows=[], guests=[], conflicts=[], latency=metrics.Histogram(),
+                          reloads={})
+    assert 'sockmap_mappings{state="open"} 0' in text
+
+
+@pytest.mark.parametrize(("line", "path"), [
+    (b"GET /metrics HTTP/1.1\r\n", "/metrics"), (b"GET / HTTP/1.0\r\n", "/"),
+    (b"POST /metrics HTTP/1.1\r\n", None), (b"\xff\xfe\r\n", None), (b"", None),
+])
+def test_route(line: bytes, path: str | None) -> None:
+    assert metrics.route(line) == path
+
+
+def test_http_response() -> None:
+    r = metrics.http_response("a\n")
+    assert r.startswith(b"HTTP/1.0 200 OK\r\n") and r.endswith(b"\r\n\r\na\n")
+    assert b"Content-Length: 2\r\n" in r
+
+
+def test_sd_notify(tmp_path: Path) -> None:
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        assert sdnotify.notify("READY=1", env={"NOTIFY_SOCKET": str(path)})
+        assert s.recv(100) == b"READY=1"
+    assert not sdnotify.notify("READY=1", env={})
+    assert not sdnotify.notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "gone")})
+    assert not sdnotify.notify("READY=1", env={"NOTIFY_SOCKET": "relative"})
+
+
+@pytest.mark.parametrize(("env", "pattern"), [
+    ({}, r"^\d{4}-\d\d-\d\d [\d:,]+ ERROR t: boom \| Traceback .*ValueError: x$"),
+    ({"JOURNAL_STREAM": "8:1"}, r"^<3>t: boom \| Traceback .*ValueError: x$"),
+])
+def test_one_line_per_event(env: dict[str, str], pattern: str) -> None:
+    out = io.StringIO()
+    logs.setup("info", stream=out, env=env)
+    try:
+        try:
+            raise ValueError("x")
+        except ValueError:
+            logging.getLogger("t").exception("boom")
+        logging.getLogger("t").debug("hidden")
+    finally:
+        logs.setup("warning")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and re.match(pattern, lines[0]), lines
