@@ -1,13 +1,15 @@
 """The host daemon: agents report, ``conflicts.rules.plan`` decides, the proxy forwards.
 
-Shape (uvicorn's): cli.py builds a frozen ``Config`` (no I/O); ``serve`` installs the signal
-handlers (SIGTERM, SIGINT: the one place), then ``Daemon.startup`` / ``run`` / ``shutdown``.
+Shape (uvicorn's): cli.py builds a frozen ``Config`` (no I/O; it has loaded the rules file
+already); ``serve`` installs the signal handlers (SIGTERM, SIGINT: stop; SIGHUP: reload the
+rules file; the one place), then ``Daemon.startup`` / ``run`` / ``shutdown``.
 ``run`` is one TaskGroup: the replanner and one supervisor per daemon-made guest.
 
 Sockets, all under RUN_DIR:
 - ``control.sock`` (0600): the CLI's JSON-lines requests (sockmap.control).
 - ``agent.sock`` (0600): agents of netns guests (the daemon starts them with nsenter).
 - a TCP agent listener only when configured (``--agent-listen HOST:PORT``), bound only there.
+- a Prometheus endpoint only when configured (``--metrics ADDR:PORT``), loopback only.
 
 Agents authenticate with Hello(guest, token); the token must equal RUN_DIR/tokens/GUEST.token
 (hmac.compare_digest). The daemon writes a random token (0600) for each guest it starts an
@@ -1019,8 +1021,10 @@ class Daemon:
 
     async def _reload(self) -> None:
         path = self.cfg.config_path
-        if path is None:
-            log.warning("SIGHUP: no rules file to reload (start with --config FILE)")
+        if path is None or self.cfg.flat:
+            log.warning("SIGHUP: %s", "flat mode forwards nothing, so it has no rules"
+                        if self.cfg.flat else "no rules file to reload (start with --config "
+                        "FILE or write /etc/sockmap/sockmap.toml)")
             return
         try:
             fc = await asyncio.to_thread(config.load, path)
