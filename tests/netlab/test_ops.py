@@ -22,6 +22,7 @@ import pytest
 import netlab
 from netlab.lab import HOST_UPLINK_ADDR as UPLINK
 from tests.netlab.e2e_fixtures import Daemon, probe, start_daemon
+from tests.netlab.e2e_fixtures import serve as serve_any
 
 pytestmark = pytest.mark.netlab
 PY = sys.executable
@@ -71,6 +72,7 @@ print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode(), end="")
 RULES_V1 = f"""
 [daemon]
 metrics = "{METRICS}"
+udp_ephemeral = true  # a UDP server on an ephemeral port (45000) is reported and forwarded
 
 [[rule]]            # line 5
 port = 7001
@@ -175,6 +177,9 @@ def _run(lab: netlab.Lab, d: Daemon) -> None:
     quiet = serve(g, "0.0.0.0", 7010, "quietd")
     for port in (7002, 7150, 7003, 7004, 7000):
         serve(g, "0.0.0.0", port)
+    serve_any(g, "udp", "0.0.0.0", 45000)
+    ok, _, answer = probe(lab.host, "open", "udp", "127.0.0.1", 45000)
+    assert ok and answer == "hi ping", f"udp 45000: {answer}\n{d.log_text()}"
     for addr, port in (("127.0.0.1", 17002), ("127.0.0.1", 8150), ("127.0.0.1", 7003),
                        ("127.0.0.1", 7000)):
         ok, _, answer = probe(lab.host, "open", "tcp", addr, port)
@@ -190,7 +195,7 @@ def _run(lab: netlab.Lab, d: Daemon) -> None:
     assert 7001 not in m and 7010 not in m, m  # ignored by port, by process name
     assert m[7002]["host_port"] == 17002 and m[7150]["host_port"] == 8150
     assert m[7003]["host_addrs"] == [UPLINK, "127.0.0.1"]
-    assert m[7000]["host_port"] == 7000
+    assert m[7000]["host_port"] == 7000 and m[45000]["proto"] == "udp"
     assert m[7004]["host_port"] not in (7004, 0), m[7004]  # remapped past the holder
     ok, _, answer = probe(lab.host, "open", "tcp", "127.0.0.1", m[7004]["host_port"])
     assert ok and answer == "hi", answer
