@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 need_cmds=(nft:nftables ip:iproute2 sysctl:procps)
 if [ "${1:-}" = "bench" ]; then
-  need_cmds+=(socat:socat iperf3:iperf3 pasta:passt)
+  need_cmds+=(socat:socat iperf3:iperf3 pasta:passt gcc:gcc)  # gcc: bench/loadgen.c
 fi
 
 missing=()
