@@ -99,6 +99,10 @@ class _Lines:
             m = _KEY.match(self.lines[i - 1])
             if m and m.group(1).strip("\"'") == key:
                 return i
+        if not name:  # a top-level key written as a table: its header's line
+            for line, h, _arr in self.headers:
+                if h == key or h.startswith(key + "."):
+                    return line
         return start
 
 

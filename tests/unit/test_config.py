@@ -75,6 +75,8 @@ BAD = [
     ("[daemon]\nudp_ephemeral = \"yes\"\n", 2, "must be true or false"),
     ("daemon = 3\n", 1, "must be a table"),
     ("rule = 3\n", 1, "must be an array of tables"),
+    ("# c\n\n[rule]\nport = 80\n", 3, "must be an array of tables"),
+    ("[daemon]\nmetrics = \"127.0.0.1:1\"\n[rules]\nport = 80\n", 3, "'rules': unknown key"),
     (R + "[[rule]]\nprto = \"tcp\"\n", 4, "'prto': unknown key"),
     (R + "[[rule]]\nproto = \"sctp\"\n", 4, "not a protocol"),
     (R + "[[rule]]\nport = \"9000-8000\"\n", 4, "inverted"),
