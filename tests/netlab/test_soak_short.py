@@ -1,0 +1,80 @@
+"""A short version of every `make soak` case (bench/soak.py), with the same checks as
+assertions: no fd leak in daemon or agent, RSS near baseline, no stale mapping, no leftover
+namespace/link/nftables element/record/token, nothing lost on connections not cut.
+
+One real daemon and guest for the module (set-up is the slow part); the cases run in file
+order against it, as `make soak` runs them."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from bench.soak import SHORT_SCALE, Case, Soak
+
+pytestmark = [
+    pytest.mark.netlab,
+    pytest.mark.skipif(shutil.which("gcc") is None, reason="the soak's load generator needs gcc"),
+]
+
+
+@pytest.fixture(scope="module")
+def soak() -> Iterator[Soak]:
+    with Soak(SHORT_SCALE) as s:
+        yield s
+
+
+def run(soak: Soak, name: str, fn: Callable[[Case], None]) -> Case:
+    c = soak.case(name, fn)
+    assert not c.problems, c.problems
+    assert c.lost == 0, c.detail
+    assert c.checks["stale mappings"] == "none"
+    assert c.checks["leftovers"] == "none"
+    return c
+
+
+def test_concurrent_connections(soak: Soak) -> None:
+    c = run(soak, "concurrent", soak.concurrent)
+    n = SHORT_SCALE.concurrent
+    assert c.detail["held_ok"] == n
+    assert c.detail["conns_in_ls"] == n  # the daemon counted every one while held
+    assert c.detail["daemon_fds_held"] >= soak.base["daemon_fds"] + 2 * n  # 2 fds each
+
+
+def test_short_connections(soak: Soak) -> None:
+    c = run(soak, "short", soak.short)
+    assert c.detail["conns"] == SHORT_SCALE.short and c.detail["errors"] == 0
+
+
+def test_bulk_each_way_with_checksums(soak: Soak) -> None:
+    c = run(soak, "bulk", soak.bulk)
+    assert c.detail["bytes_each_way"] == SHORT_SCALE.bulk_mib << 20
+    assert c.detail["crc_sent"] == c.detail["crc_back"]
+
+
+def test_listener_flapping(soak: Soak) -> None:
+    c = run(soak, "flap", soak.flap)
+    assert c.detail["mapped_again_s"] < 10
+
+
+def test_bad_inputs(soak: Soak) -> None:
+    c = run(soak, "bad inputs", soak.bad_inputs_case)
+    assert c.detail["left_hanging"] == 0
+    assert c.detail["answered_then_closed"] > 2 * SHORT_SCALE.garbage
+
+
+def test_agent_killed_under_traffic(soak: Soak) -> None:
+    c = run(soak, "agent kills", soak.agent_kills)
+    assert c.detail["agent_starts"] >= SHORT_SCALE.agent_kills
+    assert c.detail["ok"] > 0 and c.detail["corrupt"] == 0 and c.detail["cut"] == 0
+
+
+def test_daemon_restarted_under_traffic(soak: Soak) -> None:
+    c = run(soak, "daemon restarts", soak.daemon_restarts)
+    assert c.detail["ok"] > 0 and c.detail["corrupt"] == 0
+
+
+def test_guests_created_and_deleted(soak: Soak) -> None:
+    run(soak, "guests", soak.guests)
