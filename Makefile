@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: setup setup-bench demo test lint unit bench clean
+.PHONY: setup setup-bench demo test lint unit bench soak clean
 
 setup:
 	@scripts/bootstrap.sh
@@ -25,6 +25,9 @@ unit: setup
 
 bench: setup-bench
 	$(PY) -m bench.run
+
+soak: setup-bench
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
