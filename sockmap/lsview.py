@@ -1,8 +1,10 @@
 """``sockmap ls`` rendering, pure: filter the daemon's rows, print aligned columns.
 
 Rows come from the daemon (``Daemon.rows``) as JSON objects. Text columns are sized to their
-content; STATE shows only when some mapping is not open (draining). A host side of 127.0.0.1
-and ::1 on one port shows as ``localhost:PORT``. When the table is wider than ``width`` (80),
+content; STATE shows only when some mapping is not open (draining; remapped: policy remap put
+it on another host port; waiting: for its host port, under policy wait or TIME_WAIT, see
+``sockmap conflicts``). A host side of 127.0.0.1 and ::1 on one port shows as
+``localhost:PORT``. When the table is wider than ``width`` (80),
 a host side of several addresses shows its first and a count (``198.18.0.1:7003+1``), a guest
 side of 0.0.0.0 shows as ``*`` (as ss does), the protocol joins the guest side
 (``*:7003/tcp``, as docker prints ports) and long process names are cut with "~";
