@@ -10,6 +10,7 @@ import pytest
 from sockmap import config
 from sockmap.conflicts.rules import Rule
 from sockmap.errors import SockmapError
+from sockmap.portwatch.records import Listener
 
 GOOD = """\
 # sockmap rules
@@ -152,7 +153,7 @@ def test_load(tmp_path: Path) -> None:
 def test_offset_and_fixed_port_in_plan() -> None:
     """What the rules do, through plan(): the decisions live in conflicts.rules."""
     from sockmap.conflicts.rules import GuestState, plan
-    from sockmap.portwatch.records import Listener, Owner
+    from sockmap.portwatch.records import Owner
 
     def li(port: int, comm: str = "srv", addr: str = "0.0.0.0") -> Listener:
         return Listener(proto="tcp", family=4, addr=addr, port=port, inode=port,
@@ -194,7 +195,7 @@ action = "ignore"
 
 def test_rule_policy_beats_default() -> None:
     from sockmap.conflicts.rules import GuestState, Policies, plan
-    from sockmap.portwatch.records import Listener, Owner
+    from sockmap.portwatch.records import Owner
 
     holder = Listener(proto="tcp", family=4, addr="127.0.0.1", port=8000, inode=1,
                       owner=Owner(pid=1, comm="nginx"))
@@ -207,3 +208,48 @@ def test_rule_policy_beats_default() -> None:
     assert [m.host_port for m in p.mappings] == [8001]
     p = plan(guests=[guest], host_listeners=[holder], policies=Policies(default="fail"))
     assert p.mappings == ()
+
+
+def _li(addr: str = "0.0.0.0", port: int = 8000, proto: str = "tcp",
+        comm: str | None = "node") -> Listener:
+    from sockmap.portwatch.records import Owner
+
+    fam = 6 if ":" in addr else 4
+    return Listener(proto=proto, family=fam, addr=addr, port=port,  # type: ignore[arg-type]
+                    owner=None if comm is None else Owner(pid=1, comm=comm))
+
+
+MATCH = [
+    (Rule(), "dev1", _li(), True),
+    (Rule(guest="dev*"), "dev1", _li(), True),
+    (Rule(guest="dev*"), "prod", _li(), False),
+    (Rule(guest="dev?"), "dev12", _li(), False),
+    (Rule(proto="udp"), "g", _li(), False),
+    (Rule(ports=((7000, 7999), (8000, 8000))), "g", _li(port=8000), True),
+    (Rule(ports=((7000, 7999),)), "g", _li(port=8001), False),
+    (Rule(guest_addr="10.0.0.0/8"), "g", _li("10.1.2.3"), True),
+    (Rule(guest_addr="10.0.0.0/8"), "g", _li("::ffff:10.1.2.3"), True),
+    (Rule(guest_addr="10.0.0.0/8"), "g", _li("0.0.0.0"), False),
+    (Rule(guest_addr="0.0.0.0/32"), "g", _li("0.0.0.0"), True),
+    (Rule(guest_addr="fd00::/8"), "g", _li("10.1.2.3"), False),
+    (Rule(guest_addr="::/128"), "g", _li("::"), True),
+    (Rule(process="no*"), "g", _li(comm="node"), True),
+    (Rule(process="no*"), "g", _li(comm="python3"), False),
+    (Rule(process="*"), "g", _li(comm=None), False),  # owner unknown: a process rule cannot match
+]
+
+
+@pytest.mark.parametrize(("rule", "guest", "li", "want"), MATCH)
+def test_rule_matches(rule: Rule, guest: str, li: Listener, want: bool) -> None:
+    assert rule.matches(guest, li) is want
+
+
+def test_first_match_wins_and_host_port() -> None:
+    from sockmap.conflicts.rules import match_rule
+
+    a, b = Rule(ports=((8000, 8000),), host_port=9000), Rule(host_port_offset=60000)
+    assert match_rule((a, b), "g", _li(port=8000)) is a
+    assert match_rule((a, b), "g", _li(port=8001)) is b
+    assert match_rule((), "g", _li()) is None
+    assert a.host_port_for(8000) == 9000 and b.host_port_for(5000) == 65000
+    assert b.host_port_for(6000) is None  # 66000: outside 1-65535, the listener is skipped
