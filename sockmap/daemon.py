@@ -824,8 +824,12 @@ class Daemon:
         if self.cfg.flat:
             found = await self._flat_analyse()
             return {"mode": "flat", "conflicts": conflict_report.to_json(found)}
-        async with asyncio.timeout(10):
-            await self.wait_planned(self.request_replan())
+        try:
+            async with asyncio.timeout(10):
+                await self.wait_planned(self.request_replan())
+        except TimeoutError:
+            raise SockmapError("the daemon did not finish planning within 10 s",
+                               hint="see the daemon's log") from None
         pl = self.last_plan
         found = pl.conflicts if pl is not None else ()
         return {"mode": "nat", "conflicts": conflict_report.to_json(found)}
