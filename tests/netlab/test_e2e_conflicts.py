@@ -2,7 +2,8 @@
 made through it, holders on the lab host, and the report read with `sockmap conflicts
 [--json]` (exit 0 none, 1 conflicts, 2 error) and `sockmap ls`.
 
-NAT mode: a host port held under each policy (fail, remap, wait), two guests on one port,
+NAT mode: a host port held under each policy (fail, remap, wait; TCP and UDP under fail),
+two guests on one port,
 conflicts that resolve themselves (the holder exits), a port blocked by TIME_WAIT. Flat mode:
 `sockmap daemon --flat` reporting its own namespace. Latencies are printed (-s), not
 asserted."""
@@ -107,6 +108,27 @@ def test_host_port_held_policy_fail_reported_then_clears(lab: netlab.Lab,
         assert secs >= 0, d.log_text()
         assert conflicts(d, "--json") == (0, [])
         assert conflicts(d) == (0, "no conflicts (daemon, NAT mode)\n")
+
+        # UDP too: a host socket on 127.0.0.1:5353 holds the port a guest's 0.0.0.0:5353
+        holder_u = serve(lab.host, "udp", "127.0.0.1", 5353)
+        dns = serve(g, "udp", "0.0.0.0", 5353)
+        serve(g, "udp", "0.0.0.0", 5354)
+        assert probe(lab.host, "open", "udp", "127.0.0.1", 5354)[0], d.log_text()
+        rc, out = conflicts(d, "--json")
+        (c,) = out
+        assert rc == 1 and (c["kind"], c["proto"], c["port"]) == ("host_port_in_use", "udp",
+                                                                   5353)
+        assert parties(c) == {
+            ("guest", name, "0.0.0.0", 5353, dns.pid, comm(dns.pid)),
+            ("host", None, "127.0.0.1", 5353, holder_u.pid, comm(holder_u.pid))}
+        holder_u.kill()
+        holder_u.wait()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10 and 5353 not in ls_rows(d):
+            time.sleep(0.05)  # reading `ls` until a bounded deadline
+        assert ls_rows(d)[5353]["state"] == "open", d.log_text()
+        assert probe(lab.host, "open", "udp", "127.0.0.1", 5353)[0]
+        assert conflicts(d, "--json") == (0, [])
     finally:
         assert d.stop() == 0, d.log_text()
 
