@@ -1,14 +1,14 @@
 """``sockmap ls`` rendering, pure: filter the daemon's rows, print aligned columns.
 
 Rows come from the daemon (``Daemon.rows``) as JSON objects. Text columns are sized to their
-content; STATE shows only when some mapping is not open (draining; remapped: policy remap put
-it on another host port; waiting: for its host port, under policy wait or TIME_WAIT, see
-``sockmap conflicts``). A host side of 127.0.0.1 and ::1 on one port shows as
-``localhost:PORT``. When the table is wider than ``width`` (80),
-a host side of several addresses shows its first and a count (``198.18.0.1:7003+1``), a guest
-side of 0.0.0.0 shows as ``*`` (as ss does), the protocol joins the guest side
-(``*:7003/tcp``, as docker prints ports) and long process names are cut with "~";
-``--json`` always has everything.
+content; PROCESS shows as netstat's PID/name (``812/python3``) while the table fits ``width``,
+else the name alone; STATE shows only when some mapping is not open (draining; remapped:
+policy remap put it on another host port; waiting: for its host port, under policy wait or
+TIME_WAIT, see ``sockmap conflicts``). A host side of 127.0.0.1 and ::1 on one port shows as
+``localhost:PORT``. When the table is still wider than ``width`` (80), a host side of several
+addresses shows its first and a count (``198.18.0.1:7003+1``), a guest side of 0.0.0.0 shows
+as ``*`` (as ss does), the protocol joins the guest side (``*:7003/tcp``, as docker prints
+ports) and long process names are cut with "~"; ``--json`` always has everything.
 """
 
 from __future__ import annotations
@@ -80,9 +80,12 @@ def guest_text(r: Row, *, compact: bool = False) -> str:
 PROCESS_CUT = 8  # a narrower PROCESS column when the table is too wide
 
 
-def cells(r: Row, *, compact: bool = False) -> tuple[str, ...]:
-    pid, proc = r.get("pid"), r.get("process") or ""
-    who = proc or (f"pid {pid}" if pid is not None else "-")  # the pid is in --json
+def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...]:
+    """One row's cells. ``pid``: PROCESS as netstat's PID/name (``812/python3``)."""
+    num, proc = r.get("pid"), r.get("process") or ""
+    who = proc or (f"pid {num}" if num is not None and not pid else "-")
+    if pid:
+        who = f"{num if num is not None else '-'}/{proc or '?'}"
     if compact and len(who) > PROCESS_CUT:
         who = who[: PROCESS_CUT - 1] + "~"
     return (
@@ -100,12 +103,14 @@ def render(rows: Sequence[Row], *, width: int = 80) -> str:
         return "no mappings (start a server in a guest; `sockmap guest list` lists guests)"
     base = [c for c in COLUMNS
             if c != "STATE" or any(r.get("state") != "open" for r in rows)]
-    for compact in (False, True):
-        # compact: the protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp")
+    # widest first: PID/PROCESS, then the process name alone, then compact, where the
+    # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp")
+    for compact, pid in ((False, True), (False, False), (True, False)):
         show = [c for c in base if c != "PROTO"] if compact else base
         keep = [COLUMNS.index(c) for c in show]
-        table = [tuple(show), *(tuple(cells(r, compact=compact)[i] for i in keep)
-                                for r in rows)]
+        head = tuple("PID/PROCESS" if pid and c == "PROCESS" else c for c in show)
+        table = [head, *(tuple(cells(r, compact=compact, pid=pid)[i] for i in keep)
+                         for r in rows)]
         widths = [max(len(row[i]) for row in table) for i in range(len(show))]
         if sum(widths) + len(widths) - 1 <= width:
             break

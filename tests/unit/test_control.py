@@ -68,6 +68,8 @@ def test_render_aligned_and_narrow() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("GUEST") and len(lines) == 3
     assert "localhost:8080" in lines[1] and "[::]:8080" in lines[1] and " node " in lines[1]
+    wide = lsview.render(rows, width=200).splitlines()  # room for netstat's PID/name
+    assert "PID/PROCESS" in wide[0] and " 4242/node " in wide[1] and " -/? " in wide[2]
     assert "127.0.0.1:5353" in lines[2] and "172.31.0.2:5353" in lines[2]
     assert "5.3M" in lines[1] and "1.2K" in lines[1] and "1h" in lines[1]
     assert all(len(line) <= 80 for line in lines), text
@@ -106,4 +108,13 @@ def test_render_compacts_to_80_columns() -> None:
     assert "198.18.0.1:7003,127.0.0.1:7003" in wide and "a-very-long-name" in wide
     text = lsview.render(rows)
     assert "198.18.0.1:7003+1" in text and "a-very-~" in text and "*:7003/tcp" in text, text
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+
+
+def test_render_drops_the_pid_before_compacting() -> None:
+    r = row(guest="guest1", host_addrs=["127.0.0.1"], process="postgres",
+            pid=1234567, state="remapped")
+    assert "1234567/postgres" in lsview.render([r], width=200)
+    text = lsview.render([r])
+    assert "postgres" in text and "1234567" not in text and "/tcp" not in text, text
     assert all(len(line) <= 80 for line in text.splitlines()), text
