@@ -202,6 +202,7 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
         raise ctx.error("", None, "rule", "must be an array of tables",
                         "write each rule under its own [[rule]] header")
     rules = tuple(_rule(ctx, i, r) for i, r in enumerate(rules_raw))
+    _check_shadowed(ctx, rules)
     _check_fixed_ports(ctx, rules)
     return FileConfig(path=path, rules=rules, agent_listen=cfg.agent_listen,
                       metrics=cfg.metrics, conflict_policy=cfg.conflict_policy,
@@ -404,6 +405,35 @@ def _host_addrs(r: dict[str, Any], err: Any) -> tuple[str, ...]:
             raise err("host_addr", f"{a} is listed twice", "list each address once")
         out.append(str(ip))
     return tuple(out)
+
+
+def _covers(a: Rule, b: Rule) -> bool:
+    """Whether ``a`` matches every listener ``b`` matches (conservative: criteria compared
+    as written, so a glob only covers the same glob)."""
+    if any(x is not None and x != y for x, y in ((a.guest, b.guest), (a.proto, b.proto),
+                                                   (a.guest_addr, b.guest_addr),
+                                                   (a.process, b.process))):
+        return False
+    if not a.ports:
+        return True
+    if not b.ports:
+        return False
+    return all(any(alo <= lo and hi <= ahi for alo, ahi in a.ports) or
+               all(any(alo <= p <= ahi for alo, ahi in a.ports) for p in range(lo, hi + 1))
+               for lo, hi in b.ports)
+
+
+def _check_shadowed(ctx: _Ctx, rules: tuple[Rule, ...]) -> None:
+    """A rule an earlier one always matches first would never apply: refused."""
+    for i, r in enumerate(rules):
+        for j in range(i):
+            if _covers(rules[j], r):
+                line = ctx.lines.table("rule", j)[0]
+                raise ctx.error("rule", i, None,
+                                f"never applies: [[rule]] #{j + 1} (line {line}) matches "
+                                "everything it matches, and the first match wins",
+                                f"move it above [[rule]] #{j + 1}, narrow #{j + 1}, or "
+                                "delete it")
 
 
 def _check_fixed_ports(ctx: _Ctx, rules: tuple[Rule, ...]) -> None:

@@ -118,6 +118,12 @@ BAD = [
     ("[[rule]]\nport = 80\nhost_port = 8080\n[[rule]]\nport = 81\nhost_port = 8080\n", 6,
      "already given by [[rule]] #1"),
     ("[[rule]]\nport = 80\n\n[daemon]\nx = 1\n", 5, "unknown key"),
+    ("[[rule]]\nport = \"80-90\"\n[[rule]]\nport = 85\naction = \"ignore\"\n", 3,
+     "never applies: [[rule]] #1 (line 1)"),
+    ("[[rule]]\nguest = \"dev*\"\n[[rule]]\nguest = \"dev*\"\nproto = \"udp\"\n", 3,
+     "never applies"),
+    ("[[rule]]\nport = [80, 81]\n[[rule]]\nport = \"80-81\"\n", 3, "never applies"),
+    ("[[rule]]\n[[rule]]\nport = 1\n", 2, "never applies"),
     ("[[rule]\nport = 80\n", 1, "not valid TOML"),
     ("[[rule]]\nport = 80\nport = 81\n", 3, "not valid TOML"),
 ]
@@ -253,3 +259,14 @@ def test_first_match_wins_and_host_port() -> None:
     assert match_rule((), "g", _li()) is None
     assert a.host_port_for(8000) == 9000 and b.host_port_for(5000) == 65000
     assert b.host_port_for(6000) is None  # 66000: outside 1-65535, the listener is skipped
+
+
+
+@pytest.mark.parametrize("text", [
+    "[[rule]]\nport = 85\n[[rule]]\nport = \"80-90\"\n",  # narrow first: fine
+    "[[rule]]\nguest = \"dev*\"\n[[rule]]\nguest = \"dev1\"\n",  # globs compared as written
+    "[[rule]]\nproto = \"tcp\"\n[[rule]]\nport = 80\n",
+    "[[rule]]\nport = \"80-81\"\n[[rule]]\nport = [81, 82]\n",
+])
+def test_not_shadowed(text: str) -> None:
+    assert len(config.parse(text).rules) == 2
