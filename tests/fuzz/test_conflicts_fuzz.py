@@ -3,10 +3,13 @@ order-independent; flat analysis needs two contexts and ignores input order."""
 
 from __future__ import annotations
 
+import contextlib
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockmap.conflicts import flat, rules
+from sockmap.conflicts.records import KINDS, Conflict, Party
 from sockmap.conflicts.rules import CloseMapping, GuestState, OpenMapping, Policies
 from sockmap.portwatch.records import Family, Listener, Owner, Proto
 
@@ -142,7 +145,9 @@ def test_plan_ignores_host_scan_order(guests: list[GuestState], holders: list[Li
     assert [(c.kind, c.port) for c in a.conflicts] == [(c.kind, c.port) for c in b.conflicts]
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+                    | st.sampled_from(["tcp", "udp", "host", "guest", "time_wait",
+                                       "host_port_in_use", "127.0.0.1"]),
                     lambda kids: st.lists(kids, max_size=3)
                     | st.dictionaries(st.sampled_from(["kind", "proto", "port", "parties",
                                                        "side", "addr", "pid", "resolution",
@@ -153,9 +158,43 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size
 @settings(max_examples=300, deadline=None)
 @given(JSON)
 def test_report_from_json_only_raises_value_error(data: object) -> None:
+    """Whatever the daemon sends: records or ValueError; records survive a round trip."""
     from sockmap.conflicts import report
 
     try:
-        report.from_json(data)
+        got = report.from_json(data)
     except ValueError:
-        pass
+        return
+    assert report.from_json(report.to_json(got)) == got
+    report.render_text(got)
+
+
+TEXT = st.text(max_size=8)
+PARTY = st.builds(
+    Party, side=st.sampled_from(["host", "guest"]), guest=st.none() | TEXT, addr=TEXT,
+    port=st.integers(0, 65535), pid=st.none() | st.integers(1, 2**22), process=TEXT,
+    cmdline=st.lists(TEXT, max_size=3).map(tuple), context=TEXT, receives=TEXT)
+CONFLICT = st.builds(
+    Conflict, kind=st.sampled_from(KINDS), proto=st.sampled_from(PROTOS),
+    port=st.integers(0, 65535), parties=st.lists(PARTY, max_size=3).map(tuple),
+    summary=TEXT, resolution=TEXT, fix=TEXT)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(CONFLICT, max_size=3), st.data())
+def test_report_json_round_trip_and_mutations(cs: list[Conflict], data: st.DataObject) -> None:
+    import json
+
+    from sockmap.conflicts import report
+
+    wire = json.loads(json.dumps(report.to_json(cs)))
+    assert report.from_json(wire) == tuple(cs)
+    if not wire:
+        return
+    # one field of one conflict (or of its first party) replaced by anything
+    obj = wire[data.draw(st.integers(0, len(wire) - 1))]
+    if obj["parties"] and data.draw(st.booleans()):
+        obj = obj["parties"][0]
+    obj[data.draw(st.sampled_from(sorted(obj)))] = data.draw(JSON)
+    with contextlib.suppress(ValueError):
+        report.render_text(report.from_json(wire))
