@@ -769,7 +769,7 @@ class Daemon:
 
     async def _host_watch(self) -> None:
         """The deliberate host poll: while a conflict waits on a host holder, read the host's
-        listeners (sock_diag, no owners: ~0.1 ms) every ``host_poll_s`` and replan when
+        listeners (sock_diag, no owners: ~0.2 ms) every ``host_poll_s`` and replan when
         those on the watched ports differ from what the last plan saw (the holder exited:
         the conflict clears, ``wait`` opens, ``remap`` moves back). Idle otherwise."""
         while True:
@@ -787,7 +787,7 @@ class Daemon:
                    ) -> frozenset[tuple[object, ...]] | None:
         try:
             return watch_keys(scan_listeners(resolve_owners=False), watched)
-        except SockmapError as e:
+        except (SockmapError, OSError) as e:
             self._log_once(f"host scan: {e}")
             return None
 
@@ -802,7 +802,7 @@ class Daemon:
                 if new != keys:
                     await self._flat_analyse()
                     keys = new
-            except SockmapError as e:
+            except (SockmapError, OSError) as e:
                 self._log_once(f"flat scan: {e}")
             await asyncio.sleep(self.cfg.host_poll_s)  # the poll interval
 
