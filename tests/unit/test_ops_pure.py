@@ -91,3 +91,44 @@ def test_one_line_per_event(env: dict[str, str], pattern: str) -> None:
         logs.setup("warning")
     lines = out.getvalue().splitlines()
     assert len(lines) == 1 and re.match(pattern, lines[0]), lines
+
+
+COMMANDS = [[], ["guest"], ["guest", "create"], ["guest", "delete"], ["guest", "list"],
+            ["guest", "exec"], ["agent"], ["daemon"], ["ls"], ["conflicts"]]
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "sockmap")
+def test_help_has_an_example(words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from sockmap import cli
+
+    with pytest.raises(SystemExit) as ei:
+        cli.main([*words, "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^examples?:\n  sockmap ", out, re.M), out
+
+
+def test_every_command_is_covered() -> None:
+    """A new subcommand must join COMMANDS (and so get an example)."""
+    import argparse
+
+    from sockmap import cli
+
+    def walk(p: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
+        out = [prefix]
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    out += walk(sub, [*prefix, name])
+        return out
+
+    assert sorted(walk(cli.build_parser(), [])) == sorted(COMMANDS)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import sockmap
+    from sockmap import cli
+
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["--version"])
+    assert ei.value.code == 0 and capsys.readouterr().out == f"sockmap {sockmap.__version__}\n"
