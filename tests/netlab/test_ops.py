@@ -149,6 +149,7 @@ def notify_sock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[soc
     s.bind(str(path))
     s.settimeout(10)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))  # the daemon we start inherits it
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)  # timestamped lines, not journald's
     yield s
     s.close()
 
