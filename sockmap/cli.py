@@ -134,10 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guest", metavar="NAME", help="only this guest's mappings")
     p.add_argument("--port", type=int, metavar="N", help="only mappings with host or guest "
                                                          "port N")
-    p = _sub(subs, "conflicts", _conflicts, "explain port conflicts",
-             "sockmap conflicts --flat")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--flat", action="store_true")
+    p = _sub(subs, "conflicts", _conflicts,
+             "explain port conflicts (exit 0: none, 1: conflicts, 2: error)",
+             "sockmap conflicts            # the running daemon's view\n"
+             "  sockmap conflicts --flat --json")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON list: kind, proto, port, parties, resolution, fix")
+    p.add_argument("--flat", action="store_true",
+                   help="analyse the network namespace this runs in (no daemon needed)")
     return parser
 
 
