@@ -53,7 +53,8 @@ FIGURES = (  # (key, higher is better)
 )
 PASTA_RESCAN_S = 1.0  # pasta -t auto rescans /proc/net every second (passt's conf.c)
 
-# N listeners on 0.0.0.0 ports BASE.. in the guest; "N" on stdin sets the count.
+# N listeners on 0.0.0.0 ports BASE.. in the guest; "N" on stdin sets the count. BASE is
+# below the ephemeral range: relays' guest-side connections must not hold those ports.
 HOLDER = r"""
 import resource, socket, sys
 h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -163,22 +164,26 @@ class Run:
         """daemon+agent and pasta in the same windows, with n guest listeners forwarded
         (the bench's own servers count among them)."""
         served = sorted({p for t in self.bench.targets for p in t.ports})
-        holder = self.gns.popen([PY, "-u", "-c", HOLDER, "40000"], stdin=subprocess.PIPE)
+        holder = self.gns.popen([PY, "-u", "-c", HOLDER, "10000"], stdin=subprocess.PIPE)
         assert holder.stdin is not None and holder.stdout is not None
         for n in counts:
             k = max(0, n - len(served))
             holder.stdin.write(f"{k}\n")
             holder.stdin.flush()
-            netlab.wait_for_line(holder.stdout, rf"^ok {k}$", 60)
-            self.wait_rows(lambda rs, k=k: sum(r["guest_port"] >= 40000 for r in rs) == k
+            try:
+                netlab.wait_for_line(holder.stdout, rf"^ok {k}$", 60)
+            except TimeoutError as e:
+                err = holder.stderr.read() if holder.stderr and holder.poll() is not None else ""
+                raise RuntimeError(f"guest listeners: {e} {err[-500:]}") from e
+            self.wait_rows(lambda rs, k=k: sum(10000 <= r["guest_port"] < 12000 for r in rs) == k
                            and len(rs) == k + len(served), 120, f"{n} mappings")  # fmt: skip
             spec = ",".join([f"{30000 + i}:{p}" for i, p in enumerate(served)]
-                            + ([f"41000-{41000 + k - 1}:40000-{40000 + k - 1}"] if k else []))
+                            + ([f"12000-{12000 + k - 1}:10000-{10000 + k - 1}"] if k else []))
             pasta = self.lab.host.popen(["pasta", "-f", "-q", "--netns", self.name, "-I",
                                          f"pi{n}", "-t", spec, "-u", "none", "-T", "none",
                                          "-U", "none", "--runas", "0"])  # fmt: skip
             try:
-                self.bench._wait_listening(41000 if k else 30000, max(k, 1), proc=pasta,
+                self.bench._wait_listening(12000 if k else 30000, max(k, 1), proc=pasta,
                                            timeout=30)  # fmt: skip
                 pids = {"sockmap": [self.daemon.pid, self.agent_pid()],
                         "pasta": [pasta.pid]}
