@@ -220,7 +220,9 @@ def c_refused(port: int) -> dict[str, object]:
     try:
         c = connect(port)
     except ConnectionRefusedError:
-        return {"result": "connect refused"}
+        return {"result": "connect refused"}  # no listener at all: not what a relay does
+    except ConnectionResetError:
+        return {"result": "reset"}  # the relay's RST can beat connect()'s SO_ERROR check
     try:
         data = read_all(c)
         return {"result": "eof", "data": len(data)}
@@ -342,26 +344,37 @@ def c_exhaust(port: int, n: int) -> dict[str, object]:
     waiting in the backlog after 2 s; then all close and a fresh connection must echo."""
     import select
 
-    socks = [connect(port) for _ in range(n)]
-    for s in socks:
-        s.sendall(b"x")
-    state = dict.fromkeys(range(n), "waiting")
+    state: dict[int, str] = {}
+    socks: dict[int, socket.socket] = {}
+    for i in range(n):
+        try:
+            s = connect(port)
+            socks[i] = s
+            s.sendall(b"x")
+            state[i] = "waiting"
+        except (ConnectionResetError, BrokenPipeError):
+            state[i] = "reset"  # the relay's RST came first
     end = time.monotonic() + 2.0
     while (left := [i for i, v in state.items() if v == "waiting"]) and time.monotonic() < end:
         ready, _, _ = select.select([socks[i] for i in left], [], [], end - time.monotonic())
         for s in ready:
-            i = socks.index(s)
+            i = next(k for k, v in socks.items() if v is s)
             try:
                 state[i] = "echoed" if s.recv(1) == b"x" else "eof"
             except ConnectionResetError:
                 state[i] = "reset"
-    for s in socks:
+    for s in socks.values():
         s.close()
-    fresh = connect(port)
-    fresh.sendall(b"y")
-    fresh.settimeout(10)
     out: dict[str, object] = {k: list(state.values()).count(k) for k in set(state.values())}
-    out["fresh"] = fresh.recv(1).decode()
+    for _ in range(5):  # the relay may still be closing the others: a few tries, no sleeps
+        try:
+            fresh = connect(port)
+            fresh.sendall(b"y")
+            fresh.settimeout(10)
+            out["fresh"] = fresh.recv(1).decode()
+            break
+        except (ConnectionResetError, BrokenPipeError):
+            continue
     return out
 
 
