@@ -282,6 +282,33 @@ def c_udp_cap(port: int, n: int) -> dict[str, object]:
     return {"answered": answered}
 
 
+def c_udp_flood(port: int, senders: int) -> dict[str, object]:
+    """One flow first, then SENDERS new client addresses flood 20 datagrams each; the first
+    flow must still be answered afterwards."""
+    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    first.settimeout(5)
+    first.sendto(b"first", ("127.0.0.1", port))
+    before = first.recvfrom(100)[0] == b"first"
+    flood = []
+    for _ in range(senders):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flood.append(s)
+        for k in range(20):
+            s.sendto(b"f%d" % k, ("127.0.0.1", port))
+    first.settimeout(1)
+    after = False
+    for _ in range(5):  # UDP: the kernel may drop this one while the flood is drained
+        first.sendto(b"again", ("127.0.0.1", port))
+        try:
+            after = first.recvfrom(100)[0] == b"again"
+            break
+        except TimeoutError:
+            continue
+    for s in flood:
+        s.close()
+    return {"before": before, "after": after}
+
+
 def c_held_echo(port: int) -> None:
     """Interactive: hold one connection; on 'go' try a new connect, then echo on the old."""
     held = connect(port)

@@ -37,3 +37,14 @@ def test_udp_flow_cap_drops_and_counts(env: Env) -> None:
     assert res == {"answered": 3}
     row = r.row("udp", peers.UDP_ECHO)
     assert row["connections"] == 3 and row["dropped"] == 2
+
+
+def test_udp_flood_at_the_cap_keeps_existing_flows(env: Env) -> None:
+    g = env.guest
+    r = env.relay(f"udp/127.0.0.1/0/{g.addr4}/{peers.UDP_ECHO}", extra=("--udp-max-flows", "4"))
+    res = env.client("udp_flood", r.port("udp", peers.UDP_ECHO), 200)
+    assert res == {"before": True, "after": True}
+    row = r.row("udp", peers.UDP_ECHO)
+    assert row["connections"] == 4  # the first flow and the first three flooders
+    # the rest were dropped (a full host socket buffer may have dropped some in the kernel)
+    assert 0 < row["dropped"] <= 197 * 20 and row["connections_total"] == 4
