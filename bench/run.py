@@ -234,7 +234,7 @@ def report(r: Run, *, took: float, load: tuple[float, ...], load_after: tuple[fl
         f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}: "
         f"{os.cpu_count()} cores shared with other work, so compare within this run",
         f"- sockmap {__version__}; " + ", ".join(f"{k} {v}" for k, v in proxy.versions().items()),
-        f"- kernel {platform.release()} ({platform.machine()})",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs",
         "",
         "sockmap here is the real `sockmap daemon` with a guest made through it: the agent in",
         "the guest reports the servers' listeners, the daemon forwards each to the lab host's",
@@ -338,7 +338,7 @@ def report(r: Run, *, took: float, load: tuple[float, ...], load_after: tuple[fl
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=2.0, help="per iperf3/cps figure")
     ap.add_argument("--hold", type=int, default=10_000, help="idle connections for memory")
     ap.add_argument("--detect-runs", type=int, default=3)

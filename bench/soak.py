@@ -248,9 +248,9 @@ class Soak:
                 and self.ports() >= self.servers  # fmt: skip
         self.wait(clean, limit, "no stale mapping")
 
-    def check(self, c: Case) -> None:
+    def check(self, c: Case, settle_s: float = 40) -> None:
         try:
-            self.settle_rows()
+            self.settle_rows(settle_s)
             c.checks["stale mappings"] = "none"
         except RuntimeError:
             rows = [(r["guest"], r["guest_port"], r["state"], r["connections"])

@@ -129,7 +129,9 @@ def worker():
         with lock:
             counts[r] += 1
             if r == "ok":
-                totals["bytes_each_way"] += n; totals["crc_sent"] ^= c0; totals["crc_back"] ^= c1
+                totals["bytes_each_way"] += n
+                totals["crc_sent"] = (totals["crc_sent"] + c0) & 0xFFFFFFFF  # sum of CRC32s
+                totals["crc_back"] = (totals["crc_back"] + c1) & 0xFFFFFFFF
         if once or time.monotonic() > stop: return
         if r == "refused": time.sleep(0.02)  # the mapping is away: retry soon, bounded
 ts = [threading.Thread(target=worker) for _ in range(workers)]

@@ -8,11 +8,20 @@ order against it, as `make soak` runs them."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
 
+import netlab
 from bench.soak import SHORT_SCALE, Case, Soak
+
+LISTEN = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen()\n"
+    "print('ready', flush=True); sys.stdin.read()\n"
+)
 
 pytestmark = [
     pytest.mark.netlab,
@@ -78,3 +87,23 @@ def test_daemon_restarted_under_traffic(soak: Soak) -> None:
 
 def test_guests_created_and_deleted(soak: Soak) -> None:
     run(soak, "guests", soak.guests)
+
+
+def test_the_checks_catch_leftovers_and_stale_mappings(soak: Soak) -> None:
+    """The checks can fail: a stray sm-* link and an unexpected mapping are both reported."""
+    soak.lab.host.ip("link", "add", "sm-stray", "type", "veth", "peer", "name", "xx-stray")
+    extra = soak.gns.popen([sys.executable, "-u", "-c", LISTEN, "7300"], stdin=subprocess.PIPE)
+    assert extra.stdout is not None
+    netlab.wait_for_line(extra.stdout, "^ready", 10)
+    try:
+        soak.wait(lambda: 7300 in soak.ports(), 10, "extra listener mapped")
+        c = Case("negative")
+        soak.check(c, settle_s=0.5)
+        assert any("leftover links" in pr for pr in c.problems), c.problems
+        assert any("stale mapping" in pr for pr in c.problems), c.problems
+    finally:
+        soak.lab.host.ip("link", "del", "sm-stray")
+        extra.terminate()
+        extra.wait(10)
+    soak.wait(lambda: 7300 not in soak.ports(), 10, "extra listener unmapped")
+    assert soak.leftovers() == []
