@@ -7,7 +7,8 @@ HOLD: N connections to HOST:PORT, each echoes its own 8-byte id once when opened
 more when all are open (so all were held at the same time); prints a JSON line, then keeps
 them until stdin closes, then closes them all.
 
-TRAFFIC: W threads for S seconds (or one connection with ``once``): connect, send MIB MiB
+TRAFFIC: W threads for S seconds (or one connection with ``once``; optional PACE seconds
+between 1 MiB blocks for a long-lived stream): connect, send MIB MiB
 of a counter-stamped pattern while reading the echo back and comparing every byte; CRC32
 of what was sent and what came back. Each connection ends ``ok``, ``refused`` (connect
 failed: no mapping at that moment), ``reset_early`` (connected, then reset or EOF before
@@ -77,6 +78,7 @@ TRAFFIC = r"""
 import json, socket, struct, sys, threading, time, zlib, random
 host, port, workers, mib, seconds, once = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
     int(sys.argv[4]), float(sys.argv[5]), sys.argv[6] == "1"
+pace = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0  # seconds between 1 MiB blocks
 B = 1 << 20
 BASE = random.Random(7).randbytes(B)
 def block(i): return struct.pack(">Q", i) + BASE[8:]
@@ -95,6 +97,7 @@ def one():
         try:
             for i in range(mib):
                 b = block(i); s.sendall(b); crc[0] = zlib.crc32(b, crc[0])
+                if pace: time.sleep(pace)  # a slow, long-lived stream (bounded: mib blocks)
             s.shutdown(socket.SHUT_WR)
         except OSError:
             pass
