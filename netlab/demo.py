@@ -10,12 +10,18 @@
 6. a host program holds a port a second guest server wants: `sockmap conflicts` names both
    and says what sockmap did (policy wait); the holder exits and the forward opens;
 7. `sockmap guest delete` removes it all.
+
+The daemon's log (its stderr, and its agents') goes to daemon.log in the demo's temp dir;
+when a step fails, its last lines are printed, so a CI failure explains itself.
+SOCKMAP_DEMO_LOG_LEVEL (default info) sets its level; SOCKMAP_DEMO_KEEP_LOG=PATH copies the
+whole log there at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,8 +84,33 @@ def show(cmd: str, out: str) -> None:
         print(f"  {line}")
 
 
+def log_tail(path: Path, lines: int = 80) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"(no daemon log: {e})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def main() -> int:
-    with netlab.Lab() as lab, tempfile.TemporaryDirectory(prefix="sockmap-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sockmap-demo-") as tmp:
+        log_path = Path(tmp) / "daemon.log"
+        try:
+            return _demo(tmp, log_path)
+        except BaseException:
+            print(f"\n== the demo failed; last lines of the daemon's log ({log_path}):",
+                  flush=True)
+            print(log_tail(log_path), flush=True)
+            raise
+        finally:
+            keep = os.environ.get("SOCKMAP_DEMO_KEEP_LOG")
+            if keep and log_path.exists():
+                shutil.copyfile(log_path, keep)
+
+
+def _demo(tmp: str, log_path: Path) -> int:
+    level = os.environ.get("SOCKMAP_DEMO_LOG_LEVEL", "info")
+    with netlab.Lab() as lab, open(log_path, "w") as daemon_log:
         assert lab.outside is not None
         run_dir = Path(tmp) / "run"
         rd = ("--run-dir", str(run_dir))
@@ -87,9 +118,9 @@ def main() -> int:
         step(f"sandbox: host namespace {lab.host.name}, outside namespace {lab.outside.name}")
 
         step("start the host daemon: sockmap daemon")
-        daemon = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", *rd,
-                                 "--conflict-policy", "wait"],
-                                stderr=subprocess.DEVNULL)
+        daemon = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", "--log-level", level,
+                                 *rd, "--conflict-policy", "wait"],
+                                stderr=daemon_log)
         netlab.wait_for_line(daemon.stdout, "sockmap daemon ready", timeout=15)  # type: ignore[arg-type]
         print("  sockmap daemon ready")
 
@@ -124,8 +155,13 @@ def main() -> int:
         web.terminate()
         web.wait(5)
         t0 = time.monotonic()
-        out = lab.host.run([PY, "-c", REFUSED, "127.0.0.1", str(PORT)], check=True).stdout
-        show(f"connect 127.0.0.1:{PORT}", f"{out.strip()} ({(time.monotonic() - t0):.2f} s)")
+        r = lab.host.run([PY, "-c", REFUSED, "127.0.0.1", str(PORT)])
+        show(f"connect 127.0.0.1:{PORT}", f"{r.stdout.strip()} ({(time.monotonic() - t0):.2f} s)")
+        if r.returncode != 0:
+            show(f"ss -ltnp   (the host namespace's listeners on port {PORT})",
+                 lab.host.run(["ss", "-Hltnpe", f"sport = :{PORT}"], check=False).stdout)
+            raise RuntimeError(f"host port {PORT} still accepts connections after the guest "
+                               "server stopped")
 
         held = PORT + 1
         step(f"a host program holds port {held}; a guest server wants it too")

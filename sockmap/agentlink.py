@@ -319,6 +319,7 @@ class _Session:
             while (more := self.w.get_nowait()) is not None:
                 events.append(more)
             for msg in _batch(events, self.nics):
+                log.debug("sent %s", msg)
                 writer.write(p.encode(msg))
             await writer.drain()
 

@@ -190,7 +190,8 @@ class _Supervisor:
         cfg = self.d.cfg
         nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
         return [nsenter, f"--net={NETNS_DIR / self.netns}", "--", cfg.python, "-m",
-                "sockmap.cli", "agent", "--log-level", "info",
+                "sockmap.cli", "agent", "--log-level",
+                "debug" if log.isEnabledFor(logging.DEBUG) else "info",
                 "--connect", f"unix:{cfg.run_dir / AGENT_SOCKET}", "--name", self.name,
                 "--token-file", str(token_path(cfg.run_dir, self.name)),
                 *(["--udp-ephemeral"] if cfg.udp_ephemeral else [])]
@@ -568,6 +569,8 @@ class Daemon:
             raise ConnectionError("replaced by a newer session")
         g = reg.get(name)
         assert g is not None
+        if not isinstance(msg, p.Heartbeat):
+            log.debug("guest %s session %d: %s", name, session, msg)
         match msg:
             case p.Snapshot():
                 self._seen(name, msg.listeners)
