@@ -651,6 +651,9 @@ def report(s: Soak, took: float, load: tuple[float, ...], load_after: tuple[floa
         checks = "; ".join(f"{k}: {v}" for k, v in c.checks.items())
         lines.append(f"| {c.name} | {c.load} | {c.faults or '-'} | {c.lost} | "
                      f"{c.seconds:.0f} s | {checks} |")  # fmt: skip
+    notes = [(c.name, c.detail["note"]) for c in s.cases if "note" in c.detail]
+    if notes:
+        lines += ["", "## Findings", ""] + [f"- {n}: {t}" for n, t in notes]
     lines += ["", "## Bad inputs tried", ""] + [f"- {b}" for b in s.bad_inputs]
     bi = next((c for c in s.cases if c.name == "bad inputs"), None)
     if bi is not None:

@@ -83,7 +83,7 @@ B = 1 << 20
 BASE = random.Random(7).randbytes(B)
 def block(i): return struct.pack(">Q", i) + BASE[8:]
 counts = {"ok": 0, "refused": 0, "reset_early": 0, "cut": 0, "corrupt": 0}
-totals = {"bytes_each_way": 0, "crc_sent": 0, "crc_back": 0}
+totals = {"bytes_each_way": 0, "crc_sent": 0, "crc_back": 0, "bytes_before_cuts": 0}
 lock = threading.Lock()
 stop = time.monotonic() + seconds
 def one():
@@ -135,6 +135,8 @@ def worker():
                 totals["bytes_each_way"] += n
                 totals["crc_sent"] = (totals["crc_sent"] + c0) & 0xFFFFFFFF  # sum of CRC32s
                 totals["crc_back"] = (totals["crc_back"] + c1) & 0xFFFFFFFF
+            elif r == "cut":
+                totals["bytes_before_cuts"] += n  # every one of them verified
         if once or time.monotonic() > stop: return
         if r == "refused": time.sleep(0.02)  # the mapping is away: retry soon, bounded
 ts = [threading.Thread(target=worker) for _ in range(workers)]
