@@ -131,7 +131,8 @@ class Netns:
                 proc.wait()
             for stream in (proc.stdout, proc.stderr, proc.stdin):
                 if stream is not None:
-                    stream.close()
+                    with contextlib.suppress(OSError):  # a stdin whose reader died: EPIPE
+                        stream.close()
         self.procs.clear()
 
 
@@ -178,8 +179,15 @@ class Lab:
         self.close()
 
     def close(self) -> None:
-        for ns in reversed(self._namespaces):
-            ns.stop_processes()
+        """Stop the lab's processes, then delete its namespaces and files. A failure while
+        stopping processes never keeps the namespaces from going."""
+        try:
+            for ns in reversed(self._namespaces):
+                ns.stop_processes()
+        finally:
+            self._remove_namespaces()
+
+    def _remove_namespaces(self) -> None:
         for ns in reversed(self._namespaces):
             _ip("netns", "del", ns.name, check=False)
         for name in self._guest_names:

@@ -62,3 +62,14 @@ def test_wait_for_line_is_a_ready_signal(lab: netlab.Lab) -> None:
     assert m.group(1) == "42"
     with pytest.raises(TimeoutError):
         netlab.wait_for_line(p.stdout, "never", timeout=0.3)  # type: ignore[arg-type]
+
+
+def test_teardown_survives_a_broken_stdin_pipe() -> None:
+    before = _netns_names()
+    with netlab.Lab() as lab:
+        p = lab.host.python("import sys; sys.stdin.close(); print('ready', flush=True); "
+                            "import time; time.sleep(60)", stdin=subprocess.PIPE)
+        netlab.wait_for_line(p.stdout, "ready")  # type: ignore[arg-type]
+        assert p.stdin is not None
+        p.stdin.write("x" * 100)  # buffered: flushed (EPIPE) only when teardown closes it
+    assert _netns_names() == before
