@@ -9,9 +9,13 @@ owners of new sockets, watch NIC addresses; events come out of an async iterator
 The first events are a ``ListenerAdded`` per listener already there (and a ``SourceError``
 if "auto" had to fall back to /proc), then the initial ``AddressesChanged`` per NIC, then
 changes. The poll is the one deliberate sleep loop (sock_diag has no change notification):
-at the default 30 ms, one idle poll is three small netlink dumps and a bytes comparison, in
-a thread of its own; parsing, diff and owner lookup run there too, only on change, and
-events reach the event loop with ``call_soon_threadsafe``.
+every 30 ms (default) a thread of its own reads the namespace's sockstat ``inuse`` counters
+(two preads) and dumps only when they moved since the last dump, or when the last dump is
+older than ``full_every`` (default 1 s: the safety net for changes that leave the counts
+equal, e.g. a listener closed and another opened within one poll). A dump is three small
+netlink dumps and a bytes comparison; parsing, diff and owner lookup run only when the
+bytes changed, and events reach the event loop with ``call_soon_threadsafe``. If the
+counters cannot be read or understood, that is reported once and every poll dumps.
 
 When a source fails mid-run (unreadable, or bytes the parser refuses), the failure is
 reported once as ``SourceError`` and the other source takes over; if both fail, each
@@ -28,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from types import TracebackType
+from typing import Protocol
 
 from sockmap.portwatch import diff
 from sockmap.portwatch.addrs import AddressWatcher
@@ -40,10 +45,20 @@ from sockmap.portwatch.records import (
     ListenerRemoved,
     SourceError,
 )
-from sockmap.portwatch.sources import Raw, Source, local_port_range, open_source
+from sockmap.portwatch.sockstat import SockCounts
+from sockmap.portwatch.sources import Raw, SockstatGate, Source, local_port_range, open_source
 
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = {"diag": 0.030, "proc": 0.100}
+DEFAULT_FULL_EVERY = 1.0  # gate on: dump at least this often even if the counters are equal
+
+
+class Gate(Protocol):
+    name: str
+
+    def read(self) -> SockCounts: ...
+
+    def close(self) -> None: ...
 
 
 class Watcher:
@@ -59,6 +74,9 @@ class Watcher:
         addresses: bool = True,
         nics: Collection[str] | None = None,
         opener: Callable[[str], tuple[Source, list[str]]] = open_source,
+        gate: bool = True,
+        full_every: float = DEFAULT_FULL_EVERY,
+        gate_opener: Callable[[], Gate] = SockstatGate,
     ) -> None:
         if source not in ("auto", "diag", "proc"):
             raise SourceUnavailable(
@@ -69,7 +87,18 @@ class Watcher:
                 f"poll interval {interval}s is out of range",
                 hint="give between 1 ms and 60 s",
             )
+        if not 0.01 <= full_every <= 3600:
+            raise SourceUnavailable(
+                f"full-dump interval {full_every}s is out of range",
+                hint="give between 10 ms and 1 hour",
+            )
         self._want = source
+        self._use_gate = gate
+        self._full_every = full_every
+        self._gate_opener = gate_opener
+        self._gate: Gate | None = None
+        self._counts: SockCounts | None = None  # read just before the last successful dump
+        self._next_full = 0.0
         self._open = opener
         self._interval = interval
         self._owners = OwnerResolver() if resolve_owners else None
@@ -88,6 +117,7 @@ class Watcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self.polls = 0
+        self.reads = 0  # source reads (dumps); polls - reads were skipped by the gate
         self.parses = 0
 
     # -- public -------------------------------------------------------------------------------
@@ -111,12 +141,18 @@ class Watcher:
         self._src = src
         for p in problems:
             self._report("diag", p)
+        if self._use_gate:
+            try:
+                self._gate = self._gate_opener()
+            except (SourceUnavailable, ParseError) as e:
+                self._report("sockstat", str(e))
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         try:
             self._poll_once()
         except BaseException:
             self._close_source()
+            self._close_gate()
             raise
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll_thread, name="portwatch-poll",
@@ -154,6 +190,7 @@ class Watcher:
                 await t
         self._tasks.clear()
         self._close_source()
+        self._close_gate()
 
     def __aiter__(self) -> Watcher:
         return self
@@ -212,6 +249,28 @@ class Watcher:
             self._src.close()
             self._src = None
 
+    def _close_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
+
+    @property
+    def gated(self) -> bool:
+        """Whether idle polls are skipping the dumps (the counters are readable)."""
+        return self._gate is not None
+
+    def _read_counts(self) -> SockCounts | None:
+        """The gate's counters, or None (gate off or broken: dump). A failure is reported
+        once and turns the gate off for good."""
+        if self._gate is None:
+            return None
+        try:
+            return self._gate.read()
+        except (SourceUnavailable, ParseError) as e:
+            self._report("sockstat", f"{e}; every poll dumps from now on")
+            self._close_gate()
+            return None
+
     def _poll_once(self) -> None:
         self.polls += 1
         if self._src is None:
@@ -219,12 +278,20 @@ class Watcher:
             if self._src is None:
                 return
         src = self._src
+        # counters first, dump second: a change racing the dump moves them past what we keep
+        counts = self._read_counts()
+        now = time.monotonic()
+        if counts is not None and counts == self._counts and now < self._next_full:
+            return
+        self.reads += 1
         try:
             raw = src.read()
+            self._counts, self._next_full = counts, now + self._full_every
             if raw == self._raw:
                 return
             sockets = src.parse(raw)
         except (SourceUnavailable, ParseError) as e:
+            self._counts = None
             self._report(src.name, str(e))
             self._switch(src.name)
             return

@@ -51,7 +51,7 @@ def test_agent_argument_errors(argv: list[str], match: str) -> None:
         agent.main(args)
 
 
-PURE = ["diag.py", "procnet.py", "diff.py", "records.py"]
+PURE = ["diag.py", "procnet.py", "diff.py", "records.py", "sockstat.py"]
 FORBIDDEN = {"asyncio", "os", "pathlib", "subprocess", "select", "pyroute2", "io", "threading"}
 
 
