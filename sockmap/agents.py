@@ -1,0 +1,276 @@
+"""Agent sessions, the daemon's side: Hello and its checks, Welcome, heartbeats, and the
+messages that feed the registry.
+
+Agents authenticate with Hello(guest, token); the token must equal RUN_DIR/tokens/GUEST.token
+(hmac.compare_digest). For a daemon-made (netns) guest the peer must also be a process in
+that guest's network namespace (SO_PEERCRED, then /proc/PID/ns/net): tokens are readable by
+any guest (one shared filesystem), the kernel's answer is not forgeable. A refused Hello, a
+malformed or oversized frame, or an unexpected message closes the connection with a logged
+reason; the registry is only touched by a session that passed Hello. At most
+MAX_UNAUTHENTICATED connections may wait for their Hello at once.
+
+Liveness: the daemon heartbeats every ``heartbeat_s``; a session with no frame from its agent
+for ``dead_after_s`` is closed, and its guest's listeners are dropped, so the next plan closes
+its mappings. A reconnecting agent's session replaces the old one (which is closed) and its
+Snapshot replaces everything it reported.
+
+A Hello followed by RelayResult(ok) is no session but a relay stream (sockmap.relays).
+After a Snapshot or Addresses of a daemon-made guest, the kernel is asked which addresses
+the guest's netns really has (``ip -j -n NETNS addr``), and only those count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sockmap import protocol as p
+from sockmap.peercred import describe_peer, netns_of, peer_pid
+from sockmap.portwatch import Listener
+from sockmap.registry import Registry
+from sockmap.relays import RelayBroker
+from sockmap.supervisor import NETNS_DIR, token_path
+
+log = logging.getLogger("sockmap.daemon")
+
+MAX_UNAUTHENTICATED = 64  # agent connections that have not passed hello yet
+
+
+class AgentSessions:
+    def __init__(self, *, registry: Registry, run_dir: Path, heartbeat_s: float,
+                 dead_after_s: float, hello_timeout_s: float,
+                 request_replan: Callable[[], int],
+                 seen: Callable[[str, tuple[Listener, ...]], None],
+                 log_once: Callable[[str], None],
+                 conns: set[asyncio.Task[Any]], tasks: set[asyncio.Task[Any]]) -> None:
+        self.registry = registry
+        self.run_dir = run_dir
+        self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
+        self.hello_timeout_s = hello_timeout_s
+        self._request_replan = request_replan
+        self._seen = seen
+        self._log_once = log_once
+        self._conns = conns  # connection tasks: the daemon cancels them at shutdown
+        self._tasks = tasks  # other tasks: likewise
+        self.netns_of_guest: dict[str, str] = {}  # daemon-made guests: name -> netns
+        self.synced: dict[str, asyncio.Event] = {}  # guest_create waits for a Snapshot
+        self._sessions = itertools.count(1)
+        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._unauthenticated = 0
+        self._addr_checks: dict[str, int] = {}
+        self.relays = RelayBroker(session_writer=self._session_writer,
+                                  heartbeat_ms=round(heartbeat_s * 1000))
+
+    def _session_writer(self, guest: str) -> asyncio.StreamWriter | None:
+        g = self.registry.get(guest)
+        return self._writers.get(g.session) if g and g.session is not None else None
+
+    async def conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One agent connection (the agent socket's and the TCP listener's callback)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        peer = describe_peer(writer)
+        session = next(self._sessions)
+        name: str | None = None
+        dec = p.Decoder()
+        try:
+            if self._unauthenticated >= MAX_UNAUTHENTICATED:
+                log.warning("agent (%s): too many connections before hello; closed", peer)
+                return
+            self._unauthenticated += 1
+            try:
+                name, pending = await self._hello(reader, writer, dec, peer)
+            finally:
+                self._unauthenticated -= 1
+            if name is None:
+                return
+            if pending and isinstance(pending[0], p.RelayResult):
+                self.relays.attach(name, pending, writer)
+                name = None  # a relay stream is no session: its end changes nothing
+                return
+            old = self.registry.connect(name, session)
+            if old is not None and old in self._writers:
+                log.info("guest %s reconnected; closing its old session", name)
+                self._writers[old].close()
+            self._writers[session] = writer
+            writer.write(p.encode(p.Welcome(heartbeat_ms=round(self.heartbeat_s * 1000))))
+            beat = asyncio.create_task(self._heartbeats(writer))
+            try:
+                await self._serve_agent(name, session, reader, dec, pending)
+            finally:
+                beat.cancel()
+        except p.ProtocolError as e:
+            log.warning("agent %s (%s): %s; connection closed", name or "?", peer, e.message)
+            with contextlib.suppress(OSError, p.ProtocolError):
+                writer.write(p.encode(p.Error(code=e.reason, message=e.detail[:200])))
+        except TimeoutError:
+            log.warning("agent %s (%s): no frame for %g s; connection closed", name or "?",
+                        peer, self.dead_after_s)
+        except (ConnectionError, OSError) as e:
+            log.info("agent %s (%s): %s", name or "?", peer, e)
+        finally:
+            self._writers.pop(session, None)
+            writer.close()
+            self._conns.discard(task)
+            if name is not None and self.registry.disconnect(name, session):
+                log.warning("guest %s: agent gone; closing its mappings", name)
+                self._request_replan()
+
+    async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     dec: p.Decoder, peer: str) -> tuple[str | None, list[p.Message]]:
+        msgs: list[p.Message] = []
+        try:
+            async with asyncio.timeout(self.hello_timeout_s):
+                while not msgs:
+                    data = await reader.read(65536)
+                    if not data:
+                        dec.eof()
+                        return None, []
+                    msgs = dec.feed(data)
+        except TimeoutError:
+            log.warning("agent (%s): no hello within %g s; connection closed", peer,
+                        self.hello_timeout_s)
+            return None, []
+        hello = msgs.pop(0)
+        if not isinstance(hello, p.Hello):
+            raise p.ProtocolError("bad_field", f"first frame is {type(hello).__name__}, "
+                                               "not hello")
+        where = self._wrong_netns(hello.guest, writer)
+        if where or not self._token_ok(hello.guest, hello.token):
+            log.warning("agent (%s): refused hello for guest %s: %s", peer, hello.guest,
+                        where or "unknown guest or bad token")
+            writer.write(p.encode(p.Error(code="auth", message="unknown guest or bad token")))
+            return None, []
+        if not (msgs and isinstance(msgs[0], p.RelayResult)):
+            log.info("guest %s: agent connected (%s)", hello.guest, peer)
+        return hello.guest, msgs
+
+    def _wrong_netns(self, guest: str, writer: asyncio.StreamWriter) -> str:
+        """For a daemon-made guest: why the peer is not inside that guest's network
+        namespace ("" when it is, or for other guests)."""
+        netns = self.netns_of_guest.get(guest)
+        if netns is None:
+            return ""
+        pid = peer_pid(writer)
+        if pid is None:
+            return f"guest {guest} is a netns guest: its agent connects over the unix socket"
+        try:
+            want = os.stat(NETNS_DIR / netns).st_ino
+        except OSError:
+            return f"netns {netns} is gone"
+        if netns_of(pid) != want:
+            return f"peer pid {pid} is not in guest {guest}'s network namespace"
+        return ""
+
+    def _token_ok(self, guest: str, token: str) -> bool:
+        try:
+            want = token_path(self.run_dir, guest).read_text().strip()
+        except OSError:
+            want = ""
+        # compare even when there is no token file, so timing tells nothing
+        good = hmac.compare_digest(token.encode(), (want or secrets.token_hex(32)).encode())
+        return bool(want) and good
+
+    async def _heartbeats(self, writer: asyncio.StreamWriter) -> None:
+        seq = 0
+        with contextlib.suppress(OSError, TimeoutError):
+            while True:
+                await asyncio.sleep(self.heartbeat_s)  # the heartbeat clock
+                writer.write(p.encode(p.Heartbeat(seq=seq)))
+                seq += 1
+                async with asyncio.timeout(self.dead_after_s):
+                    await writer.drain()
+        writer.close()
+
+    async def _serve_agent(self, name: str, session: int, reader: asyncio.StreamReader,
+                           dec: p.Decoder, pending: list[p.Message]) -> None:
+        while True:
+            for msg in pending:
+                self._on_message(name, session, msg)
+            async with asyncio.timeout(self.dead_after_s):
+                data = await reader.read(65536)
+            if not data:
+                dec.eof()
+                raise ConnectionError("agent closed the connection")
+            pending = dec.feed(data)
+
+    def _on_message(self, name: str, session: int, msg: p.Message) -> None:
+        reg = self.registry
+        if not reg.current(name, session):
+            raise ConnectionError("replaced by a newer session")
+        g = reg.get(name)
+        assert g is not None
+        if not isinstance(msg, p.Heartbeat):
+            log.debug("guest %s session %d: %s", name, session, msg)
+        match msg:
+            case p.Snapshot():
+                self._seen(name, msg.listeners)
+                reg.snapshot(name, msg.listeners, msg.addrs)
+                self._verify_addrs(name)
+                log.info("guest %s: snapshot, %d listeners, addresses %s", name,
+                         len(msg.listeners), ", ".join(reg.addrs_of(name)) or "none usable")
+                ev = self.synced.get(name)
+                if ev is not None:
+                    ev.set()
+            case p.Added() | p.Removed() | p.Addresses() if not g.synced:
+                raise p.ProtocolError("bad_field", f"{type(msg).__name__} before snapshot")
+            case p.Added():
+                self._seen(name, msg.listeners)
+                reg.added(name, msg.listeners)
+            case p.Removed():
+                reg.removed(name, msg.listeners)
+            case p.Addresses():
+                reg.addresses(name, msg.addrs)
+                self._verify_addrs(name)
+            case p.RelayResult():
+                self.relays.refused(name, msg)
+                return
+            case p.Heartbeat():
+                return
+            case p.Error():
+                raise ConnectionError(f"agent error {msg.code}: {msg.message}")
+            case p.Hello() | p.Welcome() | p.RelayOpen():
+                raise p.ProtocolError("bad_field", f"unexpected {type(msg).__name__} "
+                                                   "from an agent")
+        self._request_replan()
+
+    def _verify_addrs(self, name: str) -> None:
+        """For a daemon-made guest, ask the kernel (``ip -j -n NETNS addr``, an exec'd child)
+        which addresses its netns really has, and let only those count: the record's
+        addresses until then, the kernel's after (so a guest IP change is followed, and a
+        guest cannot claim an address it does not have)."""
+        netns = self.netns_of_guest.get(name)
+        if netns is None:
+            return
+        gen = self._addr_checks[name] = self._addr_checks.get(name, 0) + 1
+
+        async def check() -> None:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    "ip", "-j", "-n", netns, "addr", "show",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+                out, _ = await proc.communicate()
+                links = json.loads(out or b"[]")
+                addrs = [str(a["local"]) for link in links for a in link.get("addr_info", ())
+                         if isinstance(a, dict) and "local" in a]
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                self._log_once(f"guest {name}: cannot read its addresses from the kernel: {e}")
+                return
+            if self._addr_checks.get(name) != gen or name not in self.netns_of_guest:
+                return  # a newer check or a deleted guest
+            self.registry.set_record(name, addrs)
+            self._request_replan()
+
+        t = asyncio.create_task(check())
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
