@@ -3,15 +3,21 @@
 In one hermetic netlab guest namespace:
 
 - detection latency: a process calls listen() at a random moment, stamps CLOCK_MONOTONIC
-  right after it returns (the same clock in every network namespace) and prints it;
-  ``sockmap agent --print`` stamps its "added" line with the same clock. p50/p99 over
-  >= 100 trials, for the sock_diag source (default 30 ms poll) and the /proc source
-  (default 100 ms poll);
-- idle CPU of the agent (all its threads: /proc/PID/task/*/schedstat, and utime+stime of
-  /proc/PID/stat) over a fixed window, with 10, 100 and 1,000 listeners, and with 100
-  listeners plus 10,000 established loopback connections, for both sources;
-- the cost of one scan, side by side in the same run: raw sock_diag (this code),
-  pyroute2's generic DiagSocket (same four dumps), and /proc/net (read + parse).
+  right after it returns (the same clock in every network namespace) and prints it; the
+  watcher process stamps its "added" line with the same clock. p50/p99 over >= 100
+  trials, for sock_diag at 30 ms with the sockstat gate off (the previous design) and on
+  (now the default), and the /proc source (100 ms poll, gate on);
+- idle CPU of the watcher process (all its threads: /proc/PID/task/*/schedstat, and
+  utime+stime of /proc/PID/stat) over a fixed window, with 10, 100 and 1,000 listeners,
+  with 100 listeners plus 10,000 established loopback connections, and with 100
+  listeners plus a client connecting and closing about 50 times a second (the counters
+  move on most polls), for the same configurations plus ``sockmap agent --print`` itself;
+- the cost of one poll and one scan, side by side in the same run: the sockstat check,
+  an idle raw sock_diag poll, a full raw scan, pyroute2's generic DiagSocket (same four
+  dumps), and /proc/net (read + parse).
+
+The watcher process is a small runner (RUNNER below: ``Watcher(gate=...)`` printing the
+agent's JSON lines) so that gate on and gate off differ in nothing else.
 
 Bounded: about a minute. Numbers are noisy on a shared 2-core machine: compare within a run.
 """
@@ -40,7 +46,7 @@ from typing import Any
 import netlab
 from sockmap import __version__
 from sockmap.portwatch.owners import OwnerResolver
-from sockmap.portwatch.sources import DiagSource, ProcSource, plan_v2
+from sockmap.portwatch.sources import DiagSource, ProcSource, SockstatGate, plan_v2
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -90,26 +96,76 @@ print("ok", len(conns), flush=True)
 sys.stdin.read()
 """
 
+CHURN = r"""
+import socket, sys, time
+deadline = time.monotonic() + float(sys.argv[1])
+print("ok", flush=True)
+n = 0
+while time.monotonic() < deadline:  # bounded: at most argv[1] seconds, ~50 connections/s
+    socket.create_connection(("127.0.0.1", 9999)).close()
+    n += 1
+    time.sleep(0.02)
+print("done", n, flush=True)
+"""
+
+RUNNER = r"""
+import asyncio, contextlib, json, signal, sys, time
+from sockmap.agent import event_json
+from sockmap.portwatch import Watcher
+source, interval_ms, gate = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "on"
+
+def write(obj):
+    obj["mono_ns"] = time.monotonic_ns()
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+async def main():
+    async with Watcher(source=source, interval=interval_ms / 1000, gate=gate) as w:
+        def stats():
+            write({"event": "stats", "polls": w.polls, "reads": w.reads})
+            task.cancel()
+        task = asyncio.current_task()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stats)
+        while (ev := w.get_nowait()) is not None:
+            write(event_json(ev))
+        write({"event": "ready", "listeners": len(w.snapshot()),
+               "interval_ms": w.interval * 1000, "gated": w.gated})
+        async for ev in w:
+            write(event_json(ev))
+
+with contextlib.suppress(asyncio.CancelledError):
+    asyncio.run(main())
+"""
+# (label, argv tail after the interpreter): the configurations compared side by side
+CONFIGS: list[tuple[str, list[str]]] = [
+    ("diag 30 ms, gate off (before)", ["-c", RUNNER, "diag", "30", "off"]),
+    ("diag 30 ms, gate on (now)", ["-c", RUNNER, "diag", "30", "on"]),
+    ("proc 100 ms, gate on", ["-c", RUNNER, "proc", "100", "on"]),
+]
+AGENT = ("sockmap agent --print (default)", ["-m", "sockmap.cli", "agent", "--print"])
+
 LISTENER = r"""
 import random, socket, sys, time
-prev = None
+swap = sys.argv[1] == "swap"  # close the previous listener right before the next listen()
+keep = []
 for i, line in enumerate(sys.stdin):
-    if prev is not None:
-        prev.close()
     time.sleep(random.uniform(0, 0.03))  # jitter: land at a random phase of the poll
+    if swap and keep:
+        keep.pop().close()
     s = socket.socket(); s.bind(("127.0.0.1", 21000 + i)); s.listen()
     t = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     print(21000 + i, t, flush=True)
-    prev = s
+    keep.append(s)
 """
 
 
 class Agent:
-    """``sockmap agent --print`` in a namespace, its JSON lines read by a thread."""
+    """A watcher process (the runner or ``sockmap agent --print``) in a namespace, its JSON
+    lines read by a thread."""
 
-    def __init__(self, ns: netlab.Netns, *extra: str) -> None:
+    def __init__(self, ns: netlab.Netns, argv: list[str]) -> None:
         self.proc = ns.popen(
-            [sys.executable, "-m", "sockmap.cli", "agent", "--print", *extra],
+            [sys.executable, *argv],
             stdin=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -160,10 +216,12 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs)) - 1))]
 
 
-def latency(ns: netlab.Netns, source: str, trials: int, *extra: str) -> dict[str, float]:
-    agent = Agent(ns, "--source", source, *extra)
+def latency(
+    ns: netlab.Netns, argv: list[str], trials: int, mode: str = "new"
+) -> dict[str, float]:
+    agent = Agent(ns, argv)
     ready = agent.wait(lambda o: o["event"] == "ready")
-    lst = ns.python(LISTENER, stdin=subprocess.PIPE)
+    lst = ns.popen([sys.executable, "-c", LISTENER, mode], stdin=subprocess.PIPE)
     assert lst.stdin is not None and lst.stdout is not None
     lat: list[float] = []
     try:
@@ -204,8 +262,8 @@ def cpu_ns(pid: int) -> tuple[int, int]:
     return run, ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
-def idle_cpu(ns: netlab.Netns, source: str, window: float, *extra: str) -> dict[str, float]:
-    agent = Agent(ns, "--source", source, *extra)
+def idle_cpu(ns: netlab.Netns, argv: list[str], window: float) -> dict[str, float]:
+    agent = Agent(ns, argv)
     ready = agent.wait(lambda o: o["event"] == "ready")
     agent.wait(lambda o: o["event"] == "addresses")
     time.sleep(0.3)  # let start-up work (address dump thread) finish before the window
@@ -215,7 +273,12 @@ def idle_cpu(ns: netlab.Netns, source: str, window: float, *extra: str) -> dict[
     r1, s1 = cpu_ns(agent.proc.pid)
     dt = time.monotonic_ns() - t0
     agent.stop()
+    dumps = float("nan")
+    with contextlib.suppress(RuntimeError, queue.Empty):
+        st = agent.wait(lambda o: o["event"] == "stats", timeout=2)
+        dumps = 100 * st["reads"] / max(1, st["polls"])  # over the whole run
     return {
+        "dump_pct": dumps,
         "listeners": ready["listeners"],
         "interval_ms": ready["interval_ms"],
         "sched_pct": 100 * (r1 - r0) / dt,
@@ -229,13 +292,14 @@ def scan_costs(ns: netlab.Netns, rounds: int) -> dict[str, float]:
     def run() -> dict[str, float]:
         import pyroute2
 
-        d, d4, p = DiagSource(), DiagSource(), ProcSource()
+        d, d4, p, gate = DiagSource(), DiagSource(), ProcSource(), SockstatGate()
         d4._plan = plan_v2()  # the same four v2 dumps pyroute2 makes
         ds = pyroute2.DiagSocket()
         ds.bind()
         times: dict[str, list[float]] = {"diag": [], "diag4": [], "diag_idle": [],
-                                         "pyroute2": [], "proc": []}
+                                         "gate": [], "pyroute2": [], "proc": []}
         last = d.read()
+        last_counts = gate.read()
 
         def pr2() -> int:
             n = 0
@@ -255,12 +319,16 @@ def scan_costs(ns: netlab.Netns, rounds: int) -> dict[str, float]:
             _ = d.read() == last
             times["diag_idle"].append(time.perf_counter_ns() - t)
             t = time.perf_counter_ns()
+            _ = gate.read() == last_counts
+            times["gate"].append(time.perf_counter_ns() - t)
+            t = time.perf_counter_ns()
             pr2()
             times["pyroute2"].append(time.perf_counter_ns() - t)
             t = time.perf_counter_ns()
             p.parse(p.read())
             times["proc"].append(time.perf_counter_ns() - t)
         ds.close()
+        gate.close()
         d.close()
         d4.close()
         # one owner lookup of a never-seen inode: a walk of /proc/*/fd in this namespace
@@ -301,19 +369,28 @@ def main(argv: list[str] | None = None) -> int:
         netlab.wait_for_line(holder.stdout, "^ok")  # type: ignore[arg-type]
 
         holder_cmd(holder, "listen 10")
-        for src, extra in (("diag", ()), ("diag", ("--interval-ms", "50")), ("proc", ())):
-            print(f"latency {src} {extra} ...", file=sys.stderr)
-            r = latency(g.ns, src, args.trials if src == "diag" else 100, *extra)
-            lat[f"{src} {r['interval_ms']:g} ms"] = r
+        for name, argv in CONFIGS:
+            print(f"latency {name} ...", file=sys.stderr)
+            lat[name] = latency(g.ns, argv, args.trials if "diag" in name else 100)
+        # the gate's blind spot: close + listen within one poll leaves the counts equal
+        print("latency swap ...", file=sys.stderr)
+        for name, argv in CONFIGS[:2]:
+            lat[f"{name}, swap"] = latency(g.ns, argv, 30, "swap")
 
-        for n, estab, label in [
-            (10, 0, "10 listeners"),
-            (100, 0, "100 listeners"),
-            (1000, 0, "1,000 listeners"),
-            (100, 10000, "100 listeners + 10,000 established"),
+        configs = [*CONFIGS, AGENT]
+        for n, estab, churn, label in [
+            (10, 0, False, "10 listeners"),
+            (100, 0, False, "100 listeners"),
+            (1000, 0, False, "1,000 listeners"),
+            (100, 10000, False, "100 listeners + 10,000 established"),
+            (100, 0, True, "100 listeners + ~50 connections/s"),
         ]:
             holder_cmd(holder, f"listen {n}")
-            client = None
+            client = churner = None
+            if churn:
+                secs = len(configs) * (args.window + 3) + 5
+                churner = g.ns.popen([sys.executable, "-c", CHURN, str(secs)])
+                netlab.wait_for_line(churner.stdout, "^ok")  # type: ignore[arg-type]
             if estab:
                 client = g.ns.popen(
                     [sys.executable, "-c", CLIENT, str(estab)], stdin=subprocess.PIPE
@@ -321,11 +398,14 @@ def main(argv: list[str] | None = None) -> int:
                 netlab.wait_for_line(client.stdout, "^ok", timeout=60)  # type: ignore[arg-type]
                 holder_cmd(holder, f"accepted {estab}")
             print(f"idle/scan {label} ...", file=sys.stderr)
-            for src in ("diag", "proc"):
-                idle.append((label, src, idle_cpu(g.ns, src, args.window)))
-            idle.append((label, "diag", idle_cpu(g.ns, "diag", args.window,
-                                                 "--interval-ms", "50")))
-            scans.append((label, scan_costs(g.ns, 200 if estab == 0 else 60)))
+            for name, argv in configs:
+                idle.append((label, name, idle_cpu(g.ns, argv, args.window)))
+            if churner is not None:
+                churner.terminate()  # our own process, by PID
+                churner.wait(10)
+                holder_cmd(holder, "drop 0")
+            else:
+                scans.append((label, scan_costs(g.ns, 200 if estab == 0 else 60)))
             if client is not None:
                 assert client.stdin is not None
                 client.stdin.close()
@@ -367,15 +447,16 @@ def write_report(
         "",
         "CLOCK_MONOTONIC on both sides; the listener process sleeps a random 0-30 ms before",
         "each listen() so trials land at random phases of the poll. Includes owner lookup",
-        "and writing the JSON line.",
+        "and writing the JSON line. The \"swap\" rows close the previous listener right",
+        "before each listen() (a different port, equal counts): the gate's blind spot, seen",
+        "by the full dump that runs every 0.5 s.",
         "",
-        "| source | poll | trials | p50 ms | p90 ms | p99 ms | max ms |",
-        "|---|---|---|---|---|---|---|",
+        "| watcher | trials | p50 ms | p90 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in lat.items():
-        src = name.split()[0]
         lines.append(
-            f"| {src} | {r['interval_ms']:g} ms | {r['n']:.0f} | {r['p50']:.1f} | "
+            f"| {name} | {r['n']:.0f} | {r['p50']:.1f} | "
             f"{r['p90']:.1f} | {r['p99']:.1f} | {r['max']:.1f} |"
         )
     lines += [
@@ -384,17 +465,24 @@ def write_report(
         "",
         "## Idle CPU of the agent (% of one core)",
         "",
-        "`sockmap agent --print` at its default poll, nothing changing; all threads'",
-        "run time from /proc/PID/task/*/schedstat (ns resolution) and utime+stime from",
-        "/proc/PID/stat (10 ms ticks) over the window.",
+        "The watcher process, no listener changing; all threads' run time from",
+        "/proc/PID/task/*/schedstat (ns resolution) and utime+stime from /proc/PID/stat",
+        "(10 ms ticks) over the window. With the gate, a poll whose sockstat counters are",
+        "unchanged makes no dump; a full dump still runs every 0.5 s. The churn rows have a",
+        "client connecting and closing ~50 times a second: TCP inuse moves on most polls.",
         "",
-        "| namespace holds | source | poll | schedstat % | stat % |",
-        "|---|---|---|---|---|",
+        "| namespace holds | watcher | schedstat % | stat % | vs gate off | polls that dumped |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, src, r in idle:
+    base: dict[str, float] = {}
+    for label, name, r in idle:
+        if "gate off" in name:
+            base[label] = r["sched_pct"]
+        ratio = r["sched_pct"] / base[label] if base.get(label) else float("nan")
+        dumped = "-" if r["dump_pct"] != r["dump_pct"] else f"{r['dump_pct']:.0f}%"  # NaN
         lines.append(
-            f"| {label} | {src} | {r['interval_ms']:g} ms | {r['sched_pct']:.2f} | "
-            f"{r['stat_pct']:.2f} |"
+            f"| {label} | {name} | {r['sched_pct']:.2f} | {r['stat_pct']:.2f} | "
+            f"{ratio:.2f}x | {dumped} |"
         )
     lines += [
         "",
@@ -402,21 +490,23 @@ def write_report(
         "",
         "## One scan, side by side (median µs)",
         "",
+        '"gate" is the sockstat check of an idle poll (two preads, parse, compare); "idle"',
+        "is an idle poll without the gate (three dumps plus a bytes comparison).",
         'A full scan, read and parsed: "raw 3" is what the agent does (legacy TCP LISTEN',
         'dump for both families, UDP IPv4, UDP IPv6); "raw 4" and pyroute2\'s DiagSocket',
         "make the same four v2 dumps (TCP and UDP, IPv4 and IPv6); /proc reads and parses",
-        'four files. "idle" is what an idle poll costs (dumps plus a bytes comparison, no',
-        "parsing) in a tight loop, so with warm caches (the agent sleeps between polls and",
-        'pays more, see the idle CPU table). "owner walk" is one /proc/*/fd walk for a',
+        "four files. All in a tight loop, so with warm caches (the agent sleeps between",
+        'polls and pays more, see the idle CPU table). "owner walk" is one /proc/*/fd walk for a',
         "never-seen inode.",
         "",
-        "| namespace holds | raw 3 | idle | raw 4 | pyroute2 | /proc/net | "
+        "| namespace holds | gate | idle | idle / gate | raw 3 | raw 4 | pyroute2 | /proc/net | "
         "pyroute2 / raw 4 | /proc / raw 3 | owner walk |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in scans:
         lines.append(
-            f"| {label} | {r['diag']:.0f} | {r['diag_idle']:.0f} | {r['diag4']:.0f} | "
+            f"| {label} | {r['gate']:.1f} | {r['diag_idle']:.0f} | "
+            f"{r['diag_idle'] / r['gate']:.0f}x | {r['diag']:.0f} | {r['diag4']:.0f} | "
             f"{r['pyroute2']:.0f} | {r['proc']:.0f} | {r['pyroute2'] / r['diag4']:.1f}x | "
             f"{r['proc'] / r['diag']:.1f}x | {r['owner_walk']:.0f} |"
         )

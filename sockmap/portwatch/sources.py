@@ -213,13 +213,15 @@ def _proc_net() -> Path:
 
 class SockstatGate:
     """The hashed-socket counters of the namespace the opening thread is in. The files are
-    opened once; each ``read()`` is a pread at offset 0 (procfs regenerates the text)."""
+    opened once; each ``read()`` is a pread at offset 0 (procfs regenerates the text), and
+    text equal to the last read's is not parsed again (~4 µs instead of ~20)."""
 
     name = "sockstat"
 
     def __init__(self, proc_net: Path | None = None) -> None:
         self.proc_net = proc_net if proc_net is not None else _proc_net()
         self.reads = 0
+        self._last: tuple[bytes, bytes | None, sockstat.SockCounts] | None = None
         try:
             self._fd4 = os.open(self.proc_net / "sockstat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -250,7 +252,12 @@ class SockstatGate:
                 f"cannot read {self.proc_net}/sockstat: {e.strerror or e}",
                 hint="every poll dumps instead (more idle CPU)",
             ) from None
-        return sockstat.parse_sockstat(v4, v6)
+        last = self._last
+        if last is not None and last[0] == v4 and last[1] == v6:
+            return last[2]
+        counts = sockstat.parse_sockstat(v4, v6)
+        self._last = (v4, v6, counts)
+        return counts
 
     def close(self) -> None:
         for fd in (self._fd4, self._fd6):

@@ -11,7 +11,7 @@ if "auto" had to fall back to /proc), then the initial ``AddressesChanged`` per 
 changes. The poll is the one deliberate sleep loop (sock_diag has no change notification):
 every 30 ms (default) a thread of its own reads the namespace's sockstat ``inuse`` counters
 (two preads) and dumps only when they moved since the last dump, or when the last dump is
-older than ``full_every`` (default 1 s: the safety net for changes that leave the counts
+older than ``full_every`` (default 0.5 s: the safety net for changes that leave the counts
 equal, e.g. a listener closed and another opened within one poll). A dump is three small
 netlink dumps and a bytes comparison; parsing, diff and owner lookup run only when the
 bytes changed, and events reach the event loop with ``call_soon_threadsafe``. If the
@@ -50,7 +50,7 @@ from sockmap.portwatch.sources import Raw, SockstatGate, Source, local_port_rang
 
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = {"diag": 0.030, "proc": 0.100}
-DEFAULT_FULL_EVERY = 1.0  # gate on: dump at least this often even if the counters are equal
+DEFAULT_FULL_EVERY = 0.5  # gate on: dump at least this often even if the counters are equal
 
 
 class Gate(Protocol):
