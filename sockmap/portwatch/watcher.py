@@ -267,8 +267,8 @@ class Watcher:
         try:
             return self._gate.read()
         except (SourceUnavailable, ParseError) as e:
+            self._close_gate()  # first: whoever sees the event sees the gate off
             self._report("sockstat", f"{e}; every poll dumps from now on")
-            self._close_gate()
             return None
 
     def _poll_once(self) -> None:
