@@ -31,6 +31,7 @@ class _Mapping:
     since: float
     state: MappingState = MappingState.OPEN
     closing: asyncio.Task[None] | None = field(default=None)
+    drain: asyncio.Timeout | None = field(default=None)  # while DRAINING: its deadline
 
     def row(self) -> MappingRow:
         return row(self.spec, self.host_port, self.state, self.counters, self.since)
@@ -65,7 +66,19 @@ class MappingTable:
                 assert_never(spec.proto)
         m = _Mapping(spec=spec, host_port=port, relay=relay, counters=counters, since=time.time())
         self._open[spec.key] = m
+        self._keep_drained_connections(spec)
         return m.row()
+
+    def _keep_drained_connections(self, spec: MappingSpec) -> None:
+        """The same forward is back (its guest's agent restarted, a rule reload changed
+        nothing for it): the connections its previous instance is draining go to the same
+        target and are healthy, so they may finish whenever they finish instead of being
+        reset at the drain deadline."""
+        for old in self._draining:
+            if (old.drain is not None and old.spec.key == spec.key
+                    and (old.spec.target_addr, old.spec.target_port)
+                    == (spec.target_addr, spec.target_port)):
+                old.drain.reschedule(None)
 
     async def close(
         self, key: MappingKey, *, drain_s: float | object | None = _DEFAULT
@@ -82,7 +95,7 @@ class MappingTable:
         self._draining.add(m)
         try:
             try:
-                async with asyncio.timeout(limit):
+                async with asyncio.timeout(limit) as m.drain:
                     await m.relay.idle.wait()
             except TimeoutError:
                 m.relay.abort_all()

@@ -210,6 +210,29 @@ async def test_drain_timeout_resets_lingering_connection(echo_port: int) -> None
         await asyncio.open_connection("127.0.0.1", row.host_port)
 
 
+async def test_reopened_forward_keeps_the_draining_connections(echo_port: int) -> None:
+    # an agent restart: the mapping closes (drain 0.2 s) and the same forward opens again;
+    # the connection made before must outlive the old drain deadline
+    t = MappingTable()
+    first = t.open(spec(0, echo_port, drain_s=0.2))
+    r, w = await asyncio.open_connection("127.0.0.1", first.host_port)
+    w.write(b"x")
+    assert await r.readexactly(1) == b"x"
+    closing = asyncio.create_task(t.close(row_key(first)))
+    await asyncio.sleep(0)  # the old listener stops at once
+    again = t.open(spec(first.host_port, echo_port, drain_s=0.2))
+    assert again.host_port == first.host_port
+    await asyncio.sleep(0.5)  # well past the 0.2 s drain deadline
+    assert not closing.done()
+    w.write(b"y")
+    assert await r.readexactly(1) == b"y"  # not reset
+    assert await roundtrip(again.host_port) == b"hi"  # and the new instance serves
+    w.close()
+    final = await asyncio.wait_for(closing, 5)  # the old one ends when its connection does
+    assert final.connections == 0 and final.state == MappingState.CLOSED
+    await t.aclose()
+
+
 def test_linger_struct_is_reset() -> None:
     from sockmap.proxy.tcp import _LINGER0
 
