@@ -34,6 +34,7 @@ from collections.abc import Callable, Collection
 from types import TracebackType
 from typing import Protocol
 
+from sockmap.errors import SockmapError
 from sockmap.portwatch import diff
 from sockmap.portwatch.addrs import AddressWatcher
 from sockmap.portwatch.errors import ParseError, SourceUnavailable
@@ -105,7 +106,8 @@ class Watcher:
         self._udp_ephemeral = udp_ephemeral
         self._port_range = diff.DEFAULT_PORT_RANGE
         self._addrs = AddressWatcher(nics) if addresses else None
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        # events, then (only if the poll thread died) the error that ends the iteration
+        self._queue: asyncio.Queue[Event | SockmapError] = asyncio.Queue()
         self._snap: diff.Snapshot = {}  # the poll thread's
         self._delivered: diff.Snapshot = {}  # the event loop's: matches the events queued
         self._raw: Raw | None = None
@@ -198,14 +200,20 @@ class Watcher:
     async def __anext__(self) -> Event:
         if self._thread is None and self._queue.empty():
             raise StopAsyncIteration
-        return await self._queue.get()
+        item = await self._queue.get()
+        if isinstance(item, SockmapError):
+            raise item
+        return item
 
     def get_nowait(self) -> Event | None:
         """An already queued event, or None."""
         try:
-            return self._queue.get_nowait()
+            item = self._queue.get_nowait()
         except asyncio.QueueEmpty:
             return None
+        if isinstance(item, SockmapError):
+            raise item
+        return item
 
     # -- the loop -----------------------------------------------------------------------------
     def _poll_thread(self) -> None:
@@ -219,8 +227,13 @@ class Watcher:
         except Exception as e:
             log.exception("poll thread failed")
             self._emit(SourceError(source="watcher", message=f"internal error, stopped: {e!r}"))
+            # a watcher that no longer polls must not look alive (an agent would report frozen
+            # listeners forever): end the iteration with an error, so the agent exits and its
+            # supervisor starts a fresh one
+            self._emit(SockmapError(f"the listener watcher stopped: {e!r}",
+                                    hint="the agent exits; its supervisor restarts it"))
 
-    def _emit(self, ev: Event) -> None:
+    def _emit(self, ev: Event | SockmapError) -> None:
         if threading.get_ident() == self._loop_thread:
             self._queue.put_nowait(ev)
         else:

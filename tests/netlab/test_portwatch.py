@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import netlab
+from sockmap.errors import SockmapError
 from sockmap.portwatch import (
     ListenerAdded,
     ListenerRemoved,
@@ -331,3 +332,41 @@ def test_watcher_reports_bad_source_once_and_falls_back(lab: netlab.Lab) -> None
     assert not [e for e in result if isinstance(e, ListenerRemoved)]
     with pytest.raises(ParseError):
         DiagSource().parse((b"\x10\x00\x00\x00garbage",))
+
+
+class BrokenAfter(GarbageAfter):
+    """A real sock_diag source that, after n reads, fails the way a bug would (not a
+    ParseError or SourceUnavailable, which the watcher handles by falling back)."""
+
+    def read(self) -> Raw:
+        raw = self.inner.read()
+        self.left -= 1
+        if self.left < 0:
+            raise RuntimeError("a bug in the poll path")
+        return raw
+
+
+def test_a_dead_poll_thread_ends_the_watch_with_an_error(lab: netlab.Lab) -> None:
+    g = lab.add_guest()
+
+    def opener(kind: str) -> tuple[Source, list[str]]:
+        return BrokenAfter(3), []
+
+    async def run() -> tuple[list[Any], BaseException | None]:
+        events: list[Any] = []
+        async with Watcher(source="diag", interval=0.005, addresses=False,
+                           opener=opener, gate=False) as w:
+            try:
+                async with asyncio.timeout(10):
+                    async for ev in w:
+                        events.append(ev)
+            except SockmapError as e:
+                return events, e
+        return events, None
+
+    events, err = in_netns(g.ns, lambda: asyncio.run(run()))
+    # the reason is reported, then the iteration ends with an error (the agent exits and is
+    # restarted) instead of a live-looking watcher whose listeners never change again
+    assert any(isinstance(e, SourceError) and "a bug in the poll path" in e.message
+               for e in events)
+    assert err is not None and "the listener watcher stopped" in str(err)
