@@ -164,7 +164,9 @@ class Planner:
             try:
                 await self._replan()
             except Exception:
-                log.exception("replanning failed; mappings left as they were")
+                # never leave a stale forward waiting for the next event: try again soon
+                log.exception("replanning failed; mappings left as they were, retrying in 1 s")
+                asyncio.get_running_loop().call_later(1.0, self.request_replan)
             self._done_gen = gen
             async with self._planned:
                 self._planned.notify_all()
@@ -172,7 +174,7 @@ class Planner:
     def _scan_host(self) -> list[Listener]:
         try:
             return scan_listeners()
-        except SockmapError as e:
+        except (SockmapError, OSError) as e:
             self.log_once(f"host scan: {e}")
             return []
 

@@ -147,7 +147,8 @@ def test_host_port_held_policy_remap_then_moves_back(lab: netlab.Lab, tmp_path: 
         assert (row["state"], row["host_port"]) == ("remapped", 8081)
         text = d.cli("ls").stdout
         assert "localhost:8081" not in text and "127.0.0.1:8081" in text
-        assert "remapped" in text and "0.0.0.0:8080" in text
+        # ls shortens 0.0.0.0 to * when the table would not fit 80 columns (name lengths vary)
+        assert "remapped" in text and ("0.0.0.0:8080" in text or "*:8080" in text)
         rc, out = conflicts(d, "--json")
         (c,) = out
         assert rc == 1 and c["kind"] == "host_port_in_use"
