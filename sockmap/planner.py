@@ -37,7 +37,7 @@ from sockmap.conflicts.rules import (
     plan,
 )
 from sockmap.errors import SockmapError
-from sockmap.portwatch import Listener, scan_listeners
+from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto
 from sockmap.registry import Registry
 
@@ -120,6 +120,7 @@ class Planner:
         self._done_gen = 0
         self._planned = asyncio.Condition()
         self._retry: asyncio.TimerHandle | None = None
+        self._owners = OwnerResolver()  # host sockets' owners, cached across replans
         # conflicts: host ports a conflict waits on, their listeners at the last plan
         self._watch: frozenset[tuple[str, int]] = frozenset()
         self._watch_keys: frozenset[tuple[object, ...]] = frozenset()
@@ -173,7 +174,7 @@ class Planner:
 
     def _scan_host(self) -> list[Listener]:
         try:
-            return scan_listeners()
+            return scan_listeners(owners=self._owners)
         except (SockmapError, OSError) as e:
             self.log_once(f"host scan: {e}")
             return []

@@ -34,6 +34,7 @@ __all__ = [
     "ListenerAdded",
     "ListenerRemoved",
     "Owner",
+    "OwnerResolver",
     "ParseError",
     "SourceError",
     "SourceUnavailable",
@@ -44,20 +45,29 @@ __all__ = [
 
 
 def scan_listeners(
-    source: str = "auto", *, resolve_owners: bool = True, udp_ephemeral: bool = False
+    source: str = "auto",
+    *,
+    resolve_owners: bool = True,
+    udp_ephemeral: bool = False,
+    owners: OwnerResolver | None = None,
 ) -> list[Listener]:
     """One scan of the current network namespace: one Listener per endpoint, sorted by key.
 
     ``source``: "auto" (sock_diag, else /proc), "diag" or "proc". Raises SourceUnavailable
     or ParseError (both SockmapError) if the chosen source cannot be read or understood;
-    "auto" falls back to /proc when sock_diag fails.
+    "auto" falls back to /proc when sock_diag fails. ``owners``: a resolver kept by a caller
+    that scans repeatedly (the daemon), so only sockets new since its last scan cost a
+    /proc walk.
     """
     sockets = read_sockets(source)
     if not udp_ephemeral:
         sockets = drop_udp_ephemeral(sockets, local_port_range())
     snap = snapshot(sockets)
     if resolve_owners:
-        owners = OwnerResolver().resolve(s.inode for s in snap.values())
-        return [dataclasses.replace(s, owner=owners.get(s.inode)) for s in snap.values()]
+        resolver = owners if owners is not None else OwnerResolver()
+        inodes = [s.inode for s in snap.values()]
+        found = resolver.resolve(inodes)
+        resolver.forget_except(inodes)
+        return [dataclasses.replace(s, owner=found.get(s.inode)) for s in snap.values()]
     return list(snap.values())
 

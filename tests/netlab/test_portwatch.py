@@ -23,6 +23,7 @@ from sockmap.errors import SockmapError
 from sockmap.portwatch import (
     ListenerAdded,
     ListenerRemoved,
+    OwnerResolver,
     ParseError,
     SourceError,
     Watcher,
@@ -370,3 +371,31 @@ def test_a_dead_poll_thread_ends_the_watch_with_an_error(lab: netlab.Lab) -> Non
     assert any(isinstance(e, SourceError) and "a bug in the poll path" in e.message
                for e in events)
     assert err is not None and "the listener watcher stopped" in str(err)
+
+
+def test_repeated_scans_with_one_resolver_walk_proc_only_for_new_sockets(
+    lab: netlab.Lab,
+) -> None:
+    g = lab.add_guest()
+    code = ("import socket, sys\ns=socket.socket(); s.bind(('0.0.0.0', 7100)); s.listen()\n"
+            "print('ready', flush=True)\nsys.stdin.readline()\n"
+            "t=socket.socket(); t.bind(('0.0.0.0', 7101)); t.listen()\n"
+            "print('two', flush=True)\nsys.stdin.read()\n")
+    srv = g.ns.python(code, stdin=subprocess.PIPE)
+    netlab.wait_for_line(srv.stdout, "ready")  # type: ignore[arg-type]
+    # a resolver looks only at processes of the netns it was made in: make it in the guest
+    resolver: OwnerResolver = in_netns(g.ns, OwnerResolver)
+
+    def scan() -> list[Any]:
+        return in_netns(g.ns, lambda: scan_listeners(owners=resolver))
+
+    first = scan()
+    walks = resolver.scans
+    assert [(x.port, x.owner.pid) for x in first] == [(7100, srv.pid)]
+    assert [x.owner.pid for x in scan()] == [srv.pid] and resolver.scans == walks  # cached
+    assert srv.stdin is not None
+    srv.stdin.write("\n")
+    srv.stdin.flush()
+    netlab.wait_for_line(srv.stdout, "two")  # type: ignore[arg-type]
+    assert {(x.port, x.owner.pid) for x in scan()} == {(7100, srv.pid), (7101, srv.pid)}
+    assert resolver.scans == walks + 1  # one walk, for the new socket only
