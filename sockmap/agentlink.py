@@ -3,8 +3,8 @@
 Session: connect (``unix:PATH``, ``tcp:HOST:PORT`` or ``vsock:CID:PORT``), send Hello (guest
 name and token), wait for Welcome (which sets the heartbeat interval), send one Snapshot of
 every listener and NIC address, then Added/Removed/Addresses as the watcher reports changes,
-and a Heartbeat every interval. The daemon heartbeats too; no frame from it for four
-intervals (at least 1 s) ends the session. After any end the agent reconnects with
+and a Heartbeat every interval. The daemon heartbeats too, every 2 s; no frame from it for
+``protocol.DAEMON_SILENCE_S`` (8 s) ends the session. After any end the agent reconnects with
 exponential backoff (100 ms doubling to 5 s, with jitter) and starts again with a full
 Snapshot, so the daemon never has to trust an old diff. An Error ``auth`` from the daemon
 (bad token, unknown guest) is final: the agent exits with status 2.
@@ -297,7 +297,7 @@ class _Session:
             tasks = [
                 asyncio.create_task(self._pump(writer)),
                 asyncio.create_task(self._heartbeats(writer, hb)),
-                asyncio.create_task(self._inbound(reader, writer, pending, max(1.0, 4 * hb))),
+                asyncio.create_task(self._inbound(reader, writer, pending, p.DAEMON_SILENCE_S)),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -9,8 +9,9 @@ malformed or oversized frame, or an unexpected message closes the connection wit
 reason; the registry is only touched by a session that passed Hello. At most
 MAX_UNAUTHENTICATED connections may wait for their Hello at once.
 
-Liveness: the daemon heartbeats every ``heartbeat_s``; a session with no frame from its agent
-for ``dead_after_s`` is closed, and its guest's listeners are dropped, so the next plan closes
+Liveness (see sockmap.protocol): agents heartbeat every ``heartbeat_s`` (sent in Welcome), the
+daemon every DAEMON_HEARTBEAT_MS; a session with no frame from its agent for
+``dead_after_s`` is closed, and its guest's listeners are dropped, so the next plan closes
 its mappings. A reconnecting agent's session replaces the old one (which is closed) and its
 Snapshot replaces everything it reported.
 
@@ -185,7 +186,7 @@ class AgentSessions:
         seq = 0
         with contextlib.suppress(OSError, TimeoutError):
             while True:
-                await asyncio.sleep(self.heartbeat_s)  # the heartbeat clock
+                await asyncio.sleep(p.DAEMON_HEARTBEAT_MS / 1000)  # the heartbeat clock
                 writer.write(p.encode(p.Heartbeat(seq=seq)))
                 seq += 1
                 async with asyncio.timeout(self.dead_after_s):

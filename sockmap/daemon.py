@@ -68,7 +68,7 @@ READY_LINE = "sockmap daemon ready"
 class Config:
     run_dir: Path
     agent_listen: tuple[str, int] | None = None  # TCP agent listener, only when given
-    heartbeat_s: float = 0.25
+    heartbeat_s: float = 0.3  # the agents' heartbeat (Welcome): 2 may go missing before dead
     dead_after_s: float = 0.8  # no frame from an agent for this long: it is gone
     hello_timeout_s: float = 2.0
     first_snapshot_timeout_s: float = 15.0  # guest_create waits this long for the agent

@@ -15,6 +15,13 @@ RelayResult. daemon -> agent: Welcome, Heartbeat, Error, RelayOpen. The daemon d
 destination: RelayOpen names only a listener the agent itself reported (proto, family,
 port), never an address.
 
+Liveness is asymmetric, because every wake-up costs (~300 µs of CPU per asyncio wake-up on
+this VM): the agent heartbeats every ``Welcome.heartbeat_ms`` (300 ms), so the daemon can
+close a frozen or vanished guest's mappings within 1 s; the daemon heartbeats only every
+DAEMON_HEARTBEAT_MS (2 s), enough for an agent to notice a host that vanished without
+closing the stream (DAEMON_SILENCE_S, then it reconnects). A daemon that exits closes the
+stream, which the agent sees at once.
+
 No I/O here: callers feed bytes in and write the bytes ``encode`` returns.
 """
 
@@ -34,6 +41,8 @@ from sockmap.portwatch.records import Family, Listener, Owner, Proto
 VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
 MAX_FRAME: Final = 4 * 1024 * 1024  # body bytes; ~10k listeners with owners fit
+DAEMON_HEARTBEAT_MS: Final = 2000  # daemon -> agent heartbeat interval
+DAEMON_SILENCE_S: Final = 4 * DAEMON_HEARTBEAT_MS / 1000  # agent gives up on a silent daemon
 
 MAX_NAME = 63
 MAX_TOKEN = 512
