@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_cmds=(nft:nftables ip:iproute2 sysctl:procps)
+# gcc: the watcher's C idle tick (sockmap/portwatch/_tick.c; bench/loadgen.c too)
+need_cmds=(nft:nftables ip:iproute2 sysctl:procps gcc:gcc)
 if [ "${1:-}" = "bench" ]; then
-  need_cmds+=(socat:socat iperf3:iperf3 pasta:passt gcc:gcc)  # gcc: bench/loadgen.c
+  need_cmds+=(socat:socat iperf3:iperf3 pasta:passt)
 fi
 
 missing=()
@@ -17,6 +18,10 @@ for pair in "${need_cmds[@]}"; do
 done
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
   missing+=(python3-venv)
+fi
+# the C extension needs the headers of the Python the venv is made from
+if ! python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' >/dev/null 2>&1; then
+  missing+=(python3-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -34,7 +39,8 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   python3 -m venv .venv
 fi
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ sockmap/portwatch/_tick.c -nt "$stamp" ] \
+   || ! ls sockmap/portwatch/_tick.*.so >/dev/null 2>&1; then
   echo "bootstrap: installing sockmap and its test extra into .venv"
   log=.venv/pip-install.log
   if ! { .venv/bin/python -m pip install -q --upgrade pip \

@@ -17,16 +17,26 @@ socket enters them at listen() (``__inet_hash``) or when it connects/is accepted
 connect/sendto). So every new listener moves a counter. ``orphan``, ``alloc`` and ``mem``
 are host-wide, so they are ignored: they would change with every other namespace's traffic.
 
+``inuse_key`` is the gate's fast path: the ``inuse`` tokens of the four lines, found by one
+compiled regular expression (C speed; the strict parse costs this VM ~130 µs more per cold
+poll). The gate parses strictly only when the key moved, and trusts the key only while its
+values agree with the strict parse (``key_counts``), so an odd layout costs a parse per
+poll, never a missed change.
+
 Nothing here raises anything but ``ParseError``, whatever the bytes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sockmap.portwatch.errors import ParseError
 
 _MAX_LEN = 16384  # the real files are a few hundred bytes
+# "TCP: inuse 3 orphan ...": the kernel prints inuse first on these four lines
+_INUSE = re.compile(rb"^(TCP6?|UDP6?): inuse (\d{1,20})(?=\s|$)", re.M)
+InuseKey = tuple[tuple[bytes, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,3 +97,24 @@ def parse_sockstat(v4: bytes, v6: bytes | None) -> SockCounts:
     return SockCounts(
         tcp=tcp, udp=udp, tcp6=_inuse(t6, "TCP6", "sockstat6"), udp6=_inuse(t6, "UDP6", "sockstat6")
     )
+
+
+def inuse_key(v4: bytes, v6: bytes | None) -> InuseKey:
+    """The ``(label, inuse)`` tokens of the TCP, UDP, TCP6 and UDP6 lines as the kernel lays
+    them out, in file order: equal keys mean equal counters whenever ``key_counts`` of the
+    key equals the strict parse. Never raises; a key of another layout is just not usable."""
+    key = _INUSE.findall(v4[:_MAX_LEN])
+    if v6 is not None:
+        key += _INUSE.findall(v6[:_MAX_LEN])
+    return tuple(key)
+
+
+def key_counts(key: InuseKey, v6: bool) -> SockCounts | None:
+    """The counters a key stands for, or None if it does not name each of the four (or,
+    without sockstat6, the two IPv4) labels exactly once."""
+    values = dict(key)
+    want = {b"TCP", b"UDP", b"TCP6", b"UDP6"} if v6 else {b"TCP", b"UDP"}
+    if len(values) != len(key) or set(values) != want:
+        return None
+    return SockCounts(tcp=int(values[b"TCP"]), udp=int(values[b"UDP"]),
+                      tcp6=int(values.get(b"TCP6", b"0")), udp6=int(values.get(b"UDP6", b"0")))

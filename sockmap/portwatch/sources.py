@@ -213,15 +213,18 @@ def _proc_net() -> Path:
 
 class SockstatGate:
     """The hashed-socket counters of the namespace the opening thread is in. The files are
-    opened once; each ``read()`` is a pread at offset 0 (procfs regenerates the text), and
-    text equal to the last read's is not parsed again (~4 µs instead of ~20)."""
+    opened once; each ``read()`` is a pread at offset 0 (procfs regenerates the text). The
+    strict parse runs only when the ``inuse`` tokens moved (``sockstat.inuse_key``: the
+    other fields are host-wide and move with every other namespace's traffic), and always
+    if the key ever disagreed with the strict parse."""
 
     name = "sockstat"
 
     def __init__(self, proc_net: Path | None = None) -> None:
         self.proc_net = proc_net if proc_net is not None else _proc_net()
         self.reads = 0
-        self._last: tuple[bytes, bytes | None, sockstat.SockCounts] | None = None
+        self._last: tuple[sockstat.InuseKey, sockstat.SockCounts] | None = None
+        self._key_ok = True  # the key's values matched every strict parse so far
         try:
             self._fd4 = os.open(self.proc_net / "sockstat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -252,12 +255,21 @@ class SockstatGate:
                 f"cannot read {self.proc_net}/sockstat: {e.strerror or e}",
                 hint="every poll dumps instead (more idle CPU)",
             ) from None
+        key = sockstat.inuse_key(v4, v6)
         last = self._last
-        if last is not None and last[0] == v4 and last[1] == v6:
-            return last[2]
+        if last is not None and last[0] == key:
+            return last[1]
         counts = sockstat.parse_sockstat(v4, v6)
-        self._last = (v4, v6, counts)
+        if self._key_ok and sockstat.key_counts(key, v6 is not None) == counts:
+            self._last = (key, counts)
+        else:
+            self._key_ok, self._last = False, None  # an odd layout: parse every time
         return counts
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        """The open sockstat and sockstat6 fds (-1: no sockstat6), for the C tick."""
+        return self._fd4, -1 if self._fd6 is None else self._fd6
 
     def close(self) -> None:
         for fd in (self._fd4, self._fd6):

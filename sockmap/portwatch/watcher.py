@@ -10,7 +10,8 @@ The first events are a ``ListenerAdded`` per listener already there (and a ``Sou
 if "auto" had to fall back to /proc), then the initial ``AddressesChanged`` per NIC, then
 changes. The poll is the one deliberate sleep loop (sock_diag has no change notification):
 every 30 ms (default) a thread of its own reads the namespace's sockstat ``inuse`` counters
-(two preads) and dumps only when they moved since the last dump, or when the last dump is
+(two preads; in C with the GIL released when the ``_tick`` extension is built, see
+``tick``) and dumps only when they moved since the last dump, or when the last dump is
 older than ``full_every`` (default 0.5 s: the safety net for changes that leave the counts
 equal, e.g. a listener closed and another opened within one poll). A dump is three small
 netlink dumps and a bytes comparison; parsing, diff and owner lookup run only when the
@@ -48,6 +49,7 @@ from sockmap.portwatch.records import (
 )
 from sockmap.portwatch.sockstat import SockCounts
 from sockmap.portwatch.sources import Raw, SockstatGate, Source, local_port_range, open_source
+from sockmap.portwatch.tick import NativeTick
 
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = {"diag": 0.030, "proc": 0.100}
@@ -78,6 +80,7 @@ class Watcher:
         gate: bool = True,
         full_every: float = DEFAULT_FULL_EVERY,
         gate_opener: Callable[[], Gate] = SockstatGate,
+        native_tick: bool = True,
     ) -> None:
         if source not in ("auto", "diag", "proc"):
             raise SourceUnavailable(
@@ -102,6 +105,7 @@ class Watcher:
         self._next_full = 0.0
         self._open = opener
         self._interval = interval
+        self._tick = 0.1  # the poll's sleep: ``interval``, kept current by _retick
         self._owners = OwnerResolver() if resolve_owners else None
         self._udp_ephemeral = udp_ephemeral
         self._port_range = diff.DEFAULT_PORT_RANGE
@@ -118,7 +122,10 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
-        self.polls = 0
+        self._want_native = native_tick
+        self._native: NativeTick | None = None  # the C tick, while the real gate is open
+        self._native_on = False  # the poll thread's: False once the C tick failed
+        self._polls = 0
         self.reads = 0  # source reads (dumps); polls - reads were skipped by the gate
         self.parses = 0
 
@@ -129,8 +136,23 @@ class Watcher:
         return self._src.name if self._src is not None else ""
 
     @property
+    def polls(self) -> int:
+        """Counter reads so far (those done in C included)."""
+        return self._polls + (self._native.ticks if self._native is not None else 0)
+
+    @property
+    def native_tick(self) -> bool:
+        """Whether idle ticks run in C (``tick``): the extension is built, the gate is the
+        real sockstat one, and neither has failed."""
+        return self._native_on and self._gate is not None
+
+    @property
     def interval(self) -> float:
-        return self._interval or DEFAULT_INTERVAL.get(self.source, 0.1)
+        return self._tick
+
+    def _retick(self) -> None:
+        """The poll interval follows the source (a /proc read costs more than a dump)."""
+        self._tick = self._interval or DEFAULT_INTERVAL.get(self.source, 0.1)
 
     def snapshot(self) -> list[Listener]:
         """The listeners as of the last event queued, one per endpoint, in key order: drain
@@ -141,6 +163,7 @@ class Watcher:
         self._port_range = local_port_range()
         src, problems = self._open(self._want)  # "diag"/"proc" forced: errors go to the caller
         self._src = src
+        self._retick()
         for p in problems:
             self._report("diag", p)
         if self._use_gate:
@@ -156,6 +179,9 @@ class Watcher:
             self._close_source()
             self._close_gate()
             raise
+        gate = self._gate
+        if self._want_native and isinstance(gate, SockstatGate) and NativeTick.available():
+            self._native, self._native_on = NativeTick(*gate.fds), True
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll_thread, name="portwatch-poll",
                                         daemon=True)
@@ -182,9 +208,15 @@ class Watcher:
 
     async def aclose(self) -> None:
         self._stop.set()
+        if self._native is not None:
+            self._native.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._native is not None:
+            self._polls += self._native.ticks
+            self._native.close()
+            self._native = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -218,12 +250,27 @@ class Watcher:
     # -- the loop -----------------------------------------------------------------------------
     def _poll_thread(self) -> None:
         """The deliberate sock_diag poll, in its own thread: a plain sleep costs this VM a
-        third of an asyncio timer wake-up, and the event loop is woken only on change."""
+        third of an asyncio timer wake-up, and the event loop is woken only on change. Every
+        wake-up costs ~70 µs here even in C, so an idle tick does as little Python as it
+        can: two preads, one regex, one identity check (``_poll_once``)."""
+        sleep, stopped, poll = time.sleep, self._stop.is_set, self._poll_once
         try:
-            while not self._stop.is_set():
-                time.sleep(self.interval)
-                if not self._stop.is_set():
-                    self._poll_once()
+            while not stopped():
+                if self._native_on:
+                    assert self._native is not None
+                    try:
+                        if not self._native.wait(self._tick, self._next_full - time.monotonic()):
+                            return  # stopped
+                    except (OSError, ValueError) as e:
+                        # the Python gate's own read reports a real problem, if there is one
+                        log.info("C tick stopped (%s); ticking in Python", e)
+                        self._native_on = False
+                else:
+                    sleep(self._tick)
+                if not stopped():
+                    poll()
+                    if self._gate is None:  # it failed and closed its fds: the C tick too
+                        self._native_on = False
         except Exception as e:
             log.exception("poll thread failed")
             self._emit(SourceError(source="watcher", message=f"internal error, stopped: {e!r}"))
@@ -285,7 +332,7 @@ class Watcher:
             return None
 
     def _poll_once(self) -> None:
-        self.polls += 1
+        self._polls += 1
         if self._src is None:
             self._switch(None)
             if self._src is None:
@@ -294,8 +341,9 @@ class Watcher:
         # counters first, dump second: a change racing the dump moves them past what we keep
         counts = self._read_counts()
         now = time.monotonic()
-        if counts is not None and counts == self._counts and now < self._next_full:
-            return
+        if (counts is not None and (counts is self._counts or counts == self._counts)
+                and now < self._next_full):
+            return  # ("is": the gate hands back the very object while its key is unchanged)
         self.reads += 1
         try:
             raw = src.read()
@@ -328,7 +376,8 @@ class Watcher:
             for p in problems:
                 self._report(kind, p)
             log.info("listener source now %s", kind)
-            return
+            break
+        self._retick()
 
     def _apply(self, sockets: list[Listener]) -> None:
         if not self._udp_ephemeral:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockmap.portwatch.errors import ParseError
-from sockmap.portwatch.sockstat import SockCounts, parse_sockstat
+from sockmap.portwatch.sockstat import SockCounts, inuse_key, key_counts, parse_sockstat
 
 V4 = (b"sockets: used 5\n"
       b"TCP: inuse 3 orphan 2 tw 1 alloc 6 mem 122\n"
@@ -113,3 +113,61 @@ def test_fuzz_generated_files_round_trip(tcp: int, udp: int, tcp6: int, udp6: in
     assert parse_sockstat(v4.encode(), v6.encode()) == SockCounts(
         tcp=tcp, udp=udp, tcp6=tcp6, udp6=udp6
     )
+
+
+# -- the fast key (inuse_key / key_counts) ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("v4", "v6", "usable"),
+    [
+        (V4, V6, True),
+        (V4, None, True),  # no sockstat6: the two IPv4 labels
+        (b"TCP: inuse 0\nUDP: inuse 0", b"TCP6: inuse 0\nUDP6: inuse 0", True),  # no final \n
+        # parseable, but not the kernel's layout: the key is not usable (parse every time)
+        (b"\nUDP: mem 9 inuse 7\nTCP: inuse 1\n", V6, False),
+        (b" TCP: inuse 1\nUDP: inuse 1\n", V6, False),
+        (V4, b"TCP6: inuse 4\n", False),  # (and no counts either: no UDP6)
+    ],
+)
+def test_key_usable_only_for_the_kernel_layout(v4: bytes, v6: bytes | None,
+                                                usable: bool) -> None:
+    counts = key_counts(inuse_key(v4, v6), v6 is not None)
+    if usable:
+        assert counts == parse_sockstat(v4, v6)
+    else:
+        assert counts is None
+
+
+def test_key_ignores_host_wide_fields_and_follows_inuse() -> None:
+    other = V4.replace(b"orphan 2 tw 1 alloc 6 mem 122", b"orphan 9 tw 1 alloc 99 mem 7")
+    assert inuse_key(V4, V6) == inuse_key(other, V6)
+    assert inuse_key(V4, V6) != inuse_key(V4.replace(b"UDP: inuse 1", b"UDP: inuse 2"), V6)
+    assert inuse_key(V4, V6) != inuse_key(V4, V6.replace(b"TCP6: inuse 4", b"TCP6: inuse 14"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 10**12), min_size=8, max_size=8),
+       st.lists(st.integers(0, 10**6), min_size=8, max_size=8))
+def test_fuzz_key_equal_iff_counts_equal(inuse: list[int], noise: list[int]) -> None:
+    """Kernel-layout files with random inuse values and random host-wide fields: equal keys
+    exactly when equal counters, and the key stands for the strict parse."""
+    def files(t: int, u: int, t6: int, u6: int, o: int, m: int) -> tuple[bytes, bytes]:
+        return (f"sockets: used {o}\nTCP: inuse {t} orphan {o} tw 0 alloc {m} mem {m}\n"
+                f"UDP: inuse {u} mem {o}\nUDPLITE: inuse {u}\n").encode(), \
+               f"TCP6: inuse {t6}\nUDP6: inuse {u6}\nUDPLITE6: inuse {t}\n".encode()
+    a = files(*inuse[:4], *noise[:2])
+    b = files(*inuse[4:], *noise[2:4])
+    ka, kb = inuse_key(*a), inuse_key(*b)
+    assert key_counts(ka, True) == parse_sockstat(*a)
+    assert (ka == kb) == (parse_sockstat(*a) == parse_sockstat(*b))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.one_of(st.none(), st.binary(max_size=200)))
+def test_fuzz_key_never_raises_and_never_contradicts(v4: bytes, v6: bytes | None) -> None:
+    """Any bytes: a key; a usable key always agrees with the strict parse when it succeeds."""
+    counts = key_counts(inuse_key(v4, v6), v6 is not None)
+    try:
+        strict = parse_sockstat(v4, v6)
+    except ParseError:
+        return
+    assert counts is None or counts == strict
