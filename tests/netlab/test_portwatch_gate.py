@@ -99,19 +99,22 @@ async def next_listener_event(w: Watcher) -> ListenerAdded | ListenerRemoved:
     raise AssertionError("watcher ended")
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c-tick", "python-tick"])
 @pytest.mark.parametrize("prebound", [False, True], ids=["socket-bind-listen", "bound-then-listen"])
-def test_new_listener_seen_through_counters_alone(lab: netlab.Lab, prebound: bool) -> None:
+def test_new_listener_seen_through_counters_alone(lab: netlab.Lab, prebound: bool,
+                                                  native: bool) -> None:
     """full_every is an hour: only a counter change can trigger the dump that sees it. A
     TCP socket bound long before listen() is not counted until listen(), which moves TCP
-    inuse: it is seen too."""
+    inuse: it is seen too. Both ticks: in C (the default) and in Python."""
     g = lab.add_guest()
     srv = Server(g)
     if prebound:
         srv.do("bind", 7100)
 
     async def run() -> tuple[ListenerAdded | ListenerRemoved, int, int]:
-        async with Watcher(interval=0.01, addresses=False, full_every=3600) as w:
-            assert w.gated and w.snapshot() == []
+        async with Watcher(interval=0.01, addresses=False, full_every=3600,
+                           native_tick=native) as w:
+            assert w.gated and w.snapshot() == [] and w.native_tick == native
             async with asyncio.timeout(10):
                 polls = w.polls
                 await until(lambda: w.polls >= polls + 3)
@@ -174,17 +177,20 @@ def test_swap_within_one_poll_caught_by_full_dump(lab: netlab.Lab, same_port: bo
         assert events[1].listener.owner.pid == b.pid
 
 
-def test_idle_polls_skip_the_dumps(lab: netlab.Lab) -> None:
-    """Idle, with listeners: most polls are a counter read only; without the gate, every
-    poll dumps."""
+@pytest.mark.parametrize("native", [True, False], ids=["c-tick", "python-tick"])
+def test_idle_polls_skip_the_dumps(lab: netlab.Lab, native: bool) -> None:
+    """Idle, with listeners: most polls are a counter read only (in C or in Python); without
+    the gate, every poll dumps."""
     g = lab.add_guest()
     srv = Server(g)
     for port in range(7300, 7310):
         srv.do("listen", port)
 
     async def count(gate: bool) -> tuple[int, int]:
-        async with Watcher(interval=0.005, addresses=False, gate=gate, full_every=0.5) as w:
+        async with Watcher(interval=0.005, addresses=False, gate=gate, full_every=0.5,
+                           native_tick=native) as w:
             assert w.gated == gate and len(w.snapshot()) == 10
+            assert w.native_tick == (gate and native)
             async with asyncio.timeout(10):
                 polls, reads = w.polls, w.reads
                 await until(lambda: w.polls >= polls + 120)
@@ -199,8 +205,9 @@ def test_idle_polls_skip_the_dumps(lab: netlab.Lab) -> None:
 def test_garbage_sockstat_reported_once_then_every_poll_dumps(
     lab: netlab.Lab, tmp_path: Path
 ) -> None:
-    """A sockstat that turns malformed mid-run: one SourceError, the gate is off, every poll
-    dumps, and a new listener is seen without the (hour-long) full-dump interval."""
+    """A sockstat that turns malformed mid-run: the C tick hands over to Python, one
+    SourceError (the gate's, none for the C tick), the gate is off, every poll dumps, and a
+    new listener is seen without the (hour-long) full-dump interval."""
     g = lab.add_guest()
     srv = Server(g)
     good = b"TCP: inuse 0 orphan 0 tw 0 alloc 0 mem 0\nUDP: inuse 0 mem 0\n"
@@ -210,7 +217,7 @@ def test_garbage_sockstat_reported_once_then_every_poll_dumps(
     async def run() -> tuple[list[Any], int, int]:
         async with Watcher(interval=0.005, addresses=False, full_every=3600,
                            gate_opener=lambda: SockstatGate(proc_net=tmp_path)) as w:
-            assert w.gated
+            assert w.gated and w.native_tick  # the C tick reads the fake files too
             events: list[Any] = []
             async with asyncio.timeout(10):
                 polls = w.polls
@@ -221,7 +228,7 @@ def test_garbage_sockstat_reported_once_then_every_poll_dumps(
                     events.append(ev)
                     if isinstance(ev, SourceError):
                         break
-                assert not w.gated
+                assert not w.gated and not w.native_tick
                 polls, reads = w.polls, w.reads
                 await until(lambda: w.polls >= polls + 5)
                 await asyncio.to_thread(srv.do, "listen", 7400)
