@@ -102,6 +102,7 @@ async def print_events(cfg: PrintConfig, out: TextIO) -> None:
             "source": w.source,
             "listeners": len(w.snapshot()),
             "interval_ms": round(w.interval * 1000, 3),
+            "tick": "c" if w.native_tick else "python",
         })
         async for ev in w:
             _write(out, event_json(ev))

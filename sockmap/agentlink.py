@@ -292,8 +292,9 @@ class _Session:
                                            addrs.ifname):
                 writer.write(frame)
             await writer.drain()
-            log.info("connected to %s as %s: %d listeners, addresses %s", cfg.addr, cfg.name,
-                     len(self.w.snapshot()), ", ".join(addrs.addrs) or "none")
+            log.info("connected to %s as %s: %d listeners, addresses %s, %s tick", cfg.addr,
+                     cfg.name, len(self.w.snapshot()), ", ".join(addrs.addrs) or "none",
+                     "C" if self.w.native_tick else "Python")
             tasks = [
                 asyncio.create_task(self._pump(writer)),
                 asyncio.create_task(self._heartbeats(writer, hb)),
