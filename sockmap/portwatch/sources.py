@@ -214,9 +214,11 @@ def _proc_net() -> Path:
 class SockstatGate:
     """The hashed-socket counters of the namespace the opening thread is in. The files are
     opened once; each ``read()`` is a pread at offset 0 (procfs regenerates the text). The
-    strict parse runs only when the ``inuse`` tokens moved (``sockstat.inuse_key``: the
-    other fields are host-wide and move with every other namespace's traffic), and always
-    if the key ever disagreed with the strict parse."""
+    counters come from the ``inuse`` tokens (``sockstat.inuse_key``; the other fields are
+    host-wide and move with every other namespace's traffic): the first read is also
+    parsed strictly, and so is every read whose key does not name each label once (a
+    malformed file is a ParseError then); a file whose key ever disagreed with the strict
+    parse (an odd layout) is parsed strictly on every read."""
 
     name = "sockstat"
 
@@ -259,11 +261,14 @@ class SockstatGate:
         last = self._last
         if last is not None and last[0] == key:
             return last[1]
-        counts = sockstat.parse_sockstat(v4, v6)
-        if self._key_ok and sockstat.key_counts(key, v6 is not None) == counts:
-            self._last = (key, counts)
+        from_key = sockstat.key_counts(key, v6 is not None) if self._key_ok else None
+        if from_key is not None and last is not None:
+            counts = from_key  # the layout was checked by the first strict parse
         else:
-            self._key_ok, self._last = False, None  # an odd layout: parse every time
+            counts = sockstat.parse_sockstat(v4, v6)
+            if from_key != counts:
+                self._key_ok = False  # an odd layout: parse every time
+        self._last = (key, counts) if self._key_ok else None
         return counts
 
     @property

@@ -1,6 +1,8 @@
-"""The C idle tick (sockmap.portwatch._tick through tick.NativeTick) on ordinary files: it
-returns when the inuse tokens move, when the timeout passes, and at once on stop(); odd or
-unreadable files raise, and no bytes crash it (hypothesis). The project's set-up builds the
+"""The idle tick's parts on ordinary files: the C tick (sockmap.portwatch._tick through
+tick.NativeTick) and the Python gate (SockstatGate). The C tick returns when the inuse
+tokens move, when the timeout passes, and at once on stop(); odd or unreadable files raise,
+and no bytes crash it (hypothesis). The gate takes the counters from the key, parses
+strictly the first time and whenever the key does not fit the kernel's layout. The project's set-up builds the
 extension (scripts/bootstrap.sh installs gcc), so a missing build fails here."""
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sockmap.portwatch import tick
+from sockmap.portwatch.errors import ParseError
+from sockmap.portwatch.sockstat import SockCounts
+from sockmap.portwatch.sources import SockstatGate
 from sockmap.portwatch.tick import NativeTick
 
 V4 = b"sockets: used 5\nTCP: inuse 3 orphan 0 tw 0 alloc 6 mem 1\nUDP: inuse 1 mem 0\n"
@@ -220,3 +225,40 @@ def test_fuzz_c_key_moves_exactly_with_the_counters(tmp_path: Path, inuse: list[
     finally:
         t.close()
         f.close()
+
+
+# -- SockstatGate on ordinary files: the key path and the strict parse ------------------------
+def gate_on(tmp_path: Path, v4: bytes, v6: bytes | None = V6) -> SockstatGate:
+    (tmp_path / "sockstat").write_bytes(v4)
+    if v6 is not None:
+        (tmp_path / "sockstat6").write_bytes(v6)
+    return SockstatGate(proc_net=tmp_path)
+
+
+def test_gate_key_path(tmp_path: Path) -> None:
+    g = gate_on(tmp_path, V4)
+    try:
+        first = g.read()
+        assert first == SockCounts(tcp=3, udp=1, tcp6=4, udp6=2)
+        (tmp_path / "sockstat").write_bytes(V4.replace(b"mem 1", b"mem 77"))
+        assert g.read() is first  # host-wide field moved: the very same object
+        (tmp_path / "sockstat").write_bytes(V4.replace(b"UDP: inuse 1", b"UDP: inuse 5"))
+        assert g.read() == SockCounts(tcp=3, udp=5, tcp6=4, udp6=2)
+        (tmp_path / "sockstat6").write_bytes(V6.replace(b"TCP6: inuse 4", b"TCP6: inuse 0"))
+        assert g.read() == SockCounts(tcp=3, udp=5, tcp6=0, udp6=2)
+        (tmp_path / "sockstat").write_bytes(b"TCP: inuse one\nUDP: inuse 1\n")
+        with pytest.raises(ParseError, match="bad field"):  # the key lost TCP: strict parse
+            g.read()
+    finally:
+        g.close()
+
+
+def test_gate_odd_layout_parses_every_read(tmp_path: Path) -> None:
+    odd = b"UDP: mem 0 inuse 7\nTCP: inuse 2\n"  # inuse not first: the key misses UDP
+    g = gate_on(tmp_path, odd, None)
+    try:
+        assert g.read() == SockCounts(tcp=2, udp=7, tcp6=0, udp6=0)
+        (tmp_path / "sockstat").write_bytes(odd.replace(b"inuse 7", b"inuse 8"))
+        assert g.read() == SockCounts(tcp=2, udp=8, tcp6=0, udp6=0)  # seen: no stale key
+    finally:
+        g.close()
