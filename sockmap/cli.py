@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guest", metavar="NAME", help="only this guest's mappings")
     p.add_argument("--port", type=int, metavar="N", help="only mappings with host or guest "
                                                          "port N")
+    p.add_argument("--all", action="store_true",
+                   help="also the guest listeners that are not forwarded, and why")
     p = _sub(subs, "conflicts", _conflicts,
              "explain port conflicts (exit 0: none, 1: conflicts, 2: error)",
              "sockmap conflicts            # the running daemon's view\n"
@@ -267,7 +269,8 @@ def _ls(args: argparse.Namespace) -> int:
     from sockmap import control, lsview
 
     def show() -> str:
-        rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10),
+        rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10,
+                                                  **({"all": True} if args.all else {})),
                                   guest=args.guest, port=args.port)
         return json.dumps(rows, indent=2) if args.json else lsview.render(rows)
 

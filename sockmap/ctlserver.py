@@ -58,7 +58,7 @@ class ControlServer:
         d = self.d
         match req.op:
             case "ls":
-                return d.rows()
+                return d.rows(not_forwarded=req.args.get("all") is True)
             case "status":
                 return d.status()
             case "conflicts":

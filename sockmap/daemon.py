@@ -156,8 +156,8 @@ class Daemon:
     async def wait_planned(self, gen: int) -> None:
         await self.planner.wait_planned(gen)
 
-    def rows(self) -> list[dict[str, Any]]:
-        return self.planner.rows()
+    def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
+        return self.planner.rows(not_forwarded=not_forwarded)
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:

@@ -97,10 +97,30 @@ def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...
     )
 
 
+NOT_FORWARDED = "not forwarded"
+
+
 def render(rows: Sequence[Row], *, width: int = 80) -> str:
-    """Aligned text; an explanatory line when there is nothing to show."""
-    if not rows:
-        return "no mappings (start a server in a guest; `sockmap guest list` lists guests)"
+    """Aligned text; an explanatory line when there is nothing to show. Rows in state
+    ``not forwarded`` (``ls --all``) follow the table, one listener and its reason each."""
+    skipped = [r for r in rows if r.get("state") == NOT_FORWARDED]
+    rows = [r for r in rows if r.get("state") != NOT_FORWARDED]
+    out = _table(rows, width) if rows else (
+        "no mappings (start a server in a guest; `sockmap guest list` lists guests)")
+    if skipped:
+        out += "\n\nnot forwarded:\n" + "\n".join(_why(r) for r in skipped)
+    return out
+
+
+def _why(r: Row) -> str:
+    proc = r.get("process") or ""
+    who = f" ({proc}{'' if r.get('pid') is None else ' pid ' + str(r['pid'])})" if proc else ""
+    return (f"  {r.get('guest', '?')} {r.get('proto', '?')} "
+            f"{endpoint(str(r.get('guest_addr', '?')), r.get('guest_port', '?'))}{who}: "
+            f"{r.get('reason', '?')}")
+
+
+def _table(rows: Sequence[Row], width: int) -> str:
     base = [c for c in COLUMNS
             if c != "STATE" or any(r.get("state") != "open" for r in rows)]
     # widest first: PID/PROCESS, then the process name alone, then compact, where the

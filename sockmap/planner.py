@@ -306,10 +306,12 @@ class Planner:
                  "+".join(spec.host_addrs), spec.host_port, target, key.port)
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
         """One row per open or draining mapping (state ``remapped`` when policy remap put
         it on another host port), then one per mapping waiting for its host port (state
-        ``waiting``: policy wait, or TIME_WAIT)."""
+        ``waiting``: policy wait, or TIME_WAIT); with ``not_forwarded``, then one per guest
+        listener the last plan did not forward (state ``not forwarded``, ``reason``: a
+        rule, an address the host cannot reach, a host port this guest already forwards)."""
         if self.table is None:
             return []
         now = time.time()
@@ -352,5 +354,14 @@ class Planner:
                 "process": first.process, "state": "waiting", "connections": 0,
                 "connections_total": 0, "bytes_in": 0, "bytes_out": 0, "errors": 0,
                 "dropped": 0, "since": since, "age_s": round(max(0.0, now - since), 3),
+            })
+        for s in (pl.skipped if pl is not None and not_forwarded else ()):
+            li = s.listener
+            out.append({
+                "guest": s.guest, "proto": str(li.proto), "host_addr": "", "host_addrs": [],
+                "host_port": None, "guest_addr": li.addr, "guest_port": li.port,
+                "pid": li.owner.pid if li.owner else None,
+                "process": li.owner.comm if li.owner else "", "state": "not forwarded",
+                "reason": s.reason,
             })
         return out

@@ -93,6 +93,8 @@ def nic_addr(guest_addrs: Iterable[str], family: Family) -> str | None:
 
 def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
     """Where ``listener`` (in a guest whose NIC has ``guest_addrs``) appears on the host.
+    The agent relay carries TCP only: a UDP binding that would need it is left out, and a
+    UDP listener left with none is not forwarded, with the reason.
 
     - ``0.0.0.0`` -> 127.0.0.1; ``[::]`` v6only -> ::1; ``[::]`` dual-stack (v6only False or
       unknown) -> 127.0.0.1 and ::1. Upstream: the guest's NIC address of that family, or
@@ -100,7 +102,18 @@ def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
     - loopback (127.0.0.0/8, ::1) -> the same family's host loopback, through the relay.
     - a specific address -> forwarded when it is one of the guest's NIC addresses, else not.
     """
-    addrs = tuple(guest_addrs)
+    d = _decide(listener, tuple(guest_addrs))
+    if listener.proto != "udp" or not isinstance(d, Forwarded):
+        return d
+    bs = tuple(b for b in d.bindings if not isinstance(b.upstream, Relay))
+    if bs:
+        return Forwarded(bindings=bs)
+    return NotForwarded(reason=f"UDP bound to {listener.addr}, reachable only through the "
+                               "agent relay, which carries TCP only; bind the guest's NIC "
+                               "address or a wildcard")
+
+
+def _decide(listener: Listener, addrs: tuple[str, ...]) -> Decision:
     ip = parse_ip(listener.addr)
     relay = Relay(family=listener.family, port=listener.port)
     if ip is None:
@@ -451,7 +464,7 @@ def _wants(guests: Sequence[GuestState],
     wants: list[_Want] = []
     skipped: list[Skipped] = []
     for g in guests:
-        seen: set[HostEndpoint] = set()
+        seen: dict[HostEndpoint, Listener] = {}  # host endpoint -> the listener it forwards
         unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
         for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
                                                           li.addr)):
@@ -473,12 +486,17 @@ def _wants(guests: Sequence[GuestState],
                 case Forwarded():
                     # One guest, one host endpoint: a second listener of the same guest
                     # (UDP 0.0.0.0:53 next to 10.0.0.2:53) adds nothing.
-                    bs = tuple(b for b in apply_rule(rule, d.bindings)
-                               if (li.proto, b.host_addr, hport) not in seen)
-                    seen.update((li.proto, b.host_addr, hport) for b in bs)
+                    all_bs = apply_rule(rule, d.bindings)
+                    bs = tuple(b for b in all_bs if (li.proto, b.host_addr, hport) not in seen)
+                    seen.update({(li.proto, b.host_addr, hport): li for b in bs})
                     if bs:
                         wants.append(_Want(g.name, li, bs, host_port=hport,
                                            policy=None if rule is None else rule.policy))
+                    elif all_bs:  # say so: `ls --all` shows it (a second server is unreachable)
+                        first = seen[(li.proto, all_bs[0].host_addr, hport)]
+                        skipped.append(Skipped(guest=g.name, listener=li, reason=(
+                            f"host {li.proto} port {hport} already forwards this guest's "
+                            f"{endpoint(first.addr, first.port)}")))
                 case _:
                     assert_never(d)
     return wants, skipped

@@ -297,6 +297,37 @@ def test_loopback_only_servers_through_the_relay_not_from_another_guest(
     assert probe(lab.host, "open", "tcp", "127.0.0.1", 3000)[0]  # still served
 
 
+def test_ls_all_says_why_a_listener_is_not_forwarded(lab: netlab.Lab, daemon: Daemon) -> None:
+    """A loopback-only UDP server (the relay carries TCP only) and a second server of the
+    same guest on a host port it already forwards: not forwarded, and `ls --all` says why
+    (plain `ls` lists mappings only)."""
+    name, g, rec = daemon.guest()
+    udp = serve(g, "udp", "127.0.0.1", 5454)
+    a = serve(g, "tcp", "127.0.0.1", 8090)
+    b = serve(g, "tcp", rec["guest_addr4"], 8090)
+    serve(g, "tcp", "0.0.0.0", 8091)
+    assert probe(lab.host, "open", "tcp", "127.0.0.1", 8091)[0], daemon.log_text()
+    t_end = time.monotonic() + 5
+    while True:  # bounded: until the plan has seen all four listeners
+        rows = json.loads(daemon.cli("ls", "--all", "--json").stdout)
+        why = {(r["proto"], r["guest_addr"], r["guest_port"]): r for r in rows
+               if r["state"] == "not forwarded"}
+        if len(why) == 2 or time.monotonic() > t_end:
+            break
+        time.sleep(0.05)
+    r = why.get(("udp", "127.0.0.1", 5454))
+    assert r is not None and "TCP only" in r["reason"] and r["pid"] == udp.pid, rows
+    # one of the two 8090 servers has host 127.0.0.1:8090; the other is named as shadowed
+    (tcp,) = [r for k, r in why.items() if k[0] == "tcp"]
+    first = {"127.0.0.1": rec["guest_addr4"], rec["guest_addr4"]: "127.0.0.1"}[tcp["guest_addr"]]
+    assert tcp["guest_port"] == 8090 and tcp["pid"] in (a.pid, b.pid)
+    assert f"already forwards this guest's {first}:8090" in tcp["reason"], tcp
+    assert all(r["state"] != "not forwarded" for r in json.loads(daemon.cli(
+        "ls", "--json").stdout))
+    text = daemon.cli("ls", "--all").stdout
+    assert "not forwarded:" in text and "TCP only" in text and name in text, text
+
+
 def test_guest_ip_change_retargets_its_mapping(lab: netlab.Lab, tmp_path: Path) -> None:
     vm = lab.add_guest()
     run = tmp_path / "run"

@@ -58,3 +58,22 @@ def test_remapped_and_waiting_render() -> None:
     assert "127.0.0.1:8081" in lines[1] and "0.0.0.0:8080" in lines[1]
     assert "remapped" in lines[1] and "waiting" in lines[2] and "localhost:53" in lines[2]
     assert all(len(x) <= 80 for x in lines)
+
+
+def test_not_forwarded_rows_follow_the_table(tmp_path: Path) -> None:
+    """`ls --all`: the plan's skipped listeners as rows in state "not forwarded" with the
+    reason, rendered after the table; plain rows() leaves them out."""
+    d = Daemon(Config(run_dir=tmp_path))
+    d.table = MappingTable()
+    udp = Listener(proto="udp", family=4, addr="127.0.0.1", port=5353, inode=7,
+                   owner=Owner(pid=7, comm="dnsd"))
+    g = [GuestState(name="dev1", listeners=(udp,), addrs=("10.0.0.2",))]
+    d.last_plan = rules.plan(guests=g, host_listeners=[])
+    assert d.rows() == []
+    (row,) = d.rows(not_forwarded=True)
+    assert row["state"] == "not forwarded" and row["guest_port"] == 5353
+    assert row["pid"] == 7 and row["process"] == "dnsd" and "TCP only" in row["reason"]
+    text = lsview.render(d.rows(not_forwarded=True))
+    assert text.startswith("no mappings")
+    assert "not forwarded:\n  dev1 udp 127.0.0.1:5353 (dnsd pid 7): UDP bound" in text
+    assert lsview.filter_rows([row], port=5353) == [row]

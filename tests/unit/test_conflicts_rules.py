@@ -357,3 +357,42 @@ def test_host_conflict_resolution_and_fix_follow_the_policy(pol: r.Policy, resol
                policies=Policies(default=pol))
     (c,) = p.conflicts
     assert resolution in c.resolution and fix in c.fix and "nginx (pid 7)" in c.fix
+
+
+# the relay carries TCP only: UDP bindings that need it are left out
+DECIDE_UDP = [
+    ("127.0.0.1", None, ADDRS, None),  # loopback-only UDP: not forwarded
+    ("::1", True, ADDRS, None),
+    ("0.0.0.0", None, (), None),  # no NIC address: only the relay could reach it
+    ("0.0.0.0", None, ADDRS, (("127.0.0.1", N4),)),
+    ("::", False, ("fd00::2",), (("::1", N6),)),  # IPv4 side needs the relay: left out
+    ("::", False, ADDRS, (("127.0.0.1", N4), ("::1", N6))),
+]
+
+
+@pytest.mark.parametrize(("addr", "v6only", "addrs", "want"), DECIDE_UDP)
+def test_decide_udp_never_through_the_relay(
+    addr: str, v6only: bool | None, addrs: tuple[str, ...],
+    want: tuple[tuple[str, r.Upstream], ...] | None,
+) -> None:
+    d = r.decide(L(addr, v6only=v6only, proto="udp"), addrs)
+    if want is None:
+        assert isinstance(d, NotForwarded) and "TCP only" in d.reason
+    else:
+        assert d == Forwarded(bindings=tuple(Binding(host_addr=h, upstream=u) for h, u in want))
+
+
+def test_second_listener_on_a_host_port_the_guest_forwards_is_skipped_with_a_reason() -> None:
+    """10.0.0.2:8000 (one process) and 127.0.0.1:8000 (another) both want host
+    127.0.0.1:8000: the first in key order keeps it, the second is in skipped with the
+    first named. 0.0.0.0:9000 next to a dual-stack [::]:9000: [::] still has ::1, so it is
+    forwarded there and not skipped."""
+    g = GuestState(name="g", listeners=(L("127.0.0.1", pid=1), L("10.0.0.2", pid=2),
+                                        L("::", 9000, v6only=False, pid=3),
+                                        L("0.0.0.0", 9000, pid=4)), addrs=ADDRS)
+    p = r.plan(guests=[g], host_listeners=[])
+    assert sorted((m.guest_addr, m.host_addr, m.host_port) for m in p.mappings) == [
+        ("0.0.0.0", "127.0.0.1", 9000), ("10.0.0.2", "127.0.0.1", 8000),
+        ("::", "::1", 9000)]
+    assert [(s.listener.addr, s.listener.port, s.reason) for s in p.skipped] == [
+        ("127.0.0.1", 8000, "host tcp port 8000 already forwards this guest's 10.0.0.2:8000")]
