@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from sockmap.tools import search_path
+
 PREFIX = "smk"
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")
@@ -37,13 +39,19 @@ OUTSIDE_INTERNET_ADDR = "203.0.113.1"
 HOST_UPLINK_ADDR = "198.18.0.1"
 OUTSIDE_WAN_ADDR = "198.18.0.2"
 
-NSENTER = shutil.which("nsenter", path=os.environ.get("PATH", "") + ":/usr/bin:/bin") or "nsenter"
+NSENTER = shutil.which("nsenter", path=search_path()) or "nsenter"
 _NAME_RE = re.compile(rf"^{PREFIX}-(\d+)-")
 _lab_counter = itertools.count(1)
 
 
+def command(argv0: str) -> str:
+    """A bare command name resolved as sockmap resolves its own (PATH, then the system
+    directories: cron's PATH has no /usr/sbin, where Debian keeps sysctl and nft)."""
+    return argv0 if "/" in argv0 else shutil.which(argv0, path=search_path()) or argv0
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+    return subprocess.run([command("ip"), *args], check=check, capture_output=True, text=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,7 +96,7 @@ class Netns:
     def argv(self, argv: Sequence[str]) -> list[str]:
         """Enter only the network namespace (not a private mount namespace, as `ip netns
         exec` would): namespaces that a command creates must be visible to everyone."""
-        return [NSENTER, f"--net={NETNS_DIR / self.name}", "--", *argv]
+        return [NSENTER, f"--net={NETNS_DIR / self.name}", "--", command(argv[0]), *argv[1:]]
 
     def run(
         self, argv: Sequence[str], *, check: bool = True, timeout: float = 60, **kw: Any

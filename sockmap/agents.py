@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sockmap import protocol as p
+from sockmap import tools
 from sockmap.peercred import describe_peer, netns_of, peer_pid
 from sockmap.portwatch import Listener
 from sockmap.registry import Registry
@@ -258,7 +259,7 @@ class AgentSessions:
         async def check() -> None:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    "ip", "-j", "-n", netns, "addr", "show",
+                    tools.find("ip") or "ip", "-j", "-n", netns, "addr", "show",
                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
                 out, _ = await proc.communicate()
                 links = json.loads(out or b"[]")

@@ -14,12 +14,12 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import sockmap
+from sockmap import tools
 
 log = logging.getLogger("sockmap.daemon")
 
@@ -63,7 +63,7 @@ class Supervisor:
         self.starts = 0
 
     def argv(self) -> list[str]:
-        nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+        nsenter = tools.find("nsenter") or "nsenter"
         return [nsenter, f"--net={NETNS_DIR / self.netns}", "--", self.python, "-m",
                 "sockmap.cli", "agent", "--log-level",
                 "debug" if log.isEnabledFor(logging.DEBUG) else "info",

@@ -1,4 +1,8 @@
-"""Shared fixtures: a session-start sweep of stale netlab namespaces and a per-test Lab."""
+"""Shared fixtures: a session-start sweep of stale netlab namespaces, a per-test Lab, and
+another uid (65534) with an interpreter and a copy of sockmap it can read.
+
+Tests using ``other_user`` or ``sockmap_copy`` are marked ``as_other_user``: that is the set
+tests/netlab/test_checkout_anywhere.py runs again from a private clone."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import netlab
+from netlab.otheruser import OtherUser, Unavailable
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -18,6 +23,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if {"other_user", "sockmap_copy"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.as_other_user)
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="netlab tests need root (CI runs as root)")
@@ -37,3 +45,22 @@ def run_dir(tmp_path: Path) -> Path:
     d = tmp_path / "run"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def other_user() -> OtherUser:
+    try:
+        return OtherUser.find()
+    except Unavailable as e:
+        pytest.skip(f"cannot run a process as another user here: {e}")
+
+
+@pytest.fixture(scope="session")
+def sockmap_copy(other_user: OtherUser) -> Iterator[Path]:
+    """A directory ``other_user`` can read with this checkout's sockmap and its dependencies
+    (for PYTHONPATH): the checkout itself may be below a directory only root can enter."""
+    try:
+        with other_user.stage() as d:
+            yield d
+    except Unavailable as e:
+        pytest.skip(f"cannot stage sockmap for another user here: {e}")

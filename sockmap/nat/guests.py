@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from sockmap import tools
 from sockmap.errors import SockmapError
 from sockmap.nat import netlink, nft
 from sockmap.nat.plan import (
@@ -232,7 +233,7 @@ def delete(run_dir: Path, name: str) -> list[str]:
             pids = netlink.stop_netns_processes(name)
             if pids:
                 done.append(f"stopped {len(pids)} process(es) in guest {name}")
-        if subnets and (rec is None or rec.nat) and shutil.which("nft"):
+        if subnets and (rec is None or rec.nat) and tools.find("nft"):
             for s in subnets:
                 if nft.remove_guest(s):
                     done.append(f"removed masquerade for {s}")
@@ -260,8 +261,6 @@ def exec_in(run_dir: Path, name: str, cmd: list[str]) -> int:
     check_name(name)
     if not netlink.netns_exists(name):
         raise SockmapError(f"no guest named {name!r}", hint="see `sockmap guest list`")
-    try:
-        r = subprocess.run(["ip", "netns", "exec", name, *cmd], check=False)
-    except FileNotFoundError as e:
-        raise SockmapError("the ip command is missing", hint="apt-get install iproute2") from e
+    ip = tools.need("ip", "sockmap cannot enter the guest", hint="apt-get install iproute2")
+    r = subprocess.run([ip, "netns", "exec", name, *cmd], check=False)
     return r.returncode if r.returncode >= 0 else 128 - r.returncode

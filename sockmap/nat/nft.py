@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
 import subprocess
 from typing import Any
 
+from sockmap import tools
 from sockmap.errors import SockmapError
 from sockmap.nat.plan import HOST_IF_PREFIX
 
@@ -104,11 +104,8 @@ def parse_set_elements(listing: object) -> list[ipaddress.IPv4Network]:
 
 # -- the adapter ---------------------------------------------------------------------------
 def nft_binary() -> str:
-    path = shutil.which("nft")
-    if path is None:
-        raise SockmapError("the nft command is missing, so sockmap cannot set up NAT",
-                           hint="install it with `apt-get install nftables`, or use --no-nat")
-    return path
+    return tools.need("nft", "sockmap cannot set up NAT",
+                      hint="install it with `apt-get install nftables`, or use --no-nat")
 
 
 def run(commands: list[Cmd]) -> None:

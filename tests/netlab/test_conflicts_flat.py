@@ -11,21 +11,20 @@ answers with its pid.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import netlab
+from netlab.otheruser import OtherUser
 
 pytestmark = pytest.mark.netlab
 
-# Servers run as uid 65534 too, so they need an interpreter outside /root.
-PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
-AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 NEW_MNTNS = ["unshare", "--mount"]
 
 SERVER = r"""
@@ -80,10 +79,34 @@ for _ in range(int(n)):
 """
 
 
+@pytest.fixture(autouse=True)
+def _needs_other_user(other_user: OtherUser) -> None:
+    """Skip (saying why) where no process can run as uid 65534; marks the tests as_other_user."""
+
+
+@functools.cache
+def _nobody() -> OtherUser:
+    return OtherUser.find()
+
+
+def py() -> str:
+    """Servers run as uid 65534 too (from ``/``), so every one uses an interpreter that user
+    can run: the checkout's .venv may be below a directory only root can enter."""
+    return _nobody().python
+
+
+def as_nobody() -> list[str]:
+    return _nobody().argv([])
+
+
+def process_name() -> str:
+    return Path(py()).name[:15]  # the kernel's comm: the name exec'd, at most 15 characters
+
+
 def serve(g: netlab.Guest | netlab.Netns, *specs: str, pre: Sequence[str] = ()) -> int:
     """Start a server holding ``specs`` (proto/family/addr/port/options...); its pid."""
     ns = g.ns if isinstance(g, netlab.Guest) else g
-    proc = ns.popen([*pre, PY, "-u", "-c", SERVER, *specs])
+    proc = ns.popen([*pre, py(), "-u", "-c", SERVER, *specs], cwd="/")
     assert proc.stdout is not None
     m = netlab.wait_for_line(proc.stdout, r"^(ready (\d+)|bind-error.*)$")
     assert m.group(2), f"{specs}: {m.group(0)}"
@@ -91,13 +114,13 @@ def serve(g: netlab.Guest | netlab.Netns, *specs: str, pre: Sequence[str] = ()) 
 
 
 def bind_fails(g: netlab.Guest, *specs: str, pre: Sequence[str] = ()) -> str:
-    proc = g.ns.popen([*pre, PY, "-u", "-c", SERVER, *specs])
+    proc = g.ns.popen([*pre, py(), "-u", "-c", SERVER, *specs], cwd="/")
     assert proc.stdout is not None
     return netlab.wait_for_line(proc.stdout, r"^(ready \d+|bind-error.*)$").group(0)
 
 
 def answers(g: netlab.Guest, proto: str, addr: str, port: int, n: int = 1) -> set[int]:
-    out = g.ns.run([PY, "-c", CLIENT, proto, addr, str(port), str(n)], timeout=30).stdout
+    out = g.ns.run([py(), "-c", CLIENT, proto, addr, str(port), str(n)], timeout=30).stdout
     return {int(x) for x in out.split()}
 
 
@@ -129,7 +152,7 @@ def test_reuseport_split_across_mount_namespaces(lab: netlab.Lab) -> None:
     a = serve(g, "tcp/4/0.0.0.0/8000/reuseport")
     b = serve(g, "tcp/4/0.0.0.0/8000/reuseport", pre=NEW_MNTNS)
     # The kernel rule the scenario relies on: another uid cannot join the group.
-    assert "errno 98" in bind_fails(g, "tcp/4/0.0.0.0/8000/reuseport", pre=AS_NOBODY)
+    assert "errno 98" in bind_fails(g, "tcp/4/0.0.0.0/8000/reuseport", pre=as_nobody())
     rc, out = conflicts(g, "--json")
     assert rc == 1
     (c,) = out
@@ -159,12 +182,12 @@ def test_dualstack_vs_ipv4_tcp(lab: netlab.Lab) -> None:
 def test_dualstack_vs_ipv4_udp_other_user(lab: netlab.Lab) -> None:
     g = lab.add_guest()
     a = serve(g, "udp/4/0.0.0.0/5300/reuseaddr")
-    b = serve(g, "udp/6/::/5300/reuseaddr", pre=AS_NOBODY)
+    b = serve(g, "udp/6/::/5300/reuseaddr", pre=as_nobody())
     rc, out = conflicts(g, "--json")
     assert rc == 1
     (c,) = out
     assert (c["kind"], c["proto"], c["port"]) == ("dualstack_vs_ipv4", "udp", 5300)
-    assert {p["process"] for p in c["parties"]} == {"python3"}
+    assert {p["process"] for p in c["parties"]} == {process_name()}
     assert any("uid 65534" in p["context"] for p in c["parties"])
     assert receiver(c, "127.0.0.1:5300") == {a} and receiver(c, "[::1]:5300") == {b}
     assert answers(g, "udp", "127.0.0.1", 5300, n=3) == {a}
@@ -174,7 +197,7 @@ def test_dualstack_vs_ipv4_udp_other_user(lab: netlab.Lab) -> None:
 def test_wildcard_vs_specific_udp(lab: netlab.Lab) -> None:
     g = lab.add_guest()
     a = serve(g, "udp/4/0.0.0.0/5400/reuseaddr")
-    b = serve(g, f"udp/4/{g.addr4}/5400/reuseaddr", pre=AS_NOBODY)
+    b = serve(g, f"udp/4/{g.addr4}/5400/reuseaddr", pre=as_nobody())
     rc, out = conflicts(g, "--json")
     assert rc == 1
     (c,) = out
@@ -188,7 +211,7 @@ def test_wildcard_vs_specific_udp(lab: netlab.Lab) -> None:
 def test_ipv4_ipv6_shadow_and_it_resolves(lab: netlab.Lab) -> None:
     g = lab.add_guest()
     a = serve(g, "tcp/4/127.0.0.1/8002")
-    proc_b = g.ns.popen([*AS_NOBODY, PY, "-u", "-c", SERVER, "tcp/6/::1/8002/v6only"])
+    proc_b = g.ns.popen([*as_nobody(), py(), "-u", "-c", SERVER, "tcp/6/::1/8002/v6only"])
     assert proc_b.stdout is not None
     b = int(netlab.wait_for_line(proc_b.stdout, r"^ready (\d+)$").group(1))
     rc, out = conflicts(g, "--json")
@@ -200,7 +223,8 @@ def test_ipv4_ipv6_shadow_and_it_resolves(lab: netlab.Lab) -> None:
     assert answers(g, "tcp", "::1", 8002) == {b}
     rc, text = conflicts(g)
     assert rc == 1
-    for needle in ("ipv4_ipv6_split: tcp port 8002", f"pid {a} python3", f"pid {b} python3",
+    name = process_name()
+    for needle in ("ipv4_ipv6_split: tcp port 8002", f"pid {a} {name}", f"pid {b} {name}",
                    "uid 65534", "localhost:8002", "fix: "):
         assert needle in text, needle
     # the holder of ::1 exits: the conflict is gone

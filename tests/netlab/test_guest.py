@@ -9,12 +9,15 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 import netlab
 from netlab.lab import HOST_UPLINK_ADDR, OUTSIDE_INTERNET_ADDR
+from netlab.otheruser import OtherUser
+from sockmap import tools
 
 pytestmark = pytest.mark.netlab
 
@@ -72,6 +75,16 @@ def _netns_exists(name: str) -> bool:
 
 def _nft_tables(lab: netlab.Lab) -> str:
     return lab.host.run(["nft", "list", "tables"]).stdout
+
+
+def _without(cmd: str) -> list[str]:
+    """An argv prefix: run in a private mount namespace where every ``cmd`` sockmap could
+    find (on PATH or in the system directories) is /dev/null, which is not executable."""
+    found = {os.path.realpath(p) for d in tools.search_path().split(os.pathsep)
+             if os.access(p := os.path.join(d, cmd), os.X_OK)}
+    hide = 'while [ "$1" != -- ]; do mount --bind /dev/null "$1" || exit 9; shift; done'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'{hide}; shift; exec "$@"', "sh", *sorted(found), "--"]
 
 
 def _forwarding(lab: netlab.Lab) -> str:
@@ -185,13 +198,14 @@ def test_failure_midway_rolls_back(lab: netlab.Lab, run_dir: Path) -> None:
     assert "inet_service" in lab.host.run(["nft", "list table inet sockmap"]).stdout  # untouched
 
 
-def test_bad_input(lab: netlab.Lab, run_dir: Path) -> None:
+def test_bad_input(lab: netlab.Lab, run_dir: Path, other_user: OtherUser,
+                   sockmap_copy: Path) -> None:
     name = lab.guest_name("dup")
     g = _create(lab, run_dir, name)
     rd = ("--run-dir", str(run_dir))
 
-    def fails(*args: str, env: dict[str, str] | None = None) -> str:
-        r = lab.host.sockmap(*args, *rd, env=env)
+    def fails(*args: str, pre: Sequence[str] = ()) -> str:
+        r = lab.host.run([*pre, PY, "-m", "sockmap.cli", *args, *rd], check=False)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert r.stderr.startswith("sockmap: error:")
         return r.stderr
@@ -203,11 +217,13 @@ def test_bad_input(lab: netlab.Lab, run_dir: Path) -> None:
     assert "overlaps" in fails("guest", "create", lab.guest_name("x"), "--subnet", "198.18.0.0/29")
     assert "no guest named" in fails("guest", "delete", lab.guest_name("nobody"))
     assert "no guest named" in fails("guest", "exec", lab.guest_name("nobody"), "--", "true")
-    no_nft = {**os.environ, "PATH": str(Path(PY).parent)}
-    assert "apt-get install nftables" in fails("guest", "create", lab.guest_name("x"), env=no_nft)
-    nobody = lab.host.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           PY, "-m", "sockmap.cli", "guest", "create", "x", *rd], check=False)
-    assert nobody.returncode == 2 and "needs root" in nobody.stderr
+    assert "apt-get install nftables" in fails("guest", "create", lab.guest_name("x"),
+                                               pre=_without("nft"))
+    # as uid 65534, from a copy it can read (the checkout may be below a 0700 directory)
+    nobody = lab.host.run(other_user.argv([other_user.python, "-m", "sockmap.cli", "guest",
+                                           "create", "x", *rd]), check=False, cwd="/",
+                          env={**os.environ, "PYTHONPATH": str(sockmap_copy)})
+    assert nobody.returncode == 2 and "needs root" in nobody.stderr, nobody.stderr
     # the first guest is intact after all that
     assert lab.host.sockmap("guest", "exec", name, *rd, "--", "true").returncode == 0
     assert json.loads(lab.host.sockmap("guest", "list", "--json", *rd).stdout)[0]["name"] == name
@@ -216,11 +232,25 @@ def test_bad_input(lab: netlab.Lab, run_dir: Path) -> None:
 def test_no_nat_needs_no_nft_and_long_names_fit(lab: netlab.Lab, run_dir: Path) -> None:
     name = lab.guest_name("n" * (63 - len(lab.prefix) - 1))
     assert len(name) == 63
-    r = lab.host.sockmap("guest", "create", name, "--no-nat", "--run-dir", str(run_dir),
-                         env={**os.environ, "PATH": str(Path(PY).parent)})
+    r = lab.host.run([*_without("nft"), PY, "-m", "sockmap.cli", "guest", "create", name,
+                      "--no-nat", "--run-dir", str(run_dir)], check=False)
     assert r.returncode == 0, r.stderr
     assert _forwarding(lab) == "0" and "sockmap" not in _nft_tables(lab)
     assert lab.host.sockmap("guest", "delete", name, "--run-dir", str(run_dir)).returncode == 0
+
+
+def test_create_and_delete_with_a_path_without_sbin(lab: netlab.Lab, run_dir: Path) -> None:
+    """cron's PATH: Debian keeps nft in /usr/sbin, and sockmap still finds it, so NAT works."""
+    cron = {**os.environ, "PATH": "/usr/bin:/bin"}
+    name = lab.guest_name("cron")
+    r = lab.host.sockmap("guest", "create", name, "--run-dir", str(run_dir), env=cron)
+    assert r.returncode == 0, r.stderr
+    lab.attach(name)
+    assert "inet sockmap" in _nft_tables(lab) and _forwarding(lab) == "1"
+    assert lab.host.sockmap("guest", "exec", name, "--run-dir", str(run_dir), "--", "true",
+                            env=cron).returncode == 0
+    r = lab.host.sockmap("guest", "delete", name, "--run-dir", str(run_dir), env=cron)
+    assert r.returncode == 0 and "removed masquerade" in r.stdout, (r.stdout, r.stderr)
 
 
 def test_delete_after_lost_record(lab: netlab.Lab, run_dir: Path) -> None:
