@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,17 @@ class Request:
 
 def socket_path(run_dir: Path) -> Path:
     return run_dir / SOCKET_NAME
+
+
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+
+
+def unix_path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a unix socket's address (too long), or None."""
+    n = len(os.fsencode(path))
+    if n <= UNIX_PATH_MAX:
+        return None
+    return f"its path is {n} bytes, longer than the {UNIX_PATH_MAX} a unix socket takes"
 
 
 def parse_request(line: bytes) -> Request:
@@ -88,6 +100,8 @@ def not_running(run_dir: Path, why: str) -> DaemonNotRunning:
 def request(run_dir: Path, op: str, timeout: float = 30.0, **args: object) -> Any:
     """Send one request, return its result; raise DaemonNotRunning or the daemon's error."""
     path = socket_path(run_dir)
+    if (long := unix_path_problem(path)) is not None:  # no daemon can listen there either
+        raise not_running(run_dir, long)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)

@@ -218,6 +218,9 @@ class Daemon:
         self, path: Path, cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                        Awaitable[None]],
     ) -> asyncio.Server:
+        if (long := control.unix_path_problem(path)) is not None:
+            raise SockmapError(f"cannot listen on {path}: {long}",
+                               hint="use a shorter --run-dir (or SOCKMAP_RUN_DIR)")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         old = os.umask(0o177)  # the socket is born 0600: no window where others connect

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,21 @@ def test_answers_round_trip() -> None:
 def test_request_without_daemon(tmp_path: Path) -> None:
     with pytest.raises(control.DaemonNotRunning, match="sockmap daemon"):
         control.request(tmp_path, "ls")
+
+
+def test_run_dir_too_long_for_a_unix_socket(tmp_path: Path) -> None:
+    """A deep --run-dir (a checkout's tmp dir below a long path): a clear error, not
+    ``OSError: AF_UNIX path too long`` from the CLI or ``cannot listen ...: None``."""
+    deep = tmp_path / ("d" * (control.UNIX_PATH_MAX - len(str(tmp_path)) - 5))
+    deep.mkdir()
+    assert control.unix_path_problem(deep / "x") is None
+    assert "longer than the 107" in (control.unix_path_problem(deep / "control.sock") or "")
+    with pytest.raises(control.DaemonNotRunning, match="longer than the 107 a unix socket"):
+        control.request(deep, "ls")
+    r = subprocess.run([sys.executable, "-m", "sockmap.cli", "daemon", "--run-dir", str(deep)],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2, r.stderr
+    assert "longer than the 107 a unix socket takes (use a shorter --run-dir" in r.stderr
 
 
 def row(**kw: Any) -> dict[str, Any]:
