@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from sockmap import shadowing
 from sockmap.conflicts.rules import ACTIONS, POLICIES, Action, Policy, Rule
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Proto
@@ -74,10 +75,14 @@ class _Lines:
         self.lines = text.splitlines()
         # (line number, header name, array?) for each table header, in order
         self.headers: list[tuple[int, str, bool]] = []
+        # (header name, array?) -> positions in self.headers, in order: one lookup per table
+        self.by_name: dict[tuple[str, bool], list[int]] = {}
         for i, line in enumerate(self.lines, 1):
-            m = _HEADER.match(line)
+            m = _HEADER.match(line) if line.lstrip().startswith("[") else None
             if m:
-                self.headers.append((i, m.group(2).strip(), m.group(1) == "[["))
+                name, arr = m.group(2).strip(), m.group(1) == "[["
+                self.by_name.setdefault((name, arr), []).append(len(self.headers))
+                self.headers.append((i, name, arr))
 
     def table(self, name: str, index: int | None = None) -> tuple[int, int]:
         """(first line, last line) of table ``name`` (the index-th ``[[name]]``); the top
@@ -85,11 +90,11 @@ class _Lines:
         if not name:
             end = self.headers[0][0] - 1 if self.headers else len(self.lines)
             return 1, end
-        found = [(i, n) for n, (i, h, arr) in enumerate(self.headers)
-                 if h == name and arr == (index is not None)]
+        found = self.by_name.get((name, index is not None), [])
         if not found or (index is not None and index >= len(found)):
             return 1, len(self.lines)
-        line, n = found[index or 0]
+        n = found[index or 0]
+        line = self.headers[n][0]
         end = self.headers[n + 1][0] - 1 if n + 1 < len(self.headers) else len(self.lines)
         return line, end
 
@@ -298,15 +303,20 @@ def _rule(ctx: _Ctx, i: int, r: dict[str, Any]) -> Rule:
         items = raw if isinstance(raw, list) else [raw]
         if not items:
             raise err("port", "an empty list matches no port", "give ports or leave it out")
+        bad: str | None = None
         for item in items:
             spec = _port_spec(item)
             if isinstance(spec, str):
-                raise err("port", spec, 'write a port (8000) or a range ("8000-8099")')
-            for lo, hi in ports:
-                if spec[0] <= hi and lo <= spec[1]:
-                    raise err("port", f"ranges {lo}-{hi} and {spec[0]}-{spec[1]} overlap",
-                              "merge them into one range or list each port once")
+                bad = spec
+                break
             ports.append(spec)
+        clash = shadowing.first_overlap(ports)  # before the bad item: as the list reads
+        if clash is not None:
+            (lo, hi), (lo2, hi2) = ports[clash[0]], ports[clash[1]]
+            raise err("port", f"ranges {lo}-{hi} and {lo2}-{hi2} overlap",
+                      "merge them into one range or list each port once")
+        if bad is not None:
+            raise err("port", bad, 'write a port (8000) or a range ("8000-8099")')
     guest_addr = string("guest_addr")
     if guest_addr is not None:
         try:
@@ -407,33 +417,17 @@ def _host_addrs(r: dict[str, Any], err: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _covers(a: Rule, b: Rule) -> bool:
-    """Whether ``a`` matches every listener ``b`` matches (conservative: criteria compared
-    as written, so a glob only covers the same glob)."""
-    if any(x is not None and x != y for x, y in ((a.guest, b.guest), (a.proto, b.proto),
-                                                   (a.guest_addr, b.guest_addr),
-                                                   (a.process, b.process))):
-        return False
-    if not a.ports:
-        return True
-    if not b.ports:
-        return False
-    return all(any(alo <= lo and hi <= ahi for alo, ahi in a.ports) or
-               all(any(alo <= p <= ahi for alo, ahi in a.ports) for p in range(lo, hi + 1))
-               for lo, hi in b.ports)
-
-
 def _check_shadowed(ctx: _Ctx, rules: tuple[Rule, ...]) -> None:
-    """A rule an earlier one always matches first would never apply: refused."""
-    for i, r in enumerate(rules):
-        for j in range(i):
-            if _covers(rules[j], r):
-                line = ctx.lines.table("rule", j)[0]
-                raise ctx.error("rule", i, None,
-                                f"never applies: [[rule]] #{j + 1} (line {line}) matches "
-                                "everything it matches, and the first match wins",
-                                f"move it above [[rule]] #{j + 1}, narrow #{j + 1}, or "
-                                "delete it")
+    """A rule an earlier one always matches first would never apply: refused (the first
+    such rule, naming the first rule that covers it; shadowing.py, not pairwise)."""
+    found = shadowing.first_shadowed(rules)
+    if found is not None:
+        i, j = found
+        line = ctx.lines.table("rule", j)[0]
+        raise ctx.error("rule", i, None,
+                        f"never applies: [[rule]] #{j + 1} (line {line}) matches "
+                        "everything it matches, and the first match wins",
+                        f"move it above [[rule]] #{j + 1}, narrow #{j + 1}, or delete it")
 
 
 def _check_fixed_ports(ctx: _Ctx, rules: tuple[Rule, ...]) -> None:
