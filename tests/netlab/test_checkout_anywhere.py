@@ -63,6 +63,7 @@ def _venv(clone: Path) -> Path:
     return py
 
 
+@pytest.mark.timeout(600)  # a nested pytest: ~10 s idle, more on a busy machine
 def test_privilege_dropping_tests_pass_from_a_private_clone(tmp_path: Path) -> None:
     private = tmp_path / "private dir"
     private.mkdir()
