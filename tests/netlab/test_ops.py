@@ -289,6 +289,21 @@ def test_bad_rules_file_at_start_exits_2(lab: netlab.Lab, tmp_path: Path) -> Non
     assert r.returncode == 2 and "not a loopback address" in r.stderr
 
 
+def _unit_word(path: str) -> str:
+    """``path`` as one word of a unit's command line: quoted when it has a space (a checkout
+    in "/root/sm test"), with systemd's specifier character doubled."""
+    path = path.replace("%", "%%")
+    if not any(c.isspace() or c in "\\\"'" for c in path):
+        return path
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def test_unit_word_quotes_what_systemd_would_split() -> None:
+    assert _unit_word("/usr/local/bin/sockmap") == "/usr/local/bin/sockmap"
+    assert _unit_word("/root/sm test/.venv/bin/sockmap") == '"/root/sm test/.venv/bin/sockmap"'
+    assert _unit_word("/opt/100%/sockmap") == "/opt/100%%/sockmap"
+
+
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (ROOT / "packaging" / "sockmap.service").read_text()
     keys = {ln.split("=", 1)[0] for ln in unit.splitlines() if "=" in ln
@@ -300,7 +315,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze not installed; the key check above ran")
     exe = shutil.which("sockmap") or str(Path(PY).parent / "sockmap")
     local = tmp_path / "sockmap.service"  # the unit as shipped, pointed at this install
-    local.write_text(unit.replace("/usr/local/bin/sockmap", exe))
+    local.write_text(unit.replace("/usr/local/bin/sockmap", _unit_word(exe)))
     r = subprocess.run([tool, "verify", str(local)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
