@@ -49,7 +49,9 @@ def test_concurrent_connections(soak: Soak) -> None:
     n = SHORT_SCALE.concurrent
     assert c.detail["held_ok"] == n
     assert c.detail["conns_in_ls"] == n  # the daemon counted every one while held
-    assert c.detail["daemon_fds_held"] >= soak.base["daemon_fds"] + 2 * n  # 2 fds each
+    # 2 fds each; the baseline may count a transient fd or two of the daemon's own (a
+    # control connection, a /proc read in a thread) that is gone while the clients hold
+    assert c.detail["daemon_fds_held"] >= soak.base["daemon_fds"] + 2 * n - 4
 
 
 def test_short_connections(soak: Soak) -> None:
