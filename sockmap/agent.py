@@ -6,7 +6,11 @@
     {"event": "removed", "mono_ns": ..., "listener": {...}}    ... went away
     {"event": "addresses", "mono_ns": ..., "ifname": "eth0", "addrs": [...]}
     {"event": "error", "mono_ns": ..., "source": "diag", "message": "..."}
-    {"event": "ready", "mono_ns": ..., "source": "diag", "listeners": N, "interval_ms": 20}
+    {"event": "ready", "mono_ns": ..., "source": "diag", "listeners": N, "interval_ms": 20,
+     "mode": "events", "mode_note": "events from tracefs instance sockmap-PID, ..."}
+
+``mode`` is "events" when the kernel's listener events wake the watcher (tracefs, needs
+CAP_SYS_ADMIN; ``--events off`` or their absence: "poll"); ``mode_note`` says why.
 
 The listeners present at start come first as "added", then one "ready". ``mono_ns`` is
 CLOCK_MONOTONIC when the line was written (the same clock in every network namespace).
@@ -41,6 +45,8 @@ class PrintConfig:
     source: str = "auto"
     interval: float | None = None
     udp_ephemeral: bool = False
+    events: str = "auto"
+    rescan: float = 2.0
 
 
 def listener_json(lst: Listener) -> dict[str, Any]:
@@ -93,7 +99,8 @@ def _write(out: TextIO, obj: dict[str, Any]) -> None:
 async def print_events(cfg: PrintConfig, out: TextIO) -> None:
     """Run the watcher and print its events until cancelled."""
     async with Watcher(
-        source=cfg.source, interval=cfg.interval, udp_ephemeral=cfg.udp_ephemeral
+        source=cfg.source, interval=cfg.interval, udp_ephemeral=cfg.udp_ephemeral,
+        events=cfg.events, rescan=cfg.rescan,
     ) as w:
         while (ev := w.get_nowait()) is not None:
             _write(out, event_json(ev))
@@ -103,6 +110,8 @@ async def print_events(cfg: PrintConfig, out: TextIO) -> None:
             "listeners": len(w.snapshot()),
             "interval_ms": round(w.interval * 1000, 3),
             "tick": "c" if w.native_tick else "python",
+            "mode": w.mode,
+            "mode_note": w.mode_note,
         })
         async for ev in w:
             _write(out, event_json(ev))
@@ -126,7 +135,10 @@ def main(args: argparse.Namespace) -> int:
                 hint="give between 1 and 60000",
             )
         interval = args.interval_ms / 1000
-    cfg = PrintConfig(source=args.source, interval=interval, udp_ephemeral=args.udp_ephemeral)
+    from sockmap.agentlink import events_args
+
+    cfg = PrintConfig(source=args.source, interval=interval, udp_ephemeral=args.udp_ephemeral,
+                      **events_args(args))
     with contextlib.suppress(BrokenPipeError):  # the reader went away: nobody to tell
         asyncio.run(until_signal(print_events(cfg, sys.stdout)))
     return 0

@@ -31,7 +31,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, assert_never
+from typing import Any, Literal, assert_never
 
 from sockmap import protocol as p
 from sockmap.conflicts.rules import relay_target
@@ -135,6 +135,8 @@ class LinkConfig:
     source: str = "auto"
     interval: float | None = None
     udp_ephemeral: bool = False
+    events: str = "auto"  # kernel listener events where they can be had (Watcher's events)
+    rescan: float = 2.0  # events mode: the safety rescan, seconds
     backoff_min: float = 0.1
     backoff_max: float = 5.0
     connect_timeout: float = 5.0
@@ -357,7 +359,9 @@ class _Session:
 async def run(cfg: LinkConfig) -> None:
     """Watch and report until cancelled; reconnect after every lost session."""
     async with Watcher(source=cfg.source, interval=cfg.interval,
-                       udp_ephemeral=cfg.udp_ephemeral) as w:
+                       udp_ephemeral=cfg.udp_ephemeral, events=cfg.events,
+                       rescan=cfg.rescan) as w:
+        log.info("watching listeners: mode %s (%s)", w.mode, w.mode_note)
         nics = _Nics()
         # The first addresses come from a thread right after start: wait for them (bounded)
         # so the first Snapshot carries them and the daemon does not plan twice.
@@ -413,7 +417,20 @@ def config_from_args(args: argparse.Namespace) -> LinkConfig:
         interval = args.interval_ms / 1000
     return LinkConfig(addr=parse_connect(args.connect), name=name,
                       token=read_token(args.token_file), source=args.source,
-                      interval=interval, udp_ephemeral=args.udp_ephemeral)
+                      interval=interval, udp_ephemeral=args.udp_ephemeral,
+                      **events_args(args))
+
+
+def events_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--events`` and ``--rescan-ms`` as Watcher keywords (shared with ``agent --print``)."""
+    out: dict[str, Any] = {"events": getattr(args, "events", "auto")}
+    rescan_ms = getattr(args, "rescan_ms", None)
+    if rescan_ms is not None:
+        if not 50 <= rescan_ms <= 3_600_000:
+            raise SockmapError(f"--rescan-ms {rescan_ms} is out of range",
+                               hint="give between 50 and 3600000")
+        out["rescan"] = rescan_ms / 1000
+    return out
 
 
 def main(args: argparse.Namespace) -> int:

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll interval in milliseconds")
     p.add_argument("--udp-ephemeral", action="store_true",
                    help="also report unconnected UDP sockets on ephemeral ports")
+    p.add_argument("--events", choices=["auto", "on", "off"], default="auto",
+                   help="kernel listener events (tracefs, needs CAP_SYS_ADMIN): auto = use "
+                        "them where they can be had, else poll (default); on = insist; "
+                        "off = poll")
+    p.add_argument("--rescan-ms", type=float, default=None,
+                   help="events mode: the safety rescan period in ms (default 2000)")
 
     # daemon, ls, conflicts --------------------------------------------------------------
     p = _sub(subs, "daemon", _daemon, "host daemon (foreground)",

@@ -21,6 +21,17 @@ counters cannot be read or understood, that is reported once and every poll dump
 When a source fails mid-run (unreadable, or bytes the parser refuses), the failure is
 reported once as ``SourceError`` and the other source takes over; if both fail, each
 distinct failure is reported once and polling retries.
+
+With ``events="auto"`` (the agent's choice; "on" insists, "off", the default here, polls)
+the kernel says when to look instead (``events``: a tracefs instance for every
+namespace's TCP LISTEN transitions and listen()/bind() exits, sock_diag's UDP destroy
+group for this one): the thread sleeps in ``select`` until an event from this namespace
+(``hints.concerns``) or a UDP close of a reported endpoint, dumps at once, and otherwise
+only rescans every ``rescan`` seconds (jittered; the safety net for an overflowed trace
+buffer, which also dumps at once when announced). ``mode`` says which runs ("events" or
+"poll"); where the events cannot be had (no CAP_SYS_ADMIN, no tracefs) it polls, and if
+they stop mid-run (the instance switched off or removed) that is reported once and the
+poll takes over.
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import random
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -37,8 +50,10 @@ from typing import Protocol
 
 from sockmap.errors import SockmapError
 from sockmap.portwatch import diff
+from sockmap.portwatch import hints as H
 from sockmap.portwatch.addrs import AddressWatcher
 from sockmap.portwatch.errors import ParseError, SourceUnavailable
+from sockmap.portwatch.events import EventSource, ListenerEvents
 from sockmap.portwatch.owners import OwnerResolver
 from sockmap.portwatch.records import (
     Event,
@@ -54,6 +69,7 @@ from sockmap.portwatch.tick import NativeTick
 log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = {"diag": 0.030, "proc": 0.100}
 DEFAULT_FULL_EVERY = 0.5  # gate on: dump at least this often even if the counters are equal
+DEFAULT_RESCAN = 2.0  # events on: the safety rescan, jittered by +-25%
 
 
 class Gate(Protocol):
@@ -81,6 +97,9 @@ class Watcher:
         full_every: float = DEFAULT_FULL_EVERY,
         gate_opener: Callable[[], Gate] = SockstatGate,
         native_tick: bool = True,
+        events: str = "off",
+        rescan: float = DEFAULT_RESCAN,
+        events_opener: Callable[[], EventSource] = ListenerEvents,
     ) -> None:
         if source not in ("auto", "diag", "proc"):
             raise SourceUnavailable(
@@ -96,6 +115,20 @@ class Watcher:
                 f"full-dump interval {full_every}s is out of range",
                 hint="give between 10 ms and 1 hour",
             )
+        if events not in ("auto", "on", "off"):
+            raise SourceUnavailable(f"unknown events mode {events!r}", hint="use auto, on or off")
+        if not 0.05 <= rescan <= 3600:
+            raise SourceUnavailable(f"rescan interval {rescan}s is out of range",
+                                    hint="give between 50 ms and 1 hour")
+        self._want_events = events
+        self._rescan = rescan
+        self._events_opener = events_opener
+        self._events: EventSource | None = None
+        self._mode_note = "events off"  # why the mode is what it is (for logs, ready lines)
+        self._netns = 0  # this namespace's inode, for the events' filter
+        self._wake_r = self._wake_w = -1  # the stop pipe of the events' select
+        self.rescans = 0  # events mode: safety rescans done
+        self.event_dumps = 0  # events mode: dumps an event asked for
         self._want = source
         self._use_gate = gate
         self._full_every = full_every
@@ -147,6 +180,20 @@ class Watcher:
         return self._native_on and self._gate is not None
 
     @property
+    def mode(self) -> str:
+        """"events" (the kernel wakes the watcher) or "poll" (the tick)."""
+        return "events" if self._events is not None else "poll"
+
+    @property
+    def mode_note(self) -> str:
+        """What runs and why: the tracefs instance, or why the events are not used."""
+        return self._mode_note
+
+    @property
+    def events_source(self) -> EventSource | None:
+        return self._events
+
+    @property
     def interval(self) -> float:
         return self._tick
 
@@ -174,8 +221,10 @@ class Watcher:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         try:
+            self._open_events()
             self._poll_once()
         except BaseException:
+            self._close_events()
             self._close_source()
             self._close_gate()
             raise
@@ -206,8 +255,39 @@ class Watcher:
     ) -> None:
         await self.aclose()
 
+    def _open_events(self) -> None:
+        if self._want_events == "off":
+            return
+        try:
+            self._events = self._events_opener()
+        except SourceUnavailable as e:
+            if self._want_events == "on":
+                raise
+            self._mode_note = f"polling: {e}"
+            log.info("listener events unavailable, polling: %s", e)
+            return
+        self._netns = os.stat("/proc/thread-self/ns/net").st_ino
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        name = getattr(self._events, "instance_name", self._events.name)
+        self._mode_note = f"events from tracefs instance {name}, rescan every {self._rescan:g}s"
+        log.info("listener %s", self._mode_note)
+        for note in self._events.notes:
+            log.info("listener events: %s", note)
+
+    def _close_events(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
     async def aclose(self) -> None:
         self._stop.set()
+        if self._wake_w >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"x")
         if self._native is not None:
             self._native.stop()
         if self._thread is not None:
@@ -223,6 +303,7 @@ class Watcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        self._close_events()
         self._close_source()
         self._close_gate()
 
@@ -258,6 +339,8 @@ class Watcher:
         with contextlib.suppress(OSError), open("/proc/thread-self/comm", "w") as f:
             f.write("portwatch-poll")  # the name top -H and ps -L show
         try:
+            if self._events is not None:
+                self._watch_events()  # until stopped, or the events stopped coming
             while not stopped():
                 if self._native_on:
                     assert self._native is not None
@@ -282,6 +365,46 @@ class Watcher:
             # supervisor starts a fresh one
             self._emit(SockmapError(f"the listener watcher stopped: {e!r}",
                                     hint="the agent exits; its supervisor restarts it"))
+
+    def _watch_events(self) -> None:
+        """Events mode: dump when an event concerns this namespace, and every ``rescan``
+        (jittered) anyway; return when stopped, or (reported once) when the events stopped
+        coming, for the poll to take over."""
+        src = self._events
+        assert src is not None
+        mono, stopped = time.monotonic, self._stop.is_set
+        deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
+        told = False
+        while not stopped():
+            wake = src.wait(deadline - mono(), self._wake_r)
+            if wake.stopped:
+                return
+            if wake.timeout:
+                if problem := src.problem():
+                    self._report("events", f"{problem}; polling from now on")
+                    self._mode_note = f"polling: {problem}"
+                    src.close()
+                    self._events = None  # the fds stay until aclose: it may write the pipe
+                    return
+                self.rescans += 1
+                self._poll_once(force=True)
+                deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
+                continue
+            h = wake.hints
+            if h.problems and not told:
+                told = True
+                self._report("events", f"trace lines not understood, rescanning on each: "
+                                       f"{h.problems[0]}")
+            if h.lost:
+                log.info("trace buffer overflowed (%d events lost): rescanning", h.lost)
+            if (H.concerns(h, netns=self._netns, tcp_ports=self._tcp_ports)
+                    or wake.destroy_lost
+                    or H.destroyed_concerns(wake.destroyed, self._snap)):
+                self.event_dumps += 1
+                self._poll_once(force=True)
+
+    def _tcp_ports(self) -> frozenset[int]:
+        return frozenset(s.port for s in self._snap.values() if s.proto == "tcp")
 
     def _emit(self, ev: Event | SockmapError) -> None:
         if threading.get_ident() == self._loop_thread:
@@ -334,7 +457,8 @@ class Watcher:
             self._report("sockstat", f"{e}; every poll dumps from now on")
             return None
 
-    def _poll_once(self) -> None:
+    def _poll_once(self, *, force: bool = False) -> None:
+        """One tick: dump unless the gate's counters say nothing moved (``force``: dump)."""
         self._polls += 1
         if self._src is None:
             self._switch(None)
@@ -342,7 +466,7 @@ class Watcher:
                 return
         src = self._src
         # counters first, dump second: a change racing the dump moves them past what we keep
-        counts = self._read_counts()
+        counts = None if force else self._read_counts()
         now = time.monotonic()
         if (counts is not None and (counts is self._counts or counts == self._counts)
                 and now < self._next_full):

@@ -1,0 +1,112 @@
+"""Trace events to namespace hints, and whether a hint concerns a watched namespace: pure.
+
+A hint says "something may have changed in network namespace N"; it never says what
+listens (sock_diag does). The thread id of an event is mapped to its namespace by the
+caller's ``ns_of`` (``/proc/TID/ns/net``'s inode, read by the adapter); None when the
+thread was gone by then, which is the rule for a close at exit (the kernel releases the
+files after the namespaces). Such an event still carries its port and address, so a
+watcher checks those against what it knows instead of dumping for every other namespace's
+exiting process.
+
+Each decision here, in one place:
+
+- a hint from the watched namespace concerns it, whatever it says;
+- a hint from another namespace does not;
+- a hint whose thread is gone concerns it if it is a listen() or a bind() (rare: a process
+  that exits right after), or a close of a TCP port it has a listener on (or of port 0);
+- lost events or lines not understood concern everyone (the adapter rescans);
+- a UDP socket destroyed in the namespace (sock_diag's destroy group) concerns it if its
+  endpoint is one the watcher reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from sockmap.portwatch.records import Family, Listener
+from sockmap.portwatch.trace import EventsLost, SockStateChanged, SyscallExited, TraceEvent
+
+What = Literal["listen", "unlisten", "bind", "listened"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hint:
+    """One event, placed: ``netns`` is the inode of the thread's network namespace (None:
+    the thread was gone). ``proto``/``family``/``port``/``addr`` only for listen/unlisten
+    (from inet_sock_set_state); bind and listened (the syscall exits) carry none."""
+
+    netns: int | None
+    tid: int
+    what: What
+    proto: str | None = None
+    family: Family | None = None
+    port: int = 0
+    addr: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hints:
+    """What one read of the trace buffer said."""
+
+    hints: tuple[Hint, ...] = ()
+    lost: int = 0  # events the ring buffer overwrote before they were read
+    problems: tuple[str, ...] = ()  # lines not understood (the adapter reports them once)
+
+    @property
+    def namespaces(self) -> frozenset[int | None]:
+        return frozenset(h.netns for h in self.hints)
+
+
+def gather(events: Iterable[TraceEvent], ns_of: Callable[[int], int | None],
+           problems: Iterable[str] = ()) -> Hints:
+    """Place each event in its namespace (``ns_of`` is asked once per thread id)."""
+    cache: dict[int, int | None] = {}
+
+    def place(tid: int) -> int | None:
+        if tid not in cache:
+            cache[tid] = ns_of(tid)
+        return cache[tid]
+
+    out: list[Hint] = []
+    lost = 0
+    for ev in events:
+        match ev:
+            case EventsLost(count=count):
+                lost += max(count, 1)
+            case SyscallExited(tid=tid, syscall=name, ret=ret):
+                if ret == 0:
+                    out.append(Hint(netns=place(tid), tid=tid,
+                                    what="bind" if name == "bind" else "listened"))
+            case SockStateChanged(tid=tid):
+                out.append(Hint(netns=place(tid), tid=tid,
+                                what="listen" if ev.listening else "unlisten",
+                                proto=ev.proto, family=ev.family, port=ev.port, addr=ev.addr))
+    return Hints(hints=tuple(out), lost=lost, problems=tuple(problems))
+
+
+def concerns(hints: Hints, *, netns: int, tcp_ports: Callable[[], Collection[int]]) -> bool:
+    """Whether the watcher of namespace ``netns`` should dump now. ``tcp_ports``: the TCP
+    ports it reports (asked only when a gone thread closed a listener)."""
+    if hints.lost or hints.problems:
+        return True
+    ports: Collection[int] | None = None
+    for h in hints.hints:
+        if h.netns == netns:
+            return True
+        if h.netns is not None:
+            continue
+        if h.what != "unlisten":
+            return True
+        if ports is None:
+            ports = tcp_ports()
+        if h.port == 0 or h.port in ports:
+            return True
+    return False
+
+
+def destroyed_concerns(destroyed: Iterable[Listener],
+                       reported: Collection[tuple[str, int, str, int]]) -> bool:
+    """Whether any destroyed UDP socket was one of the ``reported`` endpoints (keys)."""
+    return any(d.key in reported for d in destroyed)
