@@ -62,16 +62,27 @@ class Source(Protocol):
 
 
 class DiagSource:
-    """sock_diag over a raw netlink socket. ``read()`` is one round of four dumps."""
+    """sock_diag over a raw netlink socket. ``read()`` is one round of four dumps.
+
+    The dumps answer for the namespace the socket was made in: by default the calling
+    thread's; ``sock`` (a bound NETLINK_SOCK_DIAG socket, e.g. from
+    ``sockmap.nat.nssock.open_netlink``) for another. The source owns it from then on."""
 
     name = "diag"
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        if sock is not None:
+            if sock.family != socket.AF_NETLINK or sock.proto != diag.NETLINK_SOCK_DIAG:
+                raise SourceUnavailable(
+                    f"DiagSource needs a NETLINK_SOCK_DIAG socket, got {sock!r}",
+                    hint="open it with nssock.open_netlink(ns, NETLINK_SOCK_DIAG)")
+            self._sock = sock
         try:
-            self._sock = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, diag.NETLINK_SOCK_DIAG
-            )
-            self._sock.bind((0, 0))
+            if sock is None:
+                self._sock = socket.socket(
+                    socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                    diag.NETLINK_SOCK_DIAG)
+                self._sock.bind((0, 0))
         except OSError as e:
             raise SourceUnavailable(
                 f"cannot open a NETLINK_SOCK_DIAG socket: {e.strerror or e}",

@@ -160,7 +160,7 @@ def _sock_state(tid: int, cpu: int, body: bytes) -> SockStateChanged:
             fields[name.decode("ascii")] = value.decode("ascii")
         except UnicodeDecodeError:
             raise ParseError(f"inet_sock_set_state: non-ASCII field {tok[:40]!r}") from None
-    if tuple(fields) != _FIELDS:
+    if tuple(fields) != _FIELDS or len(body.split()) != len(_FIELDS):
         raise ParseError(f"inet_sock_set_state: fields {sorted(fields)}, expected {_FIELDS}")
     family = _FAMILIES.get(fields["family"])
     if family is None:
