@@ -381,10 +381,10 @@ class Watcher:
                 return
             if wake.timeout:
                 if problem := src.problem():
-                    self._report("events", f"{problem}; polling from now on")
                     self._mode_note = f"polling: {problem}"
                     src.close()
                     self._events = None  # the fds stay until aclose: it may write the pipe
+                    self._report("events", f"{problem}; polling from now on")
                     return
                 self.rescans += 1
                 self._poll_once(force=True)
