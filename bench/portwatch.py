@@ -115,6 +115,7 @@ from sockmap.agent import event_json
 from sockmap.portwatch import Watcher
 source, interval_ms, gate = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "on"
 native = sys.argv[4] == "c"
+events = sys.argv[5] if len(sys.argv) > 5 else "off"  # "on": kernel events, else poll
 
 def write(obj):
     obj["mono_ns"] = time.monotonic_ns()
@@ -123,17 +124,18 @@ def write(obj):
 
 async def main():
     async with Watcher(source=source, interval=interval_ms / 1000, gate=gate,
-                       native_tick=native) as w:
+                       native_tick=native, events=events) as w:
         assert w.native_tick == (gate and native), "the C tick is not built"
         def stats():
-            write({"event": "stats", "polls": w.polls, "reads": w.reads})
+            write({"event": "stats", "polls": w.polls, "reads": w.reads,
+                   "event_dumps": w.event_dumps, "rescans": w.rescans, "mode": w.mode})
             task.cancel()
         task = asyncio.current_task()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stats)
         while (ev := w.get_nowait()) is not None:
             write(event_json(ev))
         write({"event": "ready", "listeners": len(w.snapshot()),
-               "interval_ms": w.interval * 1000, "gated": w.gated})
+               "interval_ms": w.interval * 1000, "gated": w.gated, "mode": w.mode})
         async for ev in w:
             write(event_json(ev))
 

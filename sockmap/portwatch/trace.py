@@ -51,6 +51,7 @@ _HEAD = re.compile(
     rb"(?P<comm>.*)-(?P<tid>\d{1,10})\s+(?:\(\s*[-\d]+\)\s+)?\[(?P<cpu>\d{1,6})\]\s+"
     rb"(?:[^\s\d][^\s]*\s+)?(?P<ts>\d{1,12}\.\d{1,9}): (?P<rest>.*)",
     re.DOTALL)
+_TID = re.compile(rb"-(\d{1,10}) +(?:\([ \d-]*\) +)?\[\d{1,6}\]")
 _LOST = re.compile(rb"\s*CPU:(?P<cpu>\d{1,6}) \[LOST (?P<n>\d{1,20}) EVENTS\]\s*")
 _ANNOTATION = re.compile(rb"\s*#.*")  # "##### CPU 1 buffer started ####" (annotate option)
 _SYSCALL = re.compile(rb"sys_(?P<name>bind|listen) -> 0x(?P<ret>[0-9a-f]{1,16})\s*")
@@ -124,6 +125,15 @@ class LineSplitter:
             raise ParseError(f"trace_pipe: a line longer than {MAX_LINE} bytes",
                              hint="not the kernel's event format; the watcher rescans")
         return lines
+
+
+def line_tid(line: bytes) -> int | None:
+    """The thread id of an event line, None for any other line: the cheap first look
+    (~0.6 µs against ~5 for ``parse_line``) by which a reader drops other namespaces'
+    events unparsed. It takes the first ``-<digits> [<cpu>]`` of the line's head, so a
+    comm that imitates one can only misplace its own process's events (until a rescan)."""
+    m = _TID.search(line, 0, 96)
+    return int(m[1]) if m is not None else None
 
 
 def parse_line(line: bytes) -> TraceEvent | None:

@@ -98,3 +98,21 @@ def test_mutated_lines_parse_or_parse_error(ev: TraceEvent, data: st.DataObject)
     # whatever parsed is a well-formed event the hints can place
     if out is not None:
         H.gather([out], lambda tid: None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(events(), st.text(st.characters(blacklist_characters="\n\r\x00-[]", codec="utf-8"),
+                          min_size=1, max_size=15).filter(lambda c: len(c.encode()) <= 15))
+def test_line_tid_agrees_with_the_parser(ev: TraceEvent, comm: str) -> None:
+    from sockmap.portwatch.trace import line_tid
+    line = format_event(ev, comm=comm)
+    want = None if isinstance(ev, EventsLost) else ev.tid
+    assert line_tid(line) == want
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_line_tid_any_bytes(data: bytes) -> None:
+    from sockmap.portwatch.trace import line_tid
+    tid = line_tid(data)  # never raises
+    assert tid is None or tid >= 0

@@ -197,3 +197,14 @@ def test_parser_and_filter_do_no_io(rel: str) -> None:
     uses = {a.attr for a in ast.walk(tree) if isinstance(a, ast.Attribute)
             and isinstance(a.value, ast.Name) and a.value.id == "socket"}
     assert uses <= {"inet_ntop", "inet_pton", "AF_INET", "AF_INET6"}, (rel, uses, len(src))
+
+
+def test_line_tid_is_the_parsed_tid() -> None:
+    from sockmap.portwatch.trace import line_tid
+    tgid = b"  python3-12039   (  12000) [000] .....   1.5: sys_bind -> 0x0"
+    for line in (V4_LISTEN, V6_CLOSE, tgid):
+        ev = parse_line(line)
+        assert isinstance(ev, SockStateChanged | SyscallExited)
+        assert line_tid(line) == ev.tid
+    assert line_tid(b"CPU:0 [LOST 1 EVENTS]") is None
+    assert line_tid(b"garbage") is None
