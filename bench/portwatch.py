@@ -15,7 +15,10 @@ In one hermetic netlab guest namespace:
   move on most polls), for the same configurations plus ``sockmap agent --print`` itself;
 - the cost of one poll and one scan, side by side in the same run: the sockstat check,
   an idle raw sock_diag poll, a full raw scan, pyroute2's generic DiagSocket (same four
-  dumps), and /proc/net (read + parse).
+  dumps), and /proc/net (read + parse);
+- events mode (kernel listener events through tracefs) against poll mode, side by side:
+  detection, stale close (TCP, UDP), idle CPU, and both while ten other namespaces open
+  and close listeners (bench/portwatch_events.py).
 
 The watcher process is a small runner (RUNNER below: ``Watcher(gate=...)`` printing the
 agent's JSON lines) so that gate on and gate off differ in nothing else.
@@ -363,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=120)
     ap.add_argument("--window", type=float, default=3.0, help="idle CPU window, seconds")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-portwatch.md")
+    ap.add_argument("--events-trials", type=int, default=120)
     args = ap.parse_args(argv)
     started = datetime.datetime.now(datetime.UTC)
     load0 = os.getloadavg()
@@ -375,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         holder = g.ns.python(HOLDER, stdin=subprocess.PIPE)
         netlab.wait_for_line(holder.stdout, "^ok")  # type: ignore[arg-type]
 
+        from bench import portwatch_events
+
+        events = portwatch_events.measure(lab, g, holder_cmd, holder,
+                                          trials=args.events_trials, window=args.window + 2)
         holder_cmd(holder, "listen 10")
         for name, argv in CONFIGS:
             print(f"latency {name} ...", file=sys.stderr)
@@ -420,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                 holder_cmd(holder, "drop 0")
     load1 = os.getloadavg()
     elapsed = time.monotonic() - t_start
-    write_report(args.out, started, load0, load1, elapsed, lat, idle, scans)
+    write_report(args.out, started, load0, load1, elapsed, lat, idle, scans,
+                 portwatch_events.report_lines(events))
     print(f"wrote {args.out} in {elapsed:.0f} s", file=sys.stderr)
     return 0
 
@@ -434,6 +443,7 @@ def write_report(
     lat: dict[str, dict[str, float]],
     idle: list[tuple[str, str, dict[str, float]]],
     scans: list[tuple[str, dict[str, float]]],
+    events: list[str],
 ) -> None:
     import pyroute2
 
@@ -450,7 +460,8 @@ def write_report(
         f"{load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (a shared machine: compare within "
         "this run)",
         "",
-        '## Detection latency: listen() returning to the agent\'s "added" line',
+        *events,
+        "## Poll mode: detection latency, listen() returning to the agent's \"added\" line",
         "",
         "CLOCK_MONOTONIC on both sides; the listener process sleeps a random 0-30 ms before",
         "each listen() so trials land at random phases of the poll. Includes owner lookup",

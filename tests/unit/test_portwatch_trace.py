@@ -208,3 +208,26 @@ def test_line_tid_is_the_parsed_tid() -> None:
         assert line_tid(line) == ev.tid
     assert line_tid(b"CPU:0 [LOST 1 EVENTS]") is None
     assert line_tid(b"garbage") is None
+
+
+def test_netns_cache_remembers_live_threads_for_its_ttl() -> None:
+    import time as _time
+
+    from sockmap.portwatch.events import NetnsCache
+    answers = {1: OWN, 2: None}
+    asked: list[int] = []
+
+    def ns_of(tid: int) -> int | None:
+        asked.append(tid)
+        return answers[tid]
+
+    c = NetnsCache(ns_of, ttl=0.2, size=3)
+    assert [c(1), c(1), c(2), c(2)] == [OWN, OWN, None, None]
+    assert asked == [1, 2, 2]  # a gone thread is asked again (its tid may be reused)
+    answers[1] = OTHER  # the thread moved (setns): seen once the ttl passed
+    _time.sleep(0.25)
+    assert c(1) == OTHER and c.lookups == 4
+    for tid in (10, 11, 12, 13):  # bounded: full means cleared, not grown
+        answers[tid] = OWN
+        c(tid)
+    assert len(c._known) <= 3
