@@ -130,8 +130,11 @@ async def main():
                        native_tick=native, events=events) as w:
         assert w.native_tick == (gate and native), "the C tick is not built"
         def stats():
+            src = w.events_source
             write({"event": "stats", "polls": w.polls, "reads": w.reads,
-                   "event_dumps": w.event_dumps, "rescans": w.rescans, "mode": w.mode})
+                   "event_dumps": w.event_dumps, "rescans": w.rescans, "mode": w.mode,
+                   "lines": getattr(src, "lines", 0), "foreign": getattr(src, "foreign", 0),
+                   "wakeups": getattr(src, "wakeups", 0)})
             task.cancel()
         task = asyncio.current_task()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stats)

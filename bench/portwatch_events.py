@@ -43,9 +43,13 @@ for i, line in enumerate(sys.stdin):
 """
 
 FOREIGN = r"""
-import socket, sys, time
+import signal, socket, sys, time
 deadline = time.monotonic() + float(sys.argv[1])
 n = 0
+def done(*_):
+    print("done", n, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
 print("ok", flush=True)
 while time.monotonic() < deadline:  # bounded: argv[1] seconds, ~100 listeners/s
     s = socket.socket(); s.bind(("0.0.0.0", 24000 + n % 100)); s.listen(); s.close()
@@ -96,6 +100,7 @@ def stale_close(ns: netlab.Netns, argv: list[str], proto: str, trials: int) -> d
 def idle(ns: netlab.Netns, argv: list[str], window: float) -> dict[str, float]:
     from bench.portwatch import Agent, cpu_ns
 
+    started = time.monotonic()
     agent = Agent(ns, argv)
     agent.wait(lambda o: o["event"] == "ready")
     agent.wait(lambda o: o["event"] == "addresses")
@@ -109,9 +114,11 @@ def idle(ns: netlab.Netns, argv: list[str], window: float) -> dict[str, float]:
     st: dict[str, Any] = {}
     with contextlib.suppress(RuntimeError, queue.Empty):
         st = agent.wait(lambda o: o["event"] == "stats", timeout=2)
+    life = time.monotonic() - started
     return {"cpu_pct": 100 * (r1 - r0) / dt, "reads": st.get("reads", -1),
             "event_dumps": st.get("event_dumps", -1), "rescans": st.get("rescans", -1),
-            "secs": dt / 1e9}
+            "lines_s": st.get("lines", 0) / life, "foreign_s": st.get("foreign", 0) / life,
+            "wakeups_s": st.get("wakeups", 0) / life}
 
 
 def measure(lab: netlab.Lab, g: netlab.Guest, holder_cmd: Any, holder: Any, *,
@@ -184,15 +191,21 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         "",
         "Idle CPU of the watcher process (all threads, schedstat) over the window, and the",
         "dumps it made in its life (the window plus ~1 s; events mode: those an event asked",
-        "for, and safety rescans).",
+        "for, and safety rescans), with the trace lines it read and its wake-ups. \"quiet\"",
+        "means no namespace of this bench's; the host runs other work (other engineers'",
+        "test suites) whose events every instance reads too.",
         "",
-        "| mode | other namespaces | CPU % of a core | dumps | of which event / rescan |",
-        "|---|---|---|---|---|",
+        "| mode | other namespaces | CPU % of a core | dumps | of which event / rescan | "
+        "trace lines/s (other namespaces') | wake-ups/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (label, load), x in r["idle"].items():
-        split = (f"{x['event_dumps']:.0f} / {x['rescans']:.0f}" if label.startswith("events")
-                 else "-")
-        lines.append(f"| {label} | {load} | {x['cpu_pct']:.3f} | {x['reads']:.0f} | {split} |")
+        ev = label.startswith("events")
+        split = f"{x['event_dumps']:.0f} / {x['rescans']:.0f}" if ev else "-"
+        trace = f"{x['lines_s']:.0f} ({x['foreign_s']:.0f})" if ev else "-"
+        wakes = f"{x['wakeups_s']:.0f}" if ev else "-"
+        lines.append(f"| {label} | {load} | {x['cpu_pct']:.3f} | {x['reads']:.0f} | {split} | "
+                     f"{trace} | {wakes} |")
     lines.append("")
     return lines
 

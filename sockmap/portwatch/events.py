@@ -87,9 +87,8 @@ class NetnsCache:
             self._known.clear()
         self.lookups += 1
         ns = self._ns_of(tid)
-        if ns is not None:  # a gone thread is asked again: its tid may come back as another
-            self._known[tid] = (now + self._ttl, ns)
-        return ns
+        self._known[tid] = (now + self._ttl, ns)  # gone (None) too: pids are not reused
+        return ns                                 # within a second (pid_max, sequential)
 
 
 class ListenerEvents:
@@ -121,6 +120,10 @@ class ListenerEvents:
             if stale := tracefs.remove_stale(self._mnt):
                 notes.append(f"removed tracefs instances of dead processes: {' '.join(stale)}")
             self.instance = tracefs.TraceInstance(self._mnt, buffer_kb=buffer_kb)
+        except OSError as e:  # e.g. no instances/ (an old kernel), a read-only tracefs
+            os.close(self._mnt)
+            raise SourceUnavailable(f"cannot use tracefs instances: {e.strerror or e}",
+                                    hint="polling instead") from None
         except BaseException:
             os.close(self._mnt)
             raise
