@@ -31,7 +31,7 @@ from sockmap.portwatch import tracefs
 from sockmap.portwatch.destroy import DestroyWatch
 from sockmap.portwatch.errors import ParseError, SourceUnavailable
 from sockmap.portwatch.records import Listener
-from sockmap.portwatch.trace import LineSplitter, TraceEvent, line_tid, parse_line
+from sockmap.portwatch.trace import LineSplitter, TraceEvent, line_ids, parse_line
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,10 @@ class ListenerEvents:
                 lines, problems = [], [str(e)]
             self.lines += len(lines)
             for line in lines:
-                if self.watch is not None and (tid := line_tid(line)) is not None:
-                    ns = self._ns_of(tid)
+                if self.watch is not None and (ids := line_ids(line)) is not None:
+                    ns = self._ns_of(ids[0])
+                    if ns is None and ids[1] is not None and ids[1] != ids[0]:
+                        ns = self._ns_of(ids[1])  # the thread is gone: its process?
                     if ns is not None and ns not in self.watch:
                         foreign += 1
                         continue

@@ -12,8 +12,11 @@ Each decision here, in one place:
 
 - a hint from the watched namespace concerns it, whatever it says;
 - a hint from another namespace does not;
-- a hint whose thread is gone concerns it if it is a listen() or a bind() (rare: a process
-  that exits right after), or a close of a TCP port it has a listener on (or of port 0);
+- a hint whose thread is gone is placed by its process (the tgid, when the kernel recorded
+  it); if that is gone too, a listen() or bind() does not concern anyone (the sockets went
+  with the process; one handed to a child is found by the rescan), while with the
+  process unknown it does (rare: a thread that exits right after);
+- a close by a gone thread concerns it if the TCP port is one it reports (or port 0);
 - lost events or lines not understood concern everyone (the adapter rescans);
 - a UDP socket destroyed in the namespace (sock_diag's destroy group) concerns it if its
   endpoint is one the watcher reports.
@@ -28,6 +31,8 @@ from typing import Literal
 from sockmap.portwatch.records import Family, Listener
 from sockmap.portwatch.trace import EventsLost, SockStateChanged, SyscallExited, TraceEvent
 
+TCP_CLOSE = 7
+
 What = Literal["listen", "unlisten", "bind", "listened"]
 
 
@@ -40,6 +45,7 @@ class Hint:
     netns: int | None
     tid: int
     what: What
+    process_gone: bool = False  # the thread and its process (tgid) were both gone
     proto: str | None = None
     family: Family | None = None
     port: int = 0
@@ -64,10 +70,16 @@ def gather(events: Iterable[TraceEvent], ns_of: Callable[[int], int | None],
     """Place each event in its namespace (``ns_of`` is asked once per thread id)."""
     cache: dict[int, int | None] = {}
 
-    def place(tid: int) -> int | None:
+    def look(tid: int) -> int | None:
         if tid not in cache:
             cache[tid] = ns_of(tid)
         return cache[tid]
+
+    def place(tid: int, tgid: int | None) -> tuple[int | None, bool]:
+        ns = look(tid)
+        if ns is None and tgid is not None and tgid != tid:
+            ns = look(tgid)
+        return ns, ns is None and tgid is not None
 
     out: list[Hint] = []
     lost = 0
@@ -75,12 +87,16 @@ def gather(events: Iterable[TraceEvent], ns_of: Callable[[int], int | None],
         match ev:
             case EventsLost(count=count):
                 lost += max(count, 1)
-            case SyscallExited(tid=tid, syscall=name, ret=ret):
+            case SyscallExited(tid=tid, syscall=name, ret=ret, tgid=tgid):
                 if ret == 0:
-                    out.append(Hint(netns=place(tid), tid=tid,
+                    ns, gone = place(tid, tgid)
+                    out.append(Hint(netns=ns, tid=tid, process_gone=gone,
                                     what="bind" if name == "bind" else "listened"))
-            case SockStateChanged(tid=tid):
-                out.append(Hint(netns=place(tid), tid=tid,
+            case SockStateChanged(tid=tid, tgid=tgid):
+                if not ev.listening and ev.newstate != TCP_CLOSE:
+                    continue  # a connection's child socket leaving LISTEN for SYN_RECV
+                ns, gone = place(tid, tgid)
+                out.append(Hint(netns=ns, tid=tid, process_gone=gone,
                                 what="listen" if ev.listening else "unlisten",
                                 proto=ev.proto, family=ev.family, port=ev.port, addr=ev.addr))
     return Hints(hints=tuple(out), lost=lost, problems=tuple(problems))
@@ -98,6 +114,8 @@ def concerns(hints: Hints, *, netns: int, tcp_ports: Callable[[], Collection[int
         if h.netns is not None:
             continue
         if h.what != "unlisten":
+            if h.process_gone:
+                continue  # its sockets went with it
             return True
         if ports is None:
             ports = tcp_ports()

@@ -12,8 +12,9 @@ and reads its ``trace_pipe``. With ``irq-info`` off a line is::
     python3-11996 [001] 984.674896: sys_bind -> 0x0
     CPU:0 [LOST 11622 EVENTS]                     the ring buffer overwrote unread events
 
-(``irq-info`` flags such as ``d..1.`` after the cpu and a ``( tgid)`` after the tid are
-accepted too, in case another tool turned those options on.) The comm is whatever a process
+(``irq-info`` flags such as ``d..1.`` after the cpu are accepted too; the event source
+turns ``record-tgid`` on, which adds the process id as ``(<tgid>)`` after the tid, or
+``(-------)`` when the kernel has not recorded it.) The comm is whatever a process
 named itself (``prctl(PR_SET_NAME)``: up to 15 bytes, anything but NUL, a newline included),
 so the tid is the last ``-<digits>`` before `` [<cpu>]``, and a line can be forged by a
 process that names itself like one: that costs one sock_diag dump, because an event is only
@@ -48,10 +49,10 @@ _FIELDS = ("family", "protocol", "sport", "dport", "saddr", "daddr", "saddrv6", 
            "oldstate", "newstate")
 
 _HEAD = re.compile(
-    rb"(?P<comm>.*)-(?P<tid>\d{1,10})\s+(?:\(\s*[-\d]+\)\s+)?\[(?P<cpu>\d{1,6})\]\s+"
+    rb"(?P<comm>.*)-(?P<tid>\d{1,10})\s+(?:\(\s*(?P<tgid>[-\d]+)\)\s+)?\[(?P<cpu>\d{1,6})\]\s+"
     rb"(?:[^\s\d][^\s]*\s+)?(?P<ts>\d{1,12}\.\d{1,9}): (?P<rest>.*)",
     re.DOTALL)
-_TID = re.compile(rb"-(\d{1,10}) +(?:\([ \d-]*\) +)?\[\d{1,6}\]")
+_TID = re.compile(rb"-(\d{1,10}) +(?:\( *([-\d]*)\) +)?\[\d{1,6}\]")
 _LOST = re.compile(rb"\s*CPU:(?P<cpu>\d{1,6}) \[LOST (?P<n>\d{1,20}) EVENTS\]\s*")
 _ANNOTATION = re.compile(rb"\s*#.*")  # "##### CPU 1 buffer started ####" (annotate option)
 _SYSCALL = re.compile(rb"sys_(?P<name>bind|listen) -> 0x(?P<ret>[0-9a-f]{1,16})\s*")
@@ -72,6 +73,7 @@ class SockStateChanged:
     addr: str
     oldstate: int
     newstate: int
+    tgid: int | None = None  # the thread's process (the record-tgid option), if known
 
     @property
     def listening(self) -> bool:
@@ -87,6 +89,7 @@ class SyscallExited:
     cpu: int
     syscall: Literal["bind", "listen"]
     ret: int
+    tgid: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,13 +130,18 @@ class LineSplitter:
         return lines
 
 
-def line_tid(line: bytes) -> int | None:
-    """The thread id of an event line, None for any other line: the cheap first look
-    (~0.6 µs against ~5 for ``parse_line``) by which a reader drops other namespaces'
-    events unparsed. It takes the first ``-<digits> [<cpu>]`` of the line's head, so a
-    comm that imitates one can only misplace its own process's events (until a rescan)."""
+def line_ids(line: bytes) -> tuple[int, int | None] | None:
+    """(tid, tgid or None) of an event line, None for any other line: the cheap first
+    look (~0.6 µs against ~5 for ``parse_line``) by which a reader drops other
+    namespaces' events unparsed. It takes the first ``-<digits> [<cpu>]`` of the line's
+    head, so a comm that imitates one can only misplace its own process's events (until a
+    rescan)."""
     m = _TID.search(line, 0, 96)
-    return int(m[1]) if m is not None else None
+    return None if m is None else (int(m[1]), _tgid(m[2]))
+
+
+def _tgid(text: bytes | None) -> int | None:
+    return int(text) if text and text.isdigit() else None  # "-------": not recorded
 
 
 def parse_line(line: bytes) -> TraceEvent | None:
@@ -146,12 +154,12 @@ def parse_line(line: bytes) -> TraceEvent | None:
     m = _HEAD.fullmatch(line)
     if m is None:
         raise ParseError(f"trace_pipe: not an event line: {line[:80]!r}")
-    tid, cpu, rest = int(m["tid"]), int(m["cpu"]), m["rest"]
+    tid, cpu, rest, tgid = int(m["tid"]), int(m["cpu"]), m["rest"], _tgid(m["tgid"])
     if rest.startswith(_SOCK_STATE):
-        return _sock_state(tid, cpu, rest[len(_SOCK_STATE):])
+        return _sock_state(tid, tgid, cpu, rest[len(_SOCK_STATE):])
     if s := _SYSCALL.fullmatch(rest):  # syscall exits print as "sys_bind -> 0x0"
         return SyscallExited(tid=tid, cpu=cpu, syscall="bind" if s["name"] == b"bind"
-                             else "listen", ret=_signed(int(s["ret"], 16)))
+                             else "listen", ret=_signed(int(s["ret"], 16)), tgid=tgid)
     raise ParseError(f"trace_pipe: unexpected event {rest[:64]!r}",
                      hint="another tool enabled events in sockmap's instance; it rescans")
 
@@ -160,7 +168,7 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _sock_state(tid: int, cpu: int, body: bytes) -> SockStateChanged:
+def _sock_state(tid: int, tgid: int | None, cpu: int, body: bytes) -> SockStateChanged:
     fields: dict[str, str] = {}
     for tok in body.split():
         name, eq, value = tok.partition(b"=")
@@ -179,7 +187,7 @@ def _sock_state(tid: int, cpu: int, body: bytes) -> SockStateChanged:
     return SockStateChanged(
         tid=tid, cpu=cpu, proto=_proto(fields["protocol"]), family=family,
         port=_u16(fields["sport"]), addr=addr,
-        oldstate=_state(fields["oldstate"]), newstate=_state(fields["newstate"]))
+        oldstate=_state(fields["oldstate"]), newstate=_state(fields["newstate"]), tgid=tgid)
 
 
 def _proto(text: str) -> str:
@@ -219,9 +227,9 @@ def format_event(ev: TraceEvent, *, comm: str = "python3", ts: str = "984.674801
     match ev:
         case EventsLost(cpu=cpu, count=count):
             return f"CPU:{cpu} [LOST {count} EVENTS]".encode()
-        case SyscallExited(tid=tid, cpu=cpu, syscall=name, ret=ret):
+        case SyscallExited(tid=tid, cpu=cpu, syscall=name, ret=ret, tgid=tgid):
             body = f"sys_{name} -> {hex(ret & (1 << 64) - 1)}"
-            return f"{comm:>16}-{tid:<7} [{cpu:03d}] {ts}: {body}".encode()
+            return f"{comm:>16}-{tid:<7}{_fmt_tgid(tgid)} [{cpu:03d}] {ts}: {body}".encode()
         case SockStateChanged():
             fam = "AF_INET" if ev.family == 4 else "AF_INET6"
             proto = _PROTO_NAMES.get(ev.proto) or hex(int(ev.proto))
@@ -231,5 +239,10 @@ def format_event(ev: TraceEvent, *, comm: str = "python3", ts: str = "984.674801
                     f"daddr=0.0.0.0 saddrv6={v6} daddrv6={null6} "
                     f"oldstate={_STATE_NAMES.get(ev.oldstate, hex(ev.oldstate))} "
                     f"newstate={_STATE_NAMES.get(ev.newstate, hex(ev.newstate))}")
-            return (f"{comm:>16}-{ev.tid:<7} [{ev.cpu:03d}] {ts}: inet_sock_set_state: "
+            return (f"{comm:>16}-{ev.tid:<7}{_fmt_tgid(ev.tgid)} [{ev.cpu:03d}] {ts}: "
+                    "inet_sock_set_state: "
                     f"{body}").encode()
+
+
+def _fmt_tgid(tgid: int | None) -> str:
+    return "" if tgid is None else f" ({tgid:>7})"

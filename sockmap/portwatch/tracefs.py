@@ -10,9 +10,11 @@ SourceUnavailable and the watcher polls.
 The instance ``instances/sockmap-<pid>[-<n>]`` gets a small ring buffer per cpu, wakes
 readers on any event (``buffer_percent`` 0) and enables three events:
 
-- ``sock/inet_sock_set_state`` filtered to ``newstate == 10 || oldstate == 10`` (TCP
-  LISTEN, every namespace, with the tid, family, port and address; into LISTEN fires just
-  before the socket is hashed, out of it just after it was unhashed);
+- ``sock/inet_sock_set_state`` filtered to ``newstate == 10 || (oldstate == 10 &&
+  newstate == 7)`` (TCP LISTEN, every namespace, with the tid, family, port and address;
+  into LISTEN fires just before the socket is hashed, into CLOSE just after it was
+  unhashed; ``oldstate == 10`` alone would also match every incoming connection, whose
+  child socket starts as a copy of the listener and moves LISTEN → SYN_RECV);
 - ``syscalls/sys_exit_listen`` and ``syscalls/sys_exit_bind`` filtered to ``ret == 0``
   (after the socket is in the tables: the cue to dump; a bind is how a UDP socket starts
   to listen).
@@ -39,11 +41,14 @@ _NAME = re.compile(r"sockmap-(\d{1,10})(?:-\d{1,6})?")
 _SYSCALLS = {"x86_64": (430, 431, 432), "aarch64": (430, 431, 432)}
 FSOPEN_CLOEXEC, FSCONFIG_CMD_CREATE, FSMOUNT_CLOEXEC = 1, 6, 1
 EVENTS = {
-    "sock/inet_sock_set_state": "newstate == 10 || oldstate == 10",
+    # out of LISTEN only into CLOSE: a connection's child socket leaves LISTEN (cloned
+    # from the listener) for SYN_RECV, one event per incoming connection otherwise
+    "sock/inet_sock_set_state": "newstate == 10 || (oldstate == 10 && newstate == 7)",
     "syscalls/sys_exit_listen": "ret == 0",
     "syscalls/sys_exit_bind": "ret == 0",
 }
-OPTIONS = ("noirq-info", "noannotate", "nomarkers", "overwrite", "context-info")
+OPTIONS = ("noirq-info", "noannotate", "nomarkers", "overwrite", "context-info",
+           "record-tgid")  # the tgid places an event whose thread is gone by its process
 DEFAULT_BUFFER_KB = 64  # per cpu: ~600 events; an overflow costs one rescan, not a miss
 _seq = itertools.count()
 log = logging.getLogger(__name__)

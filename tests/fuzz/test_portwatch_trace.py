@@ -30,18 +30,20 @@ def events(draw: st.DrawFn) -> TraceEvent:
     kind = draw(st.sampled_from(["state", "sys", "lost"]))
     cpu = draw(st.integers(0, 999))
     tid = draw(st.integers(1, 2**31))
+    tgid = draw(st.one_of(st.none(), st.integers(1, 2**31)))
     if kind == "lost":
         return EventsLost(cpu=cpu, count=draw(st.integers(0, 2**40)))
     if kind == "sys":
         return SyscallExited(tid=tid, cpu=cpu, syscall=draw(st.sampled_from(["bind", "listen"])),
-                             ret=draw(st.integers(-4095, 2**31)))
+                             ret=draw(st.integers(-4095, 2**31)), tgid=tgid)
     family = draw(st.sampled_from([4, 6]))
     ip = draw(st.ip_addresses(v=family))
     af = socket.AF_INET if family == 4 else socket.AF_INET6
     old, new = draw(STATES), draw(STATES)
     return SockStateChanged(tid=tid, cpu=cpu, proto=draw(st.sampled_from(["tcp", "mptcp", "33"])),
                             family=family, port=draw(st.integers(0, 65535)),
-                            addr=socket.inet_ntop(af, ip.packed), oldstate=old, newstate=new)
+                            addr=socket.inet_ntop(af, ip.packed), oldstate=old, newstate=new,
+                            tgid=tgid)
 
 
 # what a process can name itself: 1..15 bytes, no NUL (a newline would split the line)
@@ -103,16 +105,16 @@ def test_mutated_lines_parse_or_parse_error(ev: TraceEvent, data: st.DataObject)
 @settings(max_examples=400, deadline=None)
 @given(events(), st.text(st.characters(blacklist_characters="\n\r\x00-[]", codec="utf-8"),
                           min_size=1, max_size=15).filter(lambda c: len(c.encode()) <= 15))
-def test_line_tid_agrees_with_the_parser(ev: TraceEvent, comm: str) -> None:
-    from sockmap.portwatch.trace import line_tid
+def test_line_ids_agree_with_the_parser(ev: TraceEvent, comm: str) -> None:
+    from sockmap.portwatch.trace import line_ids
     line = format_event(ev, comm=comm)
-    want = None if isinstance(ev, EventsLost) else ev.tid
-    assert line_tid(line) == want
+    want = None if isinstance(ev, EventsLost) else (ev.tid, ev.tgid)
+    assert line_ids(line) == want
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=300))
-def test_line_tid_any_bytes(data: bytes) -> None:
-    from sockmap.portwatch.trace import line_tid
-    tid = line_tid(data)  # never raises
-    assert tid is None or tid >= 0
+def test_line_ids_any_bytes(data: bytes) -> None:
+    from sockmap.portwatch.trace import line_ids
+    ids = line_ids(data)  # never raises
+    assert ids is None or ids[0] >= 0

@@ -44,6 +44,8 @@ V6_CLOSE = (b"         python3-11996   [001]    984.674929: inet_sock_set_state:
     (b"  python3-12039   [000] d..1.   984.718551: sys_listen -> 0x0",
      SyscallExited(tid=12039, cpu=0, syscall="listen", ret=0)),
     (b"  python3-12039   (  12000) [000] .....   984.718551: sys_listen -> 0x0",
+     SyscallExited(tid=12039, cpu=0, syscall="listen", ret=0, tgid=12000)),
+    (b"  python3-12039   (-------) [000] 984.718551: sys_listen -> 0x0",
      SyscallExited(tid=12039, cpu=0, syscall="listen", ret=0)),
     # a comm with dashes, digits and spaces: the tid is the last -digits before the cpu
     (b" my-server 2-7-99   [001]    1.000001: sys_bind -> 0x0",
@@ -132,7 +134,7 @@ def test_gather_places_each_thread_once() -> None:
                   _ev(b"  python3-777   [000]    984.718551: sys_bind -> 0x0"),
                   _ev(b"  python3-777   [000]    984.718551: sys_bind -> 0xffffffffffffff9e"),
                   _ev(b"CPU:1 [LOST 5 EVENTS]")], ns_of)
-    assert sorted(asked) == [777, 11996, 12039]
+    assert sorted(asked) == [777, 11996, 12039]  # (777's process not recorded: not asked)
     assert [(x.netns, x.what, x.port) for x in h.hints] == [
         (OWN, "listen", 50319), (OWN, "unlisten", 55349), (OTHER, "listened", 0),
         (None, "bind", 0)]  # the failed bind is no hint
@@ -156,6 +158,11 @@ def _hint(netns: int | None, what: H.What, port: int = 0) -> H.Hint:
     (H.Hints(hints=(_hint(None, "unlisten", 0),)), True),
     (H.Hints(hints=(_hint(None, "listen", 81),)), True),
     (H.Hints(hints=(_hint(None, "bind"),)), True),
+    # thread and process gone: a listen() or bind() went with them
+    (H.Hints(hints=(H.Hint(netns=None, tid=1, what="bind", process_gone=True),)), False),
+    (H.Hints(hints=(H.Hint(netns=None, tid=1, what="listened", process_gone=True),)), False),
+    (H.Hints(hints=(H.Hint(netns=None, tid=1, what="unlisten", port=80,
+                           process_gone=True),)), True),
     # lost events or lines not understood: everyone rescans
     (H.Hints(lost=3), True),
     (H.Hints(problems=("x",)), True),
@@ -199,15 +206,17 @@ def test_parser_and_filter_do_no_io(rel: str) -> None:
     assert uses <= {"inet_ntop", "inet_pton", "AF_INET", "AF_INET6"}, (rel, uses, len(src))
 
 
-def test_line_tid_is_the_parsed_tid() -> None:
-    from sockmap.portwatch.trace import line_tid
+def test_line_ids_are_the_parsed_ids() -> None:
+    from sockmap.portwatch.trace import line_ids
     tgid = b"  python3-12039   (  12000) [000] .....   1.5: sys_bind -> 0x0"
-    for line in (V4_LISTEN, V6_CLOSE, tgid):
+    unrecorded = b"  python3-12039   (-------) [000] 1.5: sys_bind -> 0x0"
+    for line in (V4_LISTEN, V6_CLOSE, tgid, unrecorded):
         ev = parse_line(line)
         assert isinstance(ev, SockStateChanged | SyscallExited)
-        assert line_tid(line) == ev.tid
-    assert line_tid(b"CPU:0 [LOST 1 EVENTS]") is None
-    assert line_tid(b"garbage") is None
+        assert line_ids(line) == (ev.tid, ev.tgid)
+    assert line_ids(tgid) == (12039, 12000) and line_ids(unrecorded) == (12039, None)
+    assert line_ids(b"CPU:0 [LOST 1 EVENTS]") is None
+    assert line_ids(b"garbage") is None
 
 
 def test_netns_cache_remembers_live_threads_for_its_ttl() -> None:
@@ -231,3 +240,23 @@ def test_netns_cache_remembers_live_threads_for_its_ttl() -> None:
         answers[tid] = OWN
         c(tid)
     assert len(c._known) <= 3
+
+
+def test_gather_places_a_gone_thread_by_its_process() -> None:
+    live = {500: OWN}
+    evs = [_ev(b"  python3-501   (    500) [000] 1.5: sys_bind -> 0x0"),   # thread gone
+           _ev(b"  python3-601   (    600) [000] 1.5: sys_bind -> 0x0"),   # both gone
+           _ev(b"  python3-701   (-------) [000] 1.5: sys_bind -> 0x0")]   # unknown
+    h = H.gather(evs, live.get)
+    assert [(x.netns, x.process_gone) for x in h.hints] == [
+        (OWN, False), (None, True), (None, False)]
+    # the process-gone bind alone concerns nobody; the unknown one does
+    assert not H.concerns(H.Hints(hints=h.hints[1:2]), netns=OTHER, tcp_ports=set)
+    assert H.concerns(H.Hints(hints=h.hints[2:]), netns=OTHER, tcp_ports=set)
+
+
+def test_a_connections_child_socket_leaving_listen_is_no_hint() -> None:
+    child = V6_CLOSE.replace(b"newstate=TCP_CLOSE", b"newstate=TCP_SYN_RECV")
+    h = H.gather([_ev(child)], lambda tid: OWN)
+    assert h.hints == ()
+    assert not H.concerns(h, netns=OWN, tcp_ports=set)
