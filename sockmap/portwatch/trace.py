@@ -54,7 +54,7 @@ _HEAD = re.compile(
     re.DOTALL)
 _TID = re.compile(rb"-(\d{1,10}) +(?:\( *([-\d]*)\) +)?\[\d{1,6}\]")
 _LOST = re.compile(rb"\s*CPU:(?P<cpu>\d{1,6}) \[LOST (?P<n>\d{1,20}) EVENTS\]\s*")
-_ANNOTATION = re.compile(rb"\s*#.*")  # "##### CPU 1 buffer started ####" (annotate option)
+_ANNOTATION = re.compile(rb"\s*##### CPU \d{1,6} buffer started ####\s*")  # annotate option
 _SYSCALL = re.compile(rb"sys_(?P<name>bind|listen) -> 0x(?P<ret>[0-9a-f]{1,16})\s*")
 _SOCK_STATE = b"inet_sock_set_state: "
 

@@ -260,3 +260,8 @@ def test_a_connections_child_socket_leaving_listen_is_no_hint() -> None:
     h = H.gather([_ev(child)], lambda tid: OWN)
     assert h.hints == ()
     assert not H.concerns(h, netns=OWN, tcp_ports=set)
+
+
+def test_a_comm_starting_with_hash_is_not_an_annotation() -> None:
+    line = b"               #x-77      [000] 1.5: sys_bind -> 0x0"
+    assert parse_line(line) == SyscallExited(tid=77, cpu=0, syscall="bind", ret=0)
