@@ -290,3 +290,42 @@ def test_injected_opener_failure_polls_or_raises(lab: netlab.Lab) -> None:
 
     with pytest.raises(SourceUnavailable, match="injected"):
         asyncio.run(insist())
+
+
+def test_one_process_places_events_and_dumps_only_that_namespace(lab: netlab.Lab) -> None:
+    """The next layer's shape: one event source for every namespace (watch="all"), and a
+    sock_diag socket made inside each guest by nssock; a hint names the guest whose
+    namespace changed, and only that one is dumped."""
+    import select
+
+    from sockmap.portwatch.events import ListenerEvents
+    from sockmap.portwatch.sources import DiagSource
+
+    a, b = lab.add_guest(), lab.add_guest()
+    paths = {g.ns.name: f"/run/netns/{g.ns.name}" for g in (a, b)}
+    inode = {nssock.netns_inode(p): name for name, p in paths.items()}
+    diag = {name: DiagSource(sock=nssock.open_netlink(p, nssock.NETLINK_SOCK_DIAG))
+            for name, p in paths.items()}
+    src = ListenerEvents(watch="all", destroy=False)
+    r, w = os.pipe()
+    try:
+        socks = Sockets(b.ns)
+        socks.do("open", ("tcp", 6, "::", 5800))
+        dumped: dict[str, set[Key]] = {}
+        deadline = 100
+        while b.ns.name not in dumped and deadline:
+            deadline -= 1
+            assert select.select([src.instance], [], [], 5)[0], "no event"
+            wake = src.wait(0, r)
+            for ns in wake.hints.namespaces:
+                if ns in inode:  # only the guests this process watches, each once
+                    name = inode[ns]
+                    d = diag[name]
+                    dumped[name] = {x.key for x in d.parse(d.read())}
+        assert dumped == {b.ns.name: {("tcp", 6, "::", 5800)}}  # a was never dumped
+    finally:
+        src.close()
+        for d in diag.values():
+            d.close()
+        os.close(r)
+        os.close(w)
