@@ -53,7 +53,7 @@ from sockmap.portwatch import diff
 from sockmap.portwatch import hints as H
 from sockmap.portwatch.addrs import AddressWatcher
 from sockmap.portwatch.errors import ParseError, SourceUnavailable
-from sockmap.portwatch.events import EventSource, ListenerEvents
+from sockmap.portwatch.events import EventSource, ListenerEvents, Wake
 from sockmap.portwatch.owners import OwnerResolver
 from sockmap.portwatch.records import (
     Event,
@@ -376,11 +376,15 @@ class Watcher:
         deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
         told = False
         while not stopped():
-            wake = src.wait(deadline - mono(), self._wake_r)
+            try:
+                wake = src.wait(deadline - mono(), self._wake_r)
+                problem = src.problem() if wake.timeout else None
+            except SourceUnavailable as e:  # trace_pipe or the destroy socket failed
+                wake, problem = Wake(timeout=True), str(e)
             if wake.stopped:
                 return
             if wake.timeout:
-                if problem := src.problem():
+                if problem:
                     self._mode_note = f"polling: {problem}"
                     src.close()
                     self._events = None  # the fds stay until aclose: it may write the pipe

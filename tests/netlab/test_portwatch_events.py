@@ -329,3 +329,48 @@ def test_one_process_places_events_and_dumps_only_that_namespace(lab: netlab.Lab
             d.close()
         os.close(r)
         os.close(w)
+
+
+class FailingAfter:
+    """A real event source whose reads fail after ``n`` wake-ups (a trace_pipe that
+    errors): the watcher must report it once and poll, not die."""
+
+    def __init__(self, n: int) -> None:
+        from sockmap.portwatch.events import ListenerEvents
+        self.inner = ListenerEvents()
+        self.name, self.notes, self.left = "tracefs", self.inner.notes, n
+
+    def wait(self, timeout: float, stop_fd: int) -> Any:
+        wake = self.inner.wait(timeout, stop_fd)
+        if not wake.stopped and not wake.timeout:
+            self.left -= 1
+            if self.left < 0:
+                raise SourceUnavailable("cannot read trace_pipe: injected", hint="poll")
+        return wake
+
+    def problem(self) -> str | None:
+        return self.inner.problem()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_event_source_failing_mid_run_falls_back_to_polling(lab: netlab.Lab) -> None:
+    from sockmap.portwatch import SourceError
+    g = lab.add_guest()
+
+    async def run() -> tuple[str, list[Any]]:
+        async with Watcher(events="on", rescan=3600, interval=0.01, addresses=False,
+                           events_opener=lambda: FailingAfter(1)) as w:
+            socks = await asyncio.to_thread(Sockets, g.ns)
+            await asyncio.to_thread(socks.do, "open", ("tcp", 4, "0.0.0.0", 5900))
+            await asyncio.to_thread(socks.do, "open", ("tcp", 4, "0.0.0.0", 5901))
+            seen = await _until(w, lambda s: {5900, 5901} <= {
+                e.listener.port for e in s if isinstance(e, ListenerAdded)})
+            return w.mode, seen
+
+    mode, seen = nssock.in_netns(f"/run/netns/{g.ns.name}", lambda: asyncio.run(run()),
+                                 timeout=60)
+    errors = [e for e in seen if isinstance(e, SourceError)]
+    assert mode == "poll"
+    assert len(errors) == 1 and "injected" in errors[0].message
