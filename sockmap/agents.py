@@ -6,14 +6,27 @@ Agents authenticate with Hello(guest, token); the token must equal RUN_DIR/token
 that guest's network namespace (SO_PEERCRED, then /proc/PID/ns/net): tokens are readable by
 any guest (one shared filesystem), the kernel's answer is not forgeable. A refused Hello, a
 malformed or oversized frame, or an unexpected message closes the connection with a logged
-reason; the registry is only touched by a session that passed Hello. At most
-MAX_UNAUTHENTICATED connections may wait for their Hello at once.
+reason; the registry is only touched by a session that passed Hello.
+
+Unauthenticated peers hold little: before Hello a frame is at most ``HELLO_MAX_FRAME`` (4 KiB;
+the length is refused before the body is read), a peer gets ``hello_timeout_s`` (0.5 s) to
+say it, at most MAX_UNAUTHENTICATED connections wait for their Hello at once and at most
+MAX_UNAUTHENTICATED_PER_SOURCE from one TCP source address.
+
+A busy guest cannot hold the loop: a frame body of OFFLOAD_BYTES or more (a Snapshot of
+thousands of listeners) is decoded and keyed in a thread (the loop gets the GIL back every
+switch interval), and a guest may have at most ``max_stored`` listeners in the registry
+(past that its session is closed: the planner's per-guest limit, ``conflicts.limits``,
+decides which are forwarded).
 
 Liveness (see sockmap.protocol): agents heartbeat every ``heartbeat_s`` (sent in Welcome), the
 daemon every DAEMON_HEARTBEAT_MS; a session with no frame from its agent for
 ``dead_after_s`` is closed, and its guest's listeners are dropped, so the next plan closes
-its mappings. A reconnecting agent's session replaces the old one (which is closed) and its
-Snapshot replaces everything it reported.
+its mappings. Silence is judged so that a busy daemon does not kill a live agent: when the
+deadline passes while bytes from the agent wait unread in the kernel, or the deadline's
+timer fired late (the loop was held), the agent gets another ``dead_after_s``. A
+reconnecting agent's session replaces the old one (which is closed) and its Snapshot
+replaces everything it reported.
 
 A Hello followed by RelayResult(ok) is no session but a relay stream (sockmap.relays).
 After a Snapshot or Addresses of a daemon-made guest, the kernel is asked which addresses
@@ -22,15 +35,18 @@ the guest's netns really has (``ip -j -n NETNS addr``), and only those count.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import hmac
 import itertools
 import json
 import logging
 import os
 import secrets
-from collections.abc import Callable
+import termios
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +54,55 @@ from sockmap import protocol as p
 from sockmap import tools
 from sockmap.peercred import describe_peer, netns_of, peer_pid
 from sockmap.portwatch import Listener
-from sockmap.registry import Registry
+from sockmap.registry import ListenerKey, Registry
 from sockmap.relays import RelayBroker
 from sockmap.supervisor import NETNS_DIR, token_path
 
 log = logging.getLogger("sockmap.daemon")
 
 MAX_UNAUTHENTICATED = 64  # agent connections that have not passed hello yet
+MAX_UNAUTHENTICATED_PER_SOURCE = 8  # of them from one TCP source address
+OFFLOAD_BYTES = 64 * 1024  # frame bodies this large are decoded in a thread
+LATE_S = 0.1  # a read deadline's timer this late means the loop was held
+SEEN_MAX = 256  # listeners of one message whose first-report time is kept (a metric)
+
+Keyed = Mapping[ListenerKey, Listener]
+
+
+def decode(body: bytes) -> tuple[p.Message, Keyed | None]:
+    """A frame body's message and, for a Snapshot/Added, its listeners by key (pure; the
+    daemon runs it in a thread for large bodies)."""
+    msg = p.decode_body(body)
+    if isinstance(msg, p.Snapshot | p.Added):
+        return msg, {li.key: li for li in msg.listeners}
+    return msg, None
+
+
+def unread_bytes(writer: asyncio.StreamWriter) -> int:
+    """Bytes the kernel holds for this connection that nobody read yet (FIONREAD)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return 0
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return buf[0]
+
+
+def source_of(writer: asyncio.StreamWriter) -> str | None:
+    """A TCP peer's address (the per-source limit's key); None for unix sockets."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0])
+    return None
 
 
 class AgentSessions:
     def __init__(self, *, registry: Registry, run_dir: Path, heartbeat_s: float,
                  dead_after_s: float, hello_timeout_s: float,
+                 max_stored: int,
                  request_replan: Callable[[], int],
                  seen: Callable[[str, tuple[Listener, ...]], None],
                  log_once: Callable[[str], None],
@@ -58,6 +111,7 @@ class AgentSessions:
         self.run_dir = run_dir
         self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
         self.hello_timeout_s = hello_timeout_s
+        self.max_stored = max_stored  # listeners per guest the registry holds at most
         self._request_replan = request_replan
         self._seen = seen
         self._log_once = log_once
@@ -68,6 +122,7 @@ class AgentSessions:
         self._sessions = itertools.count(1)
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._unauthenticated = 0
+        self._by_source: dict[str, int] = {}  # unauthenticated TCP connections per source
         self._addr_checks: dict[str, int] = {}
         self.relays = RelayBroker(session_writer=self._session_writer,
                                   heartbeat_ms=round(heartbeat_s * 1000))
@@ -84,18 +139,32 @@ class AgentSessions:
         peer = describe_peer(writer)
         session = next(self._sessions)
         name: str | None = None
-        dec = p.Decoder()
+        dec = p.Decoder(p.HELLO_MAX_FRAME)
+        source = source_of(writer)
         try:
             if self._unauthenticated >= MAX_UNAUTHENTICATED:
                 log.warning("agent (%s): too many connections before hello; closed", peer)
                 return
+            if source is not None and \
+                    self._by_source.get(source, 0) >= MAX_UNAUTHENTICATED_PER_SOURCE:
+                self._log_once(f"agent connections from {source}: more than "
+                               f"{MAX_UNAUTHENTICATED_PER_SOURCE} waiting for hello; "
+                               "further ones are closed")
+                return
             self._unauthenticated += 1
+            if source is not None:
+                self._by_source[source] = self._by_source.get(source, 0) + 1
             try:
                 name, pending = await self._hello(reader, writer, dec, peer)
             finally:
                 self._unauthenticated -= 1
+                if source is not None:
+                    left = self._by_source.pop(source) - 1
+                    if left:
+                        self._by_source[source] = left
             if name is None:
                 return
+            dec.max_frame = p.MAX_FRAME  # authenticated: full-size frames from now on
             if pending and isinstance(pending[0], p.RelayResult):
                 self.relays.attach(name, pending, writer)
                 name = None  # a relay stream is no session: its end changes nothing
@@ -196,28 +265,58 @@ class AgentSessions:
 
     async def _serve_agent(self, name: str, session: int, reader: asyncio.StreamReader,
                            dec: p.Decoder, pending: list[p.Message]) -> None:
+        writer = self._writers[session]
+        for msg in pending:
+            self._on_message(name, session, msg, None)
         while True:
-            for msg in pending:
-                self._on_message(name, session, msg)
-            async with asyncio.timeout(self.dead_after_s):
-                data = await reader.read(65536)
+            data = await self._read_live(reader, writer)
             if not data:
                 dec.eof()
                 raise ConnectionError("agent closed the connection")
-            pending = dec.feed(data)
+            for body in dec.frames(data):
+                try:
+                    if len(body) >= OFFLOAD_BYTES:
+                        msg, keyed = await asyncio.to_thread(decode, body)
+                    else:
+                        msg, keyed = decode(body)
+                except p.ProtocolError as e:
+                    dec.fail(e)
+                    raise
+                self._on_message(name, session, msg, keyed)
 
-    def _on_message(self, name: str, session: int, msg: p.Message) -> None:
+    async def _read_live(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> bytes:
+        """The next bytes from the agent; TimeoutError after ``dead_after_s`` of silence,
+        where silence is judged by what the kernel received, not by when the (perhaps
+        busy) loop looked: see the module docstring."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(self.dead_after_s) as cm:
+                    return await reader.read(65536)
+            except TimeoutError:
+                when = cm.when()
+                late = loop.time() - when if when is not None else 0.0
+                if unread_bytes(writer) > 0 or late > LATE_S:
+                    log.debug("agent session: deadline passed while the loop was busy "
+                              "(%.3f s late); not silent", late)
+                    continue
+                raise
+
+    def _on_message(self, name: str, session: int, msg: p.Message,
+                    keyed: Keyed | None) -> None:
         reg = self.registry
         if not reg.current(name, session):
             raise ConnectionError("replaced by a newer session")
         g = reg.get(name)
         assert g is not None
         if not isinstance(msg, p.Heartbeat):
-            log.debug("guest %s session %d: %s", name, session, msg)
+            log.debug("guest %s session %d: %s", name, session, type(msg).__name__)
         match msg:
             case p.Snapshot():
-                self._seen(name, msg.listeners)
-                reg.snapshot(name, msg.listeners, msg.addrs)
+                self._check_stored(name, len(keyed) if keyed is not None else 0)
+                self._seen(name, msg.listeners[:SEEN_MAX])
+                reg.snapshot(name, keyed if keyed is not None else msg.listeners, msg.addrs)
                 self._verify_addrs(name)
                 log.info("guest %s: snapshot, %d listeners, addresses %s", name,
                          len(msg.listeners), ", ".join(reg.addrs_of(name)) or "none usable")
@@ -227,8 +326,9 @@ class AgentSessions:
             case p.Added() | p.Removed() | p.Addresses() if not g.synced:
                 raise p.ProtocolError("bad_field", f"{type(msg).__name__} before snapshot")
             case p.Added():
-                self._seen(name, msg.listeners)
-                reg.added(name, msg.listeners)
+                self._check_stored(name, len(g.listeners) + len(msg.listeners))
+                self._seen(name, msg.listeners[:SEEN_MAX])
+                reg.added(name, keyed if keyed is not None else msg.listeners)
             case p.Removed():
                 reg.removed(name, msg.listeners)
             case p.Addresses():
@@ -245,6 +345,12 @@ class AgentSessions:
                 raise p.ProtocolError("bad_field", f"unexpected {type(msg).__name__} "
                                                    "from an agent")
         self._request_replan()
+
+    def _check_stored(self, name: str, count: int) -> None:
+        if count > self.max_stored:
+            raise p.ProtocolError("bad_field", f"guest {name} would have {count} listeners; "
+                                               f"the daemon holds at most {self.max_stored} "
+                                               "per guest (32 x --max-listeners)")
 
     def _verify_addrs(self, name: str) -> None:
         """For a daemon-made guest, ask the kernel (``ip -j -n NETNS addr``, an exec'd child)

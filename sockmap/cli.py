@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-listen", metavar="HOST:PORT",
                    help="also accept agents (VMs) over TCP, bound only there; each needs "
                         "RUN_DIR/tokens/NAME.token")
+    p.add_argument("--max-listeners", type=int, metavar="N", default=None,
+                   help="listeners planned per guest; the rest are not forwarded and the "
+                        "guest is reported as a conflict (default: the rules file's "
+                        "max_listeners_per_guest, else 4096)")
     p = _sub(subs, "ls", _ls, "list active mappings", "sockmap ls --guest dev1 --port 8000")
     p.add_argument("--json", action="store_true", help="a JSON list of mapping objects")
     p.add_argument("--watch", action="store_true", help="redraw once a second until ^C")
@@ -249,6 +253,7 @@ def _conflicts(args: argparse.Namespace) -> int:
 
 def _daemon(args: argparse.Namespace) -> int:
     from sockmap import config, daemon
+    from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
     from sockmap.conflicts.rules import Policies
 
     # the rules file: --config FILE (must exist), else /etc/sockmap/sockmap.toml if present;
@@ -261,11 +266,17 @@ def _daemon(args: argparse.Namespace) -> int:
     metrics = (config.loopback_only(config.parse_hostport(args.metrics, "--metrics"),
                                     "--metrics") if args.metrics else fc.metrics)
     policy = args.conflict_policy or fc.conflict_policy or "fail"
+    max_listeners = args.max_listeners if args.max_listeners is not None else (
+        fc.max_listeners_per_guest or DEFAULT_MAX_LISTENERS)
+    if not 1 <= max_listeners <= config.MAX_LISTENERS_LIMIT:
+        raise SockmapError(f"--max-listeners {max_listeners} is out of range",
+                           hint=f"give 1..{config.MAX_LISTENERS_LIMIT}")
     rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen,
                                         policies=Policies(default=policy),
                                         flat=args.flat, config_path=path, rules=fc.rules,
                                         metrics=metrics,
-                                        udp_ephemeral=bool(fc.udp_ephemeral)))
+                                        udp_ephemeral=bool(fc.udp_ephemeral),
+                                        max_listeners=max_listeners))
     return rc
 
 

@@ -7,6 +7,7 @@ agent_listen = "192.168.122.1:7070"
 metrics = "127.0.0.1:9464"     # Prometheus text endpoint, loopback only
 conflict_policy = "fail"       # default for every listener: fail | remap | wait
 udp_ephemeral = false          # agents the daemon starts also report UDP on ephemeral ports
+max_listeners_per_guest = 4096 # listeners planned per guest; the rest: not forwarded, a conflict
 
 [[rule]]                       # first matching rule wins; no match: forward as-is
 guest = "dev*"                 # glob on the guest name
@@ -46,7 +47,9 @@ MAX_BYTES: Final = 1 << 20
 
 RULE_KEYS: Final = ("guest", "proto", "port", "guest_addr", "process", "action", "host_port",
                     "host_port_offset", "host_addr", "expose", "policy")
-DAEMON_KEYS: Final = ("agent_listen", "metrics", "conflict_policy", "udp_ephemeral")
+DAEMON_KEYS: Final = ("agent_listen", "metrics", "conflict_policy", "udp_ephemeral",
+                      "max_listeners_per_guest")
+MAX_LISTENERS_LIMIT: Final = 1 << 20  # the largest per-guest listener limit one may set
 TOP_KEYS: Final = ("daemon", "rule")
 
 
@@ -60,6 +63,7 @@ class FileConfig:
     metrics: tuple[str, int] | None = None
     conflict_policy: Policy | None = None
     udp_ephemeral: bool | None = None
+    max_listeners_per_guest: int | None = None
 
 
 # -- positions -------------------------------------------------------------------------------
@@ -211,7 +215,8 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     _check_fixed_ports(ctx, rules)
     return FileConfig(path=path, rules=rules, agent_listen=cfg.agent_listen,
                       metrics=cfg.metrics, conflict_policy=cfg.conflict_policy,
-                      udp_ephemeral=cfg.udp_ephemeral)
+                      udp_ephemeral=cfg.udp_ephemeral,
+                      max_listeners_per_guest=cfg.max_listeners_per_guest)
 
 
 def _near(k: str, known: tuple[str, ...]) -> str:
@@ -254,8 +259,15 @@ def _daemon(ctx: _Ctx, d: dict[str, Any]) -> FileConfig:
             raise err("udp_ephemeral", f"must be true or false, not {v!r}",
                       "write udp_ephemeral = true or udp_ephemeral = false")
         udp = v
+    max_listeners: int | None = None
+    if "max_listeners_per_guest" in d:
+        v = d["max_listeners_per_guest"]
+        if type(v) is not int or not 1 <= v <= MAX_LISTENERS_LIMIT:
+            raise err("max_listeners_per_guest", f"must be an integer 1..{MAX_LISTENERS_LIMIT},"
+                      f" not {v!r}", "write e.g. max_listeners_per_guest = 4096")
+        max_listeners = v
     return FileConfig(agent_listen=agent_listen, metrics=metrics, conflict_policy=policy,
-                      udp_ephemeral=udp)
+                      udp_ephemeral=udp, max_listeners_per_guest=max_listeners)
 
 
 def _policy(v: object, err: Any) -> Policy:

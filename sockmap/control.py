@@ -4,6 +4,12 @@ The socket is ``RUN_DIR/control.sock`` (mode 0600: root only). A request is one 
 object ``{"op": NAME, ...args}``; the answer is one line, ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": MESSAGE, "hint": HINT}``. Lines are capped at MAX_LINE bytes.
 
+Answers of any size (``ls``, ``conflicts``) are streamed: a head line ``{"ok": true,
+"result": R, "stream": KEY}`` (R without its list: KEY "" means R is the list, else R[KEY]),
+then batch lines, each a JSON array of up to STREAM_BATCH items, then ``{"end": COUNT}``.
+``request`` reassembles them, so callers see one result; every line stays under MAX_LINE,
+and the daemon writes batch by batch (bounded memory, its event loop served in between).
+
 Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subnet, nat),
 ``guest_delete`` (name), ``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
 list in ``conflicts.report.to_json`` form).
@@ -26,6 +32,7 @@ from sockmap.errors import SockmapError
 
 SOCKET_NAME: Final = "control.sock"
 MAX_LINE: Final = 1 << 20
+STREAM_BATCH: Final = 256  # items per streamed line (an ls row is ~0.5 KiB)
 OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts")
 
 
@@ -76,6 +83,20 @@ def ok(result: object) -> bytes:
     return json.dumps({"ok": True, "result": result}, separators=(",", ":")).encode() + b"\n"
 
 
+def stream_head(result: object, key: str) -> bytes:
+    """The first line of a streamed answer (``result`` without the streamed list)."""
+    return json.dumps({"ok": True, "result": result, "stream": key},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+def stream_batch(items: list[Any]) -> bytes:
+    return json.dumps(items, separators=(",", ":")).encode() + b"\n"
+
+
+def stream_end(count: int) -> bytes:
+    return json.dumps({"end": count}).encode() + b"\n"
+
+
 def fail(e: SockmapError) -> bytes:
     return json.dumps({"ok": False, "error": e.message, "hint": e.hint},
                       separators=(",", ":")).encode() + b"\n"
@@ -97,6 +118,50 @@ def not_running(run_dir: Path, why: str) -> DaemonNotRunning:
     )
 
 
+def _read_line(f: Any, op: str) -> Any:
+    line = f.readline(MAX_LINE + 1)
+    if len(line) > MAX_LINE:
+        raise SockmapError(f"a line of the daemon's answer to {op} is longer than {MAX_LINE} "
+                           "bytes", hint="agent and CLI must be the same sockmap version")
+    if not line.endswith(b"\n"):
+        raise SockmapError(f"the daemon's answer to {op} was cut short",
+                           hint="see the daemon's log")
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise SockmapError(f"the daemon's answer to {op} is not JSON",
+                           hint="agent and CLI must be the same sockmap version") from None
+
+
+def _answer(f: Any, op: str) -> Any:
+    """Read one answer (plain or streamed) from ``f``; its result or the daemon's error."""
+    resp = _read_line(f, op)
+    if not isinstance(resp, dict) or not isinstance(resp.get("ok"), bool):
+        raise SockmapError(f"the daemon's answer to {op} is malformed")
+    if not resp["ok"]:
+        hint = resp.get("hint")
+        raise SockmapError(str(resp.get("error")), hint=hint if isinstance(hint, str) else None)
+    result = resp.get("result")
+    key = resp.get("stream")
+    if key is None:
+        return result
+    items: list[Any] = []
+    while True:
+        batch = _read_line(f, op)
+        if isinstance(batch, list):
+            items.extend(batch)
+            continue
+        if isinstance(batch, dict) and batch.get("end") == len(items):
+            break
+        raise SockmapError(f"the daemon's streamed answer to {op} is malformed")
+    if key == "":
+        return items
+    if not isinstance(result, dict) or not isinstance(key, str):
+        raise SockmapError(f"the daemon's streamed answer to {op} is malformed")
+    result[key] = items
+    return result
+
+
 def request(run_dir: Path, op: str, timeout: float = 30.0, **args: object) -> Any:
     """Send one request, return its result; raise DaemonNotRunning or the daemon's error."""
     path = socket_path(run_dir)
@@ -116,14 +181,8 @@ def request(run_dir: Path, op: str, timeout: float = 30.0, **args: object) -> An
                                    hint="run it as root") from None
         try:
             s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-            buf = bytearray()
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > MAX_LINE:
-                    raise SockmapError("daemon answer too long")
+            with s.makefile("rb") as f:
+                return _answer(f, op)
         except TimeoutError:
             raise SockmapError(f"the daemon did not answer {op} within {timeout:g} s",
                                hint="see the daemon's log") from None
@@ -134,14 +193,3 @@ def request(run_dir: Path, op: str, timeout: float = 30.0, **args: object) -> An
             raise
     finally:
         s.close()
-    try:
-        resp = json.loads(buf)
-    except ValueError:
-        raise SockmapError(f"the daemon's answer to {op} is not JSON",
-                           hint="agent and CLI must be the same sockmap version") from None
-    if not isinstance(resp, dict) or not isinstance(resp.get("ok"), bool):
-        raise SockmapError(f"the daemon's answer to {op} is malformed")
-    if not resp["ok"]:
-        hint = resp.get("hint")
-        raise SockmapError(str(resp.get("error")), hint=hint if isinstance(hint, str) else None)
-    return resp.get("result")

@@ -1,13 +1,19 @@
 """The daemon's request servers: the control socket (JSON lines, sockmap.control; served only
 to processes in the host's network namespace, since a guest shares the host's filesystem)
-and the optional Prometheus endpoint (a minimal HTTP/1.0 GET /metrics, loopback only)."""
+and the optional Prometheus endpoint (a minimal HTTP/1.0 GET /metrics, loopback only).
+
+``ls`` and ``conflicts`` answers are streamed (sockmap.control): rows are made and written
+STREAM_BATCH at a time, draining and yielding to the event loop between batches, so an
+answer of 100,000 rows holds neither the loop nor a line limit."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sockmap import control, metrics
 from sockmap.errors import SockmapError
@@ -17,6 +23,16 @@ if TYPE_CHECKING:
     from sockmap.daemon import Daemon
 
 log = logging.getLogger("sockmap.daemon")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Streamed:
+    """An answer sent as a stream: ``result`` without its list, the list's key ("": the
+    result is the list) and the items, produced lazily."""
+
+    result: object
+    key: str
+    items: Iterable[Any]
 
 
 class ControlServer:
@@ -41,7 +57,11 @@ class ControlServer:
                     raise SockmapError("control requests are served only to the host's "
                                        "network namespace", hint="run sockmap on the host")
                 req = control.parse_request(line)
-                writer.write(control.ok(await self.dispatch(req)))
+                answer = await self.dispatch(req)
+                if isinstance(answer, Streamed):
+                    await self._stream(writer, answer)
+                else:
+                    writer.write(control.ok(answer))
             except SockmapError as e:
                 writer.write(control.fail(e))
             except (ValueError, TimeoutError):  # LimitOverrunError is a ValueError
@@ -54,15 +74,36 @@ class ControlServer:
             writer.close()
             self.d.conns.discard(task)
 
+    @staticmethod
+    async def _stream(writer: asyncio.StreamWriter, s: Streamed) -> None:
+        writer.write(control.stream_head(s.result, s.key))
+        batch: list[Any] = []
+        count = 0
+        for item in s.items:
+            batch.append(item)
+            if len(batch) >= control.STREAM_BATCH:
+                writer.write(control.stream_batch(batch))
+                count += len(batch)
+                batch = []
+                await writer.drain()
+                await asyncio.sleep(0)  # let the loop serve others between batches
+        if batch:
+            writer.write(control.stream_batch(batch))
+            count += len(batch)
+        writer.write(control.stream_end(count))
+
     async def dispatch(self, req: control.Request) -> object:
         d = self.d
         match req.op:
             case "ls":
-                return d.rows(not_forwarded=req.args.get("all") is True)
+                return Streamed(result=[], key="",
+                                items=d.iter_rows(not_forwarded=req.args.get("all") is True))
             case "status":
                 return d.status()
             case "conflicts":
-                return await d.conflicts()
+                res = await d.conflicts()
+                items = res.pop("conflicts")
+                return Streamed(result=res, key="conflicts", items=items)
         if d.cfg.flat:
             raise SockmapError("this daemon runs in flat mode: it reports conflicts and "
                                "makes no guests", hint="run `sockmap daemon` without --flat")

@@ -33,7 +33,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from typing import Any
 from sockmap import config, control, metrics, natproc, sdnotify
 from sockmap.agents import AgentSessions
 from sockmap.conflicts import report as conflict_report
+from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
 from sockmap.conflicts.rules import Plan, Policies, Rule
 from sockmap.ctlserver import ControlServer
 from sockmap.errors import SockmapError
@@ -62,6 +63,8 @@ from sockmap.supervisor import (
 log = logging.getLogger("sockmap.daemon")
 
 READY_LINE = "sockmap daemon ready"
+STORED_PER_LIMIT = 32  # a guest's listeners held at most: this many times max_listeners
+SWITCH_INTERVAL_S = 0.001  # GIL hand-over: a planning/decoding thread yields this often
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,7 +73,8 @@ class Config:
     agent_listen: tuple[str, int] | None = None  # TCP agent listener, only when given
     heartbeat_s: float = 0.3  # the agents' heartbeat (Welcome): 2 may go missing before dead
     dead_after_s: float = 0.8  # no frame from an agent for this long: it is gone
-    hello_timeout_s: float = 2.0
+    hello_timeout_s: float = 0.5  # an agent connection's Hello must come this soon
+    max_listeners: int = DEFAULT_MAX_LISTENERS  # per guest planned; the rest not forwarded
     first_snapshot_timeout_s: float = 15.0  # guest_create waits this long for the agent
     drain_s: float = 30.0  # open connections of a closed mapping may finish this long
     retry_s: float = 1.0  # probe a port whose bind failed (EADDRINUSE) this often
@@ -112,10 +116,12 @@ class Daemon:
         self.drains: set[asyncio.Task[Any]] = set()  # drains, reloads, address checks
         self.planner = Planner(registry=self.registry, policies=cfg.policies, rules=cfg.rules,
                                drain_s=cfg.drain_s, retry_s=cfg.retry_s,
-                               host_poll_s=cfg.host_poll_s, tasks=self.drains)
+                               host_poll_s=cfg.host_poll_s, tasks=self.drains,
+                               max_listeners=cfg.max_listeners)
         self.agents = AgentSessions(
             registry=self.registry, run_dir=cfg.run_dir, heartbeat_s=cfg.heartbeat_s,
             dead_after_s=cfg.dead_after_s, hello_timeout_s=cfg.hello_timeout_s,
+            max_stored=STORED_PER_LIMIT * cfg.max_listeners,
             request_replan=self.planner.request_replan, seen=self.planner.seen,
             log_once=self.planner.log_once, conns=self.conns, tasks=self.drains)
         self.planner.relay_connector = self.agents.relays.connector
@@ -158,6 +164,9 @@ class Daemon:
 
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
         return self.planner.rows(not_forwarded=not_forwarded)
+
+    def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
+        return self.planner.iter_rows(not_forwarded=not_forwarded)
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -408,7 +417,9 @@ class Daemon:
             return
         static = [k for k, v in (("agent_listen", fc.agent_listen), ("metrics", fc.metrics),
                                  ("conflict_policy", fc.conflict_policy),
-                                 ("udp_ephemeral", fc.udp_ephemeral)) if v is not None]
+                                 ("udp_ephemeral", fc.udp_ephemeral),
+                                 ("max_listeners_per_guest", fc.max_listeners_per_guest))
+                  if v is not None]
         if static:
             log.info("reload: [daemon] %s apply at start only; restart to change them",
                      ", ".join(static))
@@ -423,6 +434,9 @@ class Daemon:
 async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
     """Run the daemon until SIGTERM or SIGINT (the one place signals are handled)."""
     d = Daemon(cfg)
+    # planning and large-frame decoding run in threads: hand the GIL back to the event loop
+    # every millisecond (default 5 ms), so they delay it by about that much, no more
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, d.stop)

@@ -8,6 +8,10 @@ loopback-only guest listener, the agent's relay, through the connector the daemo
 
 ``request_replan`` marks the state dirty; one replanner task plans again (coalescing
 requests) and ``wait_planned(gen)`` waits until a plan that saw request ``gen`` is applied.
+The event loop only copies the registry's state (immutable records, C-level copies) and
+applies the commands, yielding every APPLY_BATCH of them; the deciding (the per-guest
+listener limit, ``conflicts.limits``, then ``plan()`` and the grouping) runs in a thread, so
+a guest reporting 100,000 listeners holds the loop for no more than a few milliseconds.
 A bind that fails with EADDRINUSE (TIME_WAIT) blocks that host endpoint and is retried every
 ``retry_s``; while a conflict waits on a host holder, the host watch polls the host's
 listeners every ``host_poll_s`` and replans when they change.
@@ -22,11 +26,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from sockmap import metrics
+from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
 from sockmap.conflicts.rules import (
+    GuestState,
     HostEndpoint,
     Nic,
     Plan,
@@ -44,6 +51,7 @@ from sockmap.registry import Registry
 log = logging.getLogger("sockmap.daemon")
 
 RelayConnector = Callable[[str, int], Connector]  # (guest, family) -> a connector
+APPLY_BATCH = 64  # mapping opens/closes between two yields to the event loop
 
 
 def group_mappings(mappings: tuple[PortMapping, ...]) -> dict[MappingKey, tuple[PortMapping, ...]]:
@@ -99,8 +107,10 @@ class Planner:
 
     def __init__(self, *, registry: Registry, policies: Policies, rules: tuple[Rule, ...],
                  drain_s: float, retry_s: float, host_poll_s: float,
-                 tasks: set[asyncio.Task[Any]]) -> None:
+                 tasks: set[asyncio.Task[Any]],
+                 max_listeners: int = DEFAULT_MAX_LISTENERS) -> None:
         self.registry = registry
+        self.max_listeners = max_listeners  # per guest: the rest are not forwarded
         self.policies = policies
         self.rules = rules  # the rules file's, replaced on reload
         self.drain_s, self.retry_s, self.host_poll_s = drain_s, retry_s, host_poll_s
@@ -189,9 +199,9 @@ class Planner:
                 else:
                     self._blocked[e] = now + self.retry_s
         current = tuple(m for ms in self._open.values() for m in ms)
-        pl = plan(guests=self.registry.states(), host_listeners=host, current=current,
-                  blocked=tuple(self._blocked), own_pid=os.getpid(),
-                  policies=self.policies, rules=self.rules)
+        pl, desired = await asyncio.to_thread(
+            self._decide, self.registry.raw_states(), host, current, tuple(self._blocked),
+            self.policies, self.rules)
         self.last_plan = pl
         self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
                                 if c.kind == "host_port_in_use")
@@ -201,21 +211,19 @@ class Planner:
         waiting = {MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
                    for m in pl.pending}
         self._waiting_since = {k: self._waiting_since.get(k, time.time()) for k in waiting}
-        desired = group_mappings(pl.mappings)
-        touched: list[MappingKey] = []
-        for cmd in pl.commands:
-            m = cmd.mapping
-            key = MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
-            if key not in touched:
-                touched.append(key)
-        for key in touched:
+        touched = list(dict.fromkeys(
+            MappingKey(guest=c.mapping.guest, proto=Proto(c.mapping.proto),
+                       port=c.mapping.guest_port) for c in pl.commands))
+        for key in touched:  # _close yields to the loop each time
             have = self._open.get(key)
             if have is not None and have != desired.get(key):
                 await self._close(key)
-        for key in touched:
+        for i, key in enumerate(touched):
             want = desired.get(key)
             if want is not None and self._open.get(key) != want:
                 self._open_group(key, want)
+            if i % APPLY_BATCH == APPLY_BATCH - 1:
+                await asyncio.sleep(0)  # many opens: let the loop serve others between
         for c in pl.conflicts:
             self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; {c.resolution}")
         # first-report times: kept only for wanted mappings not open yet
@@ -227,6 +235,18 @@ class Planner:
                 self._retry = None
                 self.request_replan()
             self._retry = asyncio.get_running_loop().call_later(self.retry_s, again)
+
+    def _decide(self, guests: tuple[GuestState, ...], host: list[Listener],
+                current: tuple[PortMapping, ...], blocked: tuple[HostEndpoint, ...],
+                policies: Policies, rules: tuple[Rule, ...]
+                ) -> tuple[Plan, dict[MappingKey, tuple[PortMapping, ...]]]:
+        """The plan and its groups, from immutable inputs (runs in a thread)."""
+        capped, over, too_many = cap_listeners(guests, self.max_listeners)
+        pl = plan(guests=capped, host_listeners=host, current=current, blocked=blocked,
+                  own_pid=os.getpid(), policies=policies, rules=rules)
+        if over:
+            pl = replace(pl, skipped=pl.skipped + over, conflicts=too_many + pl.conflicts)
+        return pl, group_mappings(pl.mappings)
 
     async def host_watch(self) -> None:
         """The deliberate host poll: while a conflict waits on a host holder, read the host's
@@ -307,23 +327,25 @@ class Planner:
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
+        return list(self.iter_rows(not_forwarded=not_forwarded))
+
+    def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
         """One row per open or draining mapping (state ``remapped`` when policy remap put
         it on another host port), then one per mapping waiting for its host port (state
         ``waiting``: policy wait, or TIME_WAIT); with ``not_forwarded``, then one per guest
         listener the last plan did not forward (state ``not forwarded``, ``reason``: a
         rule, an address the host cannot reach, a host port this guest already forwards)."""
         if self.table is None:
-            return []
+            return
         now = time.time()
         pl = self.last_plan
         moved = {(m.guest, m.proto, m.guest_port, m.host_port)
                  for m in (pl.remapped if pl is not None else ())}
-        out = []
         for r in self.table.snapshot():
             key = MappingKey(guest=r.guest, proto=r.proto, port=r.target_port)
             group = self._shown.get(key, ())
             first = group[0] if group else None
-            out.append({
+            yield {
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
                 "guest_addr": first.guest_addr if first else r.target_addr,
@@ -338,14 +360,14 @@ class Planner:
                 "connections_total": r.connections_total, "bytes_in": r.bytes_in,
                 "bytes_out": r.bytes_out, "errors": r.errors, "dropped": r.dropped,
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
-            })
+            }
         pending = group_mappings(pl.pending if pl is not None else ())
         for key, group in pending.items():
             if key in self._open:
                 continue
             first = group[0]
             since = self._waiting_since.get(key, now)
-            out.append({
+            yield {
                 "guest": key.guest, "proto": str(key.proto), "host_addr": first.host_addr,
                 "host_addrs": [m.host_addr for m in group], "host_port": first.host_port,
                 "guest_addr": first.guest_addr, "guest_port": key.port,
@@ -354,14 +376,13 @@ class Planner:
                 "process": first.process, "state": "waiting", "connections": 0,
                 "connections_total": 0, "bytes_in": 0, "bytes_out": 0, "errors": 0,
                 "dropped": 0, "since": since, "age_s": round(max(0.0, now - since), 3),
-            })
+            }
         for s in (pl.skipped if pl is not None and not_forwarded else ()):
             li = s.listener
-            out.append({
+            yield {
                 "guest": s.guest, "proto": str(li.proto), "host_addr": "", "host_addrs": [],
                 "host_port": None, "guest_addr": li.addr, "guest_port": li.port,
                 "pid": li.owner.pid if li.owner else None,
                 "process": li.owner.comm if li.owner else "", "state": "not forwarded",
                 "reason": s.reason,
-            })
-        return out
+            }

@@ -41,6 +41,7 @@ from sockmap.portwatch.records import Family, Listener, Owner, Proto
 VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
 MAX_FRAME: Final = 4 * 1024 * 1024  # body bytes; ~10k listeners with owners fit
+HELLO_MAX_FRAME: Final = 4096  # body bytes before a Hello was accepted (a Hello is < 700)
 DAEMON_HEARTBEAT_MS: Final = 2000  # daemon -> agent heartbeat interval
 DAEMON_SILENCE_S: Final = 4 * DAEMON_HEARTBEAT_MS / 1000  # agent gives up on a silent daemon
 
@@ -622,6 +623,13 @@ def decode_body(body: bytes) -> Message:
 class Decoder:
     """Incremental frame decoder: ``feed`` bytes as they arrive, get whole messages back.
 
+    ``max_frame`` bounds a body; it may be raised once the peer is trusted (the daemon
+    starts every agent connection at HELLO_MAX_FRAME and raises it to MAX_FRAME after the
+    Hello passed), and the length is checked before any body byte is buffered, so an
+    unauthenticated peer makes the daemon hold at most a few KiB. ``frames`` is the framing
+    alone (whole bodies, undecoded), for a caller that decodes large bodies elsewhere (the
+    daemon: in a thread, so a 4 MiB body does not hold its event loop).
+
     After a ProtocolError the decoder stays failed (the stream has lost framing): every
     later ``feed`` raises the same error, and messages decoded from the same ``feed`` call
     before the bad frame are dropped with it (the connection closes; the agent's reconnect
@@ -631,35 +639,49 @@ class Decoder:
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
-        self._max = max_frame
+        self.max_frame = max_frame
         self._failed: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Message]:
+    def frames(self, data: bytes) -> list[bytes]:
+        """The whole frame bodies ``data`` completes, in order, not decoded."""
         if self._failed is not None:
             raise self._failed
         self._buf += data
-        out: list[Message] = []
+        out: list[bytes] = []
         try:
             while len(self._buf) >= HEADER.size:
                 (n,) = HEADER.unpack_from(self._buf)
-                if n > self._max:
+                if n > self.max_frame:
                     raise ProtocolError("oversized",
-                                        f"frame length {n} exceeds {self._max} bytes")
+                                        f"frame length {n} exceeds {self.max_frame} bytes")
                 if n == 0:
                     raise ProtocolError("empty", "zero-length frame")
                 if len(self._buf) < HEADER.size + n:
                     break
-                body = bytes(self._buf[HEADER.size:HEADER.size + n])
+                out.append(bytes(self._buf[HEADER.size:HEADER.size + n]))
                 del self._buf[:HEADER.size + n]
-                out.append(decode_body(body))
         except ProtocolError as e:
-            self._failed = e
-            self._buf.clear()
+            self.fail(e)
             raise
+        return out
+
+    def fail(self, e: ProtocolError) -> None:
+        """Mark the stream failed (a body decoded elsewhere was bad)."""
+        self._failed = e
+        self._buf.clear()
+
+    def feed(self, data: bytes) -> list[Message]:
+        out: list[Message] = []
+        for body in self.frames(data):
+            try:
+                out.append(decode_body(body))
+            except ProtocolError as e:
+                self.fail(e)
+                raise
         return out
 
     def eof(self) -> None:

@@ -14,7 +14,7 @@ another guest, nor a loopback, link-local, multicast or unspecified one.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sockmap.conflicts.rules import GuestState
@@ -115,15 +115,22 @@ class Registry:
         return g is not None and g.session == session
 
     # -- what an agent reports ------------------------------------------------------------
-    def snapshot(self, name: str, listeners: Iterable[Listener], addrs: Iterable[str]) -> None:
+    def snapshot(self, name: str, listeners: Iterable[Listener] | Mapping[ListenerKey, Listener],
+                 addrs: Iterable[str]) -> None:
+        """Replace everything ``name`` reported (``listeners`` may come keyed already)."""
         g = self.ensure(name)
-        g.listeners = {li.key: li for li in listeners}
+        g.listeners = dict(listeners) if isinstance(listeners, Mapping) else \
+            {li.key: li for li in listeners}
         g.reported_addrs = tuple(addrs)
         g.synced = True
         g.snapshots += 1
 
-    def added(self, name: str, listeners: Iterable[Listener]) -> None:
+    def added(self, name: str,
+              listeners: Iterable[Listener] | Mapping[ListenerKey, Listener]) -> None:
         g = self.ensure(name)
+        if isinstance(listeners, Mapping):
+            g.listeners.update(listeners)
+            return
         for li in listeners:
             g.listeners[li.key] = li
 
@@ -143,6 +150,16 @@ class Registry:
         foreign = frozenset(a for o in self._guests.values() if o.name != name
                             and o.record_addrs is not None for a in o.record_addrs)
         return usable_addrs(g.reported_addrs, g.record_addrs, foreign)
+
+    def raw_states(self) -> tuple[GuestState, ...]:
+        """``states()`` with each guest's listeners unsorted: C-level copies only, so it is
+        cheap on the event loop for any number of listeners (the planner sorts them in a
+        thread)."""
+        return tuple(
+            GuestState(name=g.name, addrs=self.addrs_of(g.name),
+                       listeners=tuple(g.listeners.values()))
+            for g in self._guests.values() if g.session is not None and g.synced
+        )
 
     def states(self) -> tuple[GuestState, ...]:
         """Guests whose agent is connected and synced, in registration order."""

@@ -15,6 +15,7 @@ ConflictKind = Literal[
     "host_port_in_use",  # a host process holds the host port a guest listener wants
     "guests_collide",  # two guests want one host port; the first keeps it
     "time_wait",  # bind() failed with EADDRINUSE and nobody listens: TIME_WAIT sockets
+    "too_many_listeners",  # a guest reports more listeners than the per-guest limit
     # flat mode (flat.analyse)
     "reuseport_split",  # one endpoint shared by sockets of different contexts
     "dualstack_vs_ipv4",  # [::] v6only=0 and 0.0.0.0 in different contexts
@@ -23,7 +24,7 @@ ConflictKind = Literal[
 ]
 
 KINDS: tuple[ConflictKind, ...] = (
-    "host_port_in_use", "guests_collide", "time_wait", "reuseport_split",
+    "host_port_in_use", "guests_collide", "time_wait", "too_many_listeners", "reuseport_split",
     "dualstack_vs_ipv4", "wildcard_specific", "ipv4_ipv6_split",
 )
 

@@ -20,6 +20,7 @@ TITLES = {
     "host_port_in_use": "host port already in use",
     "guests_collide": "two guests want one host port",
     "time_wait": "host port blocked by TIME_WAIT sockets",
+    "too_many_listeners": "a guest reports more listeners than the per-guest limit",
     "reuseport_split": "one port split between programs (SO_REUSEPORT)",
     "dualstack_vs_ipv4": "dual-stack [::] shadowed by 0.0.0.0 for IPv4",
     "wildcard_specific": "wildcard and specific binds of one port",

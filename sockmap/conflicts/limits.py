@@ -1,0 +1,57 @@
+"""The per-guest listener limit, pure: which of a guest's listeners plan() considers.
+
+A guest may report any number of listeners, but the daemon plans for at most
+``max_listeners`` of each guest (``--max-listeners``, ``[daemon] max_listeners_per_guest``,
+default DEFAULT_MAX_LISTENERS): the first by (proto, port, family, address), so the choice
+is stable across reports. The rest are not forwarded, each with the reason (``ls --all``),
+and the guest gets one ``too_many_listeners`` conflict naming it and the count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Final
+
+from sockmap.conflicts.records import Conflict, Party
+from sockmap.conflicts.rules import GuestState, Skipped
+from sockmap.portwatch.records import Listener
+
+DEFAULT_MAX_LISTENERS: Final = 4096
+
+
+def _order(li: Listener) -> tuple[str, int, int, str]:
+    return (li.proto, li.port, li.family, li.addr)
+
+
+def cap_listeners(guests: Sequence[GuestState], max_listeners: int
+                  ) -> tuple[tuple[GuestState, ...], tuple[Skipped, ...], tuple[Conflict, ...]]:
+    """(the guests with at most ``max_listeners`` listeners each, sorted; the listeners past
+    the limit; one conflict per guest over it)."""
+    out: list[GuestState] = []
+    skipped: list[Skipped] = []
+    conflicts: list[Conflict] = []
+    for g in guests:
+        lst = sorted(g.listeners, key=_order)
+        if len(lst) <= max_listeners:
+            out.append(replace(g, listeners=tuple(lst)))
+            continue
+        kept, rest = lst[:max_listeners], lst[max_listeners:]
+        out.append(replace(g, listeners=tuple(kept)))
+        reason = (f"guest {g.name} reports {len(lst)} listeners, over the limit of "
+                  f"{max_listeners} per guest; only the first {max_listeners} by protocol "
+                  "and port are considered")
+        skipped.extend(Skipped(guest=g.name, listener=li, reason=reason) for li in rest)
+        conflicts.append(Conflict(
+            kind="too_many_listeners", proto=rest[0].proto, port=rest[0].port,
+            parties=(Party(side="guest", guest=g.name, addr=rest[0].addr, port=rest[0].port,
+                           receives=f"the first listener past the limit; {len(lst)} "
+                                    "reported"),),
+            summary=f"guest {g.name} reports {len(lst)} listeners; the limit is "
+                    f"{max_listeners} per guest",
+            resolution=f"the first {max_listeners} (by protocol and port) are planned; "
+                       f"{len(rest)} are not forwarded (`sockmap ls --all` lists them)",
+            fix="raise --max-listeners (or [daemon] max_listeners_per_guest), or find out "
+                "why the guest listens on so many ports",
+        ))
+    return tuple(out), tuple(skipped), tuple(conflicts)
