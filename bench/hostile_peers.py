@@ -8,7 +8,8 @@ attack for real and prints one JSON line about what happened.
   never a guest's address), so nothing of it is forwarded: the load is the daemon's.
 - FLOOD: C connections to the daemon's TCP agent listener, each sending a length header of
   B bytes and then the B-byte body before any Hello, held open for H seconds.
-- CHECK: a TCP forward checked every E seconds for S seconds (connect, read the greeting).
+- CHECK: a TCP forward checked every E seconds for S seconds (connect, read the greeting;
+  with a 5th argument ``echo``: send a line first, read it back).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ CHECK = r"""
 import json, socket, sys, time
 host, port, seconds, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), \
     float(sys.argv[4])
+echo = len(sys.argv) > 5 and sys.argv[5] == "echo"
 ok = fail = 0
 errors = []
 end = time.monotonic() + seconds
@@ -112,6 +114,8 @@ while time.monotonic() < end:
     try:
         with socket.create_connection((host, port), 1.0) as c:
             c.settimeout(1.0)
+            if echo:
+                c.sendall(b"ping\n")
             if not c.recv(100):
                 raise ConnectionResetError("closed without data")
         ok += 1

@@ -14,7 +14,12 @@ server. Cases, each followed by the same checks:
 - agent kills: the guest's agent SIGKILLed every few seconds while traffic flows;
 - daemon restarts: SIGTERM and SIGKILL of the daemon while traffic flows, a new daemon
   started each time;
-- guests: G guests created and deleted through the daemon.
+- guests: G guests created and deleted through the daemon;
+- hostile agent: a VM agent with a valid token (over the daemon's TCP agent listener)
+  reports L listeners in 5 frames, then heartbeats; the soak guest's forward is checked
+  every 100 ms and ``ls`` timed meanwhile (bench/hostile_peers.py AGENT, CHECK);
+- pre-hello flood: C connections to the TCP agent listener each send a 4 MiB body before
+  any Hello (bench/hostile_peers.py FLOOD); the daemon's RSS sampled during and after.
 
 Checks after each case: fds of daemon and agent back to their baseline (/proc/PID/fd), RSS
 near baseline, no stale mapping (every ``ls`` row is a live listener of a live guest, no
@@ -45,13 +50,14 @@ from types import TracebackType
 from typing import Any
 
 import netlab
-from bench import proxy, soak_peers
+from bench import hostile_peers, proxy, soak_peers
 from sockmap import __version__
 from sockmap import protocol as p
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ECHO, SHORT, FLAP = 7100, 7001, 7200
+AGENT_TCP = 7070  # the daemon's TCP agent listener, on the lab host's loopback
 MIB = 1 << 20
 
 
@@ -67,12 +73,15 @@ class Scale:
     flaps: int
     garbage: int  # random garbage frames / lines on each socket
     long_s: float = 0.0  # a connection kept this long across an agent restart (0: skip)
+    hostile_listeners: int = 100_000  # listeners the hostile agent reports
+    flood_conns: int = 64  # pre-hello connections, each sending a 4 MiB body
 
 
 FULL = Scale(concurrent=10_000, short=100_000, bulk_mib=1024, agent_kills=10, kill_every_s=3.0,
              restarts=4, guests=100, flaps=1000, garbage=500, long_s=40.0)  # fmt: skip
 SHORT_SCALE = Scale(concurrent=500, short=2000, bulk_mib=16, agent_kills=3, kill_every_s=1.0,
-                    restarts=2, guests=5, flaps=50, garbage=30)  # fmt: skip
+                    restarts=2, guests=5, flaps=50, garbage=30,
+                    hostile_listeners=20_000)  # fmt: skip
 
 
 @dataclass
@@ -142,7 +151,8 @@ class Soak:
     def start_daemon(self) -> None:
         with self.log.open("a") as out:
             self.daemon = self.lab.host.popen(
-                [PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(self.run_dir)],
+                [PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(self.run_dir),
+                 "--agent-listen", f"127.0.0.1:{AGENT_TCP}"],
                 stderr=out, cwd=ROOT)  # fmt: skip
         assert self.daemon.stdout is not None
         netlab.wait_for_line(self.daemon.stdout, "sockmap daemon ready", 20)
@@ -510,6 +520,91 @@ class Soak:
                   f"{min(delete_s):.2f}-{max(delete_s):.2f} s)")  # fmt: skip
         c.lost = n - made
 
+    def timed_ls(self) -> float:
+        t0 = time.monotonic()
+        self.rows()
+        return time.monotonic() - t0
+
+    def hostile_agent(self, c: Case) -> None:
+        n = self.scale.hostile_listeners
+        tok = self.run_dir / "tokens" / "evil.token"
+        tok.write_text("token-of-a-hostile-vm-agent\n")
+        tok.chmod(0o600)
+        starts = self._starts()
+        rss0 = rss_mib(self.daemon.pid)
+        check = self.lab.host.popen([PY, "-c", hostile_peers.CHECK, "127.0.0.1", str(ECHO),
+                                     "10", "0.1", "echo"])  # fmt: skip
+        evil = self.lab.host.popen([PY, "-c", hostile_peers.AGENT, "127.0.0.1",
+                                    str(AGENT_TCP), "evil", str(tok), str(n), "5"])  # fmt: skip
+        try:
+            assert evil.stdout is not None
+            line = evil.stdout.readline()
+            sent = dict(json.loads(line)) if line.startswith("{") else {"error": line}
+            ls_s, peak_rss, peak_fds = [], rss0, 0
+            for _ in range(10):
+                ls_s.append(self.timed_ls())
+                peak_rss = max(peak_rss, rss_mib(self.daemon.pid))
+                peak_fds = max(peak_fds, fds(self.daemon.pid))
+                time.sleep(0.3)  # sampling interval
+            checked = self.result(check, 60)
+            evil_connected = evil.poll() is None and any(
+                g["name"] == "evil" and g["connected"] for g in self.status()["guests"])
+            over = self.ctl("conflicts")
+            too_many = [x for x in over.get("result", {}).get("conflicts", [])
+                        if x["kind"] == "too_many_listeners"]
+            t0 = time.monotonic()
+            all_rows = self.ctl("ls", all=True)
+            ls_all_s = time.monotonic() - t0
+        finally:
+            evil.terminate()
+            evil.wait(10)
+            tok.unlink()
+        n_all = len(all_rows.get("result", []))
+        c.load = f"one agent reporting {n:,} listeners in {sent.get('frames')} frames"
+        c.faults = "hostile VM agent (valid token)"
+        c.detail.update(sent=sent, forward_checks=checked, agent_starts_during=self._starts()
+                        - starts, hostile_stayed_connected=evil_connected,
+                        too_many_listeners_conflicts=len(too_many), ls_all_rows=n_all,
+                        ls_all_s=round(ls_all_s, 3),
+                        ls_s_max=round(max(ls_s), 3), ls_s_median=round(sorted(ls_s)[5], 3),
+                        daemon_rss_before=round(rss0, 1), daemon_rss_peak=round(peak_rss, 1),
+                        daemon_fds_peak=peak_fds)  # fmt: skip
+        c.checks["forward checks failed"] = f"{checked['fail']} of "\
+            f"{checked['ok'] + checked['fail']}"
+        c.checks["ls s (max)"] = f"{max(ls_s):.3f}"
+        if checked["fail"]:
+            c.problems.append(f"healthy forward failed {checked}")
+        if self._starts() != starts or not evil_connected:
+            c.problems.append("an agent was judged dead during the hostile snapshot")
+        if len(too_many) != 1 or n_all < n:
+            c.problems.append(f"limit not reported: {len(too_many)} conflicts, {n_all} rows")
+
+    def prehello_flood(self, c: Case) -> None:
+        conns = self.scale.flood_conns
+        rss0, fds0 = rss_mib(self.daemon.pid), fds(self.daemon.pid)
+        flood = self.lab.host.popen([PY, "-c", hostile_peers.FLOOD, "127.0.0.1",
+                                     str(AGENT_TCP), str(conns), str(4 * MIB), "3"])  # fmt: skip
+        peak, peak_fds, ls_s = rss0, fds0, []
+        while flood.poll() is None:
+            peak = max(peak, rss_mib(self.daemon.pid))
+            peak_fds = max(peak_fds, fds(self.daemon.pid))
+            ls_s.append(self.timed_ls())
+            time.sleep(0.05)  # sampling interval
+        out = self.result(flood, 30)
+        time.sleep(1.0)
+        after = rss_mib(self.daemon.pid)
+        c.load = f"{conns} connections x 4 MiB body before hello"
+        c.faults = "unauthenticated peers"
+        c.detail.update(flood=out, daemon_rss_before=round(rss0, 1),
+                        daemon_rss_peak=round(peak, 1), daemon_rss_after=round(after, 1),
+                        daemon_fds_before=fds0, daemon_fds_peak=peak_fds,
+                        ls_s_max=round(max(ls_s, default=0.0), 3))  # fmt: skip
+        c.checks["RSS during flood MiB"] = f"{rss0:.1f} → peak {peak:.1f} → {after:.1f}"
+        if peak - rss0 > 32 or after - rss0 > 8:
+            c.problems.append(f"daemon RSS {rss0:.1f} → peak {peak:.1f} → {after:.1f} MiB")
+        if out["held"]:
+            c.problems.append(f"the daemon kept {out['held']} pre-hello connections open")
+
     def bad_inputs_case(self, c: Case) -> None:
         import random
 
@@ -701,6 +796,9 @@ def run_all(s: Soak) -> None:
         s.case("long connection across an agent restart", s.long_across_agent_restart)
     s.case("daemon restarted under traffic", s.daemon_restarts)
     s.case("guests created and deleted", s.guests)
+    s.case("hostile agent: 100k listeners" if s.scale.hostile_listeners >= 100_000 else
+           f"hostile agent: {s.scale.hostile_listeners:,} listeners", s.hostile_agent)
+    s.case("pre-hello flood", s.prehello_flood)
 
 
 def main(argv: list[str] | None = None) -> int:
