@@ -107,7 +107,7 @@ host, port, seconds, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), 
     float(sys.argv[4])
 echo = len(sys.argv) > 5 and sys.argv[5] == "echo"
 ok = fail = 0
-errors = []
+errors, lat = [], []
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     t = time.monotonic()
@@ -119,9 +119,13 @@ while time.monotonic() < end:
             if not c.recv(100):
                 raise ConnectionResetError("closed without data")
         ok += 1
+        lat.append(time.monotonic() - t)
     except OSError as e:
         fail += 1
         errors.append(repr(e)[:80])
     time.sleep(max(0.0, every - (time.monotonic() - t)))  # the check interval
-print(json.dumps({"ok": ok, "fail": fail, "errors": errors[:5]}), flush=True)
+lat.sort()
+print(json.dumps({"ok": ok, "fail": fail, "errors": errors[:5],
+                  "p50_ms": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
+                  "max_ms": round(lat[-1] * 1000, 1) if lat else None}), flush=True)
 """
