@@ -716,6 +716,37 @@ class Soak:
         return tried
 
 
+def hostile_section(s: Soak) -> list[str]:
+    """The hostile-peer cases (issue 15) in words: the daemon's RSS, fds and ls latency."""
+    out: list[str] = []
+    for c in s.cases:
+        d = c.detail
+        if c.name.startswith("hostile agent"):
+            fc = d.get("forward_checks", {})
+            out.append(
+                f"- {c.name}: the agent sent {d.get('sent', {}).get('bytes', 0) / MIB:.1f} MiB "
+                f"in {d.get('sent', {}).get('frames')} frames; the soak guest's forward, "
+                f"checked every 100 ms: {fc.get('fail')} of {fc.get('ok', 0) + fc.get('fail', 0)}"
+                f" failed, latency p50 {fc.get('p50_ms')} ms, max {fc.get('max_ms')} ms; agent "
+                f"restarts meanwhile {d.get('agent_starts_during')}, hostile agent still "
+                f"connected: {d.get('hostile_stayed_connected')}; `ls` (control socket) "
+                f"median {d.get('ls_s_median')} s, max {d.get('ls_s_max')} s; `ls --all` "
+                f"{d.get('ls_all_rows')} rows in {d.get('ls_all_s')} s (one streamed "
+                f"answer); daemon RSS {d.get('daemon_rss_before')} → peak "
+                f"{d.get('daemon_rss_peak')} MiB, fds peak {d.get('daemon_fds_peak')}; "
+                f"too_many_listeners conflicts: {d.get('too_many_listeners_conflicts')}.")
+        elif c.name == "pre-hello flood":
+            fl = d.get("flood", {})
+            out.append(
+                f"- {c.name}: {fl.get('conns')} connections each sending a 4 MiB body before "
+                f"hello: {fl.get('closed_by_daemon')} closed by the daemon (the last after "
+                f"{fl.get('max_close_s')} s), {fl.get('held')} left open; daemon RSS "
+                f"{d.get('daemon_rss_before')} → peak {d.get('daemon_rss_peak')} → "
+                f"{d.get('daemon_rss_after')} MiB, fds {d.get('daemon_fds_before')} → peak "
+                f"{d.get('daemon_fds_peak')}; `ls` max {d.get('ls_s_max')} s during it.")
+    return ["", "## Hostile peers", "", *out] if out else []
+
+
 def report(s: Soak, took: float, load: tuple[float, ...], load_after: tuple[float, ...]) -> str:
     sc = s.scale
     lost = sum(c.lost for c in s.cases)
@@ -749,6 +780,7 @@ def report(s: Soak, took: float, load: tuple[float, ...], load_after: tuple[floa
     notes = [(c.name, c.detail["note"]) for c in s.cases if "note" in c.detail]
     if notes:
         lines += ["", "## Findings", ""] + [f"- {n}: {t}" for n, t in notes]
+    lines += hostile_section(s)
     lines += ["", "## Bad inputs tried", ""] + [f"- {b}" for b in s.bad_inputs]
     bi = next((c for c in s.cases if c.name == "bad inputs"), None)
     if bi is not None:
