@@ -10,8 +10,9 @@ reason; the registry is only touched by a session that passed Hello.
 
 Unauthenticated peers hold little: before Hello a frame is at most ``HELLO_MAX_FRAME`` (4 KiB;
 the length is refused before the body is read), a peer gets ``hello_timeout_s`` (0.5 s) to
-say it, at most MAX_UNAUTHENTICATED connections wait for their Hello at once and at most
-MAX_UNAUTHENTICATED_PER_SOURCE from one TCP source address.
+say it, at most MAX_UNAUTHENTICATED connections wait for their Hello at once, and from one
+TCP source address at most MAX_UNAUTHENTICATED_PER_SOURCE are read at once (more wait for a
+slot, unread, within the same deadline; past MAX_QUEUED_PER_SOURCE they are closed).
 
 A busy guest cannot hold the loop: a frame body of OFFLOAD_BYTES or more (a Snapshot of
 thousands of listeners) is decoded and keyed in a thread (the loop gets the GIL back every
@@ -61,7 +62,8 @@ from sockmap.supervisor import NETNS_DIR, token_path
 log = logging.getLogger("sockmap.daemon")
 
 MAX_UNAUTHENTICATED = 64  # agent connections that have not passed hello yet
-MAX_UNAUTHENTICATED_PER_SOURCE = 8  # of them from one TCP source address
+MAX_UNAUTHENTICATED_PER_SOURCE = 8  # of them read at once from one TCP source address
+MAX_QUEUED_PER_SOURCE = 64  # more from one source wait (unread) for a slot; past: closed
 OFFLOAD_BYTES = 64 * 1024  # frame bodies this large are decoded in a thread
 LATE_S = 0.1  # a read deadline's timer this late means the loop was held
 SEEN_MAX = 256  # listeners of one message whose first-report time is kept (a metric)
@@ -99,6 +101,15 @@ def source_of(writer: asyncio.StreamWriter) -> str | None:
     return None
 
 
+class _Source:
+    """One TCP source's connections before hello: those being read, those waiting."""
+
+    def __init__(self) -> None:
+        self.slots = asyncio.Semaphore(MAX_UNAUTHENTICATED_PER_SOURCE)
+        self.waiting = 0  # for a slot
+        self.reading = 0  # holding one
+
+
 class AgentSessions:
     def __init__(self, *, registry: Registry, run_dir: Path, heartbeat_s: float,
                  dead_after_s: float, hello_timeout_s: float,
@@ -122,7 +133,7 @@ class AgentSessions:
         self._sessions = itertools.count(1)
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._unauthenticated = 0
-        self._by_source: dict[str, int] = {}  # unauthenticated TCP connections per source
+        self._sources: dict[str, _Source] = {}  # TCP sources with connections before hello
         self._addr_checks: dict[str, int] = {}
         self.relays = RelayBroker(session_writer=self._session_writer,
                                   heartbeat_ms=round(heartbeat_s * 1000))
@@ -145,23 +156,22 @@ class AgentSessions:
             if self._unauthenticated >= MAX_UNAUTHENTICATED:
                 log.warning("agent (%s): too many connections before hello; closed", peer)
                 return
-            if source is not None and \
-                    self._by_source.get(source, 0) >= MAX_UNAUTHENTICATED_PER_SOURCE:
-                self._log_once(f"agent connections from {source}: more than "
-                               f"{MAX_UNAUTHENTICATED_PER_SOURCE} waiting for hello; "
-                               "further ones are closed")
+            deadline = asyncio.get_running_loop().time() + self.hello_timeout_s
+            src = None if source is None else self._sources.setdefault(source, _Source())
+            if src is not None and not await self._slot(src, source or "", deadline):
+                if not src.waiting and not src.reading:
+                    self._sources.pop(source or "", None)
                 return
             self._unauthenticated += 1
-            if source is not None:
-                self._by_source[source] = self._by_source.get(source, 0) + 1
             try:
-                name, pending = await self._hello(reader, writer, dec, peer)
+                name, pending = await self._hello(reader, writer, dec, peer, deadline)
             finally:
                 self._unauthenticated -= 1
-                if source is not None:
-                    left = self._by_source.pop(source) - 1
-                    if left:
-                        self._by_source[source] = left
+                if src is not None:
+                    src.reading -= 1
+                    src.slots.release()
+                    if not src.waiting and not src.reading:
+                        self._sources.pop(source or "", None)
             if name is None:
                 return
             dec.max_frame = p.MAX_FRAME  # authenticated: full-size frames from now on
@@ -197,11 +207,35 @@ class AgentSessions:
                 log.warning("guest %s: agent gone; closing its mappings", name)
                 self._request_replan()
 
+    async def _slot(self, src: _Source, source: str, deadline: float) -> bool:
+        """Wait (within the hello deadline) until fewer than MAX_UNAUTHENTICATED_PER_SOURCE
+        connections from ``source`` are being read before their hello: a burst (relay
+        streams of one VM) waits a moment, unread; a flood past MAX_QUEUED_PER_SOURCE is
+        closed at once."""
+        if src.waiting >= MAX_QUEUED_PER_SOURCE:
+            self._log_once(f"agent connections from {source}: more than "
+                           f"{MAX_QUEUED_PER_SOURCE} waiting for hello; further ones are "
+                           "closed")
+            return False
+        src.waiting += 1
+        try:
+            async with asyncio.timeout_at(deadline):
+                await src.slots.acquire()
+        except TimeoutError:
+            log.warning("agent (tcp %s): no hello slot within %g s; connection closed",
+                        source, self.hello_timeout_s)
+            return False
+        finally:
+            src.waiting -= 1
+        src.reading += 1
+        return True
+
     async def _hello(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     dec: p.Decoder, peer: str) -> tuple[str | None, list[p.Message]]:
+                     dec: p.Decoder, peer: str,
+                     deadline: float) -> tuple[str | None, list[p.Message]]:
         msgs: list[p.Message] = []
         try:
-            async with asyncio.timeout(self.hello_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 while not msgs:
                     data = await reader.read(65536)
                     if not data:
