@@ -91,15 +91,15 @@ def test_guests_created_and_deleted(soak: Soak) -> None:
     run(soak, "guests", soak.guests)
 
 
+def test_prehello_flood(soak: Soak) -> None:
+    c = run(soak, "pre-hello flood", soak.prehello_flood)
+    assert c.detail["flood"]["held"] == 0
+
+
 def test_hostile_agent(soak: Soak) -> None:
     c = run(soak, "hostile agent", soak.hostile_agent)
     assert c.detail["forward_checks"]["fail"] == 0 and c.detail["agent_starts_during"] == 0
     assert c.detail["ls_all_rows"] >= SHORT_SCALE.hostile_listeners
-
-
-def test_prehello_flood(soak: Soak) -> None:
-    c = run(soak, "pre-hello flood", soak.prehello_flood)
-    assert c.detail["flood"]["held"] == 0
 
 
 def test_the_checks_catch_leftovers_and_stale_mappings(soak: Soak) -> None:
