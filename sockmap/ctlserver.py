@@ -85,7 +85,8 @@ class ControlServer:
                 writer.write(control.stream_batch(batch))
                 count += len(batch)
                 batch = []
-                await writer.drain()
+                async with asyncio.timeout(30):  # a client that stopped reading
+                    await writer.drain()
                 await asyncio.sleep(0)  # let the loop serve others between batches
         if batch:
             writer.write(control.stream_batch(batch))
