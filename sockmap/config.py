@@ -46,7 +46,9 @@ MAX_BYTES: Final = 1 << 20
 
 RULE_KEYS: Final = ("guest", "proto", "port", "guest_addr", "process", "action", "host_port",
                     "host_port_offset", "host_addr", "expose", "policy")
-DAEMON_KEYS: Final = ("agent_listen", "metrics", "conflict_policy", "udp_ephemeral")
+DAEMON_KEYS: Final = ("agent_listen", "metrics", "conflict_policy", "udp_ephemeral", "path",
+                      "cgroup")
+PATHS: Final = ("kernel", "relay")
 TOP_KEYS: Final = ("daemon", "rule")
 
 
@@ -60,6 +62,8 @@ class FileConfig:
     metrics: tuple[str, int] | None = None
     conflict_policy: Policy | None = None
     udp_ephemeral: bool | None = None
+    forwarder: str | None = None  # [daemon] path: "kernel" (where the hooks load), "relay"
+    cgroup: str | None = None  # the kernel path's cgroup v2 directory
 
 
 # -- positions -------------------------------------------------------------------------------
@@ -211,7 +215,8 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     _check_fixed_ports(ctx, rules)
     return FileConfig(path=path, rules=rules, agent_listen=cfg.agent_listen,
                       metrics=cfg.metrics, conflict_policy=cfg.conflict_policy,
-                      udp_ephemeral=cfg.udp_ephemeral)
+                      udp_ephemeral=cfg.udp_ephemeral, forwarder=cfg.forwarder,
+                      cgroup=cfg.cgroup)
 
 
 def _near(k: str, known: tuple[str, ...]) -> str:
@@ -254,8 +259,20 @@ def _daemon(ctx: _Ctx, d: dict[str, Any]) -> FileConfig:
             raise err("udp_ephemeral", f"must be true or false, not {v!r}",
                       "write udp_ephemeral = true or udp_ephemeral = false")
         udp = v
+    forwarder = cgroup = None
+    if "path" in d:
+        if d["path"] not in PATHS:
+            raise err("path", f"{d['path']!r} is not a forwarder path",
+                      'write path = "kernel" or path = "relay"')
+        forwarder = str(d["path"])
+    if "cgroup" in d:
+        v = d["cgroup"]
+        if not isinstance(v, str) or not v.startswith("/"):
+            raise err("cgroup", f"must be an absolute path, not {v!r}",
+                      'write it as cgroup = "/sys/fs/cgroup/..." (a cgroup v2 directory)')
+        cgroup = v
     return FileConfig(agent_listen=agent_listen, metrics=metrics, conflict_policy=policy,
-                      udp_ephemeral=udp)
+                      udp_ephemeral=udp, forwarder=forwarder, cgroup=cgroup)
 
 
 def _policy(v: object, err: Any) -> Policy:

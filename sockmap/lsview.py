@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 Row = dict[str, Any]
-COLUMNS = ("GUEST", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "CONN", "IN", "OUT",
-           "AGE")
+COLUMNS = ("GUEST", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "PATH", "CONN", "IN",
+           "OUT", "AGE")
 RIGHT = {"CONN", "IN", "OUT", "AGE"}
 
 
@@ -91,7 +91,7 @@ def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...
     return (
         str(r.get("guest", "?")), str(r.get("proto", "?")), host_text(r, compact=compact),
         guest_text(r, compact=compact), who,
-        str(r.get("state", "?")), str(r.get("connections", "?")),
+        str(r.get("state", "?")), str(r.get("path") or "-"), str(r.get("connections", "?")),
         human_bytes(r.get("bytes_in")), human_bytes(r.get("bytes_out")),
         human_age(r.get("age_s")),
     )
@@ -122,7 +122,8 @@ def _why(r: Row) -> str:
 
 def _table(rows: Sequence[Row], width: int) -> str:
     base = [c for c in COLUMNS
-            if c != "STATE" or any(r.get("state") != "open" for r in rows)]
+            if (c != "STATE" or any(r.get("state") != "open" for r in rows))
+            and (c != "PATH" or any(r.get("path") for r in rows))]
     # widest first: PID/PROCESS, then the process name alone, then compact, where the
     # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp")
     for compact, pid in ((False, True), (False, False), (True, False)):

@@ -39,6 +39,8 @@ from sockmap.conflicts.rules import (
 from sockmap.errors import SockmapError
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto
+from sockmap.proxy.bpfprog import FwdEntry
+from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Registry
 
 log = logging.getLogger("sockmap.daemon")
@@ -66,6 +68,23 @@ def nic_target(group: tuple[PortMapping, ...]) -> str | None:
     addrs = [m.upstream.addr for m in group if isinstance(m.upstream, Nic)]
     addrs.sort(key=lambda a: ipaddress.ip_address(a).version)
     return addrs[0] if addrs else None
+
+
+def kernel_entries(group: tuple[PortMapping, ...], host_port: int,
+                   guest_addrs: tuple[str, ...]) -> tuple[FwdEntry, ...]:
+    """The kernel path's entries of an open group: each host address whose upstream is a
+    guest NIC address of its own family that the registry vouches for (the hooks rewrite
+    within a family); loopback-relay upstreams have none (pure)."""
+    out = []
+    for m in group:
+        up = m.upstream
+        if (isinstance(up, Nic) and up.addr in guest_addrs
+                and ipaddress.ip_address(up.addr).version
+                == ipaddress.ip_address(m.host_addr).version):
+            out.append(FwdEntry(proto=str(m.proto), host_addr=m.host_addr,
+                                host_port=host_port, guest_addr=up.addr,
+                                guest_port=m.guest_port, slot=0))
+    return tuple(out)
 
 
 def watch_keys(listeners: list[Listener], watched: frozenset[tuple[str, int]]
@@ -107,6 +126,7 @@ class Planner:
         self.table: MappingTable | None = None
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
+        self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
@@ -256,6 +276,8 @@ class Planner:
     async def _close(self, key: MappingKey) -> None:
         assert self.table is not None
         self._open.pop(key, None)
+        if self.kernel is not None:  # first: new connects reach the closing relay, refused
+            self.kernel.remove(key)
         drain = 0.0 if key.guest in self.purge else self.drain_s
         t = asyncio.create_task(self.table.close(key, drain_s=drain))
         self._tasks.add(t)
@@ -285,7 +307,7 @@ class Planner:
                            target_port=key.port, drain_s=self.drain_s,
                            connect_timeout_s=5.0)
         try:
-            self.table.open(spec, connector=connector)
+            opened = self.table.open(spec, connector=connector)
         except SockmapError as e:
             cause = e.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
@@ -302,8 +324,30 @@ class Planner:
             self.latency.observe(time.monotonic() - seen)
         self._open[key] = group
         self._shown[key] = group
-        log.info("forwarding %s on %s port %d -> %s:%d", key,
-                 "+".join(spec.host_addrs), spec.host_port, target, key.port)
+        path = self._sync_kernel(key, group, opened.host_port)
+        log.info("forwarding %s on %s port %d -> %s:%d (%s)", key,
+                 "+".join(spec.host_addrs), spec.host_port, target, key.port, path)
+
+    def _sync_kernel(self, key: MappingKey, group: tuple[PortMapping, ...],
+                     host_port: int) -> str:
+        """The one place the kernel map follows the applied plan: ``key``'s entries in, or
+        (map full, update refused) the mapping stays on the relay, said once. Returns the
+        path it takes."""
+        if self.kernel is None:
+            return "relay"
+        # only an address no other guest also has: a guest that puts another's address on
+        # its NIC gets no rewrite to it (and, while both claim it, neither does)
+        others = {a for g in self.registry.states() if g.name != key.guest for a in g.addrs}
+        mine = tuple(a for a in self.registry.addrs_of(key.guest) if a not in others)
+        entries = kernel_entries(group, host_port, mine)
+        if not entries:
+            self.kernel.remove(key)
+            return "relay"
+        why = self.kernel.set(key, entries)
+        if why is not None:
+            self.log_once(f"{key}: {why}; this mapping runs on the relay")
+            return "relay"
+        return "kernel"
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
@@ -323,6 +367,9 @@ class Planner:
             key = MappingKey(guest=r.guest, proto=r.proto, port=r.target_port)
             group = self._shown.get(key, ())
             first = group[0] if group else None
+            kernel = (self.kernel is not None and str(r.state) == "open"
+                      and self.kernel.has(key))
+            kconn, kdgram = self.kernel.counts(key) if kernel and self.kernel else (0, 0)
             out.append({
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
@@ -334,9 +381,12 @@ class Planner:
                 "state": "remapped" if str(r.state) == "open" and (
                     r.guest, str(r.proto), r.target_port, r.host_port) in moved
                     else str(r.state),
+                "path": "kernel" if kernel else "relay",
                 "connections": r.connections,
-                "connections_total": r.connections_total, "bytes_in": r.bytes_in,
+                "connections_total": r.connections_total + kconn, "bytes_in": r.bytes_in,
                 "bytes_out": r.bytes_out, "errors": r.errors, "dropped": r.dropped,
+                "kernel_connects": kconn, "kernel_datagrams": kdgram,
+                "relay_connections_total": r.connections_total,
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
             })
         pending = group_mappings(pl.pending if pl is not None else ())
@@ -351,7 +401,8 @@ class Planner:
                 "guest_addr": first.guest_addr, "guest_port": key.port,
                 "target_addr": nic_target(group) or "",
                 "via": "nic" if nic_target(group) else "relay", "pid": first.pid,
-                "process": first.process, "state": "waiting", "connections": 0,
+                "process": first.process, "state": "waiting", "path": "",
+                "connections": 0,
                 "connections_total": 0, "bytes_in": 0, "bytes_out": 0, "errors": 0,
                 "dropped": 0, "since": since, "age_s": round(max(0.0, now - since), 3),
             })
