@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from sockmap import shadowing
-from sockmap.conflicts.rules import ACTIONS, POLICIES, Action, Policy, Rule
+from sockmap.conflicts.rules import ACTIONS, POLICIES, Action, ForwardPath, Policy, Rule
+from sockmap.conflicts.rules import PATHS as RULE_PATHS
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Proto
 
@@ -45,7 +46,7 @@ DEFAULT_PATH: Final = Path("/etc/sockmap/sockmap.toml")
 MAX_BYTES: Final = 1 << 20
 
 RULE_KEYS: Final = ("guest", "proto", "port", "guest_addr", "process", "action", "host_port",
-                    "host_port_offset", "host_addr", "expose", "policy")
+                    "host_port_offset", "host_addr", "expose", "policy", "path")
 DAEMON_KEYS: Final = ("agent_listen", "metrics", "conflict_policy", "udp_ephemeral", "path",
                       "cgroup")
 PATHS: Final = ("kernel", "relay")
@@ -378,16 +379,25 @@ def _rule(ctx: _Ctx, i: int, r: dict[str, Any]) -> Rule:
     policy = None
     if "policy" in r:
         policy = _policy(r["policy"], lambda w, f: err("policy", w, f))
+    path: ForwardPath | None = None
+    if "path" in r:
+        for pa in RULE_PATHS:
+            if r["path"] == pa:
+                path = pa
+                break
+        else:
+            raise err("path", f"{r['path']!r} is not a forwarder path",
+                      'write path = "relay" (or "kernel", the default where it loads)')
     if action == "ignore":
-        extra = [k for k in ("host_port", "host_port_offset", "host_addr", "expose", "policy")
-                 if k in r]
+        extra = [k for k in ("host_port", "host_port_offset", "host_addr", "expose", "policy",
+                             "path") if k in r]
         if extra:
             raise err(extra[0], "an ignore rule forwards nothing, so this has no effect",
                       f"remove {extra[0]} or use action = \"forward\"")
     line = ctx.lines.table("rule", i)[0]
     return Rule(guest=guest, proto=proto, ports=tuple(ports), guest_addr=guest_addr,
                 process=process, action=action, host_port=host_port,
-                host_port_offset=offset or 0, host_addrs=host_addrs, policy=policy,
+                host_port_offset=offset or 0, host_addrs=host_addrs, policy=policy, path=path,
                 origin=f"{ctx.path}:{line}")
 
 

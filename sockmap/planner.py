@@ -335,6 +335,9 @@ class Planner:
         path it takes."""
         if self.kernel is None:
             return "relay"
+        if any(m.path == "relay" for m in group):  # a rule says path = "relay"
+            self.kernel.remove(key)
+            return "relay"
         # only an address no other guest also has: a guest that puts another's address on
         # its NIC gets no rewrite to it (and, while both claim it, neither does)
         others = {a for g in self.registry.states() if g.name != key.guest for a in g.addrs}

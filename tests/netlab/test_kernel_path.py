@@ -129,12 +129,18 @@ def test_guests_are_never_redirected(lab: netlab.Lab, kdaemon: Daemon, cgroup: P
     assert all(r.get("path") != "kernel" for r in b_rows), b_rows  # no rewrite to them
 
 
-def test_stale_close_refuses_and_small_map_falls_back(lab: netlab.Lab, tmp_path: Path,
-                                                      cgroup: Path) -> None:
+def test_stale_close_refuses_small_map_and_rule_fall_back(lab: netlab.Lab, tmp_path: Path,
+                                                          cgroup: Path) -> None:
+    conf = tmp_path / "rules.toml"
+    conf.write_text('[[rule]]\nport = 8090\npath = "relay"\n')
     d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log", "--cgroup", str(cgroup),
-                     "--kernel-map-size", "2")
+                     "--kernel-map-size", "2", "--config", str(conf))
     try:
         name, g, _rec = d.guest()
+        serve(g, "tcp", "0.0.0.0", 8090)  # the rule: relay, and it takes no map entry
+        assert wait_row(d, name, "tcp", 8090)["path"] == "relay", d.log_text()
+        out = client(lab.host, cgroup, "tcp", "127.0.0.1", 8090)
+        assert out["sockname"][0] == "127.0.0.1", out
         s1 = serve(g, "tcp", "::", 8080)  # two entries: 127.0.0.1 and ::1, the map is full
         assert wait_row(d, name, "tcp", 8080)["path"] == "kernel"
         serve(g, "tcp", "::", 8082)
