@@ -130,8 +130,10 @@ def _line(proc: subprocess.Popen[str]) -> list[str]:
 
 def start_daemon(lab: netlab.Lab, run: Path, log: Path) -> subprocess.Popen[str]:
     with log.open("a") as out:
+        # the relay's figures (the kernel path has its own bench: bench/kernel.py)
         d = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(run),
-                            "--log-level", "warning"], stderr=out, cwd=ROOT)
+                            "--log-level", "warning", "--path", "relay"], stderr=out,
+                           cwd=ROOT)
     assert d.stdout is not None
     netlab.wait_for_line(d.stdout, "sockmap daemon ready", 15)
     return d
