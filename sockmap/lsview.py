@@ -123,11 +123,14 @@ def _why(r: Row) -> str:
 def _table(rows: Sequence[Row], width: int) -> str:
     base = [c for c in COLUMNS
             if (c != "STATE" or any(r.get("state") != "open" for r in rows))
-            and (c != "PATH" or any(r.get("path") for r in rows))]
+            and (c != "PATH" or any(r.get("path") == "kernel" for r in rows))]
     # widest first: PID/PROCESS, then the process name alone, then compact, where the
-    # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp")
-    for compact, pid in ((False, True), (False, False), (True, False)):
+    # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp"), then without
+    # PATH (the column shows only when some mapping takes the kernel path; --json has it)
+    for compact, pid, path in ((False, True, True), (False, False, True), (True, False, True),
+                               (True, False, False)):
         show = [c for c in base if c != "PROTO"] if compact else base
+        show = show if path else [c for c in show if c != "PATH"]
         keep = [COLUMNS.index(c) for c in show]
         head = tuple("PID/PROCESS" if pid and c == "PROCESS" else c for c in show)
         table = [head, *(tuple(cells(r, compact=compact, pid=pid)[i] for i in keep)

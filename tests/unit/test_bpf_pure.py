@@ -169,3 +169,10 @@ def test_kernel_entries_per_family_and_only_vouched_addresses() -> None:
     # across families (a rule's host address of the other family) and relays: none
     assert kernel_entries((_pm("::1", Nic(addr="10.0.0.2")),), 1, ("10.0.0.2",)) == ()
     assert kernel_entries((_pm("127.0.0.1", Relay(family=4, port=8080)),), 1, ()) == ()
+
+
+@given(st_.text())
+def test_cgroup2_root_never_raises(text: str) -> None:
+    root = cgroup2_root(text)
+    assert root is None or isinstance(root, str)
+    assert cgroup2_root(MOUNTINFO_HYBRID + text) == "/sys/fs/cgroup/unified"
