@@ -82,6 +82,12 @@ def test_tcp_both_loopbacks_in_the_kernel(lab: netlab.Lab, kdaemon: Daemon,
     assert r2["relay_connections_total"] == 2 and r2["kernel_connects"] == 2, r2
     text = kdaemon.cli("ls").stdout
     assert "PATH" in text and "kernel" in text, text
+    # the host port stays claimed: a host program's bind on it fails as before
+    for host in ("127.0.0.1", "::1"):
+        r = lab.host.run([PY, "-c", "import socket, sys; a = sys.argv[1]; s = socket.socket("
+                          "socket.AF_INET6 if ':' in a else socket.AF_INET); s.bind((a, 8080))",
+                          host], check=False)
+        assert "Address already in use" in r.stderr, r.stderr
 
 
 def test_udp_both_loopbacks_in_the_kernel(lab: netlab.Lab, kdaemon: Daemon,
