@@ -176,3 +176,28 @@ def test_cgroup2_root_never_raises(text: str) -> None:
     root = cgroup2_root(text)
     assert root is None or isinstance(root, str)
     assert cgroup2_root(MOUNTINFO_HYBRID + text) == "/sys/fs/cgroup/unified"
+
+
+REGS = st_.sampled_from(list(a.Reg)[:10])  # r0..r9 (r10 is read-only)
+IMM = st_.integers(-(1 << 31), (1 << 31) - 1)
+
+
+@given(st_.lists(st_.tuples(st_.sampled_from(["add", "or", "and", "lsh", "mov"]), REGS,
+                            st_.one_of(REGS, IMM)), max_size=50))
+def test_alu_fields_round_trip(ops: list[tuple[str, a.Reg, a.Reg | int]]) -> None:
+    make = {"add": a.add, "or": a.or_, "and": a.and_, "lsh": a.lsh, "mov": a.mov}
+    code = a.assemble([make[op](dst, src) for op, dst, src in ops])
+    assert len(code) == 8 * len(ops)
+    for i, (op, dst, src) in enumerate(ops):
+        c, regs, off, imm = struct.unpack_from("<BBhi", code, 8 * i)
+        assert c == a.ALU64 | a.ALU_OPS[op] | (a.X if isinstance(src, a.Reg) else a.K)
+        assert regs & 0xF == dst and off == 0
+        assert (regs >> 4, imm) == ((int(src), 0) if isinstance(src, a.Reg) else (0, src))
+
+
+@given(st_.integers(-(1 << 63), (1 << 64) - 1))
+def test_ld_imm64_halves(v: int) -> None:
+    code = a.assemble([a.ld_imm64(a.R3, v)])
+    lo = struct.unpack_from("<I", code, 4)[0]
+    hi = struct.unpack_from("<I", code, 12)[0]
+    assert (hi << 32 | lo) == v & 0xFFFF_FFFF_FFFF_FFFF
