@@ -133,16 +133,20 @@ class KernelPath:
             if not self._free:
                 return f"the kernel map is full ({self.max_entries} mappings)"
             index = self._free.pop()
-            self.stats.update(index.to_bytes(4, "little"), bytes(bpfprog.STATS_VALUE_SIZE))
         else:
             index = old.index
         written: list[bytes] = []
         try:
+            if old is None:  # a fresh slot starts from zero
+                self.stats.update(index.to_bytes(4, "little"),
+                                  bytes(bpfprog.STATS_VALUE_SIZE))
             for e in entries:
                 k = bpfprog.fwd_key(e.proto, e.host_addr, e.host_port)
+                mine = old is not None and k in old.keys  # else another mapping's: refused
                 self.fwd.update(k, bpfprog.fwd_value(FwdEntry(
                     proto=e.proto, host_addr=e.host_addr, host_port=e.host_port,
-                    guest_addr=e.guest_addr, guest_port=e.guest_port, slot=index)))
+                    guest_addr=e.guest_addr, guest_port=e.guest_port, slot=index)),
+                    bpfsys.ANY if mine else bpfsys.NOEXIST)
                 written.append(k)
         except OSError as err:
             for k in written:
@@ -167,7 +171,10 @@ class KernelPath:
         if slot is None or self.fwd is None:
             return
         for k in slot.keys:
-            self.fwd.delete(k)
+            try:
+                self.fwd.delete(k)
+            except OSError as e:  # not seen in practice; the hooks would keep rewriting
+                log.error("%s: cannot delete its kernel map entry: %s", key, e.strerror)
         self._free.append(slot.index)
 
     def has(self, key: MappingKey) -> bool:
@@ -179,7 +186,10 @@ class KernelPath:
         slot = self._slots.get(key)
         if slot is None or self.stats is None:
             return 0, 0
-        raw = self.stats.lookup(slot.index.to_bytes(4, "little"))
+        try:
+            raw = self.stats.lookup(slot.index.to_bytes(4, "little"))
+        except OSError:
+            return 0, 0
         return bpfprog.stats_value(raw) if raw is not None else (0, 0)
 
     @property

@@ -47,6 +47,10 @@ def test_load_attach_fill_and_close(cgroup: Path) -> None:
         assert kp.fwd.lookup(bpfprog.fwd_key("tcp", "127.0.0.1", 80)) is not None
         assert not kp.has(key(90)) and kp.entries == 2
         assert kp.set(key(90), entries(90, "127.0.0.1")) is None  # one fits
+        # a host endpoint another mapping has: refused, nothing of the new one stays
+        why = kp.set(key(91), entries(80, "127.0.0.1"))
+        assert why is not None and "refused an update" in why, why
+        assert not kp.has(key(91)) and kp.fwd.lookup(bpfprog.fwd_key("tcp", "127.0.0.1", 80))
         kp.remove(key(80))
         assert kp.fwd.lookup(bpfprog.fwd_key("tcp", "::1", 80)) is None and kp.entries == 1
         assert kp.set(key(80), entries(80, "::1")) is None  # the slot came back
