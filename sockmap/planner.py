@@ -37,9 +37,9 @@ from sockmap.conflicts.rules import (
     plan,
 )
 from sockmap.errors import SockmapError
+from sockmap.kernelsync import sync_kernel
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto
-from sockmap.proxy.bpfprog import FwdEntry
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Registry
 
@@ -68,23 +68,6 @@ def nic_target(group: tuple[PortMapping, ...]) -> str | None:
     addrs = [m.upstream.addr for m in group if isinstance(m.upstream, Nic)]
     addrs.sort(key=lambda a: ipaddress.ip_address(a).version)
     return addrs[0] if addrs else None
-
-
-def kernel_entries(group: tuple[PortMapping, ...], host_port: int,
-                   guest_addrs: tuple[str, ...]) -> tuple[FwdEntry, ...]:
-    """The kernel path's entries of an open group: each host address whose upstream is a
-    guest NIC address of its own family that the registry vouches for (the hooks rewrite
-    within a family); loopback-relay upstreams have none (pure)."""
-    out = []
-    for m in group:
-        up = m.upstream
-        if (isinstance(up, Nic) and up.addr in guest_addrs
-                and ipaddress.ip_address(up.addr).version
-                == ipaddress.ip_address(m.host_addr).version):
-            out.append(FwdEntry(proto=str(m.proto), host_addr=m.host_addr,
-                                host_port=host_port, guest_addr=up.addr,
-                                guest_port=m.guest_port, slot=0))
-    return tuple(out)
 
 
 def watch_keys(listeners: list[Listener], watched: frozenset[tuple[str, int]]
@@ -324,33 +307,13 @@ class Planner:
             self.latency.observe(time.monotonic() - seen)
         self._open[key] = group
         self._shown[key] = group
-        path = self._sync_kernel(key, group, opened.host_port)
+        path = "relay"
+        if self.kernel is not None:
+            path, why = sync_kernel(self.kernel, self.registry, key, group, opened.host_port)
+            if why:
+                self.log_once(f"{key}: {why}; this mapping runs on the relay")
         log.info("forwarding %s on %s port %d -> %s:%d (%s)", key,
                  "+".join(spec.host_addrs), spec.host_port, target, key.port, path)
-
-    def _sync_kernel(self, key: MappingKey, group: tuple[PortMapping, ...],
-                     host_port: int) -> str:
-        """The one place the kernel map follows the applied plan: ``key``'s entries in, or
-        (map full, update refused) the mapping stays on the relay, said once. Returns the
-        path it takes."""
-        if self.kernel is None:
-            return "relay"
-        if any(m.path == "relay" for m in group):  # a rule says path = "relay"
-            self.kernel.remove(key)
-            return "relay"
-        # only an address no other guest also has: a guest that puts another's address on
-        # its NIC gets no rewrite to it (and, while both claim it, neither does)
-        others = {a for g in self.registry.states() if g.name != key.guest for a in g.addrs}
-        mine = tuple(a for a in self.registry.addrs_of(key.guest) if a not in others)
-        entries = kernel_entries(group, host_port, mine)
-        if not entries:
-            self.kernel.remove(key)
-            return "relay"
-        why = self.kernel.set(key, entries)
-        if why is not None:
-            self.log_once(f"{key}: {why}; this mapping runs on the relay")
-            return "relay"
-        return "kernel"
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:

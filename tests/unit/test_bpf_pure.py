@@ -11,7 +11,7 @@ from hypothesis import strategies as st_
 
 from sockmap.conflicts.rules import Nic, PortMapping, Relay
 from sockmap.errors import SockmapError
-from sockmap.planner import kernel_entries
+from sockmap.kernelsync import kernel_entries
 from sockmap.proxy import bpfasm as a
 from sockmap.proxy import bpfprog
 from sockmap.proxy.kernel import cgroup2_root
