@@ -381,7 +381,9 @@ class Daemon:
             })
         return {"pid": os.getpid(), "guests": guests, "mappings": self.planner.open_count,
                 "config": str(self.cfg.config_path or ""), "rules": len(self.rules),
-                "reloads": dict(self._reloads), "reload_error": self._reload_error}
+                "reloads": dict(self._reloads), "reload_error": self._reload_error,
+                "forwarder": "kernel" if self.planner.kernel is not None else "relay",
+                "cgroup": str(self.planner.kernel.cgroup) if self.planner.kernel else ""}
 
     async def conflicts(self) -> dict[str, Any]:
         """The ``conflicts`` op: a fresh analysis (flat) or a fresh plan (NAT)."""

@@ -33,6 +33,12 @@ REVNAT_ENTRIES = 65536
 _Obj = TypeVar("_Obj", bpfsys.Map, bpfsys.Program, bpfsys.Link)
 
 
+def prog_name(hook: str) -> str:
+    """The program's name as bpftool shows it (15 characters at most): smk_conn4 ..."""
+    short = {"connect": "conn", "sendmsg": "send", "recvmsg": "recv", "getpeername": "peer"}
+    return f"smk_{short[hook[:-1]]}{hook[-1]}"
+
+
 def cgroup2_root(mountinfo: str) -> str | None:
     """The first cgroup2 mount point in /proc/self/mountinfo's text (pure)."""
     for line in mountinfo.splitlines():
@@ -110,7 +116,7 @@ class KernelPath:
             maps = {"fwd": self.fwd.fd, "revnat": revnat.fd, "stats": self.stats.fd}
             for hook in bpfprog.HOOKS:
                 code = bpfasm.assemble(bpfprog.program(hook, netns_cookie=cookie), maps=maps)
-                prog = self._keep(bpfsys.Program(code, hook=hook, name=f"smk_{hook}"))
+                prog = self._keep(bpfsys.Program(code, hook=hook, name=prog_name(hook)))
                 self._keep(bpfsys.Link(prog, cg_fd))
         finally:
             os.close(cg_fd)

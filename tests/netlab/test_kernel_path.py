@@ -62,6 +62,8 @@ def test_tcp_both_loopbacks_in_the_kernel(lab: netlab.Lab, kdaemon: Daemon,
     serve(g, "tcp", "::", 8080)
     r0 = wait_row(kdaemon, name, "tcp", 8080)
     assert r0["path"] == "kernel", kdaemon.log_text()
+    st = kdaemon.request("status")
+    assert st["forwarder"] == "kernel" and st["cgroup"] == str(cgroup), st
     assert all(attached(cgroup).values()), attached(cgroup)
     mine = host_peer_addrs(lab)
     for host, guest_addr in (("127.0.0.1", rec["guest_addr4"]), ("::1", rec["guest_addr6"])):

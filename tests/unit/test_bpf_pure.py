@@ -14,7 +14,7 @@ from sockmap.errors import SockmapError
 from sockmap.kernelsync import kernel_entries
 from sockmap.proxy import bpfasm as a
 from sockmap.proxy import bpfprog
-from sockmap.proxy.kernel import cgroup2_root
+from sockmap.proxy.kernel import cgroup2_root, prog_name
 
 
 def h(text: str) -> bytes:
@@ -201,3 +201,9 @@ def test_ld_imm64_halves(v: int) -> None:
     lo = struct.unpack_from("<I", code, 4)[0]
     hi = struct.unpack_from("<I", code, 12)[0]
     assert (hi << 32 | lo) == v & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def test_prog_names_fit_and_differ() -> None:
+    names = [prog_name(h) for h in bpfprog.HOOKS]
+    assert len(set(names)) == len(names) and all(len(n) <= 15 for n in names)
+    assert prog_name("getpeername6") == "smk_peer6"
