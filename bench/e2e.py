@@ -128,10 +128,15 @@ def _line(proc: subprocess.Popen[str]) -> list[str]:
     return line.split()
 
 
+# the forwarder: the relay by default (--path kernel: the hooks on a cgroup of this bench,
+# with this process and its prober in it; bench/kernel.py has the data-path figures)
+PATH_ARGS = ["--path", "relay"]
+
+
 def start_daemon(lab: netlab.Lab, run: Path, log: Path) -> subprocess.Popen[str]:
     with log.open("a") as out:
         d = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(run),
-                            "--log-level", "warning"], stderr=out, cwd=ROOT)
+                            "--log-level", "warning", *PATH_ARGS], stderr=out, cwd=ROOT)
     assert d.stdout is not None
     netlab.wait_for_line(d.stdout, "sockmap daemon ready", 15)
     return d
@@ -194,6 +199,10 @@ def run(trials: int, idle_s: float, restore_n: int) -> dict[str, Any]:
         g = lab.attach(name)
         listener, lat_ms = detection(lab, g, trials, base=20000)
         res["latency_ms"] = summary(lat_ms)
+        paths: dict[str, int] = {}
+        for row in control.request(run_dir, "ls"):
+            paths[str(row.get("path"))] = paths.get(str(row.get("path")), 0) + 1
+        res["paths"] = paths
         if len(lat_ms) < trials:
             raise RuntimeError(f"ports never reached:\n{log.read_text()[-2000:]}")
         assert listener.stdin is not None
@@ -241,7 +250,8 @@ def report(res: dict[str, Any]) -> str:
 
 {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, sockmap {__version__}, Python
 {platform.python_version()}, {os.cpu_count()} CPUs, load average before
-{res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f} (a shared machine: noisy).
+{res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f} (a shared machine: noisy);
+forwarder: {res.get('path', 'relay')}; mappings by path after the trials: {res.get('paths')}.
 
 | figure | value | target |
 |---|---|---|
@@ -278,8 +288,18 @@ def main() -> int:
     ap.add_argument("--idle-s", type=float, default=10.0)
     ap.add_argument("--restore", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-e2e.md")
+    ap.add_argument("--path", choices=["relay", "kernel"], default="relay",
+                    help="the daemon's forwarder (kernel: on a cgroup this bench makes)")
     a = ap.parse_args()
-    res = run(a.trials, a.idle_s, max(a.restore, a.trials))
+    if a.path == "kernel":
+        from bench.kernel import own_cgroup
+
+        with own_cgroup() as cg:
+            PATH_ARGS[:] = ["--cgroup", str(cg)]
+            res = run(a.trials, a.idle_s, max(a.restore, a.trials))
+        res["path"] = f"kernel (cgroup {cg.name})"
+    else:
+        res = run(a.trials, a.idle_s, max(a.restore, a.trials))
     print(json.dumps(res, indent=2))
     a.out.write_text(report(res))
     print(f"wrote {a.out}")

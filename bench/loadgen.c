@@ -1,11 +1,13 @@
 /* bench/loadgen.c: the bench's fast peers, so Python relays are measured, not Python clients.
  *
- *   loadgen serve PORT_ECHO PORT_REPLYCLOSE   epoll server on 0.0.0.0: echo (kept open) and
+ *   loadgen serve PORT_ECHO PORT_REPLYCLOSE   epoll server on [::] (dual stack: IPv4 too):
+ *                                             echo (kept open) and
  *                                             reply-then-close (the short-connection test)
  *   loadgen cps HOST PORT CONC MAXCONN SECONDS  connect, 16-byte request, read reply to EOF,
  *                                             close; CONC threads; prints conns/s
  *   loadgen rtt HOST PORT N                   one connection, N 1-byte round trips;
  *                                             prints p50/p99 in microseconds
+ * HOST is an IPv4 or IPv6 literal.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -35,9 +37,10 @@ static void raise_nofile(void) {
 }
 
 static int listener(int port) {
-    int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    int l = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1, zero = 0;
+    struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port)};
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(l, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
     if (bind(l, (void *)&a, sizeof a) || listen(l, 4096)) { perror("bind/listen"); exit(1); }
     return l;
 }
@@ -74,7 +77,9 @@ static int serve(int pecho, int pclose) {
     }
 }
 
-static struct sockaddr_in target;
+static struct sockaddr_storage target;
+static socklen_t target_len;
+static int target_family;
 static atomic_long done, errs;
 static long maxconn;
 static double deadline;
@@ -84,9 +89,9 @@ static void *cps_worker(void *arg) {
     char req[16] = "GET /0123456789\n", buf[64];
     int one = 1;
     while (now() < deadline && atomic_fetch_add(&done, 1) < maxconn) {
-        int s = socket(AF_INET, SOCK_STREAM, 0);
+        int s = socket(target_family, SOCK_STREAM, 0);
         setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        int ok = connect(s, (void *)&target, sizeof target) == 0 && write(s, req, 16) == 16;
+        int ok = connect(s, (void *)&target, target_len) == 0 && write(s, req, 16) == 16;
         ssize_t got = 0, r;
         while (ok && (r = read(s, buf, sizeof buf)) > 0) got += r;
         if (!ok || got != 16) atomic_fetch_add(&errs, 1);
@@ -104,9 +109,19 @@ static int cmp(const void *a, const void *b) {
 int main(int argc, char **argv) {
     if (argc >= 4 && !strcmp(argv[1], "serve")) return serve(atoi(argv[2]), atoi(argv[3]));
     if (argc < 5) { fprintf(stderr, "usage: see loadgen.c\n"); return 2; }
-    target.sin_family = AF_INET;
-    target.sin_port = htons(atoi(argv[3]));
-    inet_pton(AF_INET, argv[2], &target.sin_addr);
+    if (strchr(argv[2], ':')) {
+        struct sockaddr_in6 *t6 = (void *)&target;
+        t6->sin6_family = target_family = AF_INET6;
+        t6->sin6_port = htons(atoi(argv[3]));
+        if (inet_pton(AF_INET6, argv[2], &t6->sin6_addr) != 1) { fprintf(stderr, "bad host\n"); return 2; }
+        target_len = sizeof *t6;
+    } else {
+        struct sockaddr_in *t4 = (void *)&target;
+        t4->sin_family = target_family = AF_INET;
+        t4->sin_port = htons(atoi(argv[3]));
+        if (inet_pton(AF_INET, argv[2], &t4->sin_addr) != 1) { fprintf(stderr, "bad host\n"); return 2; }
+        target_len = sizeof *t4;
+    }
     if (!strcmp(argv[1], "cps") && argc == 7) {
         int conc = atoi(argv[4]);
         maxconn = atol(argv[5]);
@@ -123,9 +138,9 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(argv[1], "rtt")) {
-        int n = atoi(argv[4]), one = 1, s = socket(AF_INET, SOCK_STREAM, 0);
+        int n = atoi(argv[4]), one = 1, s = socket(target_family, SOCK_STREAM, 0);
         setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        if (connect(s, (void *)&target, sizeof target)) { perror("connect"); return 1; }
+        if (connect(s, (void *)&target, target_len)) { perror("connect"); return 1; }
         double *t = malloc(sizeof(double) * n);
         char c = 'x';
         for (int i = -1000; i < n; i++) {  /* 1000 warm-up round trips */

@@ -152,7 +152,8 @@ class Soak:
         with self.log.open("a") as out:
             self.daemon = self.lab.host.popen(
                 [PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(self.run_dir),
-                 "--agent-listen", f"127.0.0.1:{AGENT_TCP}"],
+                 "--agent-listen", f"127.0.0.1:{AGENT_TCP}",
+                 "--path", "relay"],  # the relay's soak: its counters are checked
                 stderr=out, cwd=ROOT)  # fmt: skip
         assert self.daemon.stdout is not None
         netlab.wait_for_line(self.daemon.stdout, "sockmap daemon ready", 20)

@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flat", action="store_true",
                    help="flat mode: report this network namespace's conflicts (served by "
                         "`sockmap conflicts`), forward nothing")
+    p.add_argument("--path", choices=["kernel", "relay"], default=None,
+                   help="forwarder: kernel = cgroup BPF hooks send host clients straight to "
+                        "the guest NIC where they load (the relay serves the rest); relay = "
+                        "the relay only (default: the rules file's [daemon] path, else kernel)")
+    p.add_argument("--cgroup", metavar="DIR",
+                   help="cgroup v2 directory the kernel path's hooks attach to (default: the "
+                        "v2 root from /proc/self/mountinfo)")
+    p.add_argument("--kernel-map-size", type=int, default=4096, metavar="N",
+                   help=argparse.SUPPRESS)  # tests: a small map
     p.add_argument("--agent-listen", metavar="HOST:PORT",
                    help="also accept agents (VMs) over TCP, bound only there; each needs "
                         "RUN_DIR/tokens/NAME.token")
@@ -271,12 +280,16 @@ def _daemon(args: argparse.Namespace) -> int:
     if not 1 <= max_listeners <= config.MAX_LISTENERS_LIMIT:
         raise SockmapError(f"--max-listeners {max_listeners} is out of range",
                            hint=f"give 1..{config.MAX_LISTENERS_LIMIT}")
+    cg = args.cgroup or fc.cgroup
+    cgroup = Path(cg) if cg else None
     rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen,
                                         policies=Policies(default=policy),
                                         flat=args.flat, config_path=path, rules=fc.rules,
                                         metrics=metrics,
                                         udp_ephemeral=bool(fc.udp_ephemeral),
-                                        max_listeners=max_listeners))
+                                        max_listeners=max_listeners,
+                                        path=args.path or fc.forwarder or "kernel",
+                                        cgroup=cgroup, kernel_map_size=args.kernel_map_size))
     return rc
 
 

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from sockmap import shadowing
-from sockmap.conflicts.rules import ACTIONS, POLICIES, Action, Policy, Rule
+from sockmap.conflicts.rules import ACTIONS, POLICIES, Action, ForwardPath, Policy, Rule
+from sockmap.conflicts.rules import PATHS as RULE_PATHS
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Proto
 
@@ -46,10 +47,11 @@ DEFAULT_PATH: Final = Path("/etc/sockmap/sockmap.toml")
 MAX_BYTES: Final = 1 << 20
 
 RULE_KEYS: Final = ("guest", "proto", "port", "guest_addr", "process", "action", "host_port",
-                    "host_port_offset", "host_addr", "expose", "policy")
+                    "host_port_offset", "host_addr", "expose", "policy", "path")
 DAEMON_KEYS: Final = ("agent_listen", "metrics", "conflict_policy", "udp_ephemeral",
-                      "max_listeners_per_guest")
+                      "max_listeners_per_guest", "path", "cgroup")
 MAX_LISTENERS_LIMIT: Final = 1 << 20  # the largest per-guest listener limit one may set
+PATHS: Final = ("kernel", "relay")
 TOP_KEYS: Final = ("daemon", "rule")
 
 
@@ -64,6 +66,8 @@ class FileConfig:
     conflict_policy: Policy | None = None
     udp_ephemeral: bool | None = None
     max_listeners_per_guest: int | None = None
+    forwarder: str | None = None  # [daemon] path: "kernel" (where the hooks load), "relay"
+    cgroup: str | None = None  # the kernel path's cgroup v2 directory
 
 
 # -- positions -------------------------------------------------------------------------------
@@ -216,7 +220,8 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     return FileConfig(path=path, rules=rules, agent_listen=cfg.agent_listen,
                       metrics=cfg.metrics, conflict_policy=cfg.conflict_policy,
                       udp_ephemeral=cfg.udp_ephemeral,
-                      max_listeners_per_guest=cfg.max_listeners_per_guest)
+                      max_listeners_per_guest=cfg.max_listeners_per_guest,
+                      forwarder=cfg.forwarder, cgroup=cfg.cgroup)
 
 
 def _near(k: str, known: tuple[str, ...]) -> str:
@@ -266,8 +271,21 @@ def _daemon(ctx: _Ctx, d: dict[str, Any]) -> FileConfig:
             raise err("max_listeners_per_guest", f"must be an integer 1..{MAX_LISTENERS_LIMIT},"
                       f" not {v!r}", "write e.g. max_listeners_per_guest = 4096")
         max_listeners = v
+    forwarder = cgroup = None
+    if "path" in d:
+        if d["path"] not in PATHS:
+            raise err("path", f"{d['path']!r} is not a forwarder path",
+                      'write path = "kernel" or path = "relay"')
+        forwarder = str(d["path"])
+    if "cgroup" in d:
+        v = d["cgroup"]
+        if not isinstance(v, str) or not v.startswith("/"):
+            raise err("cgroup", f"must be an absolute path, not {v!r}",
+                      'write it as cgroup = "/sys/fs/cgroup/..." (a cgroup v2 directory)')
+        cgroup = v
     return FileConfig(agent_listen=agent_listen, metrics=metrics, conflict_policy=policy,
-                      udp_ephemeral=udp, max_listeners_per_guest=max_listeners)
+                      udp_ephemeral=udp, max_listeners_per_guest=max_listeners,
+                      forwarder=forwarder, cgroup=cgroup)
 
 
 def _policy(v: object, err: Any) -> Policy:
@@ -373,16 +391,25 @@ def _rule(ctx: _Ctx, i: int, r: dict[str, Any]) -> Rule:
     policy = None
     if "policy" in r:
         policy = _policy(r["policy"], lambda w, f: err("policy", w, f))
+    path: ForwardPath | None = None
+    if "path" in r:
+        for pa in RULE_PATHS:
+            if r["path"] == pa:
+                path = pa
+                break
+        else:
+            raise err("path", f"{r['path']!r} is not a forwarder path",
+                      'write path = "relay" (or "kernel", the default where it loads)')
     if action == "ignore":
-        extra = [k for k in ("host_port", "host_port_offset", "host_addr", "expose", "policy")
-                 if k in r]
+        extra = [k for k in ("host_port", "host_port_offset", "host_addr", "expose", "policy",
+                             "path") if k in r]
         if extra:
             raise err(extra[0], "an ignore rule forwards nothing, so this has no effect",
                       f"remove {extra[0]} or use action = \"forward\"")
     line = ctx.lines.table("rule", i)[0]
     return Rule(guest=guest, proto=proto, ports=tuple(ports), guest_addr=guest_addr,
                 process=process, action=action, host_port=host_port,
-                host_port_offset=offset or 0, host_addrs=host_addrs, policy=policy,
+                host_port_offset=offset or 0, host_addrs=host_addrs, policy=policy, path=path,
                 origin=f"{ctx.path}:{line}")
 
 

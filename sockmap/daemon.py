@@ -50,6 +50,7 @@ from sockmap.nat.plan import GuestRecord
 from sockmap.peercred import netns_of
 from sockmap.planner import Planner
 from sockmap.proxy import MappingTable
+from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Registry
 from sockmap.supervisor import (
     AGENT_SOCKET,
@@ -87,6 +88,9 @@ class Config:
     rules: tuple[Rule, ...] = ()  # its rules at start
     metrics: tuple[str, int] | None = None  # Prometheus endpoint (loopback), only when given
     udp_ephemeral: bool = False  # agents we start also report UDP on ephemeral ports
+    path: str = "kernel"  # "kernel": the BPF hooks where they load, else the relay; "relay"
+    cgroup: Path | None = None  # the kernel path's cgroup v2 dir (None: the v2 root)
+    kernel_map_size: int = 4096  # host endpoints the kernel map holds; the rest: relay
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -186,6 +190,8 @@ class Daemon:
         if soft < hard:  # two sockets per forwarded port, plus their connections
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.table = MappingTable()
+        if not cfg.flat:
+            self._start_kernel_path()
         self._servers.append(await self._unix_server(control.socket_path(cfg.run_dir),
                                                      self.control.conn))
         if cfg.flat:
@@ -212,6 +218,22 @@ class Daemon:
             log.info("metrics on http://%s/metrics", control_endpoint(host, port))
         if cfg.config_path is not None:
             log.info("rules from %s: %d rules", cfg.config_path, len(self.rules))
+
+    def _start_kernel_path(self) -> None:
+        """The forwarder, chosen once: the kernel path (hooks on the cgroup, the relay still
+        listening on every host endpoint) or, where the hooks cannot load, the relay alone."""
+        cfg = self.cfg
+        if cfg.path == "relay":
+            log.info("forwarder: relay (--path relay)")
+            return
+        try:
+            self.planner.kernel = KernelPath.start(cgroup=cfg.cgroup,
+                                                   max_entries=cfg.kernel_map_size)
+        except SockmapError as e:
+            log.warning("forwarder: relay; the kernel path is unavailable: %s", e)
+            return
+        log.info("forwarder: kernel (cgroup %s) with the relay for other clients",
+                 self.planner.kernel.cgroup)
 
     def _refuse_second_daemon(self) -> None:
         path = control.socket_path(self.cfg.run_dir)
@@ -282,6 +304,9 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*self.conns, *self.drains, return_exceptions=True)
         self.planner.cancel_retry()
+        if self.planner.kernel is not None:
+            self.planner.kernel.close()  # detach the hooks first: clients go to the relay
+            self.planner.kernel = None
         if self.table is not None:
             await self.table.aclose()
         for path in (control.socket_path(self.cfg.run_dir), self.cfg.run_dir / AGENT_SOCKET):
@@ -365,7 +390,9 @@ class Daemon:
             })
         return {"pid": os.getpid(), "guests": guests, "mappings": self.planner.open_count,
                 "config": str(self.cfg.config_path or ""), "rules": len(self.rules),
-                "reloads": dict(self._reloads), "reload_error": self._reload_error}
+                "reloads": dict(self._reloads), "reload_error": self._reload_error,
+                "forwarder": "kernel" if self.planner.kernel is not None else "relay",
+                "cgroup": str(self.planner.kernel.cgroup) if self.planner.kernel else ""}
 
     async def conflicts(self) -> dict[str, Any]:
         """The ``conflicts`` op: a fresh analysis (flat) or a fresh plan (NAT)."""

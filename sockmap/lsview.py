@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 Row = dict[str, Any]
-COLUMNS = ("GUEST", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "CONN", "IN", "OUT",
-           "AGE")
+COLUMNS = ("GUEST", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "PATH", "CONN", "IN",
+           "OUT", "AGE")
 RIGHT = {"CONN", "IN", "OUT", "AGE"}
 
 
@@ -91,7 +91,7 @@ def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...
     return (
         str(r.get("guest", "?")), str(r.get("proto", "?")), host_text(r, compact=compact),
         guest_text(r, compact=compact), who,
-        str(r.get("state", "?")), str(r.get("connections", "?")),
+        str(r.get("state", "?")), str(r.get("path") or "-"), str(r.get("connections", "?")),
         human_bytes(r.get("bytes_in")), human_bytes(r.get("bytes_out")),
         human_age(r.get("age_s")),
     )
@@ -122,11 +122,15 @@ def _why(r: Row) -> str:
 
 def _table(rows: Sequence[Row], width: int) -> str:
     base = [c for c in COLUMNS
-            if c != "STATE" or any(r.get("state") != "open" for r in rows)]
+            if (c != "STATE" or any(r.get("state") != "open" for r in rows))
+            and (c != "PATH" or any(r.get("path") == "kernel" for r in rows))]
     # widest first: PID/PROCESS, then the process name alone, then compact, where the
-    # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp")
-    for compact, pid in ((False, True), (False, False), (True, False)):
+    # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp"), then without
+    # PATH (the column shows only when some mapping takes the kernel path; --json has it)
+    for compact, pid, path in ((False, True, True), (False, False, True), (True, False, True),
+                               (True, False, False)):
         show = [c for c in base if c != "PROTO"] if compact else base
+        show = show if path else [c for c in show if c != "PATH"]
         keep = [COLUMNS.index(c) for c in show]
         head = tuple("PID/PROCESS" if pid and c == "PROCESS" else c for c in show)
         table = [head, *(tuple(cells(r, compact=compact, pid=pid)[i] for i in keep)

@@ -5,6 +5,8 @@ Metrics:
 - ``sockmap_mappings{state}``: mappings by state (ls's STATE column)
 - ``sockmap_guests{connected}``: guests the daemon knows, by whether an agent is connected
 - ``sockmap_connections{guest,proto,host_port}``: open connections per mapping
+- ``sockmap_mapping_path{...,path}``, ``sockmap_kernel_redirects_total{...,kind}``: the
+  forwarder of each mapping, and what the kernel path's hooks rewrote;
 - ``sockmap_connections_total{...}``, ``sockmap_bytes_total{...,direction}``: counters per
   mapping (``in``: client -> guest, ``out``: guest -> client)
 - ``sockmap_conflicts{kind}``: conflicts in the last plan
@@ -96,6 +98,20 @@ def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
         for d in ("in", "out"):
             out.append(f"sockmap_bytes_total{lb[:-1]},direction=\"{d}\"}} "
                        f"{_num(r.get(f'bytes_{d}'))}")
+
+    head("sockmap_mapping_path", "gauge",
+         "1 per mapping, by the path its host clients take: kernel (cgroup BPF hooks, the "
+         "relay for the rest) or relay.")
+    out.extend(f"sockmap_mapping_path{lb[:-1]},path=\"{r.get('path') or 'relay'}\"}} 1"
+               for lb, r in per)
+    head("sockmap_kernel_redirects_total", "counter",
+         "Kernel path: connect() calls (TCP, connected UDP) and unconnected UDP datagrams "
+         "the hooks rewrote to the guest, per mapping (exact; included in "
+         "sockmap_connections_total).")
+    for lb, r in per:
+        for kind, k in (("connect", "kernel_connects"), ("datagram", "kernel_datagrams")):
+            out.append(f"sockmap_kernel_redirects_total{lb[:-1]},kind=\"{kind}\"}} "
+                       f"{_num(r.get(k))}")
 
     head("sockmap_conflicts", "gauge", "Conflicts in the last plan, by kind.")
     kinds: dict[str, int] = {}

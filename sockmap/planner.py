@@ -44,8 +44,10 @@ from sockmap.conflicts.rules import (
     plan,
 )
 from sockmap.errors import SockmapError
+from sockmap.kernelsync import sync_kernel
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto
+from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Registry
 
 log = logging.getLogger("sockmap.daemon")
@@ -117,6 +119,7 @@ class Planner:
         self.table: MappingTable | None = None
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
+        self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
@@ -276,6 +279,8 @@ class Planner:
     async def _close(self, key: MappingKey) -> None:
         assert self.table is not None
         self._open.pop(key, None)
+        if self.kernel is not None:  # first: new connects reach the closing relay, refused
+            self.kernel.remove(key)
         drain = 0.0 if key.guest in self.purge else self.drain_s
         t = asyncio.create_task(self.table.close(key, drain_s=drain))
         self._tasks.add(t)
@@ -305,7 +310,7 @@ class Planner:
                            target_port=key.port, drain_s=self.drain_s,
                            connect_timeout_s=5.0)
         try:
-            self.table.open(spec, connector=connector)
+            opened = self.table.open(spec, connector=connector)
         except SockmapError as e:
             cause = e.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
@@ -322,8 +327,13 @@ class Planner:
             self.latency.observe(time.monotonic() - seen)
         self._open[key] = group
         self._shown[key] = group
-        log.info("forwarding %s on %s port %d -> %s:%d", key,
-                 "+".join(spec.host_addrs), spec.host_port, target, key.port)
+        path = "relay"
+        if self.kernel is not None:
+            path, why = sync_kernel(self.kernel, self.registry, key, group, opened.host_port)
+            if why:
+                self.log_once(f"{key}: {why}; this mapping runs on the relay")
+        log.info("forwarding %s on %s port %d -> %s:%d (%s)", key,
+                 "+".join(spec.host_addrs), spec.host_port, target, key.port, path)
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
@@ -345,6 +355,9 @@ class Planner:
             key = MappingKey(guest=r.guest, proto=r.proto, port=r.target_port)
             group = self._shown.get(key, ())
             first = group[0] if group else None
+            kernel = (self.kernel is not None and str(r.state) == "open"
+                      and self.kernel.has(key))
+            kconn, kdgram = self.kernel.counts(key) if kernel and self.kernel else (0, 0)
             yield {
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
@@ -356,9 +369,12 @@ class Planner:
                 "state": "remapped" if str(r.state) == "open" and (
                     r.guest, str(r.proto), r.target_port, r.host_port) in moved
                     else str(r.state),
+                "path": "kernel" if kernel else "relay",
                 "connections": r.connections,
-                "connections_total": r.connections_total, "bytes_in": r.bytes_in,
+                "connections_total": r.connections_total + kconn, "bytes_in": r.bytes_in,
                 "bytes_out": r.bytes_out, "errors": r.errors, "dropped": r.dropped,
+                "kernel_connects": kconn, "kernel_datagrams": kdgram,
+                "relay_connections_total": r.connections_total,
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
             }
         pending = group_mappings(pl.pending if pl is not None else ())
@@ -373,7 +389,8 @@ class Planner:
                 "guest_addr": first.guest_addr, "guest_port": key.port,
                 "target_addr": nic_target(group) or "",
                 "via": "nic" if nic_target(group) else "relay", "pid": first.pid,
-                "process": first.process, "state": "waiting", "connections": 0,
+                "process": first.process, "state": "waiting", "path": "",
+                "connections": 0,
                 "connections_total": 0, "bytes_in": 0, "bytes_out": 0, "errors": 0,
                 "dropped": 0, "since": since, "age_s": round(max(0.0, now - since), 3),
             }

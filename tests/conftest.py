@@ -15,11 +15,30 @@ import pytest
 
 import netlab
 from netlab.otheruser import OtherUser, Unavailable
+from tests.bpfcheck import held_links
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if os.geteuid() == 0 and shutil.which("ip"):
         netlab.sweep()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """`make test` leaves no BPF program of ours attached: no process of this session (a
+    daemon with the kernel path's cgroup links) outlives it."""
+    if os.geteuid() != 0:
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    marker = str(factory.getbasetemp()) if factory is not None else ""
+    left = held_links(os.getpid(), marker)
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "BPF links left attached by this test session:\n" + "\n".join(left)
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        else:
+            print(text)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

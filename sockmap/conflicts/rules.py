@@ -284,6 +284,8 @@ class Policies:
 
 # -- rules (the rules file's decisions) --------------------------------------------------------
 Action = Literal["forward", "ignore"]
+ForwardPath = Literal["kernel", "relay"]  # the forwarder a rule asks for
+PATHS: tuple[ForwardPath, ...] = ("kernel", "relay")
 ACTIONS: tuple[Action, ...] = ("forward", "ignore")
 
 
@@ -302,6 +304,7 @@ class Rule:
     host_port_offset: int = 0  # host port = guest port + offset
     host_addrs: tuple[str, ...] = ()  # () = loopback as decide() gives it
     policy: Policy | None = None  # None: the daemon's default policy
+    path: ForwardPath | None = None  # "relay": never the kernel path (None: the default)
     origin: str = ""  # "FILE:LINE", for messages
 
     def matches(self, guest: str, li: Listener) -> bool:
@@ -385,6 +388,7 @@ class PortMapping:
     guest_addr: str  # the guest listener's bound address
     guest_port: int
     upstream: Upstream
+    path: ForwardPath | None = None  # a rule's forwarder ("relay": never the kernel path)
     pid: int | None = field(default=None, compare=False)
     process: str = field(default="", compare=False)
 
@@ -445,6 +449,7 @@ class _Want:
     bindings: tuple[Binding, ...]
     host_port: int = 0  # the host port it wants (0: its own port)
     policy: Policy | None = None  # from its rule; None: the Policies
+    path: ForwardPath | None = None  # from its rule
 
     @property
     def port(self) -> int:
@@ -491,7 +496,8 @@ def _wants(guests: Sequence[GuestState],
                     seen.update({(li.proto, b.host_addr, hport): li for b in bs})
                     if bs:
                         wants.append(_Want(g.name, li, bs, host_port=hport,
-                                           policy=None if rule is None else rule.policy))
+                                           policy=None if rule is None else rule.policy,
+                                           path=None if rule is None else rule.path))
                     elif all_bs:  # say so: `ls --all` shows it (a second server is unreachable)
                         first = seen[(li.proto, all_bs[0].host_addr, hport)]
                         skipped.append(Skipped(guest=g.name, listener=li, reason=(
@@ -691,7 +697,7 @@ def _mappings(w: _Want, port: int) -> list[PortMapping]:
     o = li.owner
     return [PortMapping(
         guest=w.guest, proto=li.proto, host_addr=b.host_addr, host_port=port,
-        guest_addr=li.addr, guest_port=li.port, upstream=b.upstream,
+        guest_addr=li.addr, guest_port=li.port, upstream=b.upstream, path=w.path,
         pid=None if o is None else o.pid, process="" if o is None else o.comm,
     ) for b in w.bindings]
 

@@ -127,6 +127,10 @@ class Daemon:
 
 
 def start_daemon(lab: netlab.Lab, run_dir: Path, log: Path, *extra: str) -> Daemon:
+    """The daemon; on the relay alone unless ``extra`` names a --path or --cgroup (the
+    kernel path's tests give their own cgroup, never the v2 root)."""
+    if "--path" not in extra and "--cgroup" not in extra:
+        extra = ("--path", "relay", *extra)
     out = log.open("a")
     proc = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(run_dir),
                            *extra], stderr=out)

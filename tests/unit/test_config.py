@@ -270,3 +270,27 @@ def test_first_match_wins_and_host_port() -> None:
 ])
 def test_not_shadowed(text: str) -> None:
     assert len(config.parse(text).rules) == 2
+
+
+def test_forwarder_path_keys() -> None:
+    from sockmap.conflicts.rules import GuestState, plan
+
+    c = config.parse('[daemon]\npath = "relay"\ncgroup = "/sys/fs/cgroup/unified/x"\n'
+                     '[[rule]]\nport = 8000\npath = "relay"\n')
+    assert c.forwarder == "relay" and c.cgroup == "/sys/fs/cgroup/unified/x"
+    assert c.rules[0].path == "relay"
+    g = GuestState(name="g", addrs=("10.0.0.2",), listeners=(
+        Listener(proto="tcp", family=4, addr="0.0.0.0", port=8000, inode=1),
+        Listener(proto="tcp", family=4, addr="0.0.0.0", port=9000, inode=2)))
+    paths = {m.guest_port: m.path for m in plan(guests=[g], rules=c.rules).mappings}
+    assert paths == {8000: "relay", 9000: None}
+
+
+@pytest.mark.parametrize(("text", "line", "fragment"), [
+    ('[daemon]\npath = "ebpf"\n', 2, "not a forwarder path"),
+    ('[daemon]\ncgroup = "relative/dir"\n', 2, "absolute path"),
+    ('[[rule]]\nport = 80\npath = "fast"\n', 3, "not a forwarder path"),
+    ('[[rule]]\naction = "ignore"\npath = "relay"\n', 3, "has no effect"),
+])
+def test_forwarder_path_refusals(text: str, line: int, fragment: str) -> None:
+    test_refused_with_file_line_key_and_fix(text, line, fragment)

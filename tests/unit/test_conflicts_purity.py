@@ -10,9 +10,9 @@ import pytest
 import sockmap
 
 PURE = ["protocol.py", "conflicts/records.py", "conflicts/rules.py", "conflicts/flat.py",
-        "conflicts/report.py"]
+        "conflicts/report.py", "proxy/bpfasm.py", "proxy/bpfprog.py"]
 FORBIDDEN = {"asyncio", "socket", "subprocess", "pyroute2", "os", "select", "selectors",
-             "pathlib", "sockmap.portwatch.sources", "sockmap.portwatch.owners"}
+             "pathlib", "ctypes", "sockmap.portwatch.sources", "sockmap.portwatch.owners"}
 
 
 @pytest.mark.parametrize("rel", PURE)

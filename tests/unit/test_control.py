@@ -135,3 +135,12 @@ def test_render_drops_the_pid_before_compacting() -> None:
     text = lsview.render([r])
     assert "postgres" in text and "1234567" not in text and "/tcp" not in text, text
     assert all(len(line) <= 80 for line in text.splitlines()), text
+
+
+def test_render_path_column_only_with_paths() -> None:
+    plain = lsview.render([row()])
+    assert "PATH" not in plain
+    text = lsview.render([row(path="kernel"), row(guest="dev2", path="relay")])
+    head, first, second = text.splitlines()
+    assert "PATH" in head and " kernel " in first and " relay " in second
+    assert all(len(line) <= 80 for line in text.splitlines()), text

@@ -40,7 +40,16 @@ def test_render_families_and_values() -> None:
     for ln in lines:
         if not ln.startswith("#"):
             assert re.fullmatch(r'[a-z_]+(\{[^}]*\})? [0-9.e+-]+', ln), ln
-    assert text.count("# TYPE") == text.count("# HELP") == 8
+    assert text.count("# TYPE") == text.count("# HELP") == 10
+    # the forwarder of each mapping (a row without one: the relay), the kernel's counts
+    assert 'sockmap_mapping_path{guest="de\\"v1",proto="tcp",host_port="8080",path="relay"} 1' \
+        in lines
+    k = metrics.render(rows=[{**ROW, "path": "kernel", "kernel_connects": 5}], guests=[],
+                       conflicts=[], latency=h, reloads={}).splitlines()
+    assert 'sockmap_mapping_path{guest="de\\"v1",proto="tcp",host_port="8080",path="kernel"} 1' \
+        in k
+    assert ('sockmap_kernel_redirects_total{guest="de\\"v1",proto="tcp",host_port="8080",'
+            'kind="connect"} 5') in k
 
 
 def test_render_empty() -> None:
