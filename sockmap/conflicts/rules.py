@@ -440,31 +440,43 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class _Want:
+    """One guest port of one guest (the proxy's key): every host address it gets, each with
+    the listener it forwards to (0.0.0.0:P and a v6only [::]:P are two listeners, one
+    want)."""
+
     guest: str
-    listener: Listener
-    bindings: tuple[Binding, ...]
+    listener: Listener  # the first of its listeners (conflict reports name it)
+    bindings: tuple[tuple[Listener, Binding], ...]
     host_port: int = 0  # the host port it wants (0: its own port)
-    policy: Policy | None = None  # from its rule; None: the Policies
+    policy: Policy | None = None  # from its first listener's rule; None: the Policies
 
     @property
     def port(self) -> int:
         return self.host_port or self.listener.port
 
     @property
-    def ident(self) -> tuple[str, Proto, str, int]:
-        return (self.guest, self.listener.proto, self.listener.addr, self.listener.port)
+    def ident(self) -> tuple[str, Proto, int]:
+        return (self.guest, self.listener.proto, self.listener.port)
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        return tuple(dict.fromkeys(li for li, _ in self.bindings))
 
 
-def _mapping_ident(m: PortMapping) -> tuple[str, Proto, str, int]:
-    return (m.guest, m.proto, m.guest_addr, m.guest_port)
+def _mapping_ident(m: PortMapping) -> tuple[str, Proto, int]:
+    return (m.guest, m.proto, m.guest_port)
 
 
 def _wants(guests: Sequence[GuestState],
            rules: Sequence[Rule] = ()) -> tuple[list[_Want], list[Skipped]]:
+    """Per guest port, one want with the host addresses of all its listeners (one socket
+    per family: 127.0.0.1 -> the IPv4 one, ::1 -> the IPv6 one); every listener left out
+    is in the skipped list with its reason."""
     wants: list[_Want] = []
     skipped: list[Skipped] = []
     for g in guests:
         seen: dict[HostEndpoint, Listener] = {}  # host endpoint -> the listener it forwards
+        unit: dict[tuple[Proto, int], int] = {}  # (proto, guest port) -> index in wants
         unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
         for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
                                                           li.addr)):
@@ -484,13 +496,28 @@ def _wants(guests: Sequence[GuestState],
                 case NotForwarded():
                     skipped.append(Skipped(guest=g.name, listener=li, reason=d.reason))
                 case Forwarded():
+                    i = unit.get((li.proto, li.port))
+                    if i is not None and wants[i].port != hport:
+                        first = wants[i].listener
+                        skipped.append(Skipped(guest=g.name, listener=li, reason=(
+                            f"this guest's {endpoint(first.addr, first.port)} is forwarded "
+                            f"on host port {wants[i].port}, and the rules give this "
+                            f"listener host port {hport}: one guest port has one host port")))
+                        continue
                     # One guest, one host endpoint: a second listener of the same guest
                     # (UDP 0.0.0.0:53 next to 10.0.0.2:53) adds nothing.
                     all_bs = apply_rule(rule, d.bindings)
                     bs = tuple(b for b in all_bs if (li.proto, b.host_addr, hport) not in seen)
                     seen.update({(li.proto, b.host_addr, hport): li for b in bs})
-                    if bs:
-                        wants.append(_Want(g.name, li, bs, host_port=hport,
+                    if bs and i is not None:  # the other family's socket of this port
+                        w = wants[i]
+                        wants[i] = _Want(w.guest, w.listener,
+                                         w.bindings + tuple((li, b) for b in bs),
+                                         host_port=w.host_port, policy=w.policy)
+                    elif bs:
+                        unit[(li.proto, li.port)] = len(wants)
+                        wants.append(_Want(g.name, li, tuple((li, b) for b in bs),
+                                           host_port=hport,
                                            policy=None if rule is None else rule.policy))
                     elif all_bs:  # say so: `ls --all` shows it (a second server is unreachable)
                         first = seen[(li.proto, all_bs[0].host_addr, hport)]
@@ -529,8 +556,13 @@ def plan(
     daemon's own sockets are not holders (owner pid == ``own_pid``; when the owner or
     ``own_pid`` is unknown, a socket on a current mapping's endpoint counts as ours).
     ``blocked``: host endpoints whose bind() failed with EADDRINUSE.
-    A listener is forwarded on all of its host addresses or none (half a dual-stack forward
-    would make ``localhost`` reach different servers by client).
+    The listeners of one guest port in one guest are one unit: a server with one socket per
+    family (0.0.0.0:P and a v6only [::]:P, or 127.0.0.1:P and [::1]:P) gets 127.0.0.1:P to
+    its IPv4 socket and [::1]:P to its IPv6 one, in one mapping (one host port). A unit is
+    forwarded on all of its host addresses or none (half a dual-stack forward would make
+    ``localhost`` reach different servers by client). Every listener not forwarded (a rule,
+    decide()'s reason, a host endpoint this guest already forwards, a conflict it lost) is
+    in ``skipped`` with its reason; those waiting for their host port are in ``pending``.
     ``rules``: the rules file (first match wins): ignore, host port, host address, policy.
     """
     cur = tuple(current)
@@ -568,13 +600,13 @@ def plan(
         p = w.listener.proto
         return all((p, b.host_addr, port) not in taken
                    and (p, b.host_addr, port) not in blocked_set
-                   and not held(p, b.host_addr, port) for b in w.bindings)
+                   and not held(p, b.host_addr, port) for _, b in w.bindings)
 
     for i in order:
         w = wants[i]
         li = w.listener
         proto, port = li.proto, w.port
-        eps = [(proto, b.host_addr, port) for b in w.bindings]
+        eps = [(proto, b.host_addr, port) for _, b in w.bindings]
         rivals = list(dict.fromkeys(taken[e] for e in eps if e in taken))
         holding = list(dict.fromkeys(h for e in eps for h in held(*e)))
         tw = [e for e in eps if e in blocked_set] if not holding else []
@@ -585,6 +617,7 @@ def plan(
 
         pol = w.policy or policies.policy_for(w.guest, proto, li.port)
         if rivals or holding:
+            lost = pol == "fail"
             if pol == "remap":
                 q = cur_port.get(w.ident)
                 if q is None or q == port or not free(w, q):
@@ -598,6 +631,7 @@ def plan(
                     remapped.extend(_mappings(w, q))
                     did = (f"forwarded on host port {q} instead of {port} (policy remap)")
                 else:
+                    lost = True
                     did = "not forwarded: no free host port to remap to (policy remap)"
             elif pol == "wait":
                 waiting.extend(eps)
@@ -630,6 +664,14 @@ def plan(
                     resolution=did,
                     fix=_host_fix(pol, names, port),
                 ))
+            if lost:  # in `ls --all` too, with the conflict that keeps it out
+                whose = [f"guest {r.guest} has it" for r in rivals]
+                if holding:
+                    whose.append("held on the host by " + ", ".join(
+                        _who(party_of(h, side="host")) for h in holding))
+                skipped.extend(Skipped(guest=w.guest, listener=x, reason=(
+                    f"host {proto} port {port}: {'; '.join(whose)}; {did} (`sockmap "
+                    "conflicts` explains)")) for x in w.listeners)
         else:
             retry.extend(tw)
             pending.extend(_mappings(w, port))
@@ -686,14 +728,14 @@ def _host_fix(pol: Policy, names: str, port: int) -> str:
 
 
 def _mappings(w: _Want, port: int) -> list[PortMapping]:
-    """w's mappings (one per host address) on host port ``port``."""
-    li = w.listener
-    o = li.owner
+    """w's mappings (one per host address, each to its own listener) on host port
+    ``port``."""
     return [PortMapping(
         guest=w.guest, proto=li.proto, host_addr=b.host_addr, host_port=port,
         guest_addr=li.addr, guest_port=li.port, upstream=b.upstream,
-        pid=None if o is None else o.pid, process="" if o is None else o.comm,
-    ) for b in w.bindings]
+        pid=None if li.owner is None else li.owner.pid,
+        process="" if li.owner is None else li.owner.comm,
+    ) for li, b in w.bindings]
 
 
 def _take(w: _Want, port: int, taken: dict[HostEndpoint, _Want],
