@@ -97,8 +97,9 @@ def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
     UDP listener left with none is not forwarded, with the reason.
 
     - ``0.0.0.0`` -> 127.0.0.1; ``[::]`` v6only -> ::1; ``[::]`` dual-stack (v6only False or
-      unknown) -> 127.0.0.1 and ::1. Upstream: the guest's NIC address of that family, or
-      the agent relay when the NIC has none.
+      unknown) -> 127.0.0.1 and ::1. Upstream: the guest's NIC address of that family (for
+      dual-stack, the other family's when that one has none), or the agent relay when the
+      NIC has none.
     - loopback (127.0.0.0/8, ::1) -> the same family's host loopback, through the relay.
     - a specific address -> forwarded when it is one of the guest's NIC addresses, else not.
     """
@@ -127,7 +128,11 @@ def _decide(listener: Listener, addrs: tuple[str, ...]) -> Decision:
         b6 = Binding(host_addr=LOOPBACK6, upstream=up6)
         if listener.v6only:
             return Forwarded(bindings=(b6,))
-        return Forwarded(bindings=(Binding(host_addr=LOOPBACK4, upstream=up4), b6))
+        # dual-stack takes both families: one without a NIC address uses the other's NIC
+        nic = up4 if isinstance(up4, Nic) else up6 if isinstance(up6, Nic) else None
+        return Forwarded(bindings=(
+            Binding(host_addr=LOOPBACK4, upstream=up4 if isinstance(up4, Nic) else nic or up4),
+            Binding(host_addr=LOOPBACK6, upstream=up6 if isinstance(up6, Nic) else nic or up6)))
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         if listener.v6only:
             return NotForwarded(reason=f"{listener.addr} is IPv4-mapped on a v6only socket: "
