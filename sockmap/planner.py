@@ -2,9 +2,11 @@
 to the proxy's MappingTable; and the rows ``sockmap ls`` shows.
 
 Every mapping decision comes from ``plan()``; the planner only groups its per-host-address
-PortMappings into one MappingSpec per (guest, proto, guest port) and applies closes, then
-opens. The upstream is always a guest NIC address that the registry vouches for (or, for a
-loopback-only guest listener, the agent's relay, through the connector the daemon gives).
+PortMappings into one MappingSpec per (guest, proto, guest port), one ``Target`` per host
+address (a server with one socket per family: 127.0.0.1 -> its IPv4 socket, ::1 -> its
+IPv6 one), and applies closes, then opens. Each upstream is a guest NIC address that the
+registry vouches for (or, for a loopback-only guest listener, the agent's relay, through a
+connector of that family from the daemon). What it cannot open is an ``ls --all`` row.
 
 ``request_replan`` marks the state dirty; one replanner task plans again (coalescing
 requests) and ``wait_planned(gen)`` waits until a plan that saw request ``gen`` is applied.
@@ -42,6 +44,7 @@ from sockmap.errors import SockmapError
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
 from sockmap.registry import Registry
+from sockmap.rows import first_fields, planned_target, skipped_row, target_row
 
 log = logging.getLogger("sockmap.daemon")
 
@@ -349,7 +352,7 @@ class Planner:
             out.append({
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
-                **_first(targets), "guest_port": r.target_port,
+                **first_fields(targets), "guest_port": r.target_port,
                 "state": "remapped" if str(r.state) == "open" and (
                     r.guest, str(r.proto), r.target_port, r.host_port) in moved
                     else str(r.state),
@@ -369,7 +372,7 @@ class Planner:
             out.append({
                 "guest": key.guest, "proto": str(key.proto), "host_addr": first.host_addr,
                 "host_addrs": [m.host_addr for m in group], "host_port": first.host_port,
-                **_first(targets), "guest_port": key.port, "state": "waiting",
+                **first_fields(targets), "guest_port": key.port, "state": "waiting",
                 "connections": 0, "connections_total": 0, "bytes_in": 0, "bytes_out": 0,
                 "errors": 0, "dropped": 0, "since": since,
                 "age_s": round(max(0.0, now - since), 3), "targets": targets,
@@ -378,42 +381,12 @@ class Planner:
             return out
         for s in (pl.skipped if pl is not None else ()):
             li = s.listener
-            out.append(_skipped_row(s.guest, str(li.proto), li.addr, li.port,
+            out.append(skipped_row(s.guest, str(li.proto), li.addr, li.port,
                                     li.owner.pid if li.owner else None,
                                     li.owner.comm if li.owner else "", s.reason))
         for key, (group, why) in self._unforwarded.items():
             for m in dict.fromkeys((m.guest_addr, m.pid, m.process) for m in group):
-                out.append(_skipped_row(key.guest, str(key.proto), m[0], key.port, m[1], m[2],
+                out.append(skipped_row(key.guest, str(key.proto), m[0], key.port, m[1], m[2],
                                         f"could not open: {why}"))
         return out
 
-
-def planned_target(m: PortMapping) -> Target:
-    """What the proxy target of ``m`` will be (for a row of a mapping not open yet)."""
-    nic = nic_target((m,))
-    if nic is not None:
-        return Target(host_addr=m.host_addr, addr=nic, port=m.guest_port)
-    fam = m.upstream.family if isinstance(m.upstream, Relay) else 4
-    return Target(host_addr=m.host_addr, addr=LOOPBACK4 if fam == 4 else LOOPBACK6,
-                  port=m.guest_port, via="relay")
-
-
-def target_row(t: Target, m: PortMapping | None) -> dict[str, Any]:
-    """One entry of a row's ``targets``: a host address, its upstream and path, and the
-    guest listener (bound address, owner) behind it (pure)."""
-    return {"host_addr": t.host_addr, "target_addr": t.addr, "target_port": t.port,
-            "via": t.via, "guest_addr": m.guest_addr if m else t.addr,
-            "pid": m.pid if m else None, "process": m.process if m else ""}
-
-
-def _first(targets: list[dict[str, Any]]) -> dict[str, Any]:
-    t = targets[0] if targets else {}
-    return {k: t.get(k, d) for k, d in (("guest_addr", ""), ("target_addr", ""),
-                                         ("via", "nic"), ("pid", None), ("process", ""))}
-
-
-def _skipped_row(guest: str, proto: str, addr: str, port: int, pid: int | None,
-                 process: str, reason: str) -> dict[str, Any]:
-    return {"guest": guest, "proto": proto, "host_addr": "", "host_addrs": [],
-            "host_port": None, "guest_addr": addr, "guest_port": port, "pid": pid,
-            "process": process, "state": "not forwarded", "reason": reason}

@@ -87,12 +87,17 @@ class MappingTable:
 
     def _keep_drained_connections(self, spec: MappingSpec) -> None:
         """The same forward is back (its guest's agent restarted, a rule reload changed
-        nothing for it): the connections its previous instance is draining go to the same
-        target and are healthy, so they may finish whenever they finish instead of being
-        reset at the drain deadline."""
+        nothing for it, the other family's socket of the server came or went): the
+        connections its previous instance is draining go to the same targets and are
+        healthy, so they may finish whenever they finish instead of being reset at the
+        drain deadline. Same: every host address both have keeps its target, and they
+        have one in common."""
+        new = {t.host_addr: t for t in spec.host_targets}
         for old in self._draining:
-            if (old.drain is not None and old.spec.key == spec.key
-                    and old.spec.host_targets == spec.host_targets):
+            if old.drain is None or old.spec.key != spec.key:
+                continue
+            shared = [t for t in old.spec.host_targets if t.host_addr in new]
+            if shared and all(new[t.host_addr] == t for t in shared):
                 old.drain.reschedule(None)
 
     async def close(

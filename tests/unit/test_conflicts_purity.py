@@ -10,7 +10,7 @@ import pytest
 import sockmap
 
 PURE = ["protocol.py", "conflicts/records.py", "conflicts/rules.py", "conflicts/flat.py",
-        "conflicts/report.py"]
+        "conflicts/report.py", "rows.py", "proxy/spec.py"]
 FORBIDDEN = {"asyncio", "socket", "subprocess", "pyroute2", "os", "select", "selectors",
              "pathlib", "sockmap.portwatch.sources", "sockmap.portwatch.owners"}
 
