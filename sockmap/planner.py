@@ -297,8 +297,8 @@ class Planner:
         assert self.table is not None
         self._unforwarded.pop(key, None)
         found = self._targets(key, group)
-        if isinstance(found, str):
-            log.error("%s: %s; not forwarded", key, found)
+        if isinstance(found, str):  # tried again at every replan: logged once
+            self.log_once(f"{key}: {found}; not forwarded")
             self._unforwarded[key] = (group, found)  # `ls --all` shows it
             return
         targets, connectors = found
