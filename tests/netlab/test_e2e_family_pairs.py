@@ -19,7 +19,7 @@ import pytest
 
 import netlab
 from sockmap import lsview
-from tests.netlab.e2e_fixtures import Daemon, start_daemon
+from tests.netlab.e2e_fixtures import Daemon, probe, start_daemon
 
 pytestmark = pytest.mark.netlab
 PY = sys.executable
@@ -310,3 +310,29 @@ def test_dnsmasq_udp_and_tcp_on_both_loopbacks(lab: netlab.Lab, daemon: Daemon,
         assert targets(row) == {"127.0.0.1": (rec["guest_addr4"], "nic", "0.0.0.0"),
                                 "::1": (rec["guest_addr6"], "nic", "::")}, row
         assert {t["process"] for t in row["targets"]} == {"dnsmasq"}
+
+
+def test_pair_grows_and_shrinks(lab: netlab.Lab, daemon: Daemon) -> None:
+    """The IPv6 socket comes later (another process) and goes first: ::1 follows it, and
+    127.0.0.1 keeps answering from the IPv4 socket throughout."""
+    name, g, _ = daemon.guest()
+    v4 = start(g, "tcp", "8086", "0.0.0.0")
+    assert ask(lab.host, "tcp", "127.0.0.1", 8086)["answer"] == "v4 0.0.0.0"
+    ok, _, last = probe(lab.host, "refused", "tcp", "::1", 8086, within=1.0)
+    assert ok, last
+    v6 = start(g, "tcp", "8086", "::")
+    assert ask(lab.host, "tcp", "::1", 8086)["answer"] == "v6 ::"
+    assert ask(lab.host, "tcp", "127.0.0.1", 8086)["answer"] == "v4 0.0.0.0"
+    (row,) = row_of(daemon, name, "tcp", 8086)
+    assert {t["pid"] for t in row["targets"]} == {v4.pid, v6.pid}
+    v6.kill()
+    v6.wait()
+    ok, _, last = probe(lab.host, "refused", "tcp", "::1", 8086, within=2.0)
+    assert ok, last + daemon.log_text()
+    assert ask(lab.host, "tcp", "127.0.0.1", 8086)["answer"] == "v4 0.0.0.0"
+    (row,) = row_of(daemon, name, "tcp", 8086)
+    assert row["host_addrs"] == ["127.0.0.1"] and row["pid"] == v4.pid
+    v4.kill()
+    v4.wait()
+    ok, _, last = probe(lab.host, "refused", "tcp", "127.0.0.1", 8086, within=2.0)
+    assert ok, last
