@@ -168,12 +168,14 @@ listeners = st.builds(
     st.sampled_from(("tcp", "udp")), st.sampled_from(ADDRS), st.sampled_from(PORTS),
     st.booleans(), st.integers(1, 3))
 rules = st.lists(st.builds(
-    lambda port, action, off, gaddr, policy: Rule(
+    lambda port, action, off, gaddr, policy, hosts: Rule(
         ports=((port, port),), action=action, host_port_offset=off, guest_addr=gaddr,
-        policy=policy),
+        policy=policy, host_addrs=hosts),
     st.sampled_from(PORTS), st.sampled_from(("forward", "ignore")), st.sampled_from((0, 1)),
     st.sampled_from((None, "0.0.0.0", "::", "127.0.0.0/8")),
-    st.sampled_from((None, "fail", "remap", "wait"))), max_size=3)
+    st.sampled_from((None, "fail", "remap", "wait")),
+    st.sampled_from(((), ("127.0.0.1",), ("127.0.0.1", "::1"), ("::1", "198.18.0.1")))),
+    max_size=3)
 holders = st.lists(st.builds(
     lambda proto, addr, port: Listener(proto=proto, family=6 if ":" in addr else 4,
                                        addr=addr, port=port, inode=port,
