@@ -176,8 +176,8 @@ def check_both_families(lab: netlab.Lab, hosts: Path, kind: str, port: int, v4: 
     a4 = ask(lab.host, kind, "127.0.0.1", port)
     a6 = ask(lab.host, kind, "::1", port)
     al = ask(lab.host, kind, "localhost", port, hosts=hosts)
-    assert a4["answer"] is not None and a4["answer"].startswith(v4), a4
-    assert a6["answer"] is not None and a6["answer"].startswith(v6), a6
+    assert a4["answer"] == v4, a4
+    assert a6["answer"] == v6, a6
     assert al["addr"] == "::1" and al["answer"] == a6["answer"], al
 
 
