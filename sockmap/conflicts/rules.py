@@ -511,14 +511,19 @@ def _wants(guests: Sequence[GuestState],
                         continue
                     # One guest, one host endpoint: a second listener of the same guest
                     # (UDP 0.0.0.0:53 next to 10.0.0.2:53) adds nothing.
+                    # A rule's cross-family host address (::1 on the 0.0.0.0 socket) goes
+                    # to the other family's socket of the port when there is one.
                     all_bs = apply_rule(rule, d.bindings)
-                    bs = tuple(b for b in all_bs if (li.proto, b.host_addr, hport) not in seen)
+                    w = wants[i] if i is not None else None
+                    bs = tuple(b for b in all_bs if _free_for(
+                        seen.get((li.proto, b.host_addr, hport)), li, b, w))
                     seen.update({(li.proto, b.host_addr, hport): li for b in bs})
-                    if bs and i is not None:  # the other family's socket of this port
-                        w = wants[i]
-                        wants[i] = _Want(w.guest, w.listener,
-                                         w.bindings + tuple((li, b) for b in bs),
-                                         host_port=w.host_port, policy=w.policy)
+                    if bs and i is not None and w is not None:  # the other family's socket
+                        wants[i], gone = _join(w, li, bs)
+                        skipped.extend(Skipped(guest=g.name, listener=o, reason=(
+                            f"its host addresses went to this guest's "
+                            f"{endpoint(li.addr, li.port)}, the socket of their family"))
+                            for o in gone)
                     elif bs:
                         unit[(li.proto, li.port)] = len(wants)
                         wants.append(_Want(g.name, li, tuple((li, b) for b in bs),
@@ -532,6 +537,29 @@ def _wants(guests: Sequence[GuestState],
                 case _:
                     assert_never(d)
     return wants, skipped
+
+
+def _native(li: Listener, b: Binding) -> bool:
+    """Whether b's host address is of li's own family."""
+    ip = parse_ip(b.host_addr)
+    return ip is not None and ip.version == li.family
+
+
+def _free_for(holder: Listener | None, li: Listener, b: Binding, w: _Want | None) -> bool:
+    """Whether li may take host address b: nobody has it, or the other family's socket of
+    li's port (in ``w``) has it only as a rule's cross-family address and it is li's own."""
+    return holder is None or (w is not None and holder in w.listeners
+                              and not _native(holder, b) and _native(li, b))
+
+
+def _join(w: _Want, li: Listener, bs: tuple[Binding, ...]) -> tuple[_Want, tuple[Listener, ...]]:
+    """w with li's bindings added (one w already has is replaced where it stands), and the
+    listeners of w left with none."""
+    new = {b.host_addr: (li, b) for b in bs}
+    joined = tuple(new.pop(b.host_addr, (o, b)) for o, b in w.bindings) + tuple(new.values())
+    left = {o for o, _ in joined}
+    return (_Want(w.guest, joined[0][0], joined, host_port=w.host_port, policy=w.policy),
+            tuple(o for o in w.listeners if o not in left))
 
 
 def _guest_party(w: _Want, *, receives: str = "") -> Party:

@@ -94,6 +94,27 @@ def test_rules_giving_a_pair_two_host_ports_skip_the_second_with_reason() -> Non
     assert s.listener.addr == "::" and "one guest port has one host port" in s.reason
 
 
+@pytest.mark.parametrize("hosts", [("127.0.0.1", "::1"), ("::1", "127.0.0.1")])
+def test_a_rules_loopbacks_go_each_to_the_socket_of_their_family(hosts: tuple[str, ...]
+                                                                 ) -> None:
+    rules = (Rule(ports=((8082, 8082),), host_addrs=hosts),)
+    g = GuestState(name="a", listeners=(L("0.0.0.0"), L("::")), addrs=(G4, G6))
+    pl = plan(guests=[g], rules=rules)
+    assert by_host(pl) == {"127.0.0.1": ("0.0.0.0", Nic(addr=G4)),
+                           "::1": ("::", Nic(addr=G6))} and not pl.skipped
+    assert [m.host_addr for m in pl.mappings] == list(hosts)  # the rule's order
+
+
+def test_a_socket_left_with_no_host_address_says_why() -> None:
+    """The rule puts the IPv4 socket on ::1 only; the IPv6 socket takes ::1."""
+    rules = (Rule(ports=((8082, 8082),), host_addrs=("::1",)),)
+    g = GuestState(name="a", listeners=(L("0.0.0.0"), L("::")), addrs=(G4, G6))
+    pl = plan(guests=[g], rules=rules)
+    assert by_host(pl) == {"::1": ("::", Nic(addr=G6))}
+    (s,) = pl.skipped
+    assert s.listener.addr == "0.0.0.0" and "the socket of their family" in s.reason
+
+
 def _planner(addrs: tuple[str, ...] = (G4, G6)) -> planner.Planner:
     reg = Registry()
     reg.connect("a", 1)
@@ -174,7 +195,8 @@ rules = st.lists(st.builds(
     st.sampled_from(PORTS), st.sampled_from(("forward", "ignore")), st.sampled_from((0, 1)),
     st.sampled_from((None, "0.0.0.0", "::", "127.0.0.0/8")),
     st.sampled_from((None, "fail", "remap", "wait")),
-    st.sampled_from(((), ("127.0.0.1",), ("127.0.0.1", "::1"), ("::1", "198.18.0.1")))),
+    st.sampled_from(((), ("127.0.0.1",), ("127.0.0.1", "::1"), ("::1", "198.18.0.1"),
+                     ("::1",), ("127.0.0.1", "198.18.0.1")))),
     max_size=3)
 holders = st.lists(st.builds(
     lambda proto, addr, port: Listener(proto=proto, family=6 if ":" in addr else 4,
