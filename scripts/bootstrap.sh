@@ -6,9 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # gcc: the watcher's C idle tick (sockmap/portwatch/_tick.c; bench/loadgen.c too)
-need_cmds=(nft:nftables ip:iproute2 sysctl:procps gcc:gcc)
+# socat, dnsmasq, curl: real servers with one socket per family and a client that tries ::1
+# (tests/netlab/test_e2e_family_pairs.py); socat is also a benchmark peer
+need_cmds=(nft:nftables ip:iproute2 sysctl:procps gcc:gcc socat:socat dnsmasq:dnsmasq-base
+           curl:curl)
 if [ "${1:-}" = "bench" ]; then
-  need_cmds+=(socat:socat iperf3:iperf3 pasta:passt)
+  need_cmds+=(iperf3:iperf3 pasta:passt)
 fi
 
 missing=()

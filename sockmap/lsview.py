@@ -68,24 +68,35 @@ def human_age(s: object) -> str:
     return f"{s // 86400}d"
 
 
+def _targets(r: Row) -> list[Row]:
+    ts = r.get("targets")
+    return [t for t in ts if isinstance(t, dict)] if isinstance(ts, list) and ts else [r]
+
+
 def guest_text(r: Row, *, compact: bool = False) -> str:
-    addr = str(r.get("guest_addr", "?"))
-    if not compact:
-        return endpoint(addr, r.get("guest_port", "?"))
-    if addr == "0.0.0.0":
-        addr = "*"  # as ss prints it
-    return f"{endpoint(addr, r.get('guest_port', '?'))}/{r.get('proto', '?')}"
+    """The guest listener(s): ``[::]:8000``; a server with one socket per family shows
+    both addresses on its port, ``0.0.0.0+[::]:8000``."""
+    addrs = list(dict.fromkeys(str(t.get("guest_addr", "?")) for t in _targets(r)))
+    if compact:
+        addrs = ["*" if a == "0.0.0.0" else a for a in addrs]  # as ss prints it
+    shown = "+".join(f"[{a}]" if ":" in a else a for a in addrs)
+    text = f"{shown}:{r.get('guest_port', '?')}"
+    return f"{text}/{r.get('proto', '?')}" if compact else text
 
 
 PROCESS_CUT = 8  # a narrower PROCESS column when the table is too wide
 
 
 def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...]:
-    """One row's cells. ``pid``: PROCESS as netstat's PID/name (``812/python3``)."""
-    num, proc = r.get("pid"), r.get("process") or ""
-    who = proc or (f"pid {num}" if num is not None and not pid else "-")
+    """One row's cells. ``pid``: PROCESS as netstat's PID/name (``812/python3``); the
+    sockets of one mapping owned by two processes show both (``812+813/socat``)."""
+    owners = list(dict.fromkeys((t.get("pid"), t.get("process") or "") for t in _targets(r)))
+    nums = list(dict.fromkeys(str(n) for n, _ in owners if n is not None))
+    names = list(dict.fromkeys(p for _, p in owners if p))
+    proc = "+".join(names)
+    who = proc or (f"pid {'+'.join(nums)}" if nums and not pid else "-")
     if pid:
-        who = f"{num if num is not None else '-'}/{proc or '?'}"
+        who = f"{'+'.join(nums) or '-'}/{proc or '?'}"
     if compact and len(who) > PROCESS_CUT:
         who = who[: PROCESS_CUT - 1] + "~"
     return (

@@ -9,6 +9,8 @@ Metrics:
   forwarder of each mapping, and what the kernel path's hooks rewrote;
 - ``sockmap_connections_total{...}``, ``sockmap_bytes_total{...,direction}``: counters per
   mapping (``in``: client -> guest, ``out``: guest -> client)
+- ``sockmap_mapping_target{guest,proto,host_port,host_addr,target_addr,via}``: 1 per host
+  address of a mapping and where it goes (a server with one socket per family has two)
 - ``sockmap_conflicts{kind}``: conflicts in the last plan
 - ``sockmap_event_to_mapping_seconds``: histogram, from the agent's report of a new listener
   reaching the daemon to its mapping listening on the host (what the daemon can measure:
@@ -112,6 +114,14 @@ def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
         for kind, k in (("connect", "kernel_connects"), ("datagram", "kernel_datagrams")):
             out.append(f"sockmap_kernel_redirects_total{lb[:-1]},kind=\"{kind}\"}} "
                        f"{_num(r.get(k))}")
+    head("sockmap_mapping_target", "gauge",
+         "1 per host address of a mapping: where its connections go (nic or relay).")
+    for r in rows:
+        for t in r.get("targets") or ():
+            lb = labels(guest=r.get("guest", ""), proto=r.get("proto", ""),
+                        host_port=r.get("host_port", ""), host_addr=t.get("host_addr", ""),
+                        target_addr=t.get("target_addr", ""), via=t.get("via", ""))
+            out.append(f"sockmap_mapping_target{lb} 1")
 
     head("sockmap_conflicts", "gauge", "Conflicts in the last plan, by kind.")
     kinds: dict[str, int] = {}

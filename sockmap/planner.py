@@ -2,9 +2,11 @@
 to the proxy's MappingTable; and the rows ``sockmap ls`` shows.
 
 Every mapping decision comes from ``plan()``; the planner only groups its per-host-address
-PortMappings into one MappingSpec per (guest, proto, guest port) and applies closes, then
-opens. The upstream is always a guest NIC address that the registry vouches for (or, for a
-loopback-only guest listener, the agent's relay, through the connector the daemon gives).
+PortMappings into one MappingSpec per (guest, proto, guest port), one ``Target`` per host
+address (a server with one socket per family: 127.0.0.1 -> its IPv4 socket, ::1 -> its
+IPv6 one), and applies closes, then opens. Each upstream is a guest NIC address that the
+registry vouches for (or, for a loopback-only guest listener, the agent's relay, through a
+connector of that family from the daemon). What it cannot open is an ``ls --all`` row.
 
 ``request_replan`` marks the state dirty; one replanner task plans again (coalescing
 requests) and ``wait_planned(gen)`` waits until a plan that saw request ``gen`` is applied.
@@ -33,6 +35,8 @@ from typing import Any
 from sockmap import metrics
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
 from sockmap.conflicts.rules import (
+    LOOPBACK4,
+    LOOPBACK6,
     GuestState,
     HostEndpoint,
     Nic,
@@ -46,9 +50,10 @@ from sockmap.conflicts.rules import (
 from sockmap.errors import SockmapError
 from sockmap.kernelsync import sync_kernel
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
-from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto
+from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Registry
+from sockmap.rows import first_fields, planned_target, skipped_row, target_row
 
 log = logging.getLogger("sockmap.daemon")
 
@@ -58,15 +63,12 @@ APPLY_BATCH = 64  # mapping opens/closes between two yields to the event loop
 
 def group_mappings(mappings: tuple[PortMapping, ...]) -> dict[MappingKey, tuple[PortMapping, ...]]:
     """plan()'s per-host-address mappings as one group per proxy key (guest, proto, guest
-    port). Two listeners of one guest port (0.0.0.0:P and a v6only [::]:P) would need two
-    targets under one key: the first listener's group is kept (pure)."""
+    port); plan() gives a key one host port, and each host address its own listener's
+    upstream (0.0.0.0:P and a v6only [::]:P: 127.0.0.1 -> IPv4, ::1 -> IPv6) (pure)."""
     out: dict[MappingKey, list[PortMapping]] = {}
     for m in mappings:
         key = MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
-        group = out.setdefault(key, [])
-        if group and group[0].guest_addr != m.guest_addr:
-            continue
-        group.append(m)
+        out.setdefault(key, []).append(m)
     return {k: tuple(v) for k, v in out.items()}
 
 
@@ -125,6 +127,8 @@ class Planner:
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
         self._open: dict[MappingKey, tuple[PortMapping, ...]] = {}
         self._shown: dict[MappingKey, tuple[PortMapping, ...]] = {}  # for draining rows
+        # wanted by the plan but not opened, and why (not TIME_WAIT): for `ls --all`
+        self._unforwarded: dict[MappingKey, tuple[tuple[PortMapping, ...], str]] = {}
         self._blocked: dict[HostEndpoint, float] = {}  # bind failed: endpoint -> retry at
         self._logged: set[str] = set()
         self._bind_failed: set[MappingKey] = set()
@@ -227,6 +231,8 @@ class Planner:
                 self._open_group(key, want)
             if i % APPLY_BATCH == APPLY_BATCH - 1:
                 await asyncio.sleep(0)  # many opens: let the loop serve others between
+        self._unforwarded = {k: v for k, v in self._unforwarded.items()
+                             if k in desired and k not in self._open}
         for c in pl.conflicts:
             self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; {c.resolution}")
         # first-report times: kept only for wanted mappings not open yet
@@ -288,35 +294,51 @@ class Planner:
         await asyncio.sleep(0)  # close() stops listening in its first step: let it run now
         log.info("closed %s", key)
 
+    def _targets(self, key: MappingKey, group: tuple[PortMapping, ...]
+                 ) -> tuple[tuple[Target, ...], dict[str, Connector]] | str:
+        """One proxy target per host address of ``group`` and the relay connectors they
+        need, or why the group cannot be forwarded (then none of it is)."""
+        targets: list[Target] = []
+        connectors: dict[str, Connector] = {}
+        for m in group:
+            nic = nic_target((m,))
+            if nic is not None:
+                if nic not in self.registry.addrs_of(key.guest):  # never trust past the registry
+                    return f"target {nic} is not an address of guest {key.guest}"
+                targets.append(Target(host_addr=m.host_addr, addr=nic, port=key.port))
+                continue
+            if not isinstance(m.upstream, Relay) or key.proto is not Proto.TCP:
+                return (f"UDP bound to {m.guest_addr}: the agent relay carries TCP only; bind "
+                        "the guest's NIC address or a wildcard")
+            if self.relay_connector is None:
+                return "no loopback relay in this daemon (bind the guest's NIC address)"
+            fam = m.upstream.family
+            connectors[m.host_addr] = self.relay_connector(key.guest, fam)
+            targets.append(Target(host_addr=m.host_addr, addr=LOOPBACK4 if fam == 4
+                                  else LOOPBACK6, port=key.port, via="relay"))
+        return tuple(targets), connectors
+
     def _open_group(self, key: MappingKey, group: tuple[PortMapping, ...]) -> None:
         assert self.table is not None
-        target = nic_target(group)
-        connector: Connector | None = None
-        if target is None:
-            relay = next((m.upstream for m in group if isinstance(m.upstream, Relay)), None)
-            if relay is None or key.proto is not Proto.TCP or self.relay_connector is None:
-                self.log_once(f"{key}: loopback-only UDP listener {group[0].guest_addr}; "
-                              "the relay carries TCP only, not forwarded")
-                return
-            target = "127.0.0.1" if relay.family == 4 else "::1"  # the guest's, for display
-            connector = self.relay_connector(key.guest, relay.family)
-        elif target not in self.registry.addrs_of(key.guest):  # never trust past the registry
-            log.error("%s: target %s is not an address of guest %s; not forwarded", key,
-                      target, key.guest)
+        self._unforwarded.pop(key, None)
+        found = self._targets(key, group)
+        if isinstance(found, str):  # tried again at every replan: logged once
+            self.log_once(f"{key}: {found}; not forwarded")
+            self._unforwarded[key] = (group, found)  # `ls --all` shows it
             return
-        spec = MappingSpec(guest=key.guest, proto=key.proto,
-                           host_addrs=tuple(m.host_addr for m in group),
-                           host_port=group[0].host_port, target_addr=target,
-                           target_port=key.port, drain_s=self.drain_s,
-                           connect_timeout_s=5.0)
+        targets, connectors = found
+        spec = MappingSpec(guest=key.guest, proto=key.proto, host_port=group[0].host_port,
+                           targets=targets, drain_s=self.drain_s, connect_timeout_s=5.0)
         try:
-            opened = self.table.open(spec, connector=connector)
+            opened = self.table.open(spec, connectors=connectors)
         except SockmapError as e:
             cause = e.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
                 for m in group:  # probed again after retry_s (TIME_WAIT: up to 60 s)
                     self._blocked[m.host_endpoint] = time.monotonic() + self.retry_s
                 self.request_replan()  # so the plan (and the report) says why
+            else:
+                self._unforwarded[key] = (group, f"{e} ({e.hint})" if e.hint else str(e))
             # retried every retry_s while it lasts (TIME_WAIT: up to 60 s): say it once
             log.log(logging.DEBUG if key in self._bind_failed else logging.WARNING, "%s", e)
             self._bind_failed.add(key)
@@ -332,8 +354,9 @@ class Planner:
             path, why = sync_kernel(self.kernel, self.registry, key, group, opened.host_port)
             if why:
                 self.log_once(f"{key}: {why}; this mapping runs on the relay")
-        log.info("forwarding %s on %s port %d -> %s:%d (%s)", key,
-                 "+".join(spec.host_addrs), spec.host_port, target, key.port, path)
+        log.info("forwarding %s on host port %d (%s): %s", key, spec.host_port, path,
+                 ", ".join(f"{t.host_addr} -> {t.addr}" + (" (relay)" if t.via == "relay"
+                                                           else "") for t in targets))
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
@@ -343,8 +366,11 @@ class Planner:
         """One row per open or draining mapping (state ``remapped`` when policy remap put
         it on another host port), then one per mapping waiting for its host port (state
         ``waiting``: policy wait, or TIME_WAIT); with ``not_forwarded``, then one per guest
-        listener the last plan did not forward (state ``not forwarded``, ``reason``: a
-        rule, an address the host cannot reach, a host port this guest already forwards)."""
+        listener not forwarded (state ``not forwarded``, ``reason``: a rule, an address the
+        host cannot reach, a host port this guest already forwards, a conflict it lost, or
+        a mapping that could not open). A row's ``targets`` has one entry per host address:
+        its upstream, path, and the guest listener and process behind it; the row's own
+        ``guest_addr``, ``target_addr``, ``via``, ``pid``, ``process`` are its first's."""
         if self.table is None:
             return
         now = time.time()
@@ -353,19 +379,15 @@ class Planner:
                  for m in (pl.remapped if pl is not None else ())}
         for r in self.table.snapshot():
             key = MappingKey(guest=r.guest, proto=r.proto, port=r.target_port)
-            group = self._shown.get(key, ())
-            first = group[0] if group else None
+            by_addr = {m.host_addr: m for m in self._shown.get(key, ())}
+            targets = [target_row(t, by_addr.get(t.host_addr)) for t in r.targets]
             kernel = (self.kernel is not None and str(r.state) == "open"
                       and self.kernel.has(key))
             kconn, kdgram = self.kernel.counts(key) if kernel and self.kernel else (0, 0)
             yield {
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
-                "guest_addr": first.guest_addr if first else r.target_addr,
-                "guest_port": r.target_port, "target_addr": r.target_addr,
-                "via": "relay" if first and isinstance(first.upstream, Relay) else "nic",
-                "pid": first.pid if first else None,
-                "process": first.process if first else "",
+                **first_fields(targets), "guest_port": r.target_port,
                 "state": "remapped" if str(r.state) == "open" and (
                     r.guest, str(r.proto), r.target_port, r.host_port) in moved
                     else str(r.state),
@@ -376,6 +398,7 @@ class Planner:
                 "kernel_connects": kconn, "kernel_datagrams": kdgram,
                 "relay_connections_total": r.connections_total,
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
+                "targets": targets,
             }
         pending = group_mappings(pl.pending if pl is not None else ())
         for key, group in pending.items():
@@ -383,23 +406,24 @@ class Planner:
                 continue
             first = group[0]
             since = self._waiting_since.get(key, now)
+            targets = [target_row(planned_target(m), m) for m in group]
             yield {
                 "guest": key.guest, "proto": str(key.proto), "host_addr": first.host_addr,
                 "host_addrs": [m.host_addr for m in group], "host_port": first.host_port,
-                "guest_addr": first.guest_addr, "guest_port": key.port,
-                "target_addr": nic_target(group) or "",
-                "via": "nic" if nic_target(group) else "relay", "pid": first.pid,
-                "process": first.process, "state": "waiting", "path": "",
-                "connections": 0,
-                "connections_total": 0, "bytes_in": 0, "bytes_out": 0, "errors": 0,
-                "dropped": 0, "since": since, "age_s": round(max(0.0, now - since), 3),
+                **first_fields(targets), "guest_port": key.port, "state": "waiting",
+                "connections": 0, "connections_total": 0, "bytes_in": 0, "bytes_out": 0,
+                "errors": 0, "dropped": 0, "since": since,
+                "age_s": round(max(0.0, now - since), 3), "targets": targets, "path": "",
             }
-        for s in (pl.skipped if pl is not None and not_forwarded else ()):
+        if not not_forwarded:
+            return
+        for s in (pl.skipped if pl is not None else ()):
             li = s.listener
-            yield {
-                "guest": s.guest, "proto": str(li.proto), "host_addr": "", "host_addrs": [],
-                "host_port": None, "guest_addr": li.addr, "guest_port": li.port,
-                "pid": li.owner.pid if li.owner else None,
-                "process": li.owner.comm if li.owner else "", "state": "not forwarded",
-                "reason": s.reason,
-            }
+            yield skipped_row(s.guest, str(li.proto), li.addr, li.port,
+                              li.owner.pid if li.owner else None,
+                              li.owner.comm if li.owner else "", s.reason)
+        for key, (group, why) in self._unforwarded.items():
+            for m in dict.fromkeys((m.guest_addr, m.pid, m.process) for m in group):
+                yield skipped_row(key.guest, str(key.proto), m[0], key.port, m[1], m[2],
+                                  f"could not open: {why}")
+

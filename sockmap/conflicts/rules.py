@@ -97,8 +97,9 @@ def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
     UDP listener left with none is not forwarded, with the reason.
 
     - ``0.0.0.0`` -> 127.0.0.1; ``[::]`` v6only -> ::1; ``[::]`` dual-stack (v6only False or
-      unknown) -> 127.0.0.1 and ::1. Upstream: the guest's NIC address of that family, or
-      the agent relay when the NIC has none.
+      unknown) -> 127.0.0.1 and ::1. Upstream: the guest's NIC address of that family (for
+      dual-stack, the other family's when that one has none), or the agent relay when the
+      NIC has none.
     - loopback (127.0.0.0/8, ::1) -> the same family's host loopback, through the relay.
     - a specific address -> forwarded when it is one of the guest's NIC addresses, else not.
     """
@@ -127,7 +128,11 @@ def _decide(listener: Listener, addrs: tuple[str, ...]) -> Decision:
         b6 = Binding(host_addr=LOOPBACK6, upstream=up6)
         if listener.v6only:
             return Forwarded(bindings=(b6,))
-        return Forwarded(bindings=(Binding(host_addr=LOOPBACK4, upstream=up4), b6))
+        # dual-stack takes both families: one without a NIC address uses the other's NIC
+        nic = up4 if isinstance(up4, Nic) else up6 if isinstance(up6, Nic) else None
+        return Forwarded(bindings=(
+            Binding(host_addr=LOOPBACK4, upstream=up4 if isinstance(up4, Nic) else nic or up4),
+            Binding(host_addr=LOOPBACK6, upstream=up6 if isinstance(up6, Nic) else nic or up6)))
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         if listener.v6only:
             return NotForwarded(reason=f"{listener.addr} is IPv4-mapped on a v6only socket: "
@@ -444,32 +449,44 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class _Want:
+    """One guest port of one guest (the proxy's key): every host address it gets, each with
+    the listener it forwards to (0.0.0.0:P and a v6only [::]:P are two listeners, one
+    want)."""
+
     guest: str
-    listener: Listener
-    bindings: tuple[Binding, ...]
+    listener: Listener  # the first of its listeners (conflict reports name it)
+    bindings: tuple[tuple[Listener, Binding], ...]
     host_port: int = 0  # the host port it wants (0: its own port)
-    policy: Policy | None = None  # from its rule; None: the Policies
-    path: ForwardPath | None = None  # from its rule
+    policy: Policy | None = None  # from its first listener's rule; None: the Policies
+    path: ForwardPath | None = None  # from its first listener's rule
 
     @property
     def port(self) -> int:
         return self.host_port or self.listener.port
 
     @property
-    def ident(self) -> tuple[str, Proto, str, int]:
-        return (self.guest, self.listener.proto, self.listener.addr, self.listener.port)
+    def ident(self) -> tuple[str, Proto, int]:
+        return (self.guest, self.listener.proto, self.listener.port)
+
+    @property
+    def listeners(self) -> tuple[Listener, ...]:
+        return tuple(dict.fromkeys(li for li, _ in self.bindings))
 
 
-def _mapping_ident(m: PortMapping) -> tuple[str, Proto, str, int]:
-    return (m.guest, m.proto, m.guest_addr, m.guest_port)
+def _mapping_ident(m: PortMapping) -> tuple[str, Proto, int]:
+    return (m.guest, m.proto, m.guest_port)
 
 
 def _wants(guests: Sequence[GuestState],
            rules: Sequence[Rule] = ()) -> tuple[list[_Want], list[Skipped]]:
+    """Per guest port, one want with the host addresses of all its listeners (one socket
+    per family: 127.0.0.1 -> the IPv4 one, ::1 -> the IPv6 one); every listener left out
+    is in the skipped list with its reason."""
     wants: list[_Want] = []
     skipped: list[Skipped] = []
     for g in guests:
         seen: dict[HostEndpoint, Listener] = {}  # host endpoint -> the listener it forwards
+        unit: dict[tuple[Proto, int], int] = {}  # (proto, guest port) -> index in wants
         unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
         for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
                                                           li.addr)):
@@ -489,13 +506,33 @@ def _wants(guests: Sequence[GuestState],
                 case NotForwarded():
                     skipped.append(Skipped(guest=g.name, listener=li, reason=d.reason))
                 case Forwarded():
+                    i = unit.get((li.proto, li.port))
+                    if i is not None and wants[i].port != hport:
+                        first = wants[i].listener
+                        skipped.append(Skipped(guest=g.name, listener=li, reason=(
+                            f"this guest's {endpoint(first.addr, first.port)} is forwarded "
+                            f"on host port {wants[i].port}, and the rules give this "
+                            f"listener host port {hport}: one guest port has one host port")))
+                        continue
                     # One guest, one host endpoint: a second listener of the same guest
                     # (UDP 0.0.0.0:53 next to 10.0.0.2:53) adds nothing.
+                    # A rule's cross-family host address (::1 on the 0.0.0.0 socket) goes
+                    # to the other family's socket of the port when there is one.
                     all_bs = apply_rule(rule, d.bindings)
-                    bs = tuple(b for b in all_bs if (li.proto, b.host_addr, hport) not in seen)
+                    w = wants[i] if i is not None else None
+                    bs = tuple(b for b in all_bs if _free_for(
+                        seen.get((li.proto, b.host_addr, hport)), li, b, w))
                     seen.update({(li.proto, b.host_addr, hport): li for b in bs})
-                    if bs:
-                        wants.append(_Want(g.name, li, bs, host_port=hport,
+                    if bs and i is not None and w is not None:  # the other family's socket
+                        wants[i], gone = _join(w, li, bs)
+                        skipped.extend(Skipped(guest=g.name, listener=o, reason=(
+                            f"its host addresses went to this guest's "
+                            f"{endpoint(li.addr, li.port)}, the socket of their family"))
+                            for o in gone)
+                    elif bs:
+                        unit[(li.proto, li.port)] = len(wants)
+                        wants.append(_Want(g.name, li, tuple((li, b) for b in bs),
+                                           host_port=hport,
                                            policy=None if rule is None else rule.policy,
                                            path=None if rule is None else rule.path))
                     elif all_bs:  # say so: `ls --all` shows it (a second server is unreachable)
@@ -506,6 +543,30 @@ def _wants(guests: Sequence[GuestState],
                 case _:
                     assert_never(d)
     return wants, skipped
+
+
+def _native(li: Listener, b: Binding) -> bool:
+    """Whether b's host address is of li's own family."""
+    ip = parse_ip(b.host_addr)
+    return ip is not None and ip.version == li.family
+
+
+def _free_for(holder: Listener | None, li: Listener, b: Binding, w: _Want | None) -> bool:
+    """Whether li may take host address b: nobody has it, or the other family's socket of
+    li's port (in ``w``) has it only as a rule's cross-family address and it is li's own."""
+    return holder is None or (w is not None and holder in w.listeners
+                              and not _native(holder, b) and _native(li, b))
+
+
+def _join(w: _Want, li: Listener, bs: tuple[Binding, ...]) -> tuple[_Want, tuple[Listener, ...]]:
+    """w with li's bindings added (one w already has is replaced where it stands), and the
+    listeners of w left with none."""
+    new = {b.host_addr: (li, b) for b in bs}
+    joined = tuple(new.pop(b.host_addr, (o, b)) for o, b in w.bindings) + tuple(new.values())
+    left = {o for o, _ in joined}
+    return (_Want(w.guest, joined[0][0], joined, host_port=w.host_port, policy=w.policy,
+                  path=w.path),
+            tuple(o for o in w.listeners if o not in left))
 
 
 def _guest_party(w: _Want, *, receives: str = "") -> Party:
@@ -535,8 +596,13 @@ def plan(
     daemon's own sockets are not holders (owner pid == ``own_pid``; when the owner or
     ``own_pid`` is unknown, a socket on a current mapping's endpoint counts as ours).
     ``blocked``: host endpoints whose bind() failed with EADDRINUSE.
-    A listener is forwarded on all of its host addresses or none (half a dual-stack forward
-    would make ``localhost`` reach different servers by client).
+    The listeners of one guest port in one guest are one unit: a server with one socket per
+    family (0.0.0.0:P and a v6only [::]:P, or 127.0.0.1:P and [::1]:P) gets 127.0.0.1:P to
+    its IPv4 socket and [::1]:P to its IPv6 one, in one mapping (one host port). A unit is
+    forwarded on all of its host addresses or none (half a dual-stack forward would make
+    ``localhost`` reach different servers by client). Every listener not forwarded (a rule,
+    decide()'s reason, a host endpoint this guest already forwards, a conflict it lost) is
+    in ``skipped`` with its reason; those waiting for their host port are in ``pending``.
     ``rules``: the rules file (first match wins): ignore, host port, host address, policy.
     """
     cur = tuple(current)
@@ -574,13 +640,13 @@ def plan(
         p = w.listener.proto
         return all((p, b.host_addr, port) not in taken
                    and (p, b.host_addr, port) not in blocked_set
-                   and not held(p, b.host_addr, port) for b in w.bindings)
+                   and not held(p, b.host_addr, port) for _, b in w.bindings)
 
     for i in order:
         w = wants[i]
         li = w.listener
         proto, port = li.proto, w.port
-        eps = [(proto, b.host_addr, port) for b in w.bindings]
+        eps = [(proto, b.host_addr, port) for _, b in w.bindings]
         rivals = list(dict.fromkeys(taken[e] for e in eps if e in taken))
         holding = list(dict.fromkeys(h for e in eps for h in held(*e)))
         tw = [e for e in eps if e in blocked_set] if not holding else []
@@ -591,6 +657,7 @@ def plan(
 
         pol = w.policy or policies.policy_for(w.guest, proto, li.port)
         if rivals or holding:
+            lost = pol == "fail"
             if pol == "remap":
                 q = cur_port.get(w.ident)
                 if q is None or q == port or not free(w, q):
@@ -604,6 +671,7 @@ def plan(
                     remapped.extend(_mappings(w, q))
                     did = (f"forwarded on host port {q} instead of {port} (policy remap)")
                 else:
+                    lost = True
                     did = "not forwarded: no free host port to remap to (policy remap)"
             elif pol == "wait":
                 waiting.extend(eps)
@@ -636,6 +704,14 @@ def plan(
                     resolution=did,
                     fix=_host_fix(pol, names, port),
                 ))
+            if lost:  # in `ls --all` too, with the conflict that keeps it out
+                whose = [f"guest {r.guest} has it" for r in rivals]
+                if holding:
+                    whose.append("held on the host by " + ", ".join(
+                        _who(party_of(h, side="host")) for h in holding))
+                skipped.extend(Skipped(guest=w.guest, listener=x, reason=(
+                    f"host {proto} port {port}: {'; '.join(whose)}; {did} (`sockmap "
+                    "conflicts` explains)")) for x in w.listeners)
         else:
             retry.extend(tw)
             pending.extend(_mappings(w, port))
@@ -692,14 +768,14 @@ def _host_fix(pol: Policy, names: str, port: int) -> str:
 
 
 def _mappings(w: _Want, port: int) -> list[PortMapping]:
-    """w's mappings (one per host address) on host port ``port``."""
-    li = w.listener
-    o = li.owner
+    """w's mappings (one per host address, each to its own listener) on host port
+    ``port``."""
     return [PortMapping(
         guest=w.guest, proto=li.proto, host_addr=b.host_addr, host_port=port,
         guest_addr=li.addr, guest_port=li.port, upstream=b.upstream, path=w.path,
-        pid=None if o is None else o.pid, process="" if o is None else o.comm,
-    ) for b in w.bindings]
+        pid=None if li.owner is None else li.owner.pid,
+        process="" if li.owner is None else li.owner.comm,
+    ) for li, b in w.bindings]
 
 
 def _take(w: _Want, port: int, taken: dict[HostEndpoint, _Want],

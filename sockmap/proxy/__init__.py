@@ -8,7 +8,7 @@ Public API for the daemon::
     final = await table.close(spec.key)             # refuse new, drain, reset the rest
 """
 
-from sockmap.proxy.spec import MappingKey, MappingSpec, Proto, validate
+from sockmap.proxy.spec import MappingKey, MappingSpec, Proto, Target, Via, validate
 from sockmap.proxy.stats import MappingRow, MappingState
 from sockmap.proxy.table import MappingTable
 from sockmap.proxy.tcp import Connector, tcp_connector
@@ -21,6 +21,8 @@ __all__ = [
     "MappingState",
     "MappingTable",
     "Proto",
+    "Target",
+    "Via",
     "tcp_connector",
     "validate",
 ]

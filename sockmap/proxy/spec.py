@@ -1,8 +1,8 @@
 """What a mapping is: a frozen, validated spec. Pure: no sockets, no asyncio.
 
-The proxy is mechanism, not policy. A spec names the host addresses to bind and the upstream
-target explicitly; turning a guest listener's bound address into host addresses is the job of
-``sockmap.conflicts.rules``.
+The proxy is mechanism, not policy. A spec names the host addresses to bind and, per host
+address, the upstream target explicitly (``Target``); turning a guest listener's bound address
+into host addresses and targets is the job of ``sockmap.conflicts.rules``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 from sockmap.errors import SockmapError
 
@@ -31,22 +32,48 @@ class MappingKey:
         return f"{self.guest}/{self.proto}/{self.port}"
 
 
+Via = Literal["nic", "relay"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """Where connections to one host address of a mapping go: ``addr``:``port`` upstream.
+
+    ``via`` "nic": connect to ``addr``, a guest NIC address (the default connector, or a
+    kernel path); "relay": only through the connector given for ``host_addr`` (the guest's
+    agent), ``addr`` is then the guest's loopback, for display, never connected from here.
+    A mapping of a guest with one socket per family (0.0.0.0:P and a v6only [::]:P) has one
+    target per host address family: 127.0.0.1 -> the IPv4 one, ::1 -> the IPv6 one.
+    """
+
+    host_addr: str
+    addr: str
+    port: int
+    via: Via = "nic"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MappingSpec:
-    """A forward: listen on every ``host_addrs`` at ``host_port``, relay to the target.
+    """A forward: listen on every ``host_addrs`` at ``host_port``, relay each to its target.
 
+    Give either ``host_addrs`` + ``target_addr`` (one target for all of them), or
+    ``targets`` (one per host address; ``host_addrs``, ``target_addr`` and ``target_port``
+    then follow from them: ``target_addr`` is the first target's). ``host_targets`` has one
+    target per host address either way.
     ``host_port`` 0 asks the kernel for a free port on the first address and uses the same
     port on the others (tests and benchmarks). ``target_port`` is the guest's port and part
-    of the key. ``drain_s`` bounds how long open connections may finish after a close
-    (None: wait for them). ``zero_copy`` False forces the recv/send copy path.
+    of the key (every target has it). ``drain_s`` bounds how long open connections may
+    finish after a close (None: wait for them). ``zero_copy`` False forces the recv/send
+    copy path.
     """
 
     guest: str
     proto: Proto
-    host_addrs: tuple[str, ...]
+    host_addrs: tuple[str, ...] = ()
     host_port: int
-    target_addr: str
-    target_port: int
+    target_addr: str = ""
+    target_port: int = 0
+    targets: tuple[Target, ...] = ()
     drain_s: float | None = 30.0
     connect_timeout_s: float = 10.0
     backlog: int = 1024
@@ -54,9 +81,31 @@ class MappingSpec:
     udp_idle_s: float = 60.0
     udp_max_flows: int = 1024
 
+    def __post_init__(self) -> None:
+        if self.targets:  # host_addrs, target_addr, target_port follow from them
+            first = self.targets[0]
+            if not self.host_addrs:
+                object.__setattr__(self, "host_addrs", tuple(t.host_addr for t in self.targets))
+            if not self.target_addr:
+                object.__setattr__(self, "target_addr", first.addr)
+            if not self.target_port:
+                object.__setattr__(self, "target_port", first.port)
+
+    @property
+    def host_targets(self) -> tuple[Target, ...]:
+        """One target per host address, in ``host_addrs`` order: ``targets`` when given,
+        else ``target_addr``:``target_port`` for each."""
+        return self.targets or tuple(
+            Target(host_addr=a, addr=self.target_addr, port=self.target_port)
+            for a in self.host_addrs)
+
     @property
     def key(self) -> MappingKey:
         return MappingKey(guest=self.guest, proto=self.proto, port=self.target_port)
+
+    def target_for(self, host_addr: str) -> Target:
+        """The target of one of ``host_addrs``."""
+        return next(t for t in self.host_targets if t.host_addr == host_addr)
 
 
 def _check_port(what: str, port: int, *, allow_zero: bool) -> None:
@@ -105,7 +154,21 @@ def validate(spec: MappingSpec) -> MappingSpec:
         if str(ip) in seen:
             raise SockmapError(f"host address {a} is listed twice", hint="list each address once")
         seen.add(str(ip))
-    _check_addr("target address", spec.target_addr)
+    if spec.targets and (tuple(t.host_addr for t in spec.targets) != spec.host_addrs
+                         or spec.targets[0].addr != spec.target_addr):
+        raise SockmapError(
+            f"mapping {spec.key}: its targets ({[t.host_addr for t in spec.targets]} -> "
+            f"{spec.targets[0].addr}, ...) disagree with host_addrs {list(spec.host_addrs)} / "
+            f"target_addr {spec.target_addr}",
+            hint="give either targets (one per host address) or host_addrs + target_addr",
+        )
+    for t in spec.host_targets:
+        _check_addr("target address", t.addr)
+        if t.port != spec.target_port:
+            raise SockmapError(
+                f"mapping {spec.key}: target {t.addr} has port {t.port}",
+                hint="every target of a mapping has the mapping's guest port",
+            )
     _check_port("host port", spec.host_port, allow_zero=True)
     _check_port("target port", spec.target_port, allow_zero=False)
     for name, val in (

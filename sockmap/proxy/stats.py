@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sockmap.proxy.spec import MappingSpec, Proto
+from sockmap.proxy.spec import MappingSpec, Proto, Target
 
 
 class MappingState(StrEnum):
@@ -48,8 +48,9 @@ class MappingRow:
     proto: Proto
     host_addrs: tuple[str, ...]
     host_port: int
-    target_addr: str
+    target_addr: str  # the first target's
     target_port: int
+    targets: tuple[Target, ...]  # one per host address
     state: MappingState
     connections: int
     connections_total: int
@@ -70,6 +71,7 @@ def row(
         host_port=host_port,
         target_addr=spec.target_addr,
         target_port=spec.target_port,
+        targets=spec.host_targets,
         state=state,
         connections=c.now,
         connections_total=c.total,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
@@ -45,9 +46,14 @@ class MappingTable:
         self._open: dict[MappingKey, _Mapping] = {}
         self._draining: set[_Mapping] = set()
 
-    def open(self, spec: MappingSpec, *, connector: Connector | None = None) -> MappingRow:
-        """Bind the host addresses and start relaying; raise SockmapError if it cannot."""
+    def open(self, spec: MappingSpec, *, connector: Connector | None = None,
+             connectors: Mapping[str, Connector] | None = None) -> MappingRow:
+        """Bind the host addresses and start relaying; raise SockmapError if it cannot.
+        A TCP connection to host address A goes through ``connectors[A]``, else
+        ``connector``, else the table's (a ``relay`` target needs one of the first two)."""
         validate(spec)
+        per = connectors or {}
+        chosen = [per.get(t.host_addr, connector or self._connector) for t in spec.host_targets]
         if spec.key in self._open:
             raise SockmapError(
                 f"{spec.key} is already forwarded",
@@ -58,10 +64,20 @@ class MappingTable:
         match spec.proto:
             case Proto.TCP:
                 socks, port = bind_tcp(spec)
-                relay = TcpListener(spec, socks, counters, connector or self._connector)
+                try:
+                    relay = TcpListener(spec, socks, counters, chosen)
+                except SockmapError:
+                    for s in socks:
+                        s.close()
+                    raise
             case Proto.UDP:
                 socks, port = bind_udp(spec)
-                relay = UdpRelay(spec, socks, counters)
+                try:
+                    relay = UdpRelay(spec, socks, counters)
+                except SockmapError:
+                    for s in socks:
+                        s.close()
+                    raise
             case _:
                 assert_never(spec.proto)
         m = _Mapping(spec=spec, host_port=port, relay=relay, counters=counters, since=time.time())
@@ -71,13 +87,17 @@ class MappingTable:
 
     def _keep_drained_connections(self, spec: MappingSpec) -> None:
         """The same forward is back (its guest's agent restarted, a rule reload changed
-        nothing for it): the connections its previous instance is draining go to the same
-        target and are healthy, so they may finish whenever they finish instead of being
-        reset at the drain deadline."""
+        nothing for it, the other family's socket of the server came or went): the
+        connections its previous instance is draining go to the same targets and are
+        healthy, so they may finish whenever they finish instead of being reset at the
+        drain deadline. Same: every host address both have keeps its target, and they
+        have one in common."""
+        new = {t.host_addr: t for t in spec.host_targets}
         for old in self._draining:
-            if (old.drain is not None and old.spec.key == spec.key
-                    and (old.spec.target_addr, old.spec.target_port)
-                    == (spec.target_addr, spec.target_port)):
+            if old.drain is None or old.spec.key != spec.key:
+                continue
+            shared = [t for t in old.spec.host_targets if t.host_addr in new]
+            if shared and all(new[t.host_addr] == t for t in shared):
                 old.drain.reschedule(None)
 
     async def close(

@@ -30,13 +30,15 @@ import functools
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from sockmap.errors import SockmapError
-from sockmap.proxy.spec import MappingSpec, is_ipv6
+from sockmap.proxy.spec import MappingSpec, Target, is_ipv6
 from sockmap.proxy.stats import Counters
 
-#: Returns a connected, non-blocking socket to the mapping's target, or raises.
+#: Returns a connected, non-blocking socket to the mapping's target, or raises. One is given
+#: per host address (MappingTable.open's ``connectors``): the relay's connector knows its
+#: family; it reads the guest port from the spec.
 Connector = Callable[[MappingSpec], Awaitable[socket.socket]]
 
 PIPE_SIZE = 256 * 1024  # per direction; the bound on in-flight bytes (kernel may cap lower)
@@ -358,6 +360,24 @@ class TcpConnection:
         self.listener.connection_closed(self)
 
 
+class _Route:
+    """One listening socket's way upstream: its target and connector."""
+
+    __slots__ = ("connector", "family", "fast", "target")
+
+    def __init__(self, target: Target, connector: Connector) -> None:
+        if target.via == "relay" and connector is tcp_connector:
+            raise SockmapError(
+                f"target {target.addr} of host address {target.host_addr} is reached through "
+                "the guest's agent, but no relay connector was given",
+                hint="pass the relay's connector for that host address",
+            )
+        self.connector = connector
+        self.fast = connector is tcp_connector  # inlined in TcpListener._connect
+        self.target = (target.addr, target.port)
+        self.family = family_of(target.addr)
+
+
 class TcpListener:
     """The host side of one TCP mapping: listening sockets, pending connects, connections."""
 
@@ -366,29 +386,28 @@ class TcpListener:
         spec: MappingSpec,
         socks: list[socket.socket],
         counters: Counters,
-        connector: Connector,
+        connectors: Sequence[Connector],
     ) -> None:
+        """``socks[i]`` listens on ``spec.host_addrs[i]``; its connections go to
+        ``spec.host_targets[i]`` through ``connectors[i]``."""
         self.loop = asyncio.get_running_loop()
         self.spec = spec
         self.counters = counters
-        self.connector = connector
         self.socks = socks
         self.conns: set[TcpConnection] = set()
         self.pending: dict[asyncio.Future[socket.socket], socket.socket] = {}
         # the default connector, inlined: fd -> (client, upstream, timeout timer); saves a
         # Future, a done-callback and a loop iteration per connection
         self.connecting: dict[int, tuple[socket.socket, socket.socket, asyncio.TimerHandle]] = {}
-        self._fast = connector is tcp_connector
-        self._target = (spec.target_addr, spec.target_port)
-        self._family = family_of(spec.target_addr)
+        self._routes = [_Route(t, c) for t, c in zip(spec.host_targets, connectors, strict=True)]
         self.idle = asyncio.Event()
         self.idle.set()
         self._accept_paused = False
-        for s in socks:
-            self.loop.add_reader(s.fileno(), self._on_accept, s)
+        for s, r in zip(socks, self._routes, strict=True):
+            self.loop.add_reader(s.fileno(), self._on_accept, s, r)
 
     # -- accepting ---------------------------------------------------------------------
-    def _on_accept(self, lsock: socket.socket) -> None:
+    def _on_accept(self, lsock: socket.socket, route: _Route) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 client, _addr = lsock.accept()
@@ -403,11 +422,11 @@ class TcpListener:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.counters.opened()
             self.idle.clear()
-            if self._fast:
-                self._connect(client)
+            if route.fast:
+                self._connect(client, route)
                 continue
             try:
-                fut = asyncio.ensure_future(self.connector(self.spec))
+                fut = asyncio.ensure_future(route.connector(self.spec))
             except Exception:
                 self._refused(client)
                 continue
@@ -415,10 +434,10 @@ class TcpListener:
             timer = self.loop.call_later(self.spec.connect_timeout_s, fut.cancel)
             fut.add_done_callback(functools.partial(self._on_upstream, timer=timer))
 
-    def _connect(self, client: socket.socket) -> None:
+    def _connect(self, client: socket.socket, route: _Route) -> None:
         """tcp_connector inlined (same behaviour): non-blocking connect, add_writer."""
         try:
-            up = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            up = socket.socket(route.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as e:  # out of fds or memory: reset this client, back off accepting
             self._refused(client)
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -426,7 +445,7 @@ class TcpListener:
             return
         try:
             up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = up.connect_ex(self._target)
+            err = up.connect_ex(route.target)
         except OSError:
             err = -1
         if err == 0:
@@ -468,9 +487,9 @@ class TcpListener:
 
         def resume() -> None:
             self._accept_paused = False
-            for s in self.socks:
+            for s, r in zip(self.socks, self._routes, strict=True):
                 if s.fileno() >= 0:
-                    self.loop.add_reader(s.fileno(), self._on_accept, s)
+                    self.loop.add_reader(s.fileno(), self._on_accept, s, r)
 
         self.loop.call_later(delay, resume)
 

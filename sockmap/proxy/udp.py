@@ -1,6 +1,7 @@
 """UDP relay: one flow per client address, each with its own connected upstream socket.
 
-Datagrams from a host client go out of that client's flow socket; replies arriving on it go
+Datagrams from a host client go out of that client's flow socket (connected to the target of
+the host address it wrote to); replies arriving on it go
 back to the client from the host address it wrote to. Flows end after ``udp_idle_s`` without
 traffic either way; beyond ``udp_max_flows`` new clients' datagrams are dropped and counted.
 
@@ -18,6 +19,7 @@ import errno
 import socket
 from typing import Any
 
+from sockmap.errors import SockmapError
 from sockmap.proxy.flows import FlowTable
 from sockmap.proxy.spec import MappingSpec
 from sockmap.proxy.stats import Counters
@@ -50,10 +52,15 @@ class UdpRelay:
         )
         self.idle = asyncio.Event()
         self.idle.set()
-        for s in socks:
-            self.loop.add_reader(s.fileno(), self._on_host, s)
+        for t in spec.host_targets:
+            if t.via != "nic":
+                raise SockmapError(f"UDP target {t.addr} of host address {t.host_addr} is "
+                                   "not a NIC address",
+                                   hint="the agent relay carries TCP only")
+        for s, t in zip(socks, spec.host_targets, strict=True):  # socks[i] is host_addrs[i]
+            self.loop.add_reader(s.fileno(), self._on_host, s, (t.addr, t.port))
 
-    def _on_host(self, hsock: socket.socket) -> None:
+    def _on_host(self, hsock: socket.socket, target: tuple[str, int]) -> None:
         c = self.counters
         for _ in range(BATCH):
             try:
@@ -68,7 +75,7 @@ class UdpRelay:
                 if self.flows.full():
                     c.dropped += 1
                     continue
-                flow = self._new_flow(hsock, addr)
+                flow = self._new_flow(hsock, addr, target)
                 if flow is None:
                     continue
             try:
@@ -80,16 +87,15 @@ class UdpRelay:
             else:
                 c.bytes_in += len(data)
 
-    def _new_flow(self, hsock: socket.socket, addr: Addr) -> _Flow | None:
+    def _new_flow(self, hsock: socket.socket, addr: Addr,
+                  target: tuple[str, int]) -> _Flow | None:
         try:
-            up = socket.socket(
-                family_of(self.spec.target_addr), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
-            )
+            up = socket.socket(family_of(target[0]), socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         except OSError:  # out of fds: drop this datagram, count it
             self.counters.errors += 1
             return None
         try:
-            up.connect((self.spec.target_addr, self.spec.target_port))
+            up.connect(target)
         except OSError:
             up.close()
             self.counters.errors += 1

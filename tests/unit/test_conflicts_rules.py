@@ -42,7 +42,9 @@ DECIDE = [
     ("::", None, ADDRS, (("127.0.0.1", N4), ("::1", N6))),
     ("::", True, ADDRS, (("::1", N6),)),
     ("::", True, ("fe80::2",), (("::1", R6),)),
-    ("::", False, ("fd00::2",), (("127.0.0.1", R6), ("::1", N6))),
+    # dual-stack takes IPv4 too: with no IPv4 NIC address, 127.0.0.1 uses the IPv6 one
+    ("::", False, ("fd00::2",), (("127.0.0.1", N6), ("::1", N6))),
+    ("::", False, ("10.0.0.2",), (("127.0.0.1", N4), ("::1", N4))),
     ("::1", True, ADDRS, (("::1", R6),)),
     ("127.0.0.1", None, ADDRS, (("127.0.0.1", R4),)),
     ("127.0.0.53", None, ADDRS, (("127.0.0.1", R4),)),
@@ -365,7 +367,8 @@ DECIDE_UDP = [
     ("::1", True, ADDRS, None),
     ("0.0.0.0", None, (), None),  # no NIC address: only the relay could reach it
     ("0.0.0.0", None, ADDRS, (("127.0.0.1", N4),)),
-    ("::", False, ("fd00::2",), (("::1", N6),)),  # IPv4 side needs the relay: left out
+    ("::", False, ("fd00::2",), (("127.0.0.1", N6), ("::1", N6))),  # dual-stack: the v6 NIC
+    ("::", True, ("fe80::2",), None),  # v6only, no IPv6 NIC address: only the relay
     ("::", False, ADDRS, (("127.0.0.1", N4), ("::1", N6))),
 ]
 

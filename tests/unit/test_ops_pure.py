@@ -13,7 +13,9 @@ import pytest
 from sockmap import logs, metrics, sdnotify
 
 ROW = {"guest": 'de"v1', "proto": "tcp", "host_port": 8080, "state": "open", "connections": 2,
-       "connections_total": 7, "bytes_in": 10, "bytes_out": 2000}
+       "connections_total": 7, "bytes_in": 10, "bytes_out": 2000,
+       "targets": [{"host_addr": "127.0.0.1", "target_addr": "172.31.0.2", "via": "nic"},
+                   {"host_addr": "::1", "target_addr": "fd53::2", "via": "nic"}]}
 
 
 def test_render_families_and_values() -> None:
@@ -31,6 +33,9 @@ def test_render_families_and_values() -> None:
            "2000" in lines
     assert 'sockmap_connections_total{guest="de\\"v1",proto="tcp",host_port="8080"} 7' in lines
     assert 'sockmap_conflicts{kind="time_wait"} 2' in lines
+    assert ('sockmap_mapping_target{guest="de\\"v1",proto="tcp",host_port="8080",'
+            'host_addr="::1",target_addr="fd53::2",via="nic"} 1') in lines  # one per family
+    assert sum(ln.startswith("sockmap_mapping_target{") for ln in lines) == 4
     assert 'sockmap_event_to_mapping_seconds_bucket{le="0.005"} 1' in lines
     assert 'sockmap_event_to_mapping_seconds_bucket{le="0.025"} 3' in lines
     assert 'sockmap_event_to_mapping_seconds_bucket{le="+Inf"} 4' in lines
@@ -40,7 +45,7 @@ def test_render_families_and_values() -> None:
     for ln in lines:
         if not ln.startswith("#"):
             assert re.fullmatch(r'[a-z_]+(\{[^}]*\})? [0-9.e+-]+', ln), ln
-    assert text.count("# TYPE") == text.count("# HELP") == 10
+    assert text.count("# TYPE") == text.count("# HELP") == 11
     # the forwarder of each mapping (a row without one: the relay), the kernel's counts
     assert 'sockmap_mapping_path{guest="de\\"v1",proto="tcp",host_port="8080",path="relay"} 1' \
         in lines

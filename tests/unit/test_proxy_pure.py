@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sockmap.errors import SockmapError
 from sockmap.proxy.__main__ import parse_map
 from sockmap.proxy.flows import FlowTable
-from sockmap.proxy.spec import MappingKey, MappingSpec, Proto, validate
+from sockmap.proxy.spec import MappingKey, MappingSpec, Proto, Target, validate
 from sockmap.proxy.stats import Counters, MappingState, row
 from sockmap.proxy.tcp import family_of
 
@@ -181,3 +181,33 @@ def test_pure_modules_do_no_io(module: str) -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
     assert not names & {"asyncio", "socket", "os", "select", "pyroute2", "asyncio_dgram"}
+
+
+PAIR = MappingSpec(guest="web", proto=Proto.TCP, host_port=8080, targets=(
+    Target(host_addr="127.0.0.1", addr="10.77.1.2", port=80),
+    Target(host_addr="::1", addr="fd00::2", port=80)))
+
+
+def test_targets_spec_fills_the_single_target_fields() -> None:
+    assert validate(PAIR) is PAIR
+    assert PAIR.host_addrs == ("127.0.0.1", "::1") and PAIR.target_addr == "10.77.1.2"
+    assert PAIR.target_port == 80 and PAIR.key == GOOD.key
+    assert PAIR.target_for("::1").addr == "fd00::2"
+    assert GOOD.host_targets == (Target(host_addr="127.0.0.1", addr="10.77.1.2", port=80),
+                                 Target(host_addr="::1", addr="10.77.1.2", port=80))
+    assert row(PAIR, 8080, MappingState.OPEN, Counters(), 0.0).targets == PAIR.targets
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"host_addrs": ("::1",)}, "disagree"),
+    ({"target_addr": "10.0.0.9"}, "disagree"),
+    ({"targets": (Target(host_addr="127.0.0.1", addr="10.77.1.2", port=80),
+                  Target(host_addr="::1", addr="fd00::2", port=81))}, "has port"),
+    ({"targets": (Target(host_addr="127.0.0.1", addr="10.77.1.2", port=80),
+                  Target(host_addr="::1", addr="nowhere", port=80))}, "not an IP address"),
+])
+def test_bad_targets_say_what_to_fix(change: dict[str, object], message: str) -> None:
+    bad = dataclasses.replace(PAIR, **change)  # type: ignore[arg-type]
+    with pytest.raises(SockmapError, match=message) as ei:
+        validate(bad)
+    assert ei.value.hint
