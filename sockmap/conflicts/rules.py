@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, assert_never
 
+from sockmap import addrs as A
 from sockmap.conflicts.records import Conflict, Party, endpoint, party_of
 from sockmap.portwatch.records import Family, Listener, Proto
 
@@ -79,19 +80,19 @@ def parse_ip(addr: str) -> IPAddress | None:
 
 
 def nic_addr(guest_addrs: Iterable[str], family: Family) -> str | None:
-    """The first address of ``family`` the host can connect to (not loopback, link-local,
-    multicast or unspecified)."""
+    """The first address of ``family`` the host can connect to (none that
+    ``sockmap.addrs.refusal`` refuses: loopback, link-local, multicast, unspecified, an
+    IPv6 spelling of an IPv4 address), as ``str(ip)``."""
     for a in guest_addrs:
         ip = parse_ip(a)
-        if ip is None or ip.version != family:
+        if ip is None or ip.version != family or A.refusal(ip) is not None:
             continue
-        if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
-            continue
-        return a
+        return str(ip)
     return None
 
 
-def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
+def decide(listener: Listener, guest_addrs: Iterable[str] = (),
+           refused: Iterable[tuple[str, str]] = ()) -> Decision:
     """Where ``listener`` (in a guest whose NIC has ``guest_addrs``) appears on the host.
     The agent relay carries TCP only: a UDP binding that would need it is left out, and a
     UDP listener left with none is not forwarded, with the reason.
@@ -100,9 +101,11 @@ def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
       unknown) -> 127.0.0.1 and ::1. Upstream: the guest's NIC address of that family, or
       the agent relay when the NIC has none.
     - loopback (127.0.0.0/8, ::1) -> the same family's host loopback, through the relay.
-    - a specific address -> forwarded when it is one of the guest's NIC addresses, else not.
+    - a specific address -> forwarded when it is one of the guest's NIC addresses, else not
+      (with the registry's reason from ``refused``, (address, why) pairs, when it has one);
+      never an IPv6 spelling of an IPv4 address other than IPv4-mapped (NAT64, 6to4, ...).
     """
-    d = _decide(listener, tuple(guest_addrs))
+    d = _decide(listener, tuple(guest_addrs), tuple(refused))
     if listener.proto != "udp" or not isinstance(d, Forwarded):
         return d
     bs = tuple(b for b in d.bindings if not isinstance(b.upstream, Relay))
@@ -113,7 +116,8 @@ def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
                                "address or a wildcard")
 
 
-def _decide(listener: Listener, addrs: tuple[str, ...]) -> Decision:
+def _decide(listener: Listener, addrs: tuple[str, ...],
+            refused: tuple[tuple[str, str], ...] = ()) -> Decision:
     ip = parse_ip(listener.addr)
     relay = Relay(family=listener.family, port=listener.port)
     if ip is None:
@@ -139,13 +143,18 @@ def _decide(listener: Listener, addrs: tuple[str, ...]) -> Decision:
     if ip.is_link_local:
         return NotForwarded(reason=f"bound to link-local {listener.addr}, which needs an "
                                    "interface scope; bind the NIC address or a wildcard")
+    why = A.refusal(ip)
+    if why is not None:
+        return NotForwarded(reason=f"bound to {listener.addr}: {why}; sockmap connects only "
+                                   "to the guest's own NIC address or its loopback")
     if any(parse_ip(a) == ip for a in addrs):
         host = LOOPBACK4 if ip.version == 4 else LOOPBACK6
         return Forwarded(bindings=(Binding(host_addr=host, upstream=Nic(addr=str(ip))),))
-    known = ", ".join(addrs) or "none reported"
+    why = next((w for a, w in refused if A.same(a, str(ip))), None)
+    known = ", ".join(addrs) or "none usable"
     return NotForwarded(reason=f"bound to {listener.addr}, not one of this guest's addresses "
-                               f"({known}); sockmap connects only to the guest's own NIC "
-                               "address or its loopback")
+                               f"({known}){f': {why}' if why else ''}; sockmap connects "
+                               "only to the guest's own NIC address or its loopback")
 
 
 def host_bind_addrs(listener: Listener, guest_addrs: Iterable[str] = ()) -> tuple[str, ...]:
@@ -371,7 +380,8 @@ class GuestState:
 
     name: str
     listeners: tuple[Listener, ...]
-    addrs: tuple[str, ...] = ()
+    addrs: tuple[str, ...] = ()  # the addresses the host may connect to (the registry's)
+    refused: tuple[tuple[str, str], ...] = ()  # reported but refused: (address, why)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -468,7 +478,7 @@ def _wants(guests: Sequence[GuestState],
         unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
         for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
                                                           li.addr)):
-            d = decide(li, g.addrs)
+            d = decide(li, g.addrs, g.refused)
             rule = match_rule(rules, g.name, li)
             if rule is not None and rule.action == "ignore":
                 skipped.append(Skipped(guest=g.name, listener=li,
