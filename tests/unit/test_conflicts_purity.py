@@ -9,8 +9,8 @@ import pytest
 
 import sockmap
 
-PURE = ["protocol.py", "addrs.py", "registry.py", "conflicts/records.py", "conflicts/rules.py", "conflicts/flat.py",
-        "conflicts/report.py"]
+PURE = ["protocol.py", "addrs.py", "registry.py", "conflicts/records.py", "conflicts/rules.py",
+        "conflicts/flat.py", "conflicts/report.py"]
 FORBIDDEN = {"asyncio", "socket", "subprocess", "pyroute2", "os", "select", "selectors",
              "pathlib", "sockmap.portwatch.sources", "sockmap.portwatch.owners"}
 
