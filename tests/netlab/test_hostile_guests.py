@@ -230,3 +230,41 @@ def test_a_netns_guest_cannot_mint_itself_a_vm_identity(lab: netlab.Lab, tmp_pat
         assert good.poll() is None
     finally:
         assert d.stop() == 0, d.log_text()
+
+
+def test_guest_exec_user_narrows_what_a_guest_command_can_do(lab: netlab.Lab, tmp_path: Path
+                                                             ) -> None:
+    """`guest exec --user`: inside the guest's netns, but not its root: it may serve, and
+    may neither take another address (hole 1) nor write a token file (hole 3)."""
+    run = tmp_path / "run"
+    d = start_daemon(lab, run, tmp_path / "daemon.log")
+    try:
+        name, _, _ = d.guest("u")
+
+        def exec_as(user: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+            return lab.host.sockmap("guest", "exec", name, "--run-dir", str(run), "--user",
+                                    user, "--", *cmd)
+        r = exec_as("nobody", "sh", "-c", "id -u; cat /proc/self/status | grep -E "
+                  "'^(CapEff|CapBnd|NoNewPrivs)'")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split()
+        assert lines[0] == "65534" and "0000000000000000" in r.stdout, r.stdout
+        assert r.stdout.count("0000000000000000") == 2 and "NoNewPrivs:\t1" in r.stdout
+        # it can serve in the guest ...
+        r = exec_as("nobody", PY, "-c", "import socket; s = socket.socket(); "
+                  "s.bind(('0.0.0.0', 8000)); s.listen(); print('listening')")
+        assert r.returncode == 0 and "listening" in r.stdout, r.stderr
+        # ... but not add an address nor mint a token, which the guest's root can
+        r = exec_as("nobody", "ip", "addr", "add", "172.31.99.9/32", "dev", "eth0")
+        assert r.returncode != 0 and "not permitted" in r.stderr.lower(), r.stderr
+        token = run / "tokens" / "evil.token"
+        r = exec_as("nobody", PY, "-c", MINT, str(token))
+        assert r.returncode != 0 and "PermissionError" in r.stderr, r.stderr
+        assert not token.exists()
+        # an unknown user or root is refused with what to do
+        r = exec_as("no-such-user-x", "true")
+        assert r.returncode == 2 and "no user named" in r.stderr, r.stderr
+        r = exec_as("root", "true")
+        assert r.returncode == 2 and "is root" in r.stderr, r.stderr
+    finally:
+        assert d.stop() == 0, d.log_text()
