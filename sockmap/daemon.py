@@ -207,6 +207,7 @@ class Daemon:
                 raise SockmapError(f"cannot listen for agents on {host}:{port}: {e.strerror}",
                                    hint="give an address this host has and a free port") from e
             log.info("TCP agent listener on %s:%d", host, port)
+            self.planner.own_sockets[("tcp", host, port)] = "sockmap's agent listener"
         if cfg.metrics is not None:
             host, port = config.loopback_only(cfg.metrics, "metrics address")
             try:
@@ -216,6 +217,7 @@ class Daemon:
                 raise SockmapError(f"cannot serve metrics on {host}:{port}: {e.strerror}",
                                    hint="pick a free port with --metrics ADDR:PORT") from e
             log.info("metrics on http://%s/metrics", control_endpoint(host, port))
+            self.planner.own_sockets[("tcp", host, port)] = "sockmap's metrics endpoint"
         if cfg.config_path is not None:
             log.info("rules from %s: %d rules", cfg.config_path, len(self.rules))
 

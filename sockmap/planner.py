@@ -117,6 +117,7 @@ class Planner:
         self.table: MappingTable | None = None
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
+        self.own_sockets: dict[HostEndpoint, str] = {}  # the daemon's other sockets, named
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
@@ -201,7 +202,7 @@ class Planner:
         current = tuple(m for ms in self._open.values() for m in ms)
         pl, desired = await asyncio.to_thread(
             self._decide, self.registry.raw_states(), host, current, tuple(self._blocked),
-            self.policies, self.rules)
+            self.policies, self.rules, dict(self.own_sockets))
         self.last_plan = pl
         self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
                                 if c.kind == "host_port_in_use")
@@ -238,12 +239,13 @@ class Planner:
 
     def _decide(self, guests: tuple[GuestState, ...], host: list[Listener],
                 current: tuple[PortMapping, ...], blocked: tuple[HostEndpoint, ...],
-                policies: Policies, rules: tuple[Rule, ...]
+                policies: Policies, rules: tuple[Rule, ...],
+                own_labels: dict[HostEndpoint, str]
                 ) -> tuple[Plan, dict[MappingKey, tuple[PortMapping, ...]]]:
         """The plan and its groups, from immutable inputs (runs in a thread)."""
         capped, over, too_many = cap_listeners(guests, self.max_listeners)
         pl = plan(guests=capped, host_listeners=host, current=current, blocked=blocked,
-                  own_pid=os.getpid(), policies=policies, rules=rules)
+                  own_pid=os.getpid(), policies=policies, rules=rules, own_labels=own_labels)
         if over:
             pl = replace(pl, skipped=pl.skipped + over, conflicts=too_many + pl.conflicts)
         return pl, group_mappings(pl.mappings)

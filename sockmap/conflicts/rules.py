@@ -18,8 +18,8 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import itertools
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal, assert_never
 
 from sockmap import addrs as A
@@ -531,6 +531,7 @@ def plan(
     blocked: Iterable[HostEndpoint] = (),
     own_pid: int | None = None,
     rules: Sequence[Rule] = (),
+    own_labels: Mapping[HostEndpoint, str] | None = None,
 ) -> Plan:
     """Decide every mapping. Pure: the same inputs give the same plan.
 
@@ -538,6 +539,10 @@ def plan(
     there keeps it, else the earlier guest. ``host_listeners``: a scan of the host; the
     daemon's own sockets are not holders (owner pid == ``own_pid``; when the owner or
     ``own_pid`` is unknown, a socket on a current mapping's endpoint counts as ours).
+    The daemon's other sockets (its agent listener, its metrics endpoint) do hold their
+    ports: they are holders named by ``own_labels`` (host endpoint -> "sockmap's agent
+    listener"), so a guest listener on such a port gets a ``host_port_in_use`` that says
+    which sockmap socket holds it, and its policy (remap, wait), not a TIME_WAIT retry.
     ``blocked``: host endpoints whose bind() failed with EADDRINUSE.
     A listener is forwarded on all of its host addresses or none (half a dual-stack forward
     would make ``localhost`` reach different servers by client).
@@ -551,7 +556,11 @@ def plan(
             return h.owner.pid == own_pid
         return (h.proto, h.addr, h.port) in mine  # owner unknown: trust the endpoint
 
-    holders = [h for h in host_listeners if not ours(h)]
+    hosts = tuple(host_listeners)
+    own_named: dict[Listener, str] = {  # the daemon's own sockets other than its mappings
+        h: _own_label(h, own_labels or {}) for h in hosts
+        if ours(h) and (h.proto, h.addr, h.port) not in mine}
+    holders = [h for h in hosts if not ours(h) or h in own_named]
     by_port: dict[tuple[Proto, int], list[Listener]] = {}
     for h in holders:
         by_port.setdefault((h.proto, h.port), []).append(h)
@@ -630,15 +639,16 @@ def plan(
                         "equal to guest ports",
                 ))
             if holding:
-                hp = tuple(party_of(h, side="host", receives=f"keeps host port {port}")
-                           for h in holding)
+                hp = tuple(_host_party(h, port, own_named.get(h)) for h in holding)
                 names = ", ".join(_who(p) for p in hp)
                 conflicts.append(Conflict(
                     kind="host_port_in_use", proto=proto, port=port, parties=(me, *hp),
                     summary=f"{w.guest} listens on {endpoint(li.addr, li.port)} but {proto} "
                             f"port {port} on host localhost is held by {names}",
                     resolution=did,
-                    fix=_host_fix(pol, names, port),
+                    fix=_host_fix(pol, names, port) if not all(h in own_named for h in holding)
+                    else f"give {names} another port (--agent-listen, --metrics), or set "
+                         f"policy remap for port {port}",
                 ))
         else:
             retry.extend(tw)
@@ -679,6 +689,22 @@ def plan(
         pending=tuple(pending),
         remapped=tuple(remapped),
     )
+
+
+def _own_label(h: Listener, labels: Mapping[HostEndpoint, str]) -> str:
+    """What a socket of the daemon itself is, for conflicts: its label when given (matched
+    by proto, port and address in any spelling), else "a socket of sockmap itself"."""
+    for (proto, addr, port), label in labels.items():
+        if (proto, port) == (h.proto, h.port) and A.same(addr, h.addr):
+            return label
+    return "a socket of sockmap itself"
+
+
+def _host_party(h: Listener, port: int, own: str | None) -> Party:
+    p = party_of(h, side="host", receives=f"keeps host port {port}")
+    if own is None:
+        return p
+    return replace(p, process=own, receives=f"keeps host port {port}: it is {own}")
 
 
 def _host_fix(pol: Policy, names: str, port: int) -> str:
