@@ -45,6 +45,7 @@ from sockmap.conflicts.rules import (
 )
 from sockmap.errors import SockmapError
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
+from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto
 from sockmap.registry import Registry
 
@@ -183,15 +184,24 @@ class Planner:
             async with self._planned:
                 self._planned.notify_all()
 
-    def _scan_host(self) -> list[Listener]:
+    def _scan_host(self) -> tuple[list[Listener], list[str] | None]:
+        """The host's listeners and its own addresses (None: unreadable, keep the last)."""
         try:
-            return scan_listeners(owners=self._owners)
+            host = scan_listeners(owners=self._owners)
         except (SockmapError, OSError) as e:
             self.log_once(f"host scan: {e}")
-            return []
+            host = []
+        try:
+            own = [a for addrs in dump_addrs(None).values() for a in addrs]
+        except Exception as e:  # OSError, pyroute2's NetlinkError: keep the last we read
+            self.log_once(f"host addresses: {e}")
+            return host, None
+        return host, own
 
     async def _replan(self) -> None:
-        host = await asyncio.to_thread(self._scan_host)
+        host, own_addrs = await asyncio.to_thread(self._scan_host)
+        if own_addrs is not None:  # a guest never gets the host's own addresses
+            self.registry.set_host_addrs(own_addrs)
         now = time.monotonic()
         for e, due in list(self._blocked.items()):  # EADDRINUSE: free again?
             if due <= now:

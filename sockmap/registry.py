@@ -15,7 +15,7 @@ own address) that its netns really has (the record's, then the kernel's answer,
 ``set_record``): an address it adds to its own eth0, such as another guest's, is refused.
 A VM guest (no record) may not use an address another guest holds: inside a netns guest's
 networks, or reported by another VM guest (then neither may: the host cannot tell them
-apart).
+apart). No guest may use an address of the host itself (``set_host_addrs``).
 """
 
 from __future__ import annotations
@@ -78,12 +78,13 @@ class Vouched:
 def vouch(
     reported: Iterable[str], *, record: frozenset[str] | None = None,
     assigned: Assigned | None = None, held: Mapping[str, str] | None = None,
-    held_nets: Sequence[tuple[Network, str]] = (),
+    held_nets: Sequence[tuple[Network, str]] = (), host: frozenset[str] = frozenset(),
 ) -> Vouched:
     """Which reported addresses the host may connect to, and why not the others.
     ``record``: a netns guest's addresses (the record's, then the kernel's; None: a VM
     guest); ``assigned``: its networks. ``held``: address -> the other guest holding it;
-    ``held_nets``: other netns guests' networks (both only checked for VM guests)."""
+    ``held_nets``: other netns guests' networks (both only checked for VM guests).
+    ``host``: the host's own addresses (never a guest's, whatever it reports)."""
     usable: list[str] = []
     refused: list[tuple[str, str]] = []
     held = held or {}
@@ -97,6 +98,8 @@ def vouch(
         if n in usable:
             continue
         why = A.refusal(ip)
+        if why is None and n in host:
+            why = f"{n} is an address of the host itself"
         if why is None and record is not None:
             if assigned is not None:
                 why = assigned.refusal(ip)
@@ -141,6 +144,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._guests: dict[str, GuestEntry] = {}
+        self._host: frozenset[str] = frozenset()  # the host's own addresses
 
     def __contains__(self, name: str) -> bool:
         return name in self._guests
@@ -169,6 +173,10 @@ class Registry:
             g.record_addrs = None
         else:
             g.record_addrs = frozenset(n for a in addrs if (n := _norm(a)) is not None)
+
+    def set_host_addrs(self, addrs: Iterable[str]) -> None:
+        """The host's own addresses (the daemon reads them before each plan)."""
+        self._host = frozenset(n for a in addrs if (n := _norm(a)) is not None)
 
     def forget(self, name: str) -> None:
         self._guests.pop(name, None)
@@ -229,7 +237,8 @@ class Registry:
         if g is None:
             return Vouched()
         if g.record_addrs is not None:
-            return vouch(g.reported_addrs, record=g.record_addrs, assigned=g.assigned)
+            return vouch(g.reported_addrs, record=g.record_addrs, assigned=g.assigned,
+                         host=self._host)
         held: dict[str, str] = {}
         nets: list[tuple[Network, str]] = []
         for o in self._guests.values():
@@ -243,7 +252,7 @@ class Registry:
                     ip = A.parse(a)
                     if ip is not None and A.refusal(A.unmap(ip)) is None:
                         held.setdefault(str(A.unmap(ip)), o.name)
-        return vouch(g.reported_addrs, held=held, held_nets=nets)
+        return vouch(g.reported_addrs, held=held, held_nets=nets, host=self._host)
 
     def addrs_of(self, name: str) -> tuple[str, ...]:
         return self.vouched(name).usable

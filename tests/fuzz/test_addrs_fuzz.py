@@ -27,10 +27,11 @@ NETNS = {  # name: (subnet4, prefix6, host4, guest4, host6, guest6)
           "fd53:6f63:6b6d:1::1", "fd53:6f63:6b6d:1::2"),
 }
 VMS = {"v1": ("10.5.0.2", "fd77::2"), "v2": ("10.6.0.2", "fd78::2")}
-DANGER4 = ["127.0.0.1", "127.0.0.53", "0.0.0.0", "169.254.0.1", "224.0.0.1",
+HOST = ["192.168.122.1", "fd99::1"]  # the host's own addresses (besides its veth ends)
+DANGER4 = ["127.0.0.1", "127.0.0.53", "0.0.0.0", "169.254.0.1", "224.0.0.1", HOST[0],
            *(x for r in NETNS.values() for x in (r[2], r[3], "172.31.0.0", "172.31.0.3")),
            *(v[0] for v in VMS.values())]
-DANGER6 = ["::1", "::", "fe80::1", "ff02::1",
+DANGER6 = ["::1", "::", "fe80::1", "ff02::1", HOST[1],
            *(x for r in NETNS.values() for x in (r[4], r[5], r[1].split("/")[0]))]
 
 
@@ -141,6 +142,7 @@ def test_no_target_is_ever_outside_the_guests_own_addresses(
     kernel_extra = {g: data.draw(picks) for g in NETNS}
     binds = [_spell(data, a) for a in data.draw(picks)]
     r = Registry()
+    r.set_host_addrs([*HOST, *(x for rec in NETNS.values() for x in (rec[2], rec[4]))])
     kernel: dict[str, set[str]] = {}
     for session, (name, (sub4, pre6, h4, g4, h6, g6)) in enumerate(NETNS.items(), 1):
         r.assign(name, Assigned.of(subnet4=sub4, prefix6=pre6, host_addr4=h4, host_addr6=h6))
@@ -163,7 +165,8 @@ def test_no_target_is_ever_outside_the_guests_own_addresses(
         return A.unmap(ip)
 
     netns_nets = {g: [ipaddress.ip_network(x) for x in rec[:2]] for g, rec in NETNS.items()}
-    host_ends = {plain(x) for rec in NETNS.values() for x in (rec[2], rec[4])}
+    host_ends = {plain(x) for rec in NETNS.values() for x in (rec[2], rec[4])} | {
+        plain(x) for x in HOST}
     def own(guest: str, addr: str) -> None:
         t = plain(addr)
         assert str(t) == addr  # one canonical plain spelling

@@ -128,7 +128,7 @@ def test_mapped_addresses_from_a_vm_agent_reach_neither_host_nor_guest(
     vm = lab.add_guest()
     run = tmp_path / "run"
     (run / "tokens").mkdir(parents=True)
-    for name in ("vm1", "vm2"):
+    for name in ("vm1", "vm2", "vm4"):
         (run / "tokens" / f"{name}.token").write_text(f"token-of-{name}\n")
     rules = _rules(tmp_path, '[[rule]]\nguest = "*-b"\nport = 7802\naction = "ignore"\n')
     d = start_daemon(lab, run, tmp_path / "daemon.log", "--config", str(rules),
@@ -137,12 +137,15 @@ def test_mapped_addresses_from_a_vm_agent_reach_neither_host_nor_guest(
         _, b, recb = d.guest("b")
         serve(b, "tcp", "0.0.0.0", 7802)  # another guest's server, kept off the host
         serve(lab.host, "tcp", "127.0.0.1", 7801)  # the host's own loopback-only service
+        serve(lab.host, "tcp", vm.host_addr4, 7804)  # and one on its own address
         spells = {"vm1": (7801, ["::ffff:127.0.0.1"]),
-                  "vm2": (7802, [f"::ffff:{recb['guest_addr4']}"])}
+                  "vm2": (7802, [f"::ffff:{recb['guest_addr4']}"]),
+                  "vm4": (7804, [vm.host_addr4])}
         agents: dict[str, subprocess.Popen[str]] = {}
         for name, (port, addrs) in spells.items():
-            snap = json.dumps({"listeners": [_vm_listener(port)], "addrs": addrs,
-                               "ifname": "eth0"})
+            li = _vm_listener(port) if name != "vm4" else p.listener_json(
+                Listener(proto="tcp", family=4, addr="0.0.0.0", port=port))
+            snap = json.dumps({"listeners": [li], "addrs": addrs, "ifname": "eth0"})
             agents[name] = vm.ns.popen([PY, "-u", "-c", HOSTILE_AGENT, vm.host_addr4, "7072",
                                         name, f"token-of-{name}", snap])
             assert agents[name].stdout is not None
@@ -154,11 +157,15 @@ def test_mapped_addresses_from_a_vm_agent_reach_neither_host_nor_guest(
         assert not ok, f"host ::1:7801 reached {answer!r}: the host's own 127.0.0.1:7801"
         ok, _, answer = probe(lab.host, "open", "tcp", "::1", 7802, within=1.5)
         assert not ok, f"host ::1:7802 reached {answer!r}: guest b's server"
+        ok, _, answer = probe(lab.host, "open", "tcp", "127.0.0.1", 7804, within=1.5)
+        assert not ok, f"host 127.0.0.1:7804 reached {answer!r}: the host's own server"
         # the mapped spellings were read as the IPv4 addresses they are, and refused
         why1 = {r["addr"]: r["reason"] for r in d.guest_state("vm1")["refused_addrs"]}
         assert "loopback" in why1["127.0.0.1"], why1
         why2 = {r["addr"]: r["reason"] for r in d.guest_state("vm2")["refused_addrs"]}
         assert "guest" in why2[recb["guest_addr4"]], why2
+        why4 = {r["addr"]: r["reason"] for r in d.guest_state("vm4")["refused_addrs"]}
+        assert "host itself" in why4[vm.host_addr4], why4
         # the host's server itself is still there (the probe was not refused for that)
         assert probe(lab.host, "open", "tcp", "127.0.0.1", 7801)[0]
         # other IPv4 spellings (NAT64, 6to4, compatible) are refused at the protocol

@@ -141,3 +141,14 @@ def test_decide_and_nic_addr_never_pick_a_spelling() -> None:
     d = decide(Listener(proto="tcp", family=4, addr=B4, port=7777), [A4],
                [(B4, f"{B4} is not an address sockmap assigned to this guest")])
     assert isinstance(d, NotForwarded) and "not an address sockmap assigned" in d.reason
+
+
+def test_no_guest_gets_an_address_of_the_host_itself() -> None:
+    r = Registry()
+    r.set_host_addrs(["192.168.122.1", "10.0.0.1", "::ffff:10.0.0.7"])
+    r.connect("vm", 1)
+    r.snapshot("vm", [], ["192.168.122.1", "::ffff:10.0.0.7", "192.168.122.5"])
+    v = r.vouched("vm")
+    assert v.usable == ("192.168.122.5",)
+    why = dict(v.refused)
+    assert "host itself" in why["192.168.122.1"] and "host itself" in why["::ffff:10.0.0.7"]
