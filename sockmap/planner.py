@@ -184,13 +184,16 @@ class Planner:
             async with self._planned:
                 self._planned.notify_all()
 
-    def _scan_host(self) -> tuple[list[Listener], list[str] | None]:
-        """The host's listeners and its own addresses (None: unreadable, keep the last)."""
+    def _scan_host(self, addrs: bool) -> tuple[list[Listener], list[str] | None]:
+        """The host's listeners and, with ``addrs``, its own addresses (None: not read or
+        unreadable, keep the last)."""
         try:
             host = scan_listeners(owners=self._owners)
         except (SockmapError, OSError) as e:
             self.log_once(f"host scan: {e}")
             host = []
+        if not addrs:
+            return host, None
         try:
             own = [a for addrs in dump_addrs(None).values() for a in addrs]
         except Exception as e:  # OSError, pyroute2's NetlinkError: keep the last we read
@@ -199,8 +202,11 @@ class Planner:
         return host, own
 
     async def _replan(self) -> None:
-        host, own_addrs = await asyncio.to_thread(self._scan_host)
-        if own_addrs is not None:  # a guest never gets the host's own addresses
+        # the host's own addresses, which no guest gets: only VM guests could claim them (a
+        # netns guest only has addresses in the networks the daemon assigned it)
+        host, own_addrs = await asyncio.to_thread(self._scan_host,
+                                                  self.registry.has_vm_guests())
+        if own_addrs is not None:
             self.registry.set_host_addrs(own_addrs)
         now = time.monotonic()
         for e, due in list(self._blocked.items()):  # EADDRINUSE: free again?

@@ -178,6 +178,10 @@ class Registry:
         """The host's own addresses (the daemon reads them before each plan)."""
         self._host = frozenset(n for a in addrs if (n := _norm(a)) is not None)
 
+    def has_vm_guests(self) -> bool:
+        """Whether any guest has no record (a VM guest)."""
+        return any(g.record_addrs is None for g in self._guests.values())
+
     def forget(self, name: str) -> None:
         self._guests.pop(name, None)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sockmap import addrs as A
 from sockmap import planner
 from sockmap import protocol as p
-from sockmap.conflicts.rules import Nic, decide, nic_addr, plan
+from sockmap.conflicts.rules import Nic, decide, nic_addr, plan, relay_target
 from sockmap.portwatch.records import Listener
 from sockmap.registry import Assigned, Registry
 
@@ -81,6 +81,21 @@ def test_every_spelling_names_its_ipv4_and_every_alias_is_refused(v4: V4,
     assert A.refusal(ip) is not None
     assert A.unmap(ip) == v4 or alias[0] != "IPv4-mapped"
     assert nic_addr([text], 6) is None
+
+
+@given(v4s, st.data(), st.booleans())
+def test_the_agents_relay_only_ever_connects_to_its_own_loopback(
+        v4: V4, data: st.DataObject, v6only: bool) -> None:
+    text = data.draw(spelling(v4))
+    ip = A.parse(text)
+    assert ip is not None
+    li = Listener(proto="tcp", family=ip.version, addr=text, port=80,
+                  v6only=None if ip.version == 4 else v6only)
+    got = relay_target([li], "tcp", li.family, 80)
+    if got is not None:
+        g = A.parse(got)
+        assert g is not None and g.is_loopback and got in ("::1", str(g)), (text, got)
+        assert A.embedded_v4(g) is None
 
 
 def _snapshot_frame(addrs: list[str], binds: list[str]) -> bytes:
