@@ -11,7 +11,8 @@ so every address check asks ``refusal`` here rather than ``is_loopback`` and fri
 
 - ``parse``: an address or None; ``canonical``: its one text form (IPv4-mapped written
   ``::ffff:a.b.c.d``, as the kernel's inet_ntop does); ``unmap``: the IPv4 address for an
-  IPv4-mapped one, else the address (what the codec does to reported NIC addresses).
+  IPv4-mapped one, else the address (what the codec does to reported NIC addresses);
+  ``plain``: both, with its text (cached: the registry asks for every address each plan).
 - ``embedded_v4``: (form, IPv4 address) of an alias spelling, or None.
 - ``refusal``: why the host must not connect to an address (None: it may).
 - ``same``: two spellings name one address (mapped and plain compare equal).
@@ -19,6 +20,7 @@ so every address check asks ``refusal`` here rather than ``is_loopback`` and fri
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -33,6 +35,7 @@ _THIS_NET4 = ipaddress.IPv4Network("0.0.0.0/8")
 _BROADCAST4 = ipaddress.IPv4Address("255.255.255.255")
 
 
+@functools.lru_cache(maxsize=16384)
 def parse(addr: str) -> IPAddress | None:
     """The address ``addr`` spells (no scope, no brackets), or None."""
     try:
@@ -51,6 +54,17 @@ def canonical(addr: str) -> str | None:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=16384)
+def plain(addr: str) -> tuple[IPAddress, str] | None:
+    """(address, text) of ``addr`` read as the address it is: an IPv4-mapped one as its
+    IPv4 address; None when ``addr`` is no address."""
+    ip = parse(addr)
+    if ip is None:
+        return None
+    ip = unmap(ip)
+    return ip, str(ip)
+
+
 def unmap(ip: IPAddress) -> IPAddress:
     """An IPv4-mapped address as the IPv4 address it is on Linux; others unchanged."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -58,6 +72,7 @@ def unmap(ip: IPAddress) -> IPAddress:
     return ip
 
 
+@functools.lru_cache(maxsize=16384)
 def embedded_v4(ip: IPAddress) -> tuple[str, ipaddress.IPv4Address] | None:
     """(form, the IPv4 address) when ``ip`` is an IPv6 spelling that names or tunnels to an
     IPv4 address; None for IPv4 and for plain IPv6 addresses. ``::`` and ``::1`` are not
@@ -89,6 +104,7 @@ def embedded_v4(ip: IPAddress) -> tuple[str, ipaddress.IPv4Address] | None:
     return None
 
 
+@functools.lru_cache(maxsize=16384)  # pure; ipaddress's properties cost microseconds each
 def refusal(ip: IPAddress) -> str | None:
     """Why the host must never connect to ``ip`` as a guest's address (None: it may):
     unspecified, loopback, link-local, multicast, broadcast, "this network" and reserved

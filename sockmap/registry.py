@@ -21,7 +21,7 @@ apart). No guest may use an address of the host itself (``set_host_addrs``).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sockmap import addrs as A
@@ -53,9 +53,9 @@ class Assigned:
         return cls(nets=nets, host_end=frozenset(
             n for a in (host_addr4, host_addr6) if (n := _norm(a)) is not None))
 
-    def refusal(self, ip: A.IPAddress) -> str | None:
-        """Why ``ip`` is not this guest's to use (None: it is)."""
-        text = str(ip)
+    def refusal(self, ip: A.IPAddress, text: str | None = None) -> str | None:
+        """Why ``ip`` (spelled ``text``) is not this guest's to use (None: it is)."""
+        text = str(ip) if text is None else text
         if text in self.host_end:
             return f"{text} is the host's end of this guest's veth (the host itself)"
         for net in self.nets:
@@ -77,24 +77,23 @@ class Vouched:
 
 def vouch(
     reported: Iterable[str], *, record: frozenset[str] | None = None,
-    assigned: Assigned | None = None, held: Mapping[str, str] | None = None,
-    held_nets: Sequence[tuple[Network, str]] = (), host: frozenset[str] = frozenset(),
+    assigned: Assigned | None = None,
+    holder: Callable[[A.IPAddress, str], str | None] | None = None,
+    host: frozenset[str] = frozenset(),
 ) -> Vouched:
     """Which reported addresses the host may connect to, and why not the others.
     ``record``: a netns guest's addresses (the record's, then the kernel's; None: a VM
-    guest); ``assigned``: its networks. ``held``: address -> the other guest holding it;
-    ``held_nets``: other netns guests' networks (both only checked for VM guests).
-    ``host``: the host's own addresses (never a guest's, whatever it reports)."""
+    guest); ``assigned``: its networks. ``holder``: for a VM guest, why another guest holds
+    an address, given as (address, text) (None: nobody does). ``host``: the host's own
+    addresses (never a guest's, whatever it reports)."""
     usable: list[str] = []
     refused: list[tuple[str, str]] = []
-    held = held or {}
     for a in reported:
-        ip = A.parse(a)
-        if ip is None:
+        got = A.plain(a)
+        if got is None:
             refused.append((a, f"{a!r} is not an IP address"))
             continue
-        ip = A.unmap(ip)
-        n = str(ip)
+        ip, n = got
         if n in usable:
             continue
         why = A.refusal(ip)
@@ -102,16 +101,12 @@ def vouch(
             why = f"{n} is an address of the host itself"
         if why is None and record is not None:
             if assigned is not None:
-                why = assigned.refusal(ip)
+                why = assigned.refusal(ip, n)
             if why is None and n not in record:
                 why = (f"{n} is not on this guest's interfaces" if assigned is not None
                        else f"{n} is not in this guest's record")
-        if why is None and record is None:
-            if n in held:
-                why = f"{n} is held by guest {held[n]}"
-            else:
-                why = next((f"{n} is in guest {g}'s network {net}" for net, g in held_nets
-                            if net.version == ip.version and ip in net), None)
+        if why is None and record is None and holder is not None:
+            why = holder(ip, n)
         if why is None:
             usable.append(n)
         else:
@@ -124,7 +119,35 @@ def usable_addrs(
 ) -> tuple[str, ...]:
     """The reported addresses the host may connect to, in reported order, normalised
     (``vouch`` without networks: ``foreign`` are addresses other guests hold)."""
-    return vouch(reported, record=record, held=dict.fromkeys(foreign, "another")).usable
+    return vouch(reported, record=record, holder=lambda _ip, n: (
+        f"{n} is held by another guest" if n in foreign else None)).usable
+
+
+@dataclass(frozen=True, slots=True)
+class _Holders:
+    """Who holds which address, built once per registry change: netns guests' networks
+    (by (version, prefix length), so a lookup is a dict access per length) and addresses,
+    and what each VM guest reports."""
+
+    nets: dict[tuple[int, int], dict[int, tuple[Network, str]]]  # (v, len) -> prefix ->
+    netns_addrs: dict[str, str]
+    reported: dict[str, frozenset[str]]
+
+    def holder(self, name: str) -> Callable[[A.IPAddress, str], str | None]:
+        def why(ip: A.IPAddress, n: str) -> str | None:
+            other = self.netns_addrs.get(n)
+            if other is not None and other != name:
+                return f"{n} is held by guest {other}"
+            for (version, plen), table in self.nets.items():
+                if version == ip.version:
+                    hit = table.get(int(ip) >> (ip.max_prefixlen - plen))
+                    if hit is not None and hit[1] != name:
+                        return f"{n} is in guest {hit[1]}'s network {hit[0]}"
+            others = self.reported.get(n)
+            if not others or others == {name}:
+                return None
+            return f"{n} is held by guest {min(others - {name})}"
+        return why
 
 
 @dataclass(slots=True, kw_only=True)
@@ -145,6 +168,12 @@ class Registry:
     def __init__(self) -> None:
         self._guests: dict[str, GuestEntry] = {}
         self._host: frozenset[str] = frozenset()  # the host's own addresses
+        self._vouched: dict[str, Vouched] = {}  # cache, cleared when an address input changes
+        self._holders: _Holders | None = None
+
+    def _changed(self) -> None:
+        self._vouched.clear()
+        self._holders = None
 
     def __contains__(self, name: str) -> bool:
         return name in self._guests
@@ -159,11 +188,13 @@ class Registry:
         g = self._guests.get(name)
         if g is None:
             g = self._guests[name] = GuestEntry(name=name)
+            self._changed()
         return g
 
     def assign(self, name: str, assigned: Assigned | None) -> None:
         """The networks the daemon assigned guest ``name`` (None: not a netns guest)."""
         self.ensure(name).assigned = assigned
+        self._changed()
 
     def set_record(self, name: str, addrs: Iterable[str] | None) -> None:
         """The addresses the guest's netns has: its record's, then what the kernel says
@@ -173,10 +204,14 @@ class Registry:
             g.record_addrs = None
         else:
             g.record_addrs = frozenset(n for a in addrs if (n := _norm(a)) is not None)
+        self._changed()
 
     def set_host_addrs(self, addrs: Iterable[str]) -> None:
         """The host's own addresses (the daemon reads them before each plan)."""
-        self._host = frozenset(n for a in addrs if (n := _norm(a)) is not None)
+        host = frozenset(n for a in addrs if (n := _norm(a)) is not None)
+        if host != self._host:
+            self._host = host
+            self._changed()
 
     def has_vm_guests(self) -> bool:
         """Whether any guest has no record (a VM guest)."""
@@ -184,6 +219,7 @@ class Registry:
 
     def forget(self, name: str) -> None:
         self._guests.pop(name, None)
+        self._changed()
 
     # -- sessions ------------------------------------------------------------------------
     def connect(self, name: str, session: int) -> int | None:
@@ -214,6 +250,7 @@ class Registry:
         g.listeners = dict(listeners) if isinstance(listeners, Mapping) else \
             {li.key: li for li in listeners}
         g.reported_addrs = tuple(addrs)
+        self._changed()
         g.synced = True
         g.snapshots += 1
 
@@ -233,30 +270,47 @@ class Registry:
 
     def addresses(self, name: str, addrs: Iterable[str]) -> None:
         self.ensure(name).reported_addrs = tuple(addrs)
+        self._changed()
 
     # -- what plan() needs -----------------------------------------------------------------
     def vouched(self, name: str) -> Vouched:
-        """Guest ``name``'s usable and refused addresses (see ``vouch``)."""
+        """Guest ``name``'s usable and refused addresses (see ``vouch``); cached until an
+        address, record or guest changes (linear in the addresses: one holder index)."""
+        got = self._vouched.get(name)
+        if got is not None:
+            return got
         g = self._guests.get(name)
         if g is None:
             return Vouched()
         if g.record_addrs is not None:
-            return vouch(g.reported_addrs, record=g.record_addrs, assigned=g.assigned,
-                         host=self._host)
-        held: dict[str, str] = {}
-        nets: list[tuple[Network, str]] = []
+            got = vouch(g.reported_addrs, record=g.record_addrs, assigned=g.assigned,
+                        host=self._host)
+        else:
+            got = vouch(g.reported_addrs, holder=self._index().holder(name), host=self._host)
+        self._vouched[name] = got
+        return got
+
+    def _index(self) -> _Holders:
+        if self._holders is not None:
+            return self._holders
+        nets: dict[tuple[int, int], dict[int, tuple[Network, str]]] = {}
+        netns_addrs: dict[str, str] = {}
+        reported: dict[str, set[str]] = {}
         for o in self._guests.values():
-            if o.name == name:
-                continue
             if o.record_addrs is not None:  # a netns guest: its networks and addresses
-                nets.extend((net, o.name) for net in (o.assigned.nets if o.assigned else ()))
-                held.update(dict.fromkeys(o.record_addrs, o.name))
-            else:  # another VM guest: what it reports
+                for net in o.assigned.nets if o.assigned else ():
+                    prefix = int(net.network_address) >> (net.max_prefixlen - net.prefixlen)
+                    nets.setdefault((net.version, net.prefixlen), {})[prefix] = (net, o.name)
+                for a in o.record_addrs:
+                    netns_addrs.setdefault(a, o.name)
+            else:  # a VM guest: what it reports
                 for a in o.reported_addrs:
-                    ip = A.parse(a)
-                    if ip is not None and A.refusal(A.unmap(ip)) is None:
-                        held.setdefault(str(A.unmap(ip)), o.name)
-        return vouch(g.reported_addrs, held=held, held_nets=nets, host=self._host)
+                    got = A.plain(a)
+                    if got is not None and A.refusal(got[0]) is None:
+                        reported.setdefault(got[1], set()).add(o.name)
+        self._holders = _Holders(nets=nets, netns_addrs=netns_addrs,
+                                 reported={k: frozenset(v) for k, v in reported.items()})
+        return self._holders
 
     def addrs_of(self, name: str) -> tuple[str, ...]:
         return self.vouched(name).usable
