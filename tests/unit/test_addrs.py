@@ -152,3 +152,21 @@ def test_no_guest_gets_an_address_of_the_host_itself() -> None:
     assert v.usable == ("192.168.122.5",)
     why = dict(v.refused)
     assert "host itself" in why["192.168.122.1"] and "host itself" in why["::ffff:10.0.0.7"]
+
+
+def test_vouching_follows_every_change_through_its_cache() -> None:
+    r = Registry()
+    for name in ("vm1", "vm2"):
+        r.connect(name, 1)
+        r.snapshot(name, [], ["10.9.0.9", f"10.{name[-1]}.0.2"])
+    assert r.addrs_of("vm2") == ("10.2.0.2",)
+    r.addresses("vm1", ["10.1.0.2"])  # vm1 lets go of 10.9.0.9: vm2 may have it
+    assert r.addrs_of("vm2") == ("10.9.0.9", "10.2.0.2")
+    r.set_host_addrs(["10.2.0.2"])
+    assert r.addrs_of("vm2") == ("10.9.0.9",)
+    r.assign("ns", Assigned.of(subnet4="10.9.0.8/30", prefix6="", host_addr4="10.9.0.10",
+                               host_addr6=""))
+    r.set_record("ns", ["10.9.0.9"])
+    assert r.addrs_of("vm2") == ()
+    r.forget("ns")
+    assert r.addrs_of("vm2") == ("10.9.0.9",)
