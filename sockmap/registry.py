@@ -21,7 +21,7 @@ apart). No guest may use an address of the host itself (``set_host_addrs``).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sockmap import addrs as A
