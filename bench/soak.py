@@ -219,7 +219,13 @@ class Soak:
 
     def baseline(self) -> None:
         ap = self.agent_pid()
-        self.base = {"daemon_fds": fds(self.daemon.pid), "agent_fds": fds(ap),
+        # the fewest of a few samples: the control connection that just answered (the
+        # status request above) may still be closing on the daemon's side
+        samples = []
+        for _ in range(5):  # bounded: 5 samples 20 ms apart
+            samples.append(fds(self.daemon.pid))
+            time.sleep(0.02)
+        self.base = {"daemon_fds": min(samples), "agent_fds": fds(ap),
                      "daemon_rss": rss_mib(self.daemon.pid), "agent_rss": rss_mib(ap)}
 
     # -- load --------------------------------------------------------------------------

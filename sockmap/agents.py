@@ -2,9 +2,13 @@
 messages that feed the registry.
 
 Agents authenticate with Hello(guest, token); the token must equal RUN_DIR/tokens/GUEST.token
-(hmac.compare_digest). For a daemon-made (netns) guest the peer must also be a process in
-that guest's network namespace (SO_PEERCRED, then /proc/PID/ns/net): tokens are readable by
-any guest (one shared filesystem), the kernel's answer is not forgeable. A refused Hello, a
+(hmac.compare_digest). Tokens are readable and writable by a netns guest's root (one shared
+filesystem: it can mint a token file for a new name), so who the peer is comes from the
+kernel, which is not forgeable (``_peer_refusal``): on agent.sock (SO_PEERCRED, then
+/proc/PID/ns/net) a peer inside a netns guest's namespace may only be that guest, a peer in
+any other namespace but the host's is refused, and a netns guest's name is only ever taken
+from inside its namespace; over TCP (``--agent-listen``, VM agents) no netns guest's name is
+accepted, nor a peer whose source address is in a netns guest's networks. A refused Hello, a
 malformed or oversized frame, or an unexpected message closes the connection with a logged
 reason; the registry is only touched by a session that passed Hello.
 
@@ -46,13 +50,14 @@ import json
 import logging
 import os
 import secrets
+import socket
 import termios
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sockmap import addrs, tools
 from sockmap import protocol as p
-from sockmap import tools
 from sockmap.peercred import describe_peer, netns_of, peer_pid
 from sockmap.portwatch import Listener
 from sockmap.registry import ListenerKey, Registry
@@ -110,6 +115,13 @@ class _Source:
         self.reading = 0  # holding one
 
 
+def _ns_inode(netns: str) -> int | None:
+    try:
+        return os.stat(NETNS_DIR / netns).st_ino
+    except OSError:
+        return None
+
+
 class AgentSessions:
     def __init__(self, *, registry: Registry, run_dir: Path, heartbeat_s: float,
                  dead_after_s: float, hello_timeout_s: float,
@@ -135,6 +147,7 @@ class AgentSessions:
         self._unauthenticated = 0
         self._sources: dict[str, _Source] = {}  # TCP sources with connections before hello
         self._addr_checks: dict[str, int] = {}
+        self._host_netns = os.stat("/proc/self/ns/net").st_ino  # the daemon runs in it
         self.relays = RelayBroker(session_writer=self._session_writer,
                                   heartbeat_ms=round(heartbeat_s * 1000))
 
@@ -250,7 +263,7 @@ class AgentSessions:
         if not isinstance(hello, p.Hello):
             raise p.ProtocolError("bad_field", f"first frame is {type(hello).__name__}, "
                                                "not hello")
-        where = self._wrong_netns(hello.guest, writer)
+        where = self._peer_refusal(hello.guest, writer)
         if where or not self._token_ok(hello.guest, hello.token):
             log.warning("agent (%s): refused hello for guest %s: %s", peer, hello.guest,
                         where or "unknown guest or bad token")
@@ -260,21 +273,41 @@ class AgentSessions:
             log.info("guest %s: agent connected (%s)", hello.guest, peer)
         return hello.guest, msgs
 
-    def _wrong_netns(self, guest: str, writer: asyncio.StreamWriter) -> str:
-        """For a daemon-made guest: why the peer is not inside that guest's network
-        namespace ("" when it is, or for other guests)."""
-        netns = self.netns_of_guest.get(guest)
-        if netns is None:
+    def _peer_refusal(self, guest: str, writer: asyncio.StreamWriter) -> str:
+        """Why this peer may not speak for ``guest`` ("" when it may). A netns guest's root
+        shares the host's filesystem (it can write any token file), so the kernel decides:
+        a peer inside a netns guest's namespace is that guest or nobody."""
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            pid = peer_pid(writer)
+            ns = netns_of(pid) if pid is not None else None
+            if pid is None or ns is None:
+                return "cannot tell which network namespace the peer is in"
+            inside = next((name for name, netns in self.netns_of_guest.items()
+                           if _ns_inode(netns) == ns), None)
+            if inside is not None:
+                return "" if inside == guest else (
+                    f"peer pid {pid} is inside guest {inside}'s network namespace: it may "
+                    f"speak only for {inside}")
+            if ns != self._host_netns:
+                return (f"peer pid {pid} is in a network namespace that is neither the "
+                        "host's nor a guest's")
+            if guest in self.netns_of_guest:
+                return f"peer pid {pid} is not in guest {guest}'s network namespace"
             return ""
-        pid = peer_pid(writer)
-        if pid is None:
+        if guest in self.netns_of_guest:
             return f"guest {guest} is a netns guest: its agent connects over the unix socket"
-        try:
-            want = os.stat(NETNS_DIR / netns).st_ino
-        except OSError:
-            return f"netns {netns} is gone"
-        if netns_of(pid) != want:
-            return f"peer pid {pid} is not in guest {guest}'s network namespace"
+        peer = writer.get_extra_info("peername")
+        ip = addrs.parse(str(peer[0])) if isinstance(peer, tuple) and peer else None
+        if ip is None:
+            return "cannot tell the peer's address"
+        ip = addrs.unmap(ip)
+        for name in self.netns_of_guest:
+            g = self.registry.get(name)
+            nets = g.assigned.nets if g is not None and g.assigned is not None else ()
+            if any(net.version == ip.version and ip in net for net in nets):
+                return (f"TCP peer {ip} is in netns guest {name}'s network: a netns guest "
+                        "cannot be a VM guest")
         return ""
 
     def _token_ok(self, guest: str, token: str) -> bool:

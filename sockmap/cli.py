@@ -88,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(gsubs, "list", _guest_list, "list guests", "sockmap guest list --json")
     p.add_argument("--json", action="store_true")
     p = _sub(gsubs, "exec", _guest_exec, "run a command inside a guest (exit code passed on)",
-             "sockmap guest exec dev1 -- python3 -m http.server 8000")
+             "sockmap guest exec dev1 --user dev -- python3 -m http.server 8000")
     p.add_argument("name")
+    p.add_argument("--user", metavar="USER",
+                   help="run the command as this unprivileged user (no capabilities, no "
+                        "new privileges): it cannot change the guest's addresses or write "
+                        "root's files, as the guest's root can")
     p.set_defaults(takes_command=True)  # everything after "--" is the command (see main)
 
     # agent ------------------------------------------------------------------------------
@@ -225,7 +229,7 @@ def _guest_exec(args: argparse.Namespace) -> int:
     cmd: list[str] = args.cmd
     if not cmd:
         raise SockmapError("no command given", hint="usage: sockmap guest exec NAME -- CMD")
-    rc: int = guests.exec_in(args.run_dir, args.name, cmd)
+    rc: int = guests.exec_in(args.run_dir, args.name, cmd, user=args.user)
     return rc
 
 

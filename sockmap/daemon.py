@@ -51,7 +51,7 @@ from sockmap.peercred import netns_of
 from sockmap.planner import Planner
 from sockmap.proxy import MappingTable
 from sockmap.proxy.kernel import KernelPath
-from sockmap.registry import Registry
+from sockmap.registry import Assigned, Registry
 from sockmap.supervisor import (
     AGENT_SOCKET,
     NETNS_DIR,
@@ -106,6 +106,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise SockmapError(f"--agent-listen {text!r}: no valid port", hint="use HOST:PORT")
     return host, int(port)
+
+
+def assigned_of(rec: GuestRecord) -> Assigned:
+    """The networks a guest record assigns (pure)."""
+    return Assigned.of(subnet4=rec.subnet4, prefix6=rec.prefix6, host_addr4=rec.host_addr4,
+                       host_addr6=rec.host_addr6)
 
 
 def control_endpoint(host: str, port: int) -> str:
@@ -207,6 +213,7 @@ class Daemon:
                 raise SockmapError(f"cannot listen for agents on {host}:{port}: {e.strerror}",
                                    hint="give an address this host has and a free port") from e
             log.info("TCP agent listener on %s:%d", host, port)
+            self.planner.own_sockets[("tcp", host, port)] = "sockmap's agent listener"
         if cfg.metrics is not None:
             host, port = config.loopback_only(cfg.metrics, "metrics address")
             try:
@@ -216,6 +223,7 @@ class Daemon:
                 raise SockmapError(f"cannot serve metrics on {host}:{port}: {e.strerror}",
                                    hint="pick a free port with --metrics ADDR:PORT") from e
             log.info("metrics on http://%s/metrics", control_endpoint(host, port))
+            self.planner.own_sockets[("tcp", host, port)] = "sockmap's metrics endpoint"
         if cfg.config_path is not None:
             log.info("rules from %s: %d rules", cfg.config_path, len(self.rules))
 
@@ -285,6 +293,7 @@ class Daemon:
                 log.error("guest records: %s", e)
                 records = []
             for rec in records:
+                self.registry.assign(rec.name, assigned_of(rec))
                 self.registry.set_record(rec.name, (rec.guest_addr4, rec.guest_addr6))
                 if self.cfg.start_agents and (NETNS_DIR / rec.netns).exists():
                     write_token(self.cfg.run_dir, rec.name, keep=True)
@@ -337,6 +346,7 @@ class Daemon:
             rec = GuestRecord.from_json(data, source="guest create")
             try:
                 write_token(self.cfg.run_dir, name)
+                self.registry.assign(name, assigned_of(rec))
                 self.registry.set_record(name, (rec.guest_addr4, rec.guest_addr6))
                 synced = self.agents.synced[name] = asyncio.Event()
                 self._start_agent(name, rec.netns)
@@ -381,9 +391,11 @@ class Daemon:
             g = self.registry.get(name)
             assert g is not None
             sup = self._supervisors.get(name)
+            v = self.registry.vouched(name)
             guests.append({
                 "name": name, "connected": g.session is not None, "synced": g.synced,
-                "listeners": len(g.listeners), "addrs": list(self.registry.addrs_of(name)),
+                "listeners": len(g.listeners), "addrs": list(v.usable),
+                "refused_addrs": [{"addr": a, "reason": why} for a, why in v.refused],
                 "snapshots": g.snapshots,
                 "agent_pid": sup.proc.pid if sup and sup.proc else None,
                 "agent_starts": sup.starts if sup else 0,

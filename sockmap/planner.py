@@ -50,6 +50,7 @@ from sockmap.conflicts.rules import (
 from sockmap.errors import SockmapError
 from sockmap.kernelsync import sync_kernel
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
+from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Registry
@@ -122,6 +123,7 @@ class Planner:
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
         self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
+        self.own_sockets: dict[HostEndpoint, str] = {}  # the daemon's other sockets, named
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
@@ -189,15 +191,30 @@ class Planner:
             async with self._planned:
                 self._planned.notify_all()
 
-    def _scan_host(self) -> list[Listener]:
+    def _scan_host(self, addrs: bool) -> tuple[list[Listener], list[str] | None]:
+        """The host's listeners and, with ``addrs``, its own addresses (None: not read or
+        unreadable, keep the last)."""
         try:
-            return scan_listeners(owners=self._owners)
+            host = scan_listeners(owners=self._owners)
         except (SockmapError, OSError) as e:
             self.log_once(f"host scan: {e}")
-            return []
+            host = []
+        if not addrs:
+            return host, None
+        try:
+            own = [a for addrs in dump_addrs(None).values() for a in addrs]
+        except Exception as e:  # OSError, pyroute2's NetlinkError: keep the last we read
+            self.log_once(f"host addresses: {e}")
+            return host, None
+        return host, own
 
     async def _replan(self) -> None:
-        host = await asyncio.to_thread(self._scan_host)
+        # the host's own addresses, which no guest gets: only VM guests could claim them (a
+        # netns guest only has addresses in the networks the daemon assigned it)
+        host, own_addrs = await asyncio.to_thread(self._scan_host,
+                                                  self.registry.has_vm_guests())
+        if own_addrs is not None:
+            self.registry.set_host_addrs(own_addrs)
         now = time.monotonic()
         for e, due in list(self._blocked.items()):  # EADDRINUSE: free again?
             if due <= now:
@@ -208,7 +225,7 @@ class Planner:
         current = tuple(m for ms in self._open.values() for m in ms)
         pl, desired = await asyncio.to_thread(
             self._decide, self.registry.raw_states(), host, current, tuple(self._blocked),
-            self.policies, self.rules)
+            self.policies, self.rules, dict(self.own_sockets))
         self.last_plan = pl
         self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
                                 if c.kind == "host_port_in_use")
@@ -247,12 +264,13 @@ class Planner:
 
     def _decide(self, guests: tuple[GuestState, ...], host: list[Listener],
                 current: tuple[PortMapping, ...], blocked: tuple[HostEndpoint, ...],
-                policies: Policies, rules: tuple[Rule, ...]
+                policies: Policies, rules: tuple[Rule, ...],
+                own_labels: dict[HostEndpoint, str]
                 ) -> tuple[Plan, dict[MappingKey, tuple[PortMapping, ...]]]:
         """The plan and its groups, from immutable inputs (runs in a thread)."""
         capped, over, too_many = cap_listeners(guests, self.max_listeners)
         pl = plan(guests=capped, host_listeners=host, current=current, blocked=blocked,
-                  own_pid=os.getpid(), policies=policies, rules=rules)
+                  own_pid=os.getpid(), policies=policies, rules=rules, own_labels=own_labels)
         if over:
             pl = replace(pl, skipped=pl.skipped + over, conflicts=too_many + pl.conflicts)
         return pl, group_mappings(pl.mappings)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, assert_never
 
+from sockmap import addrs
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Family, Listener, Owner, Proto
 
@@ -140,8 +141,9 @@ def _family(value: object) -> Family:
 
 
 def _address(name: str, value: object, family: Family | None = None) -> str:
-    """A textual IP address without scope (kept as sent: inet_ntop and ipaddress differ on
-    IPv4-mapped forms, and consumers compare through ipaddress anyway)."""
+    """A textual IP address without scope, in its one canonical spelling
+    (``sockmap.addrs.canonical``: IPv4-mapped as ``::ffff:a.b.c.d``, as inet_ntop writes it;
+    a listener bound there is a dual-stack socket's IPv4 bind, kept as such)."""
     s = _str(name, value, 64)
     if "%" in s:
         raise _bad(f"{name} {s!r} carries a scope id")
@@ -151,7 +153,26 @@ def _address(name: str, value: object, family: Family | None = None) -> str:
         raise _bad(f"{name} {s!r} is not an IP address") from None
     if family is not None and ip.version != family:
         raise _bad(f"{name} {s!r} is not an IPv{family} address")
-    return s
+    text = addrs.canonical(s)
+    assert text is not None
+    return text
+
+
+def _nic_address(value: object) -> str:
+    """A reported NIC address: canonical, an IPv4-mapped one as its IPv4 address, and no
+    other IPv6 spelling of an IPv4 address (IPv4-compatible, SIIT, NAT64, 6to4, Teredo,
+    ISATAP: the host would reach the embedded IPv4 address, maybe its own or another
+    guest's; the agent leaves them out)."""
+    text = _address("addrs[]", value)
+    ip = addrs.parse(text)
+    assert ip is not None
+    alias = addrs.embedded_v4(ip)
+    if alias is None:
+        return text
+    if alias[0] == "IPv4-mapped":
+        return str(alias[1])
+    raise _bad(f"addrs[] {text} is a {alias[0]} spelling of IPv4 {alias[1]}; report "
+               "plain addresses")
 
 
 def _tuple(name: str, value: object, max_len: int) -> tuple[object, ...]:
@@ -209,7 +230,7 @@ def _check_addrs(items: tuple[str, ...]) -> None:
     if len(items) > MAX_ADDRS:
         raise _bad(f"addrs has more than {MAX_ADDRS} entries")
     for a in items:
-        _address("addrs[]", a)
+        _nic_address(a)
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -514,7 +535,7 @@ def _listeners(f: _Fields) -> tuple[Listener, ...]:
 
 def _addrs(f: _Fields) -> tuple[str, ...]:
     items = _tuple("addrs", f.take("addrs"), MAX_ADDRS)
-    return tuple(_address("addrs[]", a) for a in items)
+    return tuple(_nic_address(a) for a in items)
 
 
 def _dec_hello(f: _Fields) -> Message:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import itertools
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal, assert_never
 
+from sockmap import addrs as A
 from sockmap.conflicts.records import Conflict, Party, endpoint, party_of
 from sockmap.portwatch.records import Family, Listener, Proto
 
@@ -79,19 +80,19 @@ def parse_ip(addr: str) -> IPAddress | None:
 
 
 def nic_addr(guest_addrs: Iterable[str], family: Family) -> str | None:
-    """The first address of ``family`` the host can connect to (not loopback, link-local,
-    multicast or unspecified)."""
+    """The first address of ``family`` the host can connect to (none that
+    ``sockmap.addrs.refusal`` refuses: loopback, link-local, multicast, unspecified, an
+    IPv6 spelling of an IPv4 address), as ``str(ip)``."""
     for a in guest_addrs:
         ip = parse_ip(a)
-        if ip is None or ip.version != family:
+        if ip is None or ip.version != family or A.refusal(ip) is not None:
             continue
-        if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
-            continue
-        return a
+        return str(ip)
     return None
 
 
-def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
+def decide(listener: Listener, guest_addrs: Iterable[str] = (),
+           refused: Iterable[tuple[str, str]] = ()) -> Decision:
     """Where ``listener`` (in a guest whose NIC has ``guest_addrs``) appears on the host.
     The agent relay carries TCP only: a UDP binding that would need it is left out, and a
     UDP listener left with none is not forwarded, with the reason.
@@ -101,9 +102,11 @@ def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
       dual-stack, the other family's when that one has none), or the agent relay when the
       NIC has none.
     - loopback (127.0.0.0/8, ::1) -> the same family's host loopback, through the relay.
-    - a specific address -> forwarded when it is one of the guest's NIC addresses, else not.
+    - a specific address -> forwarded when it is one of the guest's NIC addresses, else not
+      (with the registry's reason from ``refused``, (address, why) pairs, when it has one);
+      never an IPv6 spelling of an IPv4 address other than IPv4-mapped (NAT64, 6to4, ...).
     """
-    d = _decide(listener, tuple(guest_addrs))
+    d = _decide(listener, tuple(guest_addrs), tuple(refused))
     if listener.proto != "udp" or not isinstance(d, Forwarded):
         return d
     bs = tuple(b for b in d.bindings if not isinstance(b.upstream, Relay))
@@ -114,7 +117,8 @@ def decide(listener: Listener, guest_addrs: Iterable[str] = ()) -> Decision:
                                "address or a wildcard")
 
 
-def _decide(listener: Listener, addrs: tuple[str, ...]) -> Decision:
+def _decide(listener: Listener, addrs: tuple[str, ...],
+            refused: tuple[tuple[str, str], ...] = ()) -> Decision:
     ip = parse_ip(listener.addr)
     relay = Relay(family=listener.family, port=listener.port)
     if ip is None:
@@ -144,13 +148,18 @@ def _decide(listener: Listener, addrs: tuple[str, ...]) -> Decision:
     if ip.is_link_local:
         return NotForwarded(reason=f"bound to link-local {listener.addr}, which needs an "
                                    "interface scope; bind the NIC address or a wildcard")
+    why = A.refusal(ip)
+    if why is not None:
+        return NotForwarded(reason=f"bound to {listener.addr}: {why}; sockmap connects only "
+                                   "to the guest's own NIC address or its loopback")
     if any(parse_ip(a) == ip for a in addrs):
         host = LOOPBACK4 if ip.version == 4 else LOOPBACK6
         return Forwarded(bindings=(Binding(host_addr=host, upstream=Nic(addr=str(ip))),))
-    known = ", ".join(addrs) or "none reported"
+    why = next((w for a, w in refused if A.same(a, str(ip))), None)
+    known = ", ".join(addrs) or "none usable"
     return NotForwarded(reason=f"bound to {listener.addr}, not one of this guest's addresses "
-                               f"({known}); sockmap connects only to the guest's own NIC "
-                               "address or its loopback")
+                               f"({known}){f': {why}' if why else ''}; sockmap connects "
+                               "only to the guest's own NIC address or its loopback")
 
 
 def host_bind_addrs(listener: Listener, guest_addrs: Iterable[str] = ()) -> tuple[str, ...]:
@@ -379,7 +388,8 @@ class GuestState:
 
     name: str
     listeners: tuple[Listener, ...]
-    addrs: tuple[str, ...] = ()
+    addrs: tuple[str, ...] = ()  # the addresses the host may connect to (the registry's)
+    refused: tuple[tuple[str, str], ...] = ()  # reported but refused: (address, why)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -490,7 +500,7 @@ def _wants(guests: Sequence[GuestState],
         unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
         for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
                                                           li.addr)):
-            d = decide(li, g.addrs)
+            d = decide(li, g.addrs, g.refused)
             rule = match_rule(rules, g.name, li)
             if rule is not None and rule.action == "ignore":
                 skipped.append(Skipped(guest=g.name, listener=li,
@@ -588,6 +598,7 @@ def plan(
     blocked: Iterable[HostEndpoint] = (),
     own_pid: int | None = None,
     rules: Sequence[Rule] = (),
+    own_labels: Mapping[HostEndpoint, str] | None = None,
 ) -> Plan:
     """Decide every mapping. Pure: the same inputs give the same plan.
 
@@ -595,6 +606,10 @@ def plan(
     there keeps it, else the earlier guest. ``host_listeners``: a scan of the host; the
     daemon's own sockets are not holders (owner pid == ``own_pid``; when the owner or
     ``own_pid`` is unknown, a socket on a current mapping's endpoint counts as ours).
+    The daemon's other sockets (its agent listener, its metrics endpoint) do hold their
+    ports: they are holders named by ``own_labels`` (host endpoint -> "sockmap's agent
+    listener"), so a guest listener on such a port gets a ``host_port_in_use`` that says
+    which sockmap socket holds it, and its policy (remap, wait), not a TIME_WAIT retry.
     ``blocked``: host endpoints whose bind() failed with EADDRINUSE.
     The listeners of one guest port in one guest are one unit: a server with one socket per
     family (0.0.0.0:P and a v6only [::]:P, or 127.0.0.1:P and [::1]:P) gets 127.0.0.1:P to
@@ -613,7 +628,11 @@ def plan(
             return h.owner.pid == own_pid
         return (h.proto, h.addr, h.port) in mine  # owner unknown: trust the endpoint
 
-    holders = [h for h in host_listeners if not ours(h)]
+    hosts = tuple(host_listeners)
+    own_named: dict[Listener, str] = {  # the daemon's own sockets other than its mappings
+        h: _own_label(h, own_labels or {}) for h in hosts
+        if ours(h) and (h.proto, h.addr, h.port) not in mine}
+    holders = [h for h in hosts if not ours(h) or h in own_named]
     by_port: dict[tuple[Proto, int], list[Listener]] = {}
     for h in holders:
         by_port.setdefault((h.proto, h.port), []).append(h)
@@ -694,15 +713,16 @@ def plan(
                         "equal to guest ports",
                 ))
             if holding:
-                hp = tuple(party_of(h, side="host", receives=f"keeps host port {port}")
-                           for h in holding)
+                hp = tuple(_host_party(h, port, own_named.get(h)) for h in holding)
                 names = ", ".join(_who(p) for p in hp)
                 conflicts.append(Conflict(
                     kind="host_port_in_use", proto=proto, port=port, parties=(me, *hp),
                     summary=f"{w.guest} listens on {endpoint(li.addr, li.port)} but {proto} "
                             f"port {port} on host localhost is held by {names}",
                     resolution=did,
-                    fix=_host_fix(pol, names, port),
+                    fix=_host_fix(pol, names, port) if not all(h in own_named for h in holding)
+                    else f"give {names} another port (--agent-listen, --metrics), or set "
+                         f"policy remap for port {port}",
                 ))
             if lost:  # in `ls --all` too, with the conflict that keeps it out
                 whose = [f"guest {r.guest} has it" for r in rivals]
@@ -751,6 +771,22 @@ def plan(
         pending=tuple(pending),
         remapped=tuple(remapped),
     )
+
+
+def _own_label(h: Listener, labels: Mapping[HostEndpoint, str]) -> str:
+    """What a socket of the daemon itself is, for conflicts: its label when given (matched
+    by proto, port and address in any spelling), else "a socket of sockmap itself"."""
+    for (proto, addr, port), label in labels.items():
+        if (proto, port) == (h.proto, h.port) and A.same(addr, h.addr):
+            return label
+    return "a socket of sockmap itself"
+
+
+def _host_party(h: Listener, port: int, own: str | None) -> Party:
+    p = party_of(h, side="host", receives=f"keeps host port {port}")
+    if own is None:
+        return p
+    return replace(p, process=own, receives=f"keeps host port {port}: it is {own}")
 
 
 def _host_fix(pol: Policy, names: str, port: int) -> str:

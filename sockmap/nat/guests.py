@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -256,11 +257,32 @@ def delete(run_dir: Path, name: str) -> list[str]:
     return done
 
 
-def exec_in(run_dir: Path, name: str, cmd: list[str]) -> int:
-    """Run CMD inside the guest (with its /etc/netns files); returns its exit code."""
+def as_user(user: str) -> tuple[list[str], dict[str, str]]:
+    """The setpriv prefix and environment that run a command as ``user``: its uid, gid and
+    groups, no capabilities (inheritable, ambient, bounding set) and no_new_privs (no
+    setuid binary gives root back). A netns shares the host's filesystem, so the guest's
+    root is host root on it; this user is only itself."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SockmapError(f"no user named {user!r} on this host",
+                           hint="give an existing unprivileged user, e.g. --user nobody") from None
+    if pw.pw_uid == 0:
+        raise SockmapError(f"user {user!r} is root", hint="give an unprivileged user")
+    setpriv = tools.need("setpriv", "--user cannot drop root", hint="apt-get install util-linux")
+    env = dict(os.environ, HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    return [setpriv, f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups",
+            "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+            "--no-new-privs", "--"], env
+
+
+def exec_in(run_dir: Path, name: str, cmd: list[str], *, user: str | None = None) -> int:
+    """Run CMD inside the guest (with its /etc/netns files); returns its exit code. With
+    ``user``, as that unprivileged user (``as_user``)."""
     check_name(name)
+    prefix, env = as_user(user) if user is not None else ([], None)
     if not netlink.netns_exists(name):
         raise SockmapError(f"no guest named {name!r}", hint="see `sockmap guest list`")
     ip = tools.need("ip", "sockmap cannot enter the guest", hint="apt-get install iproute2")
-    r = subprocess.run([ip, "netns", "exec", name, *cmd], check=False)
+    r = subprocess.run([ip, "netns", "exec", name, *prefix, *cmd], check=False, env=env)
     return r.returncode if r.returncode >= 0 else 128 - r.returncode

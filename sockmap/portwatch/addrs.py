@@ -6,7 +6,8 @@ An ``IPRSocket`` bound to RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR wakes the even
 address set changed. Subscribing before the first dump means no change is missed.
 
 Watched interfaces: the given names, or every interface but ``lo``. IPv6 link-local
-addresses (scope link) are left out: the host cannot use them without a scope.
+addresses (scope link) are left out: the host cannot use them without a scope; so are IPv6
+spellings of IPv4 addresses (6to4, Teredo, NAT64...: ``sockmap.addrs``), which the daemon refuses.
 ``nic_addrs`` and ``addr_events`` are the pure part.
 """
 
@@ -16,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 
+from sockmap.addrs import embedded_v4, parse
 from sockmap.portwatch.records import AddressesChanged
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ def nic_addrs(
 
     out: dict[str, set[str]] = {name: set() for name in links if watched(name)}
     for ifname, addr, scope in rows:
-        if watched(ifname) and scope != SCOPE_LINK and addr:
+        ip = parse(addr)
+        if watched(ifname) and scope != SCOPE_LINK and ip is not None \
+                and embedded_v4(ip) is None:  # 6to4, Teredo...: the daemon refuses them
             out.setdefault(ifname, set()).add(addr)
     return {name: tuple(sorted(a)) for name, a in sorted(out.items())}
 

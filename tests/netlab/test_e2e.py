@@ -145,8 +145,25 @@ for m in p.Decoder().feed(buf):
 """
 
 
-def _raw_session(path: Path, data: bytes) -> list[p.Message]:
-    """Write raw bytes to agent.sock; return what the daemon sent back before closing."""
+RAW_SESSION = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(bytes.fromhex(sys.argv[2]))
+buf = bytearray()
+while chunk := s.recv(65536):
+    buf += chunk
+print(buf.hex())
+"""
+
+
+def _raw_session(path: Path, data: bytes, ns: netlab.Netns | None = None) -> list[p.Message]:
+    """Write raw bytes to agent.sock (from the network namespace ``ns``, else this
+    process's); return what the daemon sent back before closing."""
+    if ns is not None:
+        out = ns.run([sys.executable, "-c", RAW_SESSION, str(path), data.hex()]).stdout
+        return p.Decoder().feed(bytes.fromhex(out.strip()))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
         s.connect(str(path))
@@ -170,8 +187,9 @@ def test_bad_token_forged_and_oversized_frames_leave_state_intact(
     token = (daemon.run_dir / "tokens" / f"{name}.token").read_text().strip()
     assert (os.stat(daemon.run_dir / "tokens" / f"{name}.token").st_mode & 0o777) == 0o600
 
-    def codes(data: bytes) -> list[str]:
-        return [m.code for m in _raw_session(sock, data) if isinstance(m, p.Error)]
+    def codes(data: bytes, ns: netlab.Netns | None = lab.host) -> list[str]:
+        """From the daemon's own (host) network namespace unless told otherwise."""
+        return [m.code for m in _raw_session(sock, data, ns) if isinstance(m, p.Error)]
 
     forged = Listener(proto="tcp", family=4, addr="0.0.0.0", port=9999)
     # the right token from outside the guest's network namespace (a stolen token) is refused
@@ -179,6 +197,8 @@ def test_bad_token_forged_and_oversized_frames_leave_state_intact(
     assert codes(p.encode(p.Hello(guest=name, token="x" * 64))) == ["auth"]
     # a real token under another guest's name (no such token file) is refused too
     assert codes(p.encode(p.Hello(guest=f"{name}-x", token=token))) == ["auth"]
+    # from a network namespace that is neither the daemon's nor a guest's: refused
+    assert codes(p.encode(p.Hello(guest=name, token=token)), None) == ["auth"]
     assert codes(p.HEADER.pack(p.MAX_FRAME + 1) + b"{") == ["oversized"]
     assert codes(p.HEADER.pack(5) + b"hello") == ["malformed"]
     assert codes(p.encode(p.Added(listeners=(forged,)))) == ["bad_field"]
@@ -191,7 +211,7 @@ def test_bad_token_forged_and_oversized_frames_leave_state_intact(
     assert probe(lab.host, "refused", "tcp", "127.0.0.1", 9999, within=0.5)[0]
     log = daemon.log_text()
     assert "unknown guest or bad token" in log and "oversized" in log and "malformed" in log
-    assert "not in guest" in log
+    assert "not in guest" in log and "neither the host's nor a guest's" in log
     # the control socket serves only the host's network namespace
     with pytest.raises(SockmapError, match="host's network namespace"):
         control.request(daemon.run_dir, "status")

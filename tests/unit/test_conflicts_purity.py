@@ -9,9 +9,9 @@ import pytest
 
 import sockmap
 
-PURE = ["protocol.py", "conflicts/records.py", "conflicts/rules.py", "conflicts/flat.py",
-        "conflicts/report.py", "proxy/bpfasm.py", "proxy/bpfprog.py", "rows.py",
-        "proxy/spec.py"]
+PURE = ["protocol.py", "addrs.py", "registry.py", "conflicts/records.py", "conflicts/rules.py",
+        "conflicts/flat.py", "conflicts/report.py", "proxy/bpfasm.py", "proxy/bpfprog.py",
+        "rows.py", "proxy/spec.py"]
 FORBIDDEN = {"asyncio", "socket", "subprocess", "pyroute2", "os", "select", "selectors",
              "pathlib", "ctypes", "sockmap.portwatch.sources", "sockmap.portwatch.owners"}
 

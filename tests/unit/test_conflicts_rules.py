@@ -268,9 +268,33 @@ def test_own_sockets_are_not_holders() -> None:
     again = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[mine],
                    current=p.mappings)
     assert again.conflicts == () and again.commands == ()
-    by_pid = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[L("0.0.0.0", pid=5)],
-                    own_pid=5)
-    assert by_pid.conflicts == () and opened(by_pid) == [("a", "127.0.0.1", 8000)]
+    by_pid = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[L("127.0.0.1", pid=5)],
+                    current=p.mappings, own_pid=5)
+    assert by_pid.conflicts == () and by_pid.commands == ()
+
+
+@pytest.mark.parametrize(("labels", "name"), [
+    ({("tcp", "127.0.0.1", 8000): "sockmap's agent listener"}, "sockmap's agent listener"),
+    ({("tcp", "::ffff:127.0.0.1", 8000): "sockmap's metrics endpoint"},
+     "sockmap's metrics endpoint"),
+    ({}, "a socket of sockmap itself"),
+])
+def test_the_daemons_other_sockets_hold_their_ports_by_name(
+        labels: dict[tuple[str, str, int], str], name: str) -> None:
+    """Its agent listener or metrics endpoint on a port a guest listens on: a holder that
+    says which sockmap socket it is (not a TIME_WAIT with no process), and policies apply."""
+    own = L("127.0.0.1", pid=5)
+    p = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[own], own_pid=5,
+               own_labels=labels)
+    (c,) = p.conflicts
+    assert c.kind == "host_port_in_use" and p.mappings == ()
+    assert f"held by {name} (pid 5)" in c.summary, c.summary
+    assert c.parties[1].process == name and name in c.parties[1].receives
+    assert "another port" in c.fix
+    remap = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[own], own_pid=5,
+                   own_labels=labels,
+                   policies=r.Policies(default="remap"))
+    assert opened(remap) == [("a", "127.0.0.1", 8001)]
 
 
 def test_not_forwardable_is_skipped_with_reason() -> None:
