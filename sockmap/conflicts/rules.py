@@ -661,12 +661,27 @@ def plan(
                    and (p, b.host_addr, port) not in blocked_set
                    and not held(p, b.host_addr, port) for _, b in w.bindings)
 
+    # endpoints an unmapped want waits on while TIME_WAIT blocks part of it (it keeps them:
+    # see below), by registry order: a remapped mapping, planned before it, must not move
+    # back onto them, or the plan after would move it again
+    tw_claims: dict[HostEndpoint, int] = {}
+    for i, w in enumerate(wants):
+        weps = [(w.listener.proto, b.host_addr, w.port) for _, b in w.bindings]
+        if w.ident not in mapped_now and any(e in blocked_set for e in weps):
+            for e in weps:
+                if e not in blocked_set:
+                    tw_claims.setdefault(e, i)
+
     for i in order:
         w = wants[i]
         li = w.listener
         proto, port = li.proto, w.port
         eps = [(proto, b.host_addr, port) for _, b in w.bindings]
         rivals = list(dict.fromkeys(taken[e] for e in eps if e in taken))
+        if cur_port.get(w.ident, port) != port:  # remapped now: may it move back?
+            rivals += [wants[tw_claims[e]] for e in eps if e not in taken
+                       and tw_claims.get(e, i) < i]
+            rivals = list(dict.fromkeys(rivals))
         holding = list(dict.fromkeys(h for e in eps for h in held(*e)))
         tw = [e for e in eps if e in blocked_set] if not holding else []
 
@@ -735,6 +750,12 @@ def plan(
         else:
             retry.extend(tw)
             pending.extend(_mappings(w, port))
+            # it keeps its place on the endpoints that are free: a later want neither
+            # remaps onto them nor takes them (the next plan, with that one mapped, would
+            # make this want its rival: an unstable plan)
+            for e in eps:
+                if e not in blocked_set:
+                    taken.setdefault(e, w)
             nobody = tuple(Party(side="host", guest=None, addr=e[1], port=port,
                                  receives="held by closed connections in TIME_WAIT; no "
                                           "process listens") for e in tw)

@@ -256,6 +256,27 @@ def test_time_wait_retried_whatever_policy() -> None:
     assert opened(p) == [("a", "127.0.0.1", 8000)]
 
 
+@pytest.mark.parametrize("first", [
+    # b's dual-stack [::]:8000 waits for ::1:8000 (TIME_WAIT) and keeps 127.0.0.1:8000
+    (L("::", v6only=False),),
+    # b's [::]:8002 waits for ::1:8002; a's remap of 8000 must not land on 127.0.0.1:8002
+    (L("0.0.0.0"), L("::", 8002, v6only=False)),
+])
+def test_a_want_waiting_for_time_wait_keeps_its_other_endpoints(first: tuple[Listener, ...]
+                                                                ) -> None:
+    """Found by hypothesis: a remapped mapping moved back onto (or remapped onto) the free
+    half of an endpoint set another guest waits on, so the next plan moved it again."""
+    port = first[-1].port
+    gs = [guest("b", *first), guest("a", L("0.0.0.0"))]
+    pol, blocked = Policies(default="remap"), [("tcp", "::1", port)]
+    p1 = r.plan(guests=gs, policies=pol, blocked=blocked)
+    assert ("tcp", "127.0.0.1", port) not in {m.host_endpoint for m in p1.mappings}
+    assert ("b", "127.0.0.1", port) in {(m.guest, m.host_addr, m.host_port)
+                                        for m in p1.pending}
+    again = r.plan(guests=gs, policies=pol, blocked=blocked, current=p1.mappings)
+    assert again.commands == () and set(again.mappings) == set(p1.mappings)
+
+
 def test_blocked_with_a_holder_is_host_port_in_use() -> None:
     p = r.plan(guests=[guest("a", L("0.0.0.0"))], blocked=[("tcp", "127.0.0.1", 8000)],
                host_listeners=[HOLDER])
