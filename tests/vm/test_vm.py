@@ -54,12 +54,18 @@ def _serve(vm: Vm, proto: str, addr: str, port: int) -> float:
     return vm.stamp(m, at)
 
 
-def _agent_cmd(run: Path) -> str:
-    r = subprocess.run([PY, "-m", "sockmap.cli", "token", "create", "vm1", "--run-dir",
-                        str(run), "--connect", f"10.78.1.1:{PORT}"], capture_output=True,
-                       text=True, timeout=60, check=True)
-    (cmd,) = [ln.strip() for ln in r.stdout.splitlines()
-              if ln.strip().startswith("sockmap agent")]
+_CMD: list[str] = []
+
+
+def _agent_cmd(run: Path | None) -> str:
+    """The agent command line `token create` prints, run with this checkout's Python."""
+    if run is not None:
+        r = subprocess.run([PY, "-m", "sockmap.cli", "token", "create", "vm1", "--run-dir",
+                            str(run), "--connect", f"10.78.1.1:{PORT}"], capture_output=True,
+                           text=True, timeout=60, check=True)
+        _CMD[:] = [ln.strip() for ln in r.stdout.splitlines()
+                   if ln.strip().startswith("sockmap agent")]
+    (cmd,) = _CMD
     return cmd.replace("sockmap agent", f"{PY} -m sockmap.cli agent", 1).replace(
         "/etc/sockmap/vm1.token", "/mnt/vm1.token")
 
@@ -85,9 +91,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 def test_agent_without_sock_diag_falls_back_to_proc_and_says_so_once(setup: Setup) -> None:
     vm = setup.vm
-    vm.wait_for(r"listener source \w+", 60, since=setup.agent_at)
+    vm.wait_for(r"watcher: listener source \w+", 60, since=setup.agent_at)
     text = "\n".join(vm.lines[setup.agent_at:])
-    assert re.findall(r"listener source (\w+)", text) == ["proc"], text
+    assert re.findall(r"watcher: listener source (\w+)", text) == ["proc"], text
     assert "sock_diag" in text and "Traceback" not in text and "AssertionError" not in text
     assert vm.run("grep -c _diag /proc/modules || true").strip().splitlines()[-1] == "0"
 
@@ -120,6 +126,52 @@ def test_udp_server_in_the_vm(setup: Setup) -> None:
     assert ("udp", 5454) in [(r["proto"], r["guest_port"]) for r in _rows(d)]
 
 
+def _settle(d: Daemon, want: set[tuple[object, ...]], within: float) -> list[dict[str, object]]:
+    deadline = time.monotonic() + within
+    while True:
+        rows = _rows(d)
+        if ({(r["proto"], r["guest_port"], r["via"]) for r in rows} == want and len(rows) == len(
+                want)) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+def test_agent_restarted_reconciles_without_duplicate_rows(setup: Setup) -> None:
+    vm, d = setup.vm, setup.daemon
+    want = {("tcp", 9090, "nic"), ("udp", 5454, "nic")}
+    assert len(_settle(d, want, 10)) == 2
+    pid = vm.wait_for(r"^agent-pid (\d+)$", 5, since=setup.agent_at).group(1)
+    connects = d.log_text().count("guest vm1: agent connected")
+    vm.run(f"kill {pid}; while kill -0 {pid} 2>/dev/null; do sleep 0.05; done")
+    at = vm.send(f"{_agent_cmd(None)} --log-level info & echo agent-pid $!")
+    vm.wait_for(r"^agent-pid \d+$", 5, since=at)
+    deadline = time.monotonic() + 40
+    while (d.log_text().count("guest vm1: agent connected") == connects
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    assert d.log_text().count("guest vm1: agent connected") == connects + 1, d.log_text()
+    rows = _settle(d, want, 10)
+    assert sorted((r["proto"], r["guest_port"]) for r in rows) == [("tcp", 9090), ("udp", 5454)]
+    ok, _, answer = probe(setup.lab.host, "open", "tcp", "127.0.0.1", 9090, within=10)
+    assert ok and answer == f"hi ::ffff:{vm.addr4}", answer + d.log_text()
+
+
+def test_vm_address_changed_forwards_follow(setup: Setup) -> None:
+    vm, d = setup.vm, setup.daemon
+    new = "10.78.1.3"
+    # as a new DHCP lease would: the old address goes (its route with it), the new one comes
+    vm.run(f"ip addr del {vm.addr4}/24 dev eth0 && ip addr add {new}/24 dev eth0 && "
+           "ip route add default via 10.78.1.1")
+    deadline = time.monotonic() + 30
+    answer = ""
+    while time.monotonic() < deadline:  # bounded: the agent reconnects from the new address
+        ok, _, answer = probe(setup.lab.host, "open", "tcp", "127.0.0.1", 9090, within=2)
+        if ok and answer == f"hi ::ffff:{new}":
+            break
+    assert answer == f"hi ::ffff:{new}", answer + d.log_text() + "\n".join(vm.lines[-30:])
+    assert vm.addr4 not in json.dumps(_rows(d))
+
+
 def test_qemu_killed_closes_the_vms_mappings(setup: Setup) -> None:
     vm, d = setup.vm, setup.daemon
     assert len(_rows(d)) >= 1
@@ -129,9 +181,10 @@ def test_qemu_killed_closes_the_vms_mappings(setup: Setup) -> None:
                          within=3)
     assert ok, last + d.log_text()
     print(f"\nqemu SIGKILL -> host port closed: {dt * 1000:.0f} ms")
-    deadline = time.monotonic() + 3
-    while _rows(d) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _rows(d) == [] and time.monotonic() - t0 < 3.5
+    assert dt < 3
+    # the mapping is closed; a row left is only "draining": connections the probe opened
+    # before the daemon noticed, whose connects to the dead VM have not timed out yet
+    rows = _rows(d)
+    assert all(r["state"] == "draining" for r in rows), f"{dt:.3f} {rows}" + d.log_text()
     assert d.guest_state("vm1")["connected"] is False
-    assert "vm1" not in d.cli("ls").stdout
+    assert all("draining" in ln for ln in d.cli("ls").stdout.splitlines() if "vm1" in ln)
