@@ -29,6 +29,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -46,17 +47,18 @@ while IFS= read -r line; do eval "$line"; done
 """
 
 
-def choose_accel() -> tuple[str, str]:
+def choose_accel(*, sys_module: Path = Path("/sys/module"), dev_kvm: Path = Path("/dev/kvm"),
+                 env: dict[str, str] | None = None) -> tuple[str, str]:
     """("kvm" or "tcg", why)."""
-    forced = os.environ.get("NETLAB_VM_ACCEL", "")
+    forced = (os.environ if env is None else env).get("NETLAB_VM_ACCEL", "")
     if forced in ("kvm", "tcg"):
         return forced, "NETLAB_VM_ACCEL"
-    hw = [m for m in ("kvm_intel", "kvm_amd") if Path(f"/sys/module/{m}").exists()]
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg", "no usable /dev/kvm"
+    hw = [m for m in ("kvm_intel", "kvm_amd") if (sys_module / m).exists()]
+    if not os.access(dev_kvm, os.R_OK | os.W_OK):
+        return "tcg", f"no usable {dev_kvm}"
     if not hw:
-        other = [m.name for m in Path("/sys/module").glob("kvm_*")]
-        return "tcg", (f"/dev/kvm is {', '.join(other) or 'not kvm_intel/kvm_amd'}, "
+        other = sorted(m.name for m in sys_module.glob("kvm_*"))
+        return "tcg", (f"{dev_kvm} is {', '.join(other) or 'not kvm_intel/kvm_amd'}, "
                        "not hardware KVM")
     return "kvm", f"hardware KVM ({hw[0]})"
 
@@ -218,12 +220,12 @@ def boot(host: Any, name: str, n: int, *, diag: bool = True, memory_mb: int = 51
     return vm
 
 
-def sweep(alive: Any) -> list[str]:
+def sweep(alive: Callable[[int], bool], base: Path = RUN_BASE) -> list[str]:
     """Kill the qemu of VM dirs whose lab's pid is gone (``alive(pid)``), remove the dirs."""
     removed: list[str] = []
-    if not RUN_BASE.is_dir():
+    if not base.is_dir():
         return removed
-    for d in sorted(RUN_BASE.iterdir()):
+    for d in sorted(base.iterdir()):
         m = re.match(r"^smk-(\d+)-", d.name)
         if not m or alive(int(m.group(1))):
             continue
