@@ -202,8 +202,10 @@ class Lab:
                 ns.stop_processes()
         finally:
             self._remove_namespaces()
-            for vm in self._vms:
-                shutil.rmtree(vm.dir, ignore_errors=True)
+            for v in self._vms:
+                shutil.rmtree(v.dir, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the base too, once no lab uses it
+                    v.dir.parent.rmdir()
             self._vms.clear()
 
     def _remove_namespaces(self) -> None:

@@ -124,6 +124,11 @@ def kernel_tree() -> Path:
     shutil.rmtree(tree, ignore_errors=True)
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, timeout=300)
     shutil.rmtree(tmp)
+    # keep only the modules a VM can use (~460 MB -> a few): the rest is never loaded
+    keep = {ko for _, ko in module_order(tree, BASE_MODULES + DIAG_MODULES)}
+    for ko in tree.glob("lib/modules/*/kernel/**/*.ko"):
+        if ko not in keep:
+            ko.unlink()
     done.write_text(pkg + "\n")
     return tree
 
