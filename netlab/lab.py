@@ -28,9 +28,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from sockmap.tools import search_path
+
+if TYPE_CHECKING:
+    from netlab.vm import Vm
 
 PREFIX = "smk"
 NETNS_DIR = Path("/run/netns")
@@ -83,7 +86,9 @@ def sweep() -> list[str]:
             else:
                 shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
-    return removed
+    from netlab import vm
+
+    return removed + vm.sweep(_pid_alive)  # qemu of dead labs first killed by pid
 
 
 @dataclass
@@ -164,6 +169,7 @@ class Lab:
         self._namespaces: list[Netns] = []
         self._guest_names: list[str] = []
         self._guests = 0
+        self._vms: list[Vm] = []
         self._want_outside = outside
         self.host: Netns
         self.outside: Netns | None = None
@@ -190,10 +196,17 @@ class Lab:
         """Stop the lab's processes, then delete its namespaces and files. A failure while
         stopping processes never keeps the namespaces from going."""
         try:
+            for vm in self._vms:  # qemu first: it holds a tap in the host namespace
+                vm.kill()
             for ns in reversed(self._namespaces):
                 ns.stop_processes()
         finally:
             self._remove_namespaces()
+            for v in self._vms:
+                shutil.rmtree(v.dir, ignore_errors=True)
+                with contextlib.suppress(OSError):  # the base too, once no lab uses it
+                    v.dir.parent.rmdir()
+            self._vms.clear()
 
     def _remove_namespaces(self) -> None:
         for ns in reversed(self._namespaces):
@@ -261,6 +274,17 @@ class Lab:
             host_addr6=f"fd77:0:0:{n:x}::1",
             addr6=f"fd77:0:0:{n:x}::2",
         )
+
+
+    def add_vm(self, *, diag: bool = True, memory_mb: int = 512) -> Vm:
+        """A booted VM on a tap in the host namespace (see ``netlab.vm``); ``diag=False``:
+        its kernel has no sock_diag modules. Stopped and removed with the lab."""
+        from netlab import vm
+
+        n = len(self._vms) + 1
+        v = vm.boot(self.host, f"{self.prefix}-vm{n}", n, diag=diag, memory_mb=memory_mb)
+        self._vms.append(v)
+        return v
 
 
 def wait_for_line(

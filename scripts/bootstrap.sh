@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 # (tests/netlab/test_e2e_family_pairs.py); socat is also a benchmark peer
 need_cmds=(nft:nftables ip:iproute2 sysctl:procps gcc:gcc socat:socat dnsmasq:dnsmasq-base
            curl:curl)
+# the VM tests (tests/vm, netlab.vm): qemu and a static busybox for the VM's initramfs
+need_cmds+=(qemu-system-x86_64:qemu-system-x86)
 if [ "${1:-}" = "bench" ]; then
   need_cmds+=(iperf3:iperf3 pasta:passt)
 fi
@@ -25,6 +27,9 @@ fi
 # the C extension needs the headers of the Python the venv is made from
 if ! python3 -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' >/dev/null 2>&1; then
   missing+=(python3-dev)
+fi
+if ! { [ -x /bin/busybox ] && ! grep -q /ld-linux /bin/busybox; }; then
+  missing+=(busybox-static)  # (a dynamic busybox would need the host's libc in the initramfs)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -53,4 +58,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ sockmap/portwatch/_
     exit 1
   fi
   touch "$stamp"
+fi
+
+# the VM the tests boot: Debian's kernel (downloaded, extracted under .cache/vm, not
+# installed) and a small initramfs, each built once (netlab/vmimage.py)
+if ! .venv/bin/python -m netlab.vmimage >.venv/vmimage.log 2>&1; then
+  cat .venv/vmimage.log >&2
+  echo "bootstrap: could not prepare the test VM's kernel and initramfs (log above)" >&2
+  exit 1
 fi

@@ -96,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "root's files, as the guest's root can")
     p.set_defaults(takes_command=True)  # everything after "--" is the command (see main)
 
+    # token (VM guests) -------------------------------------------------------------------
+    token = subs.add_parser("token", help="tokens for VM agents",
+                            description="Tokens for agents in VMs (they dial --agent-listen).",
+                            epilog="example:\n  sockmap token create vm1 --connect "
+                                   "192.168.122.1:7070",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    tsubs = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    p = _sub(tsubs, "create", _token_create,
+             "write RUN_DIR/tokens/NAME.token and print the agent command for the VM",
+             "sockmap token create vm1 --connect 192.168.122.1:7070")
+    p.add_argument("name", help="the VM's guest name (its agent's --name)")
+    p.add_argument("--connect", metavar="HOST:PORT",
+                   help="the daemon's --agent-listen address as the VM reaches it (the "
+                        "host's address on the VM's bridge), for the printed command")
+    p.add_argument("--force", action="store_true", help="replace an existing token")
+
     # agent ------------------------------------------------------------------------------
     p = _sub(subs, "agent", _agent, "guest agent: watch listeners and report them",
              "sockmap agent --connect tcp:192.168.122.1:7070 --name vm1 "
@@ -318,6 +334,15 @@ def _ls(args: argparse.Namespace) -> int:
         sys.stdout.write("\x1b[H\x1b[2J" + text + "\n" if sys.stdout.isatty() else text + "\n\n")
         sys.stdout.flush()
         time.sleep(1.0)
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from sockmap import tokens
+
+    for line in tokens.instructions(tokens.create(args.run_dir, args.name, force=args.force),
+                                    args.connect):
+        print(line)
+    return EXIT_OK
 
 
 def _agent(args: argparse.Namespace) -> int:

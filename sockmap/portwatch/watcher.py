@@ -159,6 +159,7 @@ class Watcher:
         self._native: NativeTick | None = None  # the C tick, while the real gate is open
         self._native_on = False  # the poll thread's: False once the C tick failed
         self._polls = 0
+        self._started = False  # __aenter__ done
         self.reads = 0  # source reads (dumps); polls - reads were skipped by the gate
         self.parses = 0
 
@@ -207,30 +208,34 @@ class Watcher:
         return list(self._delivered.values())
 
     async def __aenter__(self) -> Watcher:
-        self._port_range = local_port_range()
-        src, problems = self._open(self._want)  # "diag"/"proc" forced: errors go to the caller
-        self._src = src
-        self._retick()
-        for p in problems:
-            self._report("diag", p)
-        if self._use_gate:
-            try:
-                self._gate = self._gate_opener()
-            except (SourceUnavailable, ParseError) as e:
-                self._report("sockstat", str(e))
+        # first: every failure below is reported through _emit, which needs the loop
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._port_range = local_port_range()
         try:
+            self._open_first()
+            if self._use_gate:
+                try:
+                    self._gate = self._gate_opener()
+                except (SourceUnavailable, ParseError, OSError) as e:
+                    self._report("sockstat", _why(e))
             self._open_events()
             self._poll_once()
+            if self._raw is None and self._src is not None:  # the first one failed over
+                self._poll_once(force=True)
         except BaseException:
             self._close_events()
             self._close_source()
             self._close_gate()
             raise
+        self._started = True
+        log.info("listener source %s; %s", self.source, self._mode_note)
         gate = self._gate
         if self._want_native and isinstance(gate, SockstatGate) and NativeTick.available():
-            self._native, self._native_on = NativeTick(*gate.fds), True
+            try:
+                self._native, self._native_on = NativeTick(*gate.fds), True
+            except (OSError, ValueError) as e:
+                log.info("C tick unavailable (%s); ticking in Python", e)
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll_thread, name="portwatch-poll",
                                         daemon=True)
@@ -240,6 +245,30 @@ class Watcher:
         for t in self._tasks:
             t.add_done_callback(self._task_done)
         return self
+
+    def _open_first(self) -> None:
+        """The first source. A forced one ("diag"/"proc") that fails is the caller's error;
+        "auto" falls back (each failure reported once) and fails only when neither opens."""
+        try:
+            src, problems = self._open(self._want)
+        except (SourceUnavailable, ParseError, OSError) as e:
+            if self._want != "auto":
+                if isinstance(e, OSError):
+                    raise SourceUnavailable(f"cannot open the {self._want} listener source: "
+                                            f"{_why(e)}", hint="try --source auto") from None
+                raise
+            self._report("auto", _why(e))
+            self._switch(None)
+            if self._src is None:
+                raise SourceUnavailable(
+                    "no listener source works: " + "; ".join(sorted(self._reported)),
+                    hint="mount procfs on /proc, or load the sock_diag modules "
+                         "(modprobe tcp_diag udp_diag)") from None
+            return
+        self._src = src
+        self._retick()
+        for p in problems:
+            self._report("diag", p)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -260,13 +289,19 @@ class Watcher:
             return
         try:
             self._events = self._events_opener()
-        except SourceUnavailable as e:
+            self._netns = os.stat("/proc/thread-self/ns/net").st_ino
+        except (SourceUnavailable, OSError) as e:
+            if self._events is not None:
+                self._events.close()
+                self._events = None
             if self._want_events == "on":
+                if isinstance(e, OSError):
+                    raise SourceUnavailable(f"cannot use listener events: {_why(e)}",
+                                            hint="use --events auto or off") from None
                 raise
-            self._mode_note = f"polling: {e}"
-            log.info("listener events unavailable, polling: %s", e)
+            self._mode_note = f"polling: {_why(e)}"
+            log.info("listener events unavailable, polling: %s", _why(e))
             return
-        self._netns = os.stat("/proc/thread-self/ns/net").st_ino
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         name = getattr(self._events, "instance_name", self._events.name)
         self._mode_note = f"events from tracefs instance {name}, rescan every {self._rescan:g}s"
@@ -456,9 +491,9 @@ class Watcher:
             return None
         try:
             return self._gate.read()
-        except (SourceUnavailable, ParseError) as e:
+        except (SourceUnavailable, ParseError, OSError) as e:
             self._close_gate()  # first: whoever sees the event sees the gate off
-            self._report("sockstat", f"{e}; every poll dumps from now on")
+            self._report("sockstat", f"{_why(e)}; every poll dumps from now on")
             return None
 
     def _poll_once(self, *, force: bool = False) -> None:
@@ -482,9 +517,9 @@ class Watcher:
             if raw == self._raw:
                 return
             sockets = src.parse(raw)
-        except (SourceUnavailable, ParseError) as e:
+        except (SourceUnavailable, ParseError, OSError) as e:
             self._counts = None
-            self._report(src.name, str(e))
+            self._report(src.name, _why(e))
             self._switch(src.name)
             return
         self._raw = raw
@@ -501,12 +536,13 @@ class Watcher:
         for kind in order:
             try:
                 self._src, problems = self._open(kind)
-            except (SourceUnavailable, ParseError) as e:
-                self._report(kind, str(e))
+            except (SourceUnavailable, ParseError, OSError) as e:
+                self._report(kind, _why(e))
                 continue
             for p in problems:
                 self._report(kind, p)
-            log.info("listener source now %s", kind)
+            if self._started:  # (at start, __aenter__ logs the one it ended with)
+                log.info("listener source now %s", kind)
             break
         self._retick()
 
@@ -534,3 +570,10 @@ class Watcher:
         for ev in events:
             self._queue.put_nowait(ev)
 
+
+
+def _why(e: BaseException) -> str:
+    """One line for a failure: a SockmapError's message, an OSError's strerror."""
+    if isinstance(e, OSError) and not isinstance(e, SockmapError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return str(e)
