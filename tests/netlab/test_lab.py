@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,15 @@ pytestmark = pytest.mark.netlab
 
 
 def _netns_names() -> set[str]:
+    """This process's lab namespaces (``smk-<our pid>-...``): other runs on the machine make
+    and remove their own meanwhile, which says nothing about ours."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    mine = f"{netlab.PREFIX}-{os.getpid()}-"
+    return {n for n in (line.split()[0] for line in out.splitlines() if line.strip())
+            if n.startswith(mine)}
+
+
+def _all_netns_names() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
@@ -52,7 +62,7 @@ def test_sweep_removes_only_dead_owners() -> None:
         removed = netlab.sweep()
         assert stale in removed
         assert lab.host.name in _netns_names()  # ours (live pid) survives
-    assert stale not in _netns_names()
+    assert stale not in _all_netns_names()
 
 
 def test_wait_for_line_is_a_ready_signal(lab: netlab.Lab) -> None:

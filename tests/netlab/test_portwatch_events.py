@@ -195,7 +195,11 @@ def test_instance_removed_on_exit_and_after_kill_9(lab: netlab.Lab) -> None:
     c.proc.terminate()
     c.proc.wait(10)
     assert c.proc.stderr is not None
-    assert f"removed tracefs instances of dead processes: {stale}" in c.proc.stderr.read()
+    # c says so when it removed it; any other sockmap starting on this machine meanwhile
+    # (another test run, a daemon) sweeps dead instances too, and then c finds none
+    err = c.proc.stderr.read()
+    assert f"removed tracefs instances of dead processes: {stale}" in err \
+        or "removed tracefs instances" not in err
 
 
 def _runner(ns: netlab.Netns, rescan: float, buffer_kb: int) -> tuple[Lines, str]:
