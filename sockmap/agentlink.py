@@ -185,7 +185,7 @@ def _batch(events: list[Event], nics: _Nics) -> list[p.Message]:
                 nics.apply(ev)
                 out.append(nics.message())
             case SourceError():
-                log.warning("listener source %s: %s", ev.source, ev.message)
+                pass  # the watcher logged it when it happened: once is enough
             case _:
                 assert_never(ev)
     flush()

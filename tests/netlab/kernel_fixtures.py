@@ -80,9 +80,10 @@ def v2_root() -> Path:
     return Path(root)
 
 
-@pytest.fixture
-def cgroup() -> Iterator[Path]:
-    """A cgroup v2 directory of this test; its processes go back to the root, then it goes."""
+@contextlib.contextmanager
+def own_cgroup() -> Iterator[Path]:
+    """A fresh cgroup v2 directory (smk-<pid>-...); on leaving, even on failure, its
+    processes go back to the root, then it goes."""
     root = v2_root()
     path = root / f"smk-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
@@ -102,6 +103,13 @@ def cgroup() -> Iterator[Path]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)  # bounded: a process leaving the cgroup
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    """A cgroup v2 directory of this test, removed at teardown."""
+    with own_cgroup() as path:
+        yield path
 
 
 def in_cgroup(cg: Path | None, argv: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ specs, --agent-listen parsing, agent --connect parsing and event batching."""
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import pytest
 from hypothesis import given
@@ -13,7 +14,13 @@ from sockmap import agentlink, daemon, planner
 from sockmap import protocol as p
 from sockmap.conflicts.rules import Nic, PortMapping, Relay, plan
 from sockmap.errors import SockmapError
-from sockmap.portwatch.records import AddressesChanged, Listener, ListenerAdded, ListenerRemoved
+from sockmap.portwatch.records import (
+    AddressesChanged,
+    Listener,
+    ListenerAdded,
+    ListenerRemoved,
+    SourceError,
+)
 from sockmap.proxy import MappingKey, Proto
 from sockmap.registry import Registry, usable_addrs
 
@@ -159,3 +166,12 @@ def test_batch_keeps_order_and_groups_runs() -> None:
     assert nics.message() == p.Addresses(addrs=(G4, G6, "10.1.1.1"), ifname="")
     agentlink._batch([AddressesChanged(ifname="eth0", addrs=())], nics)
     assert nics.message() == p.Addresses(addrs=("10.1.1.1",), ifname="eth1")
+
+
+def test_batch_sends_no_source_error_and_logs_none(caplog: pytest.LogCaptureFixture) -> None:
+    """The watcher logs a source failure when it reports it; the agent's batching must not
+    log it a second time (the VM agent said "sock_diag ..." twice at start)."""
+    caplog.set_level(logging.DEBUG)
+    ev = SourceError(source="diag", message="sock_diag unavailable: NETLINK_SOCK_DIAG")
+    assert agentlink._batch([ev], agentlink._Nics()) == []
+    assert [r.getMessage() for r in caplog.records] == []
