@@ -21,8 +21,16 @@ def tcp_info(acked: int, received: int, size: int = 232) -> bytes:
     return bytes(b)
 
 
-def msg(dst: str, dport: int, *, cookie: int = 1, inode: int = 7, state: int = 1,
-        info: bytes | None = None, seq: int = 1) -> bytes:
+def msg(
+    dst: str,
+    dport: int,
+    *,
+    cookie: int = 1,
+    inode: int = 7,
+    state: int = 1,
+    info: bytes | None = None,
+    seq: int = 1,
+) -> bytes:
     a = ipaddress.ip_address(dst)
     fam = cd.AF_INET if a.version == 4 else cd.AF_INET6
     body = struct.pack("=BBBB", fam, state, 0, 0)
@@ -38,12 +46,15 @@ def done(seq: int = 1) -> bytes:
     return struct.pack("=IHHII", 20, cd.NLMSG_DONE, 2, seq, 0) + bytes(4)
 
 
-@pytest.mark.parametrize(("acked", "received", "want"), [
-    (0, 0, (0, 0)),            # not even the SYN acked
-    (1, 0, (0, 0)),            # established, nothing sent
-    (1001, 300, (1000, 300)),  # measured on this kernel: ss shows bytes_acked:1001
-    (2**64 - 1, 2**64 - 1, (2**64 - 2, 2**64 - 1)),
-])
+@pytest.mark.parametrize(
+    ("acked", "received", "want"),
+    [
+        (0, 0, (0, 0)),  # not even the SYN acked
+        (1, 0, (0, 0)),  # established, nothing sent
+        (1001, 300, (1000, 300)),  # measured on this kernel: ss shows bytes_acked:1001
+        (2**64 - 1, 2**64 - 1, (2**64 - 2, 2**64 - 1)),
+    ],
+)
 def test_parse_tcp_info(acked: int, received: int, want: tuple[int, int]) -> None:
     assert cd.parse_tcp_info(tcp_info(acked, received)) == want
 
@@ -55,13 +66,15 @@ def test_parse_tcp_info_short() -> None:
 
 
 def test_parse_chunk_table() -> None:
-    data = (msg("10.7.0.2", 8080, cookie=5, info=tcp_info(11, 20))
-            + msg("fd00::2", 8080, cookie=6, inode=9, info=tcp_info(1, 3))
-            + msg("::ffff:10.7.0.2", 81, cookie=8, info=tcp_info(2, 0))
-            + msg("10.7.0.2", 8080, state=8, info=tcp_info(1, 1))  # not ESTABLISHED
-            + msg("10.7.0.2", 8080, info=None)                     # no tcp_info: skipped
-            + msg("10.7.0.2", 9, seq=2, info=tcp_info(1, 1))       # another request's
-            + done())
+    data = (
+        msg("10.7.0.2", 8080, cookie=5, info=tcp_info(11, 20))
+        + msg("fd00::2", 8080, cookie=6, inode=9, info=tcp_info(1, 3))
+        + msg("::ffff:10.7.0.2", 81, cookie=8, info=tcp_info(2, 0))
+        + msg("10.7.0.2", 8080, state=8, info=tcp_info(1, 1))  # not ESTABLISHED
+        + msg("10.7.0.2", 8080, info=None)  # no tcp_info: skipped
+        + msg("10.7.0.2", 9, seq=2, info=tcp_info(1, 1))  # another request's
+        + done()
+    )
     conns, end = cd.parse_chunk(data, seq=1)
     assert end
     assert conns == [
@@ -104,28 +117,42 @@ def test_parse_tcp_info_any(info: bytes) -> None:
     assert 0 <= sent < 2**64 and 0 <= received < 2**64
 
 
-def c(cookie: int, sent: int, received: int, *, dst: str = "10.0.0.2", port: int = 80,
-      inode: int = 0) -> TcpConn:
-    return TcpConn(dst=dst, dport=port, cookie=cookie, inode=inode, sent=sent,
-                   received=received)
+def c(
+    cookie: int, sent: int, received: int, *, dst: str = "10.0.0.2", port: int = 80, inode: int = 0
+) -> TcpConn:
+    return TcpConn(dst=dst, dport=port, cookie=cookie, inode=inode, sent=sent, received=received)
 
 
 def test_book_open_and_closed() -> None:
     book: ConnBook[str] = ConnBook()
     t = {("10.0.0.2", 80): "a", ("fd00::2", 80): "a", ("10.0.0.2", 81): "b"}
-    got = book.update([c(1, 10, 20), c(2, 5, 5, dst="fd00::2"), c(3, 1, 1, port=99),
-                       c(4, 7, 7, port=81, inode=42)], t, frozenset({42}))
+    got = book.update(
+        [
+            c(1, 10, 20),
+            c(2, 5, 5, dst="fd00::2"),
+            c(3, 1, 1, port=99),
+            c(4, 7, 7, port=81, inode=42),
+        ],
+        t,
+        frozenset({42}),
+    )
     assert got == {"a": Tally(open=2, bytes_in=15, bytes_out=25), "b": Tally()}
     got = book.update([c(1, 30, 40)], t)  # 2 closed: its last-seen bytes stay counted
     assert got["a"] == Tally(open=1, bytes_in=35, bytes_out=45)
     got = book.update([], t)
     assert got["a"] == Tally(open=0, bytes_in=35, bytes_out=45)
-    assert book.update([], {})  == {}  # a key gone is forgotten...
+    assert book.update([], {}) == {}  # a key gone is forgotten...
     assert book.update([], t)["a"] == Tally()  # ...and starts from zero if it comes back
 
 
-@given(st.lists(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 10**6),
-                                   st.integers(0, 10**6)), max_size=6), max_size=6))
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.integers(0, 5), st.integers(0, 10**6), st.integers(0, 10**6)), max_size=6
+        ),
+        max_size=6,
+    )
+)
 def test_book_totals_never_fall(dumps: list[list[tuple[int, int, int]]]) -> None:
     """Bytes are counters: whatever the dumps, a key's totals never decrease while each
     socket's own counts only grow (as the kernel's do)."""
