@@ -15,7 +15,8 @@ dual-stack on the guest's [::]), each figure for:
 This process moves itself (and so every client it starts) into the bench's cgroup, and out
 again at the end; the cgroup is removed. Figures and rounds as bench/proxy.py's: iperf3 1
 and 4 streams, short connections/s (32 concurrent), 1-byte echo p50/p99; targets
-interleaved within each round, best of the rounds, all rounds listed.
+interleaved within each round; the table gives each figure's median over the rounds with
+its min-max, ratios of medians; every round is listed.
 """
 
 from __future__ import annotations
@@ -129,6 +130,23 @@ BASE = {"kernel 127.0.0.1": "direct v4", "kernel ::1": "direct v6", "relay": "di
         "pasta": "direct v4"}
 
 
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def cell(xs: list[float | None], ref: list[float | None] | None) -> str:
+    """``median (ratio of medians) [min-max]`` of one figure's rounds (pure)."""
+    got = [x for x in xs if x is not None]
+    if not got:
+        return "n/a"
+    m = median(got)
+    base = [x for x in ref or () if x is not None]
+    out = proxy.fmt(m, median(base) if base else None)
+    return out + f" [{proxy.fmt(min(got))}-{proxy.fmt(max(got))}]" if len(got) > 1 else out
+
+
 def report(b: proxy.Bench, note: str, load: tuple[float, ...], load_after: tuple[float, ...],
            took: float, rounds: int) -> str:
     by = {t.name: t for t in b.targets}
@@ -136,20 +154,18 @@ def report(b: proxy.Bench, note: str, load: tuple[float, ...], load_after: tuple
     lines = ["# Kernel path benchmark", "",
              f"`python -m bench.kernel`, {datetime.date.today().isoformat()}; "
              + ", ".join(f"{k} {v}" for k, v in proxy.versions().items()) + ".",
-             f"Best of {rounds} interleaved rounds; {took:.0f} s; load average (1, 5 min) "
+             f"Median [min-max] of {rounds} interleaved rounds; {took:.0f} s; load average "
+             "(1, 5 min) "
              f"{load[0]:.2f}, {load[1]:.2f} before, {load_after[0]:.2f}, {load_after[1]:.2f} "
-             "after (other engineers' tests share the 2 cores).", "",
+             "after (other engineers' work shares the 2 cores).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in b.targets:
         ref = by.get(BASE.get(t.name, ""))
-        cells = []
-        for f in FIGS:
-            v = t.results.get(f)
-            r = ref.results.get(f) if ref is not None else None
-            cells.append(proxy.fmt(v, r if ref is not None else None))
+        cells = [cell(t.samples.get(f, []), ref.samples.get(f) if ref else None)
+                 for f in FIGS]
         lines.append(f"| {t.name} | " + " | ".join(cells) + " |")
-    lines += ["", "Ratios in brackets: kernel 127.0.0.1 ÷ direct v4, kernel ::1 ÷ direct v6, "
-              "relay and pasta ÷ direct v4 (for latency, above 1 is slower).", "",
+    lines += ["", "Ratios in brackets (of medians): kernel 127.0.0.1 ÷ direct v4, kernel ::1 "
+              "÷ direct v6, relay and pasta ÷ direct v4 (for latency, above 1 is slower).", "",
               "Every round (the spread is the shared machine):", ""]
     for t in b.targets:
         for f in FIGS:
@@ -164,7 +180,8 @@ def report(b: proxy.Bench, note: str, load: tuple[float, ...], load_after: tuple
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kernel", description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0, help="per iperf3/cps figure")
-    ap.add_argument("--rounds", type=int, default=3, help="repeat each figure, keep the best")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="repeat each figure (interleaved); the table shows medians")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench-kernel.md"))
     a = ap.parse_args(argv)
     proxy.raise_nofile()

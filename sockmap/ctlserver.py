@@ -97,6 +97,7 @@ class ControlServer:
         d = self.d
         match req.op:
             case "ls":
+                await d.refresh_kernel()
                 return Streamed(result=[], key="",
                                 items=d.iter_rows(not_forwarded=req.args.get("all") is True))
             case "status":
@@ -138,6 +139,7 @@ class ControlServer:
                 writer.write(metrics.http_response("bad request\n", status="400 Bad Request",
                                                    content_type="text/plain"))
             elif path.split("?")[0] in ("/metrics", "/"):
+                await self.d.refresh_kernel()
                 writer.write(metrics.http_response(self.d.metrics_text()))
             else:
                 writer.write(metrics.http_response("try /metrics\n", status="404 Not Found",

@@ -172,6 +172,9 @@ class Daemon:
     async def wait_planned(self, gen: int) -> None:
         await self.planner.wait_planned(gen)
 
+    async def refresh_kernel(self) -> None:
+        await self.planner.refresh_kernel()
+
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
         return self.planner.rows(not_forwarded=not_forwarded)
 

@@ -89,13 +89,15 @@ def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
 
     per = [(labels(guest=r.get("guest", ""), proto=r.get("proto", ""),
                    host_port=r.get("host_port", "")), r) for r in rows]
-    head("sockmap_connections", "gauge", "Open connections (UDP: flows) per mapping.")
+    head("sockmap_connections", "gauge",
+         "Open connections (UDP: relay flows) per mapping, relay and kernel path.")
     out.extend(f"sockmap_connections{lb} {_num(r.get('connections'))}" for lb, r in per)
     head("sockmap_connections_total", "counter", "Connections accepted per mapping.")
     out.extend(f"sockmap_connections_total{lb} {_num(r.get('connections_total'))}"
                for lb, r in per)
     head("sockmap_bytes_total", "counter",
-         "Bytes relayed per mapping; in: client to guest, out: guest to client.")
+         "Bytes per mapping, relay and kernel path (TCP, from sock_diag: exact for open "
+         "connections, closed ones as last seen); in: client to guest, out: guest to client.")
     for lb, r in per:
         for d in ("in", "out"):
             out.append(f"sockmap_bytes_total{lb[:-1]},direction=\"{d}\"}} "

@@ -52,7 +52,9 @@ from sockmap.kernelsync import sync_kernel
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
+from sockmap.proxy.conndiag import Tally
 from sockmap.proxy.kernel import KernelPath
+from sockmap.proxy.kernelconns import KernelConns
 from sockmap.registry import Registry
 from sockmap.rows import first_fields, planned_target, skipped_row, target_row
 
@@ -123,6 +125,7 @@ class Planner:
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
         self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
+        self.kconns = KernelConns()  # its connections and bytes, from sock_diag
         self.own_sockets: dict[HostEndpoint, str] = {}  # the daemon's other sockets, named
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
@@ -377,6 +380,12 @@ class Planner:
                                                            else "") for t in targets))
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
+    async def refresh_kernel(self) -> None:
+        """Before rows are shown: the kernel path's connections and bytes (one sock_diag
+        dump in a thread, cached for kernelconns.CACHE_S)."""
+        if self.kernel is not None:
+            await self.kconns.refresh(self.kernel)
+
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
         return list(self.iter_rows(not_forwarded=not_forwarded))
 
@@ -402,6 +411,7 @@ class Planner:
             kernel = (self.kernel is not None and str(r.state) == "open"
                       and self.kernel.has(key))
             kconn, kdgram = self.kernel.counts(key) if kernel and self.kernel else (0, 0)
+            kt = self.kconns.get(key) if kernel else Tally()
             yield {
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
@@ -410,10 +420,13 @@ class Planner:
                     r.guest, str(r.proto), r.target_port, r.host_port) in moved
                     else str(r.state),
                 "path": "kernel" if kernel else "relay",
-                "connections": r.connections,
-                "connections_total": r.connections_total + kconn, "bytes_in": r.bytes_in,
-                "bytes_out": r.bytes_out, "errors": r.errors, "dropped": r.dropped,
+                "connections": r.connections + kt.open,
+                "connections_total": r.connections_total + kconn,
+                "bytes_in": r.bytes_in + kt.bytes_in, "bytes_out": r.bytes_out + kt.bytes_out,
+                "errors": r.errors, "dropped": r.dropped,
                 "kernel_connects": kconn, "kernel_datagrams": kdgram,
+                "kernel_connections": kt.open, "kernel_bytes_in": kt.bytes_in,
+                "kernel_bytes_out": kt.bytes_out,
                 "relay_connections_total": r.connections_total,
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
                 "targets": targets,

@@ -11,11 +11,13 @@ it). The links close with the daemon's process, so a ``kill -9`` leaves nothing 
     kp = KernelPath.start(cgroup=None, max_entries=4096)  # SockmapError where it cannot
     kp.set(key, entries)   # False (and nothing changed) when the map cannot take them
     kp.remove(key); kp.counts(key) -> (connects, datagrams); kp.close()
+    kp.tcp_targets() -> {(guest addr, guest port): key}  (sockmap.proxy.kernelconns)
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ def default_cgroup() -> Path:
 class _Slot:
     index: int
     keys: tuple[bytes, ...]
+    tcp: frozenset[tuple[str, int]] = frozenset()  # its TCP (guest addr, guest port)s
 
 
 class KernelPath:
@@ -167,7 +170,9 @@ class KernelPath:
         for k in old.keys if old is not None else ():
             if k not in keys:
                 self.fwd.delete(k)
-        self._slots[key] = _Slot(index=index, keys=keys)
+        tcp = frozenset((str(ipaddress.ip_address(e.guest_addr)), e.guest_port)
+                        for e in entries if e.proto == "tcp")
+        self._slots[key] = _Slot(index=index, keys=keys, tcp=tcp)
         return None
 
     def remove(self, key: MappingKey) -> None:
@@ -197,6 +202,10 @@ class KernelPath:
         except OSError:
             return 0, 0
         return bpfprog.stats_value(raw) if raw is not None else (0, 0)
+
+    def tcp_targets(self) -> dict[tuple[str, int], MappingKey]:
+        """Each TCP guest target (addr, port) the hooks rewrite to, and its mapping."""
+        return {t: key for key, slot in self._slots.items() for t in slot.tcp}
 
     @property
     def entries(self) -> int:

@@ -220,3 +220,73 @@ for line in sys.stdin:
     f.write(line.encode()); f.flush()
     print(f.readline().decode().strip(), flush=True)
 """
+
+
+# hold: connect, read the greeting, send argv[3] bytes (one line) and read their echo; print
+# JSON {sockname, sent, received}; close on a "close" line on stdin, exit at its end
+CLIENT_BYTES = r"""
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 5)
+f = s.makefile("rwb")
+got = len(f.readline())
+n = int(sys.argv[3])
+f.write(b"x" * (n - 1) + b"\n"); f.flush()
+got += len(f.readline())
+print(json.dumps({"sockname": list(s.getsockname()[:2]), "sent": n, "received": got}),
+      flush=True)
+for line in sys.stdin:
+    f.close(); s.close()
+    print("closed", flush=True)
+"""
+
+
+def test_ls_counts_kernel_connections_and_bytes(lab: netlab.Lab, kdaemon: Daemon,
+                                                cgroup: Path) -> None:
+    """Connections held through the kernel path show in ``ls --json`` with the bytes they
+    moved (from sock_diag), beside a relay one (counted once, by the relay); a closed kernel
+    connection's bytes stay in the totals."""
+    name, g, _rec = kdaemon.guest()
+    srv = g.popen([PY, "-u", "-c", ECHO, "::", "8080"])
+    assert srv.stdout is not None
+    netlab.wait_for_line(srv.stdout, "ready", timeout=10)
+    r0 = wait_row(kdaemon, name, "tcp", 8080)
+    assert r0["path"] == "kernel" and r0["connections"] == 0 and r0["bytes_in"] == 0, r0
+    held = []
+    for host, n, cg in (("127.0.0.1", 1000, cgroup), ("::1", 20000, cgroup),
+                        ("127.0.0.1", 300000, cgroup), ("127.0.0.1", 5000, None)):
+        p = lab.host.popen(in_cgroup(cg, [PY, "-u", "-c", CLIENT_BYTES, host, "8080",
+                                          str(n)]), stdin=-1)
+        assert p.stdout is not None
+        held.append((p, json.loads(p.stdout.readline())))
+    try:
+        kern = [o for p, o in held[:3]]
+        assert all(o["sockname"][0] not in ("127.0.0.1", "::1") for o in kern), kern
+        assert held[3][1]["sockname"][0] == "127.0.0.1"  # outside the cgroup: the relay
+        deadline = time.monotonic() + 5
+        while (r := row(kdaemon, name, "tcp", 8080))["kernel_connections"] != 3:
+            assert time.monotonic() < deadline, r  # ls may show a dump up to 0.5 s old
+            time.sleep(0.1)
+        assert r["connections"] == 4, r
+        assert r["kernel_bytes_in"] == sum(o["sent"] for o in kern), (r, kern)
+        assert r["kernel_bytes_out"] == sum(o["received"] for o in kern), (r, kern)
+        assert r["bytes_in"] == r["kernel_bytes_in"] + 5000, r
+        # close the biggest: its bytes stay counted, the open count drops
+        p, _o = held[2]
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write("close\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "closed"
+        deadline = time.monotonic() + 5
+        while True:
+            r2 = row(kdaemon, name, "tcp", 8080)
+            if r2["kernel_connections"] == 2:
+                break
+            assert time.monotonic() < deadline, r2
+            time.sleep(0.1)  # bounded: the 0.5 s cache, then the close
+        assert (r2["kernel_bytes_in"], r2["kernel_bytes_out"]) == (
+            r["kernel_bytes_in"], r["kernel_bytes_out"]), (r, r2)
+    finally:
+        for p, _ in held:
+            assert p.stdin is not None
+            p.stdin.close()
+            p.wait(10)
