@@ -120,6 +120,7 @@ class Planner:
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
         self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
+        self.on_planned: Callable[[], None] | None = None  # after each replan (events)
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
@@ -181,6 +182,11 @@ class Planner:
                 # never leave a stale forward waiting for the next event: try again soon
                 log.exception("replanning failed; mappings left as they were, retrying in 1 s")
                 asyncio.get_running_loop().call_later(1.0, self.request_replan)
+            if self.on_planned is not None:
+                try:
+                    self.on_planned()
+                except Exception:
+                    log.exception("publishing the plan's changes failed")
             self._done_gen = gen
             async with self._planned:
                 self._planned.notify_all()
