@@ -372,6 +372,8 @@ class Planner:
                 "via": "relay" if first and isinstance(first.upstream, Relay) else "nic",
                 "pid": first.pid if first else None,
                 "process": first.process if first else "",
+                "label": first.label if first else "",
+                "names": list(first.names) if first else [],
                 "state": "remapped" if str(r.state) == "open" and (
                     r.guest, str(r.proto), r.target_port, r.host_port) in moved
                     else str(r.state),
@@ -395,8 +397,8 @@ class Planner:
                 "guest_addr": first.guest_addr, "guest_port": key.port,
                 "target_addr": nic_target(group) or "",
                 "via": "nic" if nic_target(group) else "relay", "pid": first.pid,
-                "process": first.process, "state": "waiting", "path": "",
-                "connections": 0,
+                "process": first.process, "label": first.label, "names": list(first.names),
+                "state": "waiting", "path": "", "connections": 0,
                 "connections_total": 0, "bytes_in": 0, "bytes_out": 0, "errors": 0,
                 "dropped": 0, "since": since, "age_s": round(max(0.0, now - since), 3),
             }

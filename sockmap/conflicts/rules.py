@@ -305,6 +305,8 @@ class Rule:
     host_addrs: tuple[str, ...] = ()  # () = loopback as decide() gives it
     policy: Policy | None = None  # None: the daemon's default policy
     path: ForwardPath | None = None  # "relay": never the kernel path (None: the default)
+    label: str = ""  # shown in `ls` (and JSON ``label``) for the mappings it makes
+    names: tuple[str, ...] = ()  # extra host names of the guest (api.localhost), lowercase
     origin: str = ""  # "FILE:LINE", for messages
 
     def matches(self, guest: str, li: Listener) -> bool:
@@ -391,6 +393,8 @@ class PortMapping:
     path: ForwardPath | None = None  # a rule's forwarder ("relay": never the kernel path)
     pid: int | None = field(default=None, compare=False)
     process: str = field(default="", compare=False)
+    label: str = field(default="", compare=False)  # its rule's
+    names: tuple[str, ...] = field(default=(), compare=False)  # its rule's extra names
 
     @property
     def host_endpoint(self) -> HostEndpoint:
@@ -450,6 +454,7 @@ class _Want:
     host_port: int = 0  # the host port it wants (0: its own port)
     policy: Policy | None = None  # from its rule; None: the Policies
     path: ForwardPath | None = None  # from its rule
+    rule: Rule | None = None  # the rule that matched (label, names)
 
     @property
     def port(self) -> int:
@@ -497,7 +502,8 @@ def _wants(guests: Sequence[GuestState],
                     if bs:
                         wants.append(_Want(g.name, li, bs, host_port=hport,
                                            policy=None if rule is None else rule.policy,
-                                           path=None if rule is None else rule.path))
+                                           path=None if rule is None else rule.path,
+                                           rule=rule))
                     elif all_bs:  # say so: `ls --all` shows it (a second server is unreachable)
                         first = seen[(li.proto, all_bs[0].host_addr, hport)]
                         skipped.append(Skipped(guest=g.name, listener=li, reason=(
@@ -699,6 +705,7 @@ def _mappings(w: _Want, port: int) -> list[PortMapping]:
         guest=w.guest, proto=li.proto, host_addr=b.host_addr, host_port=port,
         guest_addr=li.addr, guest_port=li.port, upstream=b.upstream, path=w.path,
         pid=None if o is None else o.pid, process="" if o is None else o.comm,
+        label=w.rule.label if w.rule else "", names=w.rule.names if w.rule else (),
     ) for b in w.bindings]
 
 

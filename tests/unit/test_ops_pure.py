@@ -103,7 +103,8 @@ def test_one_line_per_event(env: dict[str, str], pattern: str) -> None:
 
 
 COMMANDS = [[], ["guest"], ["guest", "create"], ["guest", "delete"], ["guest", "list"],
-            ["guest", "exec"], ["agent"], ["daemon"], ["ls"], ["conflicts"]]
+            ["guest", "exec"], ["agent"], ["daemon"], ["ls"], ["conflicts"], ["events"],
+            ["wait"]]
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "sockmap")
