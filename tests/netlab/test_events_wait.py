@@ -99,3 +99,25 @@ def test_events_shows_a_server_starting_and_stopping(lab: netlab.Lab, daemon: Da
     text.wait(5)
     # subscriptions that went away are forgotten; the daemon still answers
     assert daemon.request("status")["pid"] == daemon.proc.pid
+
+
+def test_rule_label_and_names_in_ls_through_the_daemon(lab: netlab.Lab, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = tmp_path / "s.toml"
+    name = lab.guest_name("lbl")
+    cfg.write_text(f'[[rule]]\nguest = "{name}"\nport = 8094\nlabel = "web frontend"\n'
+                   'name = ["api.localhost", "WWW.localhost"]\n')
+    d = start_daemon(lab, run, tmp_path / "daemon.log", "--config", str(cfg))
+    try:
+        r = d.cli("guest", "create", name)
+        assert r.returncode == 0, r.stderr
+        g = lab.attach(name)
+        serve(g, "tcp", "0.0.0.0", 8094)
+        assert d.cli("wait", f"{name}:8094", "--timeout", "10").returncode == 0
+        (row,) = [x for x in json.loads(d.cli("ls", "--json").stdout) if x["guest"] == name]
+        assert row["label"] == "web frontend"
+        assert row["names"] == ["api.localhost", "www.localhost"]
+        text = d.cli("ls").stdout
+        assert "LABEL" in text and "web frontend" in text
+    finally:
+        assert d.stop() == 0, d.log_text()
