@@ -124,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics on http://ADDR:PORT/metrics (loopback "
                         "only, e.g. 127.0.0.1:9464)")
-    p.add_argument("--conflict-policy", choices=["fail", "remap", "wait"], default=None,
+    p.add_argument("--conflict-policy", choices=["fail", "remap", "wait", "share"],
+                   default=None,
                    help="when a host port is held (by a host program or another guest): "
                         "fail = report, don't forward; remap = forward on the next free host "
-                        "port; wait = forward once it frees (default: the rules file's "
-                        "conflict_policy, else fail)")
+                        "port; wait = forward once it frees; share = TCP ports several guests "
+                        "want are routed by name (http://GUEST.localhost:PORT/, TLS SNI) "
+                        "(default: the rules file's conflict_policy, else fail)")
     p.add_argument("--flat", action="store_true",
                    help="flat mode: report this network namespace's conflicts (served by "
                         "`sockmap conflicts`), forward nothing")

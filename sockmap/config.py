@@ -5,7 +5,7 @@ the file, the line and the key, with a fix. I/O only in ``load(path)``.
 [daemon]                       # all optional; command-line flags win over these
 agent_listen = "192.168.122.1:7070"
 metrics = "127.0.0.1:9464"     # Prometheus text endpoint, loopback only
-conflict_policy = "fail"       # default for every listener: fail | remap | wait
+conflict_policy = "fail"       # default for every listener: fail | remap | wait | share
 udp_ephemeral = false          # agents the daemon starts also report UDP on ephemeral ports
 max_listeners_per_guest = 4096 # listeners planned per guest; the rest: not forwarded, a conflict
 

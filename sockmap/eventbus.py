@@ -36,7 +36,7 @@ log = logging.getLogger("sockmap.daemon")
 
 MappingId = tuple[str, str, int]  # (guest, proto, guest port)
 ConflictId = tuple[str, str, int]  # (kind, proto, port)
-ACCEPTING = ("open", "remapped")
+ACCEPTING = ("open", "remapped", "shared")  # shared: by name on another's port
 QUEUE_MAX = 1024  # lines a subscriber may be behind before it is dropped
 MAPPING_FIELDS = ("guest", "proto", "guest_port", "host_port", "host_addrs", "guest_addr",
                   "state", "via", "since", "label")

@@ -5,11 +5,12 @@ content; PROCESS shows as netstat's PID/name (``812/python3``) while the table f
 else the name alone; STATE shows only when some mapping is not open (draining; remapped:
 policy remap put it on another host port; waiting: for its host port, under policy wait or
 TIME_WAIT, see ``sockmap conflicts``); LABEL only when some mapping's rule has a ``label``.
-A host side of 127.0.0.1 and ::1 on one port shows as
-``localhost:PORT``. When the table is still wider than ``width`` (80), a host side of several
-addresses shows its first and a count (``198.18.0.1:7003+1``), a guest side of 0.0.0.0 shows
-as ``*`` (as ss does), the protocol joins the guest side (``*:7003/tcp``, as docker prints
-ports) and long process names are cut with "~"; ``--json`` always has everything.
+A host side of 127.0.0.1 and ::1 on one port shows as ``localhost:PORT``; on a port guests
+share (policy share), each row shows its guest's name (``web.localhost:3000``). When the
+table is still wider than ``width`` (80), a host side of several addresses shows its first
+and a count (``198.18.0.1:7003+1``), a guest side of 0.0.0.0 shows as ``*`` (as ss does),
+the protocol joins the guest side (``*:7003/tcp``, as docker prints ports) and long process
+names are cut with "~"; ``--json`` always has everything.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def endpoint(addr: str, port: object) -> str:
 def host_text(r: Row, *, compact: bool = False) -> str:
     addrs = list(r.get("host_addrs") or [r.get("host_addr", "?")])
     port = r.get("host_port", "?")
+    names = r.get("names") or []
+    if (r.get("shared_by") or r.get("state") == "shared") and names:
+        return f"{names[0]}:{port}"  # a shared port: each guest by its name
     if sorted(addrs) == ["127.0.0.1", "::1"]:
         return f"localhost:{port}"
     if compact and len(addrs) > 1:

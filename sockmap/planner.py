@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from sockmap import metrics
+from sockmap import metrics, sharing
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
 from sockmap.conflicts.rules import (
     GuestState,
@@ -42,12 +42,14 @@ from sockmap.conflicts.rules import (
     Relay,
     Rule,
     plan,
+    shared_with,
 )
 from sockmap.errors import SockmapError
 from sockmap.kernelsync import sync_kernel
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
-from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto
+from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, tcp_connector
 from sockmap.proxy.kernel import KernelPath
+from sockmap.proxy.share import Route, ShareConnector, ShareRoutes
 from sockmap.registry import Registry
 
 log = logging.getLogger("sockmap.daemon")
@@ -141,6 +143,9 @@ class Planner:
         self._watch_ev = asyncio.Event()
         self._waiting_since: dict[MappingKey, float] = {}
         self._first_seen: dict[tuple[str, str, int], float] = {}  # (guest, proto, port)
+        # policy share: the holders' connectors, and who shares each (from the last plan)
+        self._share: dict[MappingKey, ShareConnector] = {}
+        self._shares: dict[MappingKey, tuple[PortMapping, ...]] = {}
 
     @property
     def open_count(self) -> int:
@@ -220,12 +225,17 @@ class Planner:
         waiting = {MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
                    for m in pl.pending}
         self._waiting_since = {k: self._waiting_since.get(k, time.time()) for k in waiting}
+        self._shares = {MappingKey(guest=g, proto=Proto(p), port=port): ms
+                        for (g, p, port), ms in shared_with(pl).items()}
         touched = list(dict.fromkeys(
             MappingKey(guest=c.mapping.guest, proto=Proto(c.mapping.proto),
                        port=c.mapping.guest_port) for c in pl.commands))
+        # a holder opened before anyone shared its port gets the routing connector
+        regrow = [k for k in self._shares if k in self._open and k not in self._share]
+        touched += [k for k in regrow if k not in touched]
         for key in touched:  # _close yields to the loop each time
             have = self._open.get(key)
-            if have is not None and have != desired.get(key):
+            if have is not None and (have != desired.get(key) or key in regrow):
                 await self._close(key)
         for i, key in enumerate(touched):
             want = desired.get(key)
@@ -233,6 +243,7 @@ class Planner:
                 self._open_group(key, want)
             if i % APPLY_BATCH == APPLY_BATCH - 1:
                 await asyncio.sleep(0)  # many opens: let the loop serve others between
+        self._update_shares()
         for c in pl.conflicts:
             self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; {c.resolution}")
         # first-report times: kept only for wanted mappings not open yet
@@ -287,6 +298,7 @@ class Planner:
         self._open.pop(key, None)
         if self.kernel is not None:  # first: new connects reach the closing relay, refused
             self.kernel.remove(key)
+        self._share.pop(key, None)
         drain = 0.0 if key.guest in self.purge else self.drain_s
         t = asyncio.create_task(self.table.close(key, drain_s=drain))
         self._tasks.add(t)
@@ -315,6 +327,14 @@ class Planner:
                            host_port=group[0].host_port, target_addr=target,
                            target_port=key.port, drain_s=self.drain_s,
                            connect_timeout_s=5.0)
+        share: ShareConnector | None = None
+        if key in self._shares:  # policy share: this mapping's relay routes by name
+            own: Connector = connector or tcp_connector
+            names = tuple(dict.fromkeys(n for m in group for n in m.names))
+            share = ShareConnector(ShareRoutes(
+                owner=Route(guest=key.guest, names=names, connect=lambda: own(spec)),
+                port=spec.host_port))
+            connector = share
         try:
             opened = self.table.open(spec, connector=connector)
         except SockmapError as e:
@@ -328,18 +348,25 @@ class Planner:
             self._bind_failed.add(key)
             return
         self._bind_failed.discard(key)
+        if share is not None:
+            self._share[key] = share
         seen = self._first_seen.pop((key.guest, str(key.proto), key.port), None)
         if seen is not None:
             self.latency.observe(time.monotonic() - seen)
         self._open[key] = group
         self._shown[key] = group
         path = "relay"
-        if self.kernel is not None:
+        if self.kernel is not None and share is None:  # a shared port is routed by the relay
             path, why = sync_kernel(self.kernel, self.registry, key, group, opened.host_port)
             if why:
                 self.log_once(f"{key}: {why}; this mapping runs on the relay")
         log.info("forwarding %s on %s port %d -> %s:%d (%s)", key,
                  "+".join(spec.host_addrs), spec.host_port, target, key.port, path)
+
+    def _update_shares(self) -> None:
+        """Give each holder's ShareConnector the guests that share its port now."""
+        sharing.update(self._share, self._open, self._shares, addrs_of=self.registry.addrs_of,
+                       relay_connector=self.relay_connector, nic_target=nic_target)
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
@@ -364,7 +391,7 @@ class Planner:
             kernel = (self.kernel is not None and str(r.state) == "open"
                       and self.kernel.has(key))
             kconn, kdgram = self.kernel.counts(key) if kernel and self.kernel else (0, 0)
-            yield {
+            row: dict[str, Any] = {
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
                 "guest_addr": first.guest_addr if first else r.target_addr,
@@ -385,6 +412,12 @@ class Planner:
                 "relay_connections_total": r.connections_total,
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
             }
+            conn = self._share.get(key)
+            if conn is not None and conn.routes.members and row["state"] != "draining":
+                row["names"] = [f"{key.guest}.localhost", *row["names"]]  # a shared port's
+                row["shared_by"] = [m.guest for m in conn.routes.members]
+            yield row
+        yield from sharing.rows(self._share, self._open, self._shares)
         pending = group_mappings(pl.pending if pl is not None else ())
         for key, group in pending.items():
             if key in self._open:

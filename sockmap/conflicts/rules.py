@@ -249,8 +249,8 @@ def host_holders(
 
 
 # -- policies ------------------------------------------------------------------------------
-Policy = Literal["fail", "remap", "wait"]
-POLICIES: tuple[Policy, ...] = ("fail", "remap", "wait")
+Policy = Literal["fail", "remap", "wait", "share"]
+POLICIES: tuple[Policy, ...] = ("fail", "remap", "wait", "share")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -434,7 +434,10 @@ class Plan:
     under policy ``wait`` (plan again when the host listeners change). ``pending``: the
     mappings that open once their host port frees (policy ``wait``, and TIME_WAIT whatever
     the policy), for ``ls`` (state ``waiting``). ``remapped``: the mappings of ``mappings``
-    that policy ``remap`` moved to another host port (``ls`` state ``remapped``)."""
+    that policy ``remap`` moved to another host port (``ls`` state ``remapped``).
+    ``shared``: mappings of guests that share a host port another guest's mapping in
+    ``mappings`` holds (policy ``share``, TCP only): that mapping's relay routes each
+    connection by the name its first bytes ask for (``shared_with`` finds the holder)."""
 
     commands: tuple[Command, ...]
     mappings: tuple[PortMapping, ...]
@@ -444,6 +447,19 @@ class Plan:
     skipped: tuple[Skipped, ...] = ()
     pending: tuple[PortMapping, ...] = ()
     remapped: tuple[PortMapping, ...] = ()
+    shared: tuple[PortMapping, ...] = ()
+
+
+def shared_with(pl: Plan) -> dict[tuple[str, Proto, int], tuple[PortMapping, ...]]:
+    """The shared mappings by the holder's (guest, proto, guest port): whose relay routes
+    to whom (pure)."""
+    holder = {m.host_endpoint: m for m in pl.mappings}
+    out: dict[tuple[str, Proto, int], list[PortMapping]] = {}
+    for m in pl.shared:
+        h = holder.get(m.host_endpoint)
+        if h is not None:
+            out.setdefault((h.guest, h.proto, h.guest_port), []).append(m)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,6 +588,7 @@ def plan(
     waiting: list[HostEndpoint] = []
     pending: list[PortMapping] = []
     remapped: list[PortMapping] = []
+    shared: list[PortMapping] = []
 
     def held(proto: Proto, addr: str, port: int) -> tuple[Listener, ...]:
         return host_holders(proto, addr, port, by_port.get((proto, port), ()))
@@ -596,6 +613,11 @@ def plan(
             continue
 
         pol = w.policy or policies.policy_for(w.guest, proto, li.port)
+        if (pol == "share" and proto == "tcp" and len(rivals) == 1 and not holding
+                and all(e in taken for e in eps)):
+            # one guest's socket holds every endpoint: its relay routes by name
+            shared.extend(_mappings(w, port))
+            continue
         if rivals or holding:
             if pol == "remap":
                 q = cur_port.get(w.ident)
@@ -616,6 +638,11 @@ def plan(
                 pending.extend(_mappings(w, port))
                 did = (f"waiting: host port {port} is forwarded as soon as it is free "
                        "(policy wait)")
+            elif pol == "share":
+                why = ("a host program cannot share it" if holding else
+                       "only TCP is shared" if proto != "tcp" else
+                       "its holders differ by host address")
+                did = f"not forwarded: host port {port} cannot be shared ({why}; policy share)"
             else:
                 did = f"not forwarded (policy fail); host port {port} left to its holder"
             me = _guest_party(w, receives=did)
@@ -680,6 +707,7 @@ def plan(
         skipped=tuple(skipped),
         pending=tuple(pending),
         remapped=tuple(remapped),
+        shared=tuple(shared),
     )
 
 
@@ -690,6 +718,9 @@ def _host_fix(pol: Policy, names: str, port: int) -> str:
                     f"{port}")
         case "wait":
             return f"stop {names} on the host: the forward then opens by itself"
+        case "share":
+            return (f"stop {names} on the host (a host program cannot share port {port}), "
+                    "or set policy remap for it")
         case "remap":
             return (f"stop {names} on the host to get port {port} back (the mapping moves "
                     "back by itself)")

@@ -379,6 +379,8 @@ class TcpListener:
         # Future, a done-callback and a loop iteration per connection
         self.connecting: dict[int, tuple[socket.socket, socket.socket, asyncio.TimerHandle]] = {}
         self._fast = connector is tcp_connector
+        # a connector that needs the client (proxy.share: reads its first bytes)
+        self._with_client = getattr(connector, "connect_client", None)
         self._target = (spec.target_addr, spec.target_port)
         self._family = family_of(spec.target_addr)
         self.idle = asyncio.Event()
@@ -407,7 +409,9 @@ class TcpListener:
                 self._connect(client)
                 continue
             try:
-                fut = asyncio.ensure_future(self.connector(self.spec))
+                fut = asyncio.ensure_future(
+                    self.connector(self.spec) if self._with_client is None
+                    else self._with_client(self.spec, client))
             except Exception:
                 self._refused(client)
                 continue
