@@ -176,3 +176,30 @@ def test_share_off_by_default_is_a_conflict(lab: netlab.Lab, tmp_path: Path) -> 
     finally:
         assert d.stop() == 0, d.log_text()
 
+
+
+def test_a_rules_name_routes_to_its_guest(lab: netlab.Lab, tmp_path: Path) -> None:
+    a, b = lab.guest_name("a"), lab.guest_name("b")
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[daemon]\nconflict_policy = "share"\n[[rule]]\nguest = "{b}"\n'
+                   'port = 3000\nname = "api.localhost"\n')
+    d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log", "--config", str(cfg))
+    try:
+        addrs = {}
+        for name in (a, b):
+            assert d.cli("guest", "create", name).returncode == 0
+            ns = lab.attach(name)
+            addrs[name] = json.loads((d.run_dir / "guests" / f"{name}.json").read_text()
+                                     )["guest_addr4"]
+            p = ns.popen([sys.executable, "-u", "-c", SERVER, "3000"])
+            assert p.stdout is not None
+            netlab.wait_for_line(p.stdout, "ready", timeout=10)
+            assert d.cli("wait", f"{name}:3000", "--timeout", "15").returncode == 0
+        body, _ = client(lab, "http", "api.localhost:3000")
+        assert f"{addrs[b]} ".encode() in body, body
+        body, _ = client(lab, "tls", "api.localhost")
+        assert body.startswith(f"{addrs[b]} ".encode()), body
+        (row,) = [r for r in json.loads(d.cli("ls", "--json").stdout) if r["guest"] == b]
+        assert row["names"] == [f"{b}.localhost", "api.localhost"]
+    finally:
+        assert d.stop() == 0, d.log_text()

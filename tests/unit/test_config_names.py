@@ -115,3 +115,11 @@ def test_ls_rows_and_text_show_the_label(tmp_path: Path) -> None:
     head, line = lsview.render(d.rows()).splitlines()
     assert "LABEL" in head and "web frontend" in line
     assert "LABEL" not in lsview.render([{**row, "label": ""}])
+
+
+def test_policy_share_in_rules_and_daemon() -> None:
+    c = config.parse('[daemon]\nconflict_policy = "share"\n[[rule]]\nport = 3000\n'
+                     'policy = "share"\n', "s.toml")
+    assert c.conflict_policy == "share" and c.rules[0].policy == "share"
+    with pytest.raises(SockmapError, match="fail, remap, wait, share"):
+        config.parse('[daemon]\nconflict_policy = "shared"\n', "s.toml")
