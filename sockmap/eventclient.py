@@ -46,26 +46,28 @@ def _connect(run_dir: Path) -> socket.socket:
 
 def stream(run_dir: Path, *, deadline: float | None = None) -> Iterator[dict[str, Any]]:
     """The subscription's lines as dicts: the current state (``initial``), ``ready``, then
-    changes. Ends when the daemon closes; WaitTimeout once ``deadline`` (monotonic) passes."""
+    changes. Ends when the daemon closes; WaitTimeout once ``deadline`` (monotonic) passes
+    after ``ready`` (the current state is always read: ``wait --timeout 0`` on an open port
+    returns 0)."""
     s = _connect(run_dir)
     try:
         s.sendall(json.dumps({"op": "events"}).encode() + b"\n")
         f = s.makefile("rb")
-        first = True
+        first, ready = True, False
         while True:
-            if deadline is not None:
+            if deadline is not None and ready:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeout("timed out")
                 s.settimeout(left)
-            else:
-                s.settimeout(None if not first else 10)
+            else:  # the daemon's answer and the current state: its own bound
+                s.settimeout(10 if not ready else None)
             try:
                 raw = f.readline(control.MAX_LINE)
             except TimeoutError:
-                if first and deadline is None:
-                    raise SockmapError("the daemon did not answer the events request",
-                                       hint="see the daemon's log") from None
+                if not ready:
+                    raise SockmapError("the daemon did not send the current state within "
+                                       "10 s", hint="see the daemon's log") from None
                 raise WaitTimeout("timed out") from None
             except ConnectionResetError:
                 raise SockmapError("the daemon closed the events stream",
@@ -90,6 +92,7 @@ def stream(run_dir: Path, *, deadline: float | None = None) -> Iterator[dict[str
                     raise SockmapError(str(obj.get("error")),
                                        hint=hint if isinstance(hint, str) else None)
                 continue
+            ready = ready or obj.get("event") == "ready"
             yield obj
     finally:
         s.close()
