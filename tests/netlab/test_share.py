@@ -63,6 +63,10 @@ elif mode == "tls":
     except ssl.SSLWantReadError:
         pass
     c.sendall(o.read())
+elif mode == "big":  # a 64 KiB header before the Host line
+    c.sendall(b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 65536 + f"\r\nHost: {name}\r\n\r\n".encode())
+elif mode == "badtls":  # a ClientHello cut and garbled after its record header
+    c.sendall(bytes([0x16, 0x03, 0x01, 0x00, 0x30, 0x01, 0xff, 0xff, 0xff]) + b"x" * 0x2c)
 elif mode == "silent":  # nothing past the sniff deadline, then a request naming NAME
     time.sleep(3)
     c.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
@@ -157,6 +161,11 @@ def test_silent_and_slow_clients_are_bounded_and_hold_nobody(
     assert addr_a in out and addr_b not in out, out
     out, _ = slow.communicate(timeout=30)
     assert addr_a in out, out  # the partial request went to the first guest by the deadline
+    # a Host past the first 16 KiB is not looked for: the first guest gets it all, replayed
+    body, took = client(lab, "big", f"{b}.localhost")
+    assert f"{addr_a} ".encode() in body and took < 5, body[:200]
+    body, _ = client(lab, "badtls", "")  # not a ClientHello sockmap reads: the first guest
+    assert body.startswith(f"{addr_a} ".encode()) and body.endswith(b" 16"), body
 
 
 def test_share_off_by_default_is_a_conflict(lab: netlab.Lab, tmp_path: Path) -> None:
