@@ -121,3 +121,25 @@ def test_rule_label_and_names_in_ls_through_the_daemon(lab: netlab.Lab, tmp_path
         assert "LABEL" in text and "web frontend" in text
     finally:
         assert d.stop() == 0, d.log_text()
+
+
+def test_events_shows_guests_and_conflicts(lab: netlab.Lab, daemon: Daemon) -> None:
+    ev = _cli(daemon, "events", "--json")
+    assert ev.stdout is not None
+    netlab.wait_for_line(ev.stdout, '"ready"', timeout=10)
+    a, ga, _ = daemon.guest("a")
+    got = json.loads(netlab.wait_for_line(ev.stdout, '"guest_connected"', timeout=10).string)
+    assert got["guest"] == a
+    b, gb, _ = daemon.guest("b")
+    serve(ga, "tcp", "0.0.0.0", 8095)
+    second = serve(gb, "tcp", "0.0.0.0", 8095)  # policy fail: b's is a conflict
+    got = json.loads(netlab.wait_for_line(ev.stdout, '"conflict_appeared"', timeout=10).string)
+    assert (got["kind"], got["port"]) == ("guests_collide", 8095) and b in got["summary"]
+    kill(second.pid)
+    got = json.loads(netlab.wait_for_line(ev.stdout, '"conflict_cleared"', timeout=10).string)
+    assert (got["kind"], got["port"]) == ("guests_collide", 8095)
+    assert daemon.cli("guest", "delete", b).returncode == 0
+    got = json.loads(netlab.wait_for_line(ev.stdout, '"guest_gone"', timeout=10).string)
+    assert got["guest"] == b
+    ev.terminate()
+    ev.wait(5)
