@@ -10,7 +10,7 @@ share (policy share), each row shows its guest's name (``web.localhost:3000``). 
 table is still wider than ``width`` (80), a host side of several addresses shows its first
 and a count (``198.18.0.1:7003+1``), a guest side of 0.0.0.0 shows as ``*`` (as ss does),
 the protocol joins the guest side (``*:7003/tcp``, as docker prints ports) and long process
-names are cut with "~"; ``--json`` always has everything.
+names and labels are cut with "~"; ``--json`` always has everything.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def guest_text(r: Row, *, compact: bool = False) -> str:
 
 
 PROCESS_CUT = 8  # a narrower PROCESS column when the table is too wide
+LABEL_CUT = 12  # and a narrower LABEL one
 
 
 def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...]:
@@ -93,8 +94,11 @@ def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...
         who = f"{num if num is not None else '-'}/{proc or '?'}"
     if compact and len(who) > PROCESS_CUT:
         who = who[: PROCESS_CUT - 1] + "~"
+    label = str(r.get("label") or "")
+    if compact and len(label) > LABEL_CUT:
+        label = label[: LABEL_CUT - 1] + "~"
     return (
-        str(r.get("guest", "?")), str(r.get("label") or ""), str(r.get("proto", "?")),
+        str(r.get("guest", "?")), label, str(r.get("proto", "?")),
         host_text(r, compact=compact),
         guest_text(r, compact=compact), who,
         str(r.get("state", "?")), str(r.get("path") or "-"), str(r.get("connections", "?")),

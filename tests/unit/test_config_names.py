@@ -123,3 +123,15 @@ def test_policy_share_in_rules_and_daemon() -> None:
     assert c.conflict_policy == "share" and c.rules[0].policy == "share"
     with pytest.raises(SockmapError, match="fail, remap, wait, share"):
         config.parse('[daemon]\nconflict_policy = "shared"\n', "s.toml")
+
+
+def test_a_long_label_is_cut_to_fit_80_columns() -> None:
+    from sockmap import lsview
+
+    row = {"guest": "dev1", "proto": "tcp", "host_addrs": ["127.0.0.1", "::1"],
+           "host_port": 8000, "guest_addr": "0.0.0.0", "guest_port": 8000, "pid": 4242,
+           "process": "python3", "state": "open", "connections": 0, "bytes_in": 0,
+           "bytes_out": 0, "age_s": 5, "label": "x" * 64}
+    text = lsview.render([row])
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    assert "x" * 11 + "~" in text
