@@ -16,8 +16,10 @@ import pytest
 
 import netlab
 from tests.netlab.e2e_fixtures import Daemon, start_daemon
+from tests.netlab.kernel_fixtures import cgroup, in_cgroup
 
 pytestmark = pytest.mark.netlab
+__all__ = ["cgroup"]  # the fixture
 
 # reads the first chunk, answers "<guest addr> <n bytes> <first byte hex>" and closes
 SERVER = r"""
@@ -110,8 +112,10 @@ def shared(lab: netlab.Lab, tmp_path: Path) -> Iterator[tuple[Daemon, list[tuple
     assert d.stop() == 0, d.log_text()
 
 
-def client(lab: netlab.Lab, mode: str, name: str, port: int = 3000) -> tuple[bytes, float]:
-    r = lab.host.run([sys.executable, "-c", CLIENT, mode, name, str(port)], timeout=30)
+def client(lab: netlab.Lab, mode: str, name: str, port: int = 3000,
+           cg: Path | None = None) -> tuple[bytes, float]:
+    r = lab.host.run(in_cgroup(cg, [sys.executable, "-c", CLIENT, mode, name, str(port)]),
+                     timeout=30)
     text, took = r.stdout.rsplit(" ", 1)
     data = ast.literal_eval(text)  # repr of bytes, from our own client
     assert isinstance(data, bytes)
@@ -138,6 +142,7 @@ def test_routes_by_host_and_sni_plain_localhost_to_the_first(
     rows = [r for r in json.loads(d.cli("ls", "--json").stdout) if r["guest_port"] == 3000]
     by = {r["guest"]: r for r in rows}
     assert by[a]["state"] == "open" and by[a]["shared_by"] == [b]
+    assert by[a]["path"] == "relay"  # the kernel path cannot read a first byte: the relay
     assert by[b]["state"] == "shared" and by[b]["names"][0] == f"{b}.localhost"
     text = d.cli("ls").stdout
     assert f"{b}.localhost:3000" in text and f"{a}.localhost:3000" in text, text
@@ -210,5 +215,32 @@ def test_a_rules_name_routes_to_its_guest(lab: netlab.Lab, tmp_path: Path) -> No
         assert body.startswith(f"{addrs[b]} ".encode()), body
         (row,) = [r for r in json.loads(d.cli("ls", "--json").stdout) if r["guest"] == b]
         assert row["names"] == [f"{b}.localhost", "api.localhost"]
+    finally:
+        assert d.stop() == 0, d.log_text()
+
+
+def test_a_shared_port_stays_on_the_relay_beside_the_kernel_path(
+        lab: netlab.Lab, tmp_path: Path, cgroup: Path) -> None:
+    """With the kernel path on, a client in the hooked cgroup would be sent straight to the
+    holder's NIC; a shared port must stay on the relay, which reads the name."""
+    d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log", "--cgroup", str(cgroup),
+                     "--conflict-policy", "share")
+    try:
+        addrs = []
+        for tag in ("a", "b"):
+            name, ns, rec = d.guest(tag)
+            p = ns.popen([sys.executable, "-u", "-c", SERVER, "3000"])
+            assert p.stdout is not None
+            netlab.wait_for_line(p.stdout, "ready", timeout=10)
+            assert d.cli("wait", f"{name}:3000", "--timeout", "15").returncode == 0
+            addrs.append((name, rec["guest_addr4"]))
+        (a, addr_a), (b, addr_b) = addrs
+        assert d.request("status")["forwarder"] == "kernel"
+        body, _ = client(lab, "http", f"{b}.localhost:3000", cg=cgroup)
+        assert f"{addr_b} ".encode() in body, body
+        body, _ = client(lab, "http", "localhost:3000", cg=cgroup)
+        assert f"{addr_a} ".encode() in body, body
+        rows = {r["guest"]: r for r in json.loads(d.cli("ls", "--json").stdout)}
+        assert rows[a]["path"] == "relay" and rows[b]["state"] == "shared"
     finally:
         assert d.stop() == 0, d.log_text()
