@@ -39,7 +39,7 @@ ConflictId = tuple[str, str, int]  # (kind, proto, port)
 ACCEPTING = ("open", "remapped", "shared")  # shared: by name on another's port
 QUEUE_MAX = 1024  # lines a subscriber may be behind before it is dropped
 MAPPING_FIELDS = ("guest", "proto", "guest_port", "host_port", "host_addrs", "guest_addr",
-                  "state", "via", "since", "label")
+                  "state", "via", "path", "since", "label")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

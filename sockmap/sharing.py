@@ -104,7 +104,8 @@ def rows(conns: dict[MappingKey, ShareConnector], open_: Groups, shares: Groups
                 "via": "relay" if isinstance(m.upstream, Relay) else "nic", "pid": m.pid,
                 "process": m.process, "label": m.label,
                 "names": [f"{r.guest}.localhost", *r.names], "shared_with": key.guest,
-                "state": "shared", "connections": 0, "connections_total": 0, "bytes_in": 0,
-                "bytes_out": 0, "errors": 0, "dropped": 0, "since": now, "age_s": 0.0,
+                "state": "shared", "path": "relay", "connections": 0, "connections_total": 0,
+                "bytes_in": 0, "bytes_out": 0, "errors": 0, "dropped": 0, "since": now,
+                "age_s": 0.0,
             })
     return out
