@@ -1,6 +1,7 @@
 """The command line: parse, build a frozen request, call the module, print. Only this exits.
 
-Exit codes: 0 ok, 1 "found something" (conflicts), 2 error (bad input, failed operation).
+Exit codes: 0 ok, 1 "found something" (conflicts) or a timeout (wait), 2 error (bad input,
+failed operation).
 """
 
 from __future__ import annotations
@@ -143,11 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help="serve Prometheus metrics on http://ADDR:PORT/metrics (loopback "
                         "only, e.g. 127.0.0.1:9464)")
-    p.add_argument("--conflict-policy", choices=["fail", "remap", "wait"], default=None,
+    p.add_argument("--conflict-policy", choices=["fail", "remap", "wait", "share"],
+                   default=None,
                    help="when a host port is held (by a host program or another guest): "
                         "fail = report, don't forward; remap = forward on the next free host "
-                        "port; wait = forward once it frees (default: the rules file's "
-                        "conflict_policy, else fail)")
+                        "port; wait = forward once it frees; share = TCP ports several guests "
+                        "want are routed by name (http://GUEST.localhost:PORT/, TLS SNI) "
+                        "(default: the rules file's conflict_policy, else fail)")
     p.add_argument("--flat", action="store_true",
                    help="flat mode: report this network namespace's conflicts (served by "
                         "`sockmap conflicts`), forward nothing")
@@ -183,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a JSON list: kind, proto, port, parties, resolution, fix")
     p.add_argument("--flat", action="store_true",
                    help="analyse the network namespace this runs in (no daemon needed)")
+
+    # events, wait -----------------------------------------------------------------------
+    p = _sub(subs, "events", _events,
+             "stream mapping, conflict and guest changes as they happen (until ^C)",
+             "sockmap events --json | jq 'select(.event == \"mapping_opened\")'")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = _sub(subs, "wait", _wait,
+             "wait until a guest's port accepts on the host (exit 0: it does, 1: timeout, "
+             "2: error)", "sockmap wait dev1:8000 --timeout 30 && curl localhost:8000")
+    p.add_argument("target", metavar="GUEST:PORT[/udp]",
+                   help="the guest and its (guest-side) port; tcp unless /udp")
+    p.add_argument("--timeout", type=float, metavar="S", default=None,
+                   help="give up after S seconds (exit 1; default: wait forever)")
     return parser
 
 
@@ -342,6 +358,39 @@ def _token_create(args: argparse.Namespace) -> int:
     for line in tokens.instructions(tokens.create(args.run_dir, args.name, force=args.force),
                                     args.connect):
         print(line)
+    return EXIT_OK
+
+
+def _events(args: argparse.Namespace) -> int:
+    import json
+
+    from sockmap import eventbus, eventclient
+
+    for ev in eventclient.stream(args.run_dir):
+        if not args.json and ev.get("event") == "ready":
+            continue
+        print(json.dumps(ev) if args.json else eventbus.text(ev), flush=True)
+        if ev.get("event") == "dropped":
+            return EXIT_ERROR
+    return EXIT_OK
+
+
+def _wait(args: argparse.Namespace) -> int:
+    from sockmap import eventbus, eventclient
+
+    try:
+        guest, port, proto = eventbus.parse_target(args.target)
+    except ValueError as e:
+        raise SockmapError(str(e), hint="e.g. `sockmap wait dev1:8000`") from None
+    if args.timeout is not None and not args.timeout >= 0:
+        raise SockmapError(f"--timeout {args.timeout}: must be 0 or more seconds")
+    try:
+        ev = eventclient.wait(args.run_dir, guest, port, proto, timeout=args.timeout)
+    except eventclient.WaitTimeout:
+        print(f"sockmap: {guest}:{port}/{proto} did not open within {args.timeout:g} s",
+              file=sys.stderr)
+        return EXIT_FOUND
+    print(f"{guest}:{port}/{proto} accepts on host port {ev.get('host_port')}")
     return EXIT_OK
 
 

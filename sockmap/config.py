@@ -5,7 +5,7 @@ the file, the line and the key, with a fix. I/O only in ``load(path)``.
 [daemon]                       # all optional; command-line flags win over these
 agent_listen = "192.168.122.1:7070"
 metrics = "127.0.0.1:9464"     # Prometheus text endpoint, loopback only
-conflict_policy = "fail"       # default for every listener: fail | remap | wait
+conflict_policy = "fail"       # default for every listener: fail | remap | wait | share
 udp_ephemeral = false          # agents the daemon starts also report UDP on ephemeral ports
 max_listeners_per_guest = 4096 # listeners planned per guest; the rest: not forwarded, a conflict
 
@@ -21,6 +21,9 @@ host_port_offset = 10000       # host port = guest port + offset
 host_addr = "192.168.1.5"      # default: loopback; any other address needs expose = true
 expose = true
 policy = "remap"               # this rule's conflict policy
+label = "web frontend"         # shown in `sockmap ls` (JSON "label") for this rule's mappings
+name = "api.localhost"         # extra host names of the guest (needs an exact guest), or a
+                               # list of them; each once in the file
 ```
 
 tomllib gives no positions, so ``_Lines`` finds them in the text: the N-th ``[[rule]]``
@@ -47,11 +50,14 @@ DEFAULT_PATH: Final = Path("/etc/sockmap/sockmap.toml")
 MAX_BYTES: Final = 1 << 20
 
 RULE_KEYS: Final = ("guest", "proto", "port", "guest_addr", "process", "action", "host_port",
-                    "host_port_offset", "host_addr", "expose", "policy", "path")
+                    "host_port_offset", "host_addr", "expose", "policy", "path",
+                    "label", "name")
 DAEMON_KEYS: Final = ("agent_listen", "metrics", "conflict_policy", "udp_ephemeral",
                       "max_listeners_per_guest", "path", "cgroup")
 MAX_LISTENERS_LIMIT: Final = 1 << 20  # the largest per-guest listener limit one may set
 PATHS: Final = ("kernel", "relay")
+LABEL_MAX: Final = 64
+HOSTNAME_LABEL: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 TOP_KEYS: Final = ("daemon", "rule")
 
 
@@ -217,6 +223,7 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     rules = tuple(_rule(ctx, i, r) for i, r in enumerate(rules_raw))
     _check_shadowed(ctx, rules)
     _check_fixed_ports(ctx, rules)
+    _check_names(ctx, rules)
     return FileConfig(path=path, rules=rules, agent_listen=cfg.agent_listen,
                       metrics=cfg.metrics, conflict_policy=cfg.conflict_policy,
                       udp_ephemeral=cfg.udp_ephemeral,
@@ -406,11 +413,82 @@ def _rule(ctx: _Ctx, i: int, r: dict[str, Any]) -> Rule:
         if extra:
             raise err(extra[0], "an ignore rule forwards nothing, so this has no effect",
                       f"remove {extra[0]} or use action = \"forward\"")
+    label = _label(r, err)
+    names = _names(r, err, guest)
+    if action == "ignore" and (named := [k for k in ("label", "name") if k in r]):
+        raise err(named[0], "an ignore rule makes no mapping to label or name",
+                  f"remove {named[0]} or use action = \"forward\"")
     line = ctx.lines.table("rule", i)[0]
     return Rule(guest=guest, proto=proto, ports=tuple(ports), guest_addr=guest_addr,
                 process=process, action=action, host_port=host_port,
                 host_port_offset=offset or 0, host_addrs=host_addrs, policy=policy, path=path,
-                origin=f"{ctx.path}:{line}")
+                label=label, names=names, origin=f"{ctx.path}:{line}")
+
+
+def _label(r: dict[str, Any], err: Any) -> str:
+    if "label" not in r:
+        return ""
+    v = r["label"]
+    if not isinstance(v, str):
+        raise err("label", f"must be a string, not {type(v).__name__} {v!r}",
+                  'write label = "..." with quotes')
+    if not v.strip():
+        raise err("label", "an empty label shows nothing", "give a word or two, or remove it")
+    if len(v) > LABEL_MAX:
+        raise err("label", f"{len(v)} characters, more than {LABEL_MAX}",
+                  f"shorten it to {LABEL_MAX} characters (ls shows it in a column)")
+    if not v.isprintable():
+        raise err("label", "has a control character (a tab, a newline, an escape)",
+                  "use printable characters only")
+    return v
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a guest's host name (a DNS name: labels of a-z, 0-9 and "-",
+    at most 253 characters, not an address, not "localhost" itself), or None (pure)."""
+    if len(name) > 253:
+        return f"{len(name)} characters, more than a host name's 253"
+    try:
+        ipaddress.ip_address(name)
+        return "an IP address, not a name"
+    except ValueError:
+        pass
+    if name == "localhost":
+        return '"localhost" itself is every guest\'s (plain localhost goes to the first one)'
+    parts = name.split(".")
+    for part in parts:
+        if not HOSTNAME_LABEL.fullmatch(part):
+            return (f"{part!r} is not a DNS label (a-z, 0-9 and \"-\", 1-63 characters, no "
+                    "\"-\" at either end)" if part else "an empty label (two dots, or a dot "
+                    "at an end)")
+    if parts[-1].isdigit():
+        return "the last label is a number (looks like an address)"
+    return None
+
+
+def _names(r: dict[str, Any], err: Any, guest: str | None) -> tuple[str, ...]:
+    if "name" not in r:
+        return ()
+    raw = r["name"]
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise err("name", "an empty list names nothing", "give a name or remove the key")
+    if guest is None or any(c in guest for c in "*?["):
+        raise err("name", "a name belongs to one guest, and this rule's guest is "
+                  f"{'not given' if guest is None else 'a pattern ' + repr(guest)}",
+                  'give the exact guest: guest = "dev1"')
+    out: list[str] = []
+    for v in items:
+        if not isinstance(v, str):
+            raise err("name", f"must be a string or a list of strings, not {v!r}",
+                      'write name = "api.localhost"')
+        n = v.lower().rstrip(".") if v.endswith(".") and len(v) > 1 else v.lower()
+        if (why := name_problem(n)) is not None:
+            raise err("name", f"{v!r}: {why}", 'write a host name, e.g. "api.localhost"')
+        if n in out:
+            raise err("name", f"{v!r} is listed twice", "list each name once")
+        out.append(n)
+    return tuple(out)
 
 
 def _int(r: dict[str, Any], key: str, err: Any, lo: int, hi: int) -> int | None:
@@ -485,6 +563,19 @@ def _check_fixed_ports(ctx: _Ctx, rules: tuple[Rule, ...]) -> None:
                                     f"given by [[rule]] #{seen[k] + 1}",
                                     "give each rule its own host port")
                 seen.setdefault(k, i)
+
+
+def _check_names(ctx: _Ctx, rules: tuple[Rule, ...]) -> None:
+    """A name is one guest's: given to two guests, it is refused (one pass: a dict of the
+    names seen)."""
+    seen: dict[str, int] = {}
+    for i, r in enumerate(rules):
+        for n in r.names:
+            j = seen.setdefault(n, i)
+            if rules[j].guest != r.guest:
+                raise ctx.error("rule", i, "name", f"{n!r} is already guest "
+                                f"{rules[j].guest}'s (given by [[rule]] #{j + 1})",
+                                "give each guest its own names")
 
 
 def _disjoint_guests(a: Rule, b: Rule) -> bool:

@@ -12,7 +12,8 @@ and the daemon writes batch by batch (bounded memory, its event loop served in b
 
 Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subnet, nat),
 ``guest_delete`` (name), ``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
-list in ``conflicts.report.to_json`` form).
+list in ``conflicts.report.to_json`` form), ``events`` (a subscription: the ok line, then
+one JSON line per change until the client closes; sockmap.eventbus, sockmap.eventclient).
 
 Pure helpers (``parse_request``, ``ok``, ``fail``) and one synchronous client (``request``,
 used by cli.py); the server side lives in the daemon.
@@ -33,7 +34,7 @@ from sockmap.errors import SockmapError
 SOCKET_NAME: Final = "control.sock"
 MAX_LINE: Final = 1 << 20
 STREAM_BATCH: Final = 256  # items per streamed line (an ls row is ~0.5 KiB)
-OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts")
+OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts", "events")
 
 
 class DaemonNotRunning(SockmapError):

@@ -57,6 +57,9 @@ class ControlServer:
                     raise SockmapError("control requests are served only to the host's "
                                        "network namespace", hint="run sockmap on the host")
                 req = control.parse_request(line)
+                if req.op == "events":  # a subscription: streams until the client goes
+                    await self.d.events.serve(reader, writer, control.ok("subscribed"))
+                    return
                 answer = await self.dispatch(req)
                 if isinstance(answer, Streamed):
                     await self._stream(writer, answer)

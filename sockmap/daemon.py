@@ -13,6 +13,7 @@ This module is the lifecycle and the wiring; each concern has its own module:
   retry), and the ``ls`` rows; sockmap.flatwatch: flat mode's analysis;
 - sockmap.supervisor: the agents the daemon starts in its guests, and their tokens;
 - sockmap.ctlserver: the control socket's requests and the metrics endpoint;
+- sockmap.eventbus: the ``events`` subscriptions, published after each replan;
 - here: Config, startup (sockets), run, shutdown, guest create/delete, SIGHUP reload, status.
 
 Sockets, all under RUN_DIR:
@@ -45,6 +46,7 @@ from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
 from sockmap.conflicts.rules import Plan, Policies, Rule
 from sockmap.ctlserver import ControlServer
 from sockmap.errors import SockmapError
+from sockmap.eventbus import EventBus, View, view
 from sockmap.flatwatch import FlatWatch
 from sockmap.nat.plan import GuestRecord
 from sockmap.peercred import netns_of
@@ -137,6 +139,8 @@ class Daemon:
         self.planner.relay_connector = self.agents.relays.connector
         self.flat = FlatWatch(poll_s=cfg.host_poll_s, log_once=self.planner.log_once)
         self.control = ControlServer(self, own_netns=netns_of(os.getpid()))
+        self.events = EventBus(self._event_view)  # sockmap events / wait
+        self.planner.on_planned = self.events.publish
         self._supervisors: dict[str, Supervisor] = {}
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
@@ -423,6 +427,13 @@ class Daemon:
         pl = self.last_plan
         found = pl.conflicts if pl is not None else ()
         return {"mode": "nat", "conflicts": conflict_report.to_json(found)}
+
+    def _event_view(self) -> View:
+        """The state ``sockmap events`` diffs: ls rows, the last plan's conflicts, the
+        synced guests."""
+        pl = self.last_plan
+        return view(self.rows(), conflict_report.to_json(pl.conflicts if pl else ()),
+                    [g.name for g in self.registry.states()])
 
     def metrics_text(self) -> str:
         conn = []

@@ -4,11 +4,13 @@ Rows come from the daemon (``Daemon.rows``) as JSON objects. Text columns are si
 content; PROCESS shows as netstat's PID/name (``812/python3``) while the table fits ``width``,
 else the name alone; STATE shows only when some mapping is not open (draining; remapped:
 policy remap put it on another host port; waiting: for its host port, under policy wait or
-TIME_WAIT, see ``sockmap conflicts``). A host side of 127.0.0.1 and ::1 on one port shows as
-``localhost:PORT``. When the table is still wider than ``width`` (80), a host side of several
-addresses shows its first and a count (``198.18.0.1:7003+1``), a guest side of 0.0.0.0 shows
-as ``*`` (as ss does), the protocol joins the guest side (``*:7003/tcp``, as docker prints
-ports) and long process names are cut with "~"; ``--json`` always has everything.
+TIME_WAIT, see ``sockmap conflicts``); LABEL only when some mapping's rule has a ``label``.
+A host side of 127.0.0.1 and ::1 on one port shows as ``localhost:PORT``; on a port guests
+share (policy share), each row shows its guest's name (``web.localhost:3000``). When the
+table is still wider than ``width`` (80), a host side of several addresses shows its first
+and a count (``198.18.0.1:7003+1``), a guest side of 0.0.0.0 shows as ``*`` (as ss does),
+the protocol joins the guest side (``*:7003/tcp``, as docker prints ports) and long process
+names and labels are cut with "~"; ``--json`` always has everything.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 Row = dict[str, Any]
-COLUMNS = ("GUEST", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "PATH", "CONN", "IN",
-           "OUT", "AGE")
+COLUMNS = ("GUEST", "LABEL", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "PATH",
+           "CONN", "IN", "OUT", "AGE")
 RIGHT = {"CONN", "IN", "OUT", "AGE"}
 
 
@@ -37,6 +39,9 @@ def endpoint(addr: str, port: object) -> str:
 def host_text(r: Row, *, compact: bool = False) -> str:
     addrs = list(r.get("host_addrs") or [r.get("host_addr", "?")])
     port = r.get("host_port", "?")
+    names = r.get("names") or []
+    if (r.get("shared_by") or r.get("state") == "shared") and names:
+        return f"{names[0]}:{port}"  # a shared port: each guest by its name
     if sorted(addrs) == ["127.0.0.1", "::1"]:
         return f"localhost:{port}"
     if compact and len(addrs) > 1:
@@ -85,6 +90,7 @@ def guest_text(r: Row, *, compact: bool = False) -> str:
 
 
 PROCESS_CUT = 8  # a narrower PROCESS column when the table is too wide
+LABEL_CUT = 12  # and a narrower LABEL one
 
 
 def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...]:
@@ -99,8 +105,12 @@ def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...
         who = f"{'+'.join(nums) or '-'}/{proc or '?'}"
     if compact and len(who) > PROCESS_CUT:
         who = who[: PROCESS_CUT - 1] + "~"
+    label = str(r.get("label") or "")
+    if compact and len(label) > LABEL_CUT:
+        label = label[: LABEL_CUT - 1] + "~"
     return (
-        str(r.get("guest", "?")), str(r.get("proto", "?")), host_text(r, compact=compact),
+        str(r.get("guest", "?")), label, str(r.get("proto", "?")),
+        host_text(r, compact=compact),
         guest_text(r, compact=compact), who,
         str(r.get("state", "?")), str(r.get("path") or "-"), str(r.get("connections", "?")),
         human_bytes(r.get("bytes_in")), human_bytes(r.get("bytes_out")),
@@ -134,7 +144,8 @@ def _why(r: Row) -> str:
 def _table(rows: Sequence[Row], width: int) -> str:
     base = [c for c in COLUMNS
             if (c != "STATE" or any(r.get("state") != "open" for r in rows))
-            and (c != "PATH" or any(r.get("path") == "kernel" for r in rows))]
+            and (c != "PATH" or any(r.get("path") == "kernel" for r in rows))
+            and (c != "LABEL" or any(r.get("label") for r in rows))]
     # widest first: PID/PROCESS, then the process name alone, then compact, where the
     # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp"), then without
     # PATH (the column shows only when some mapping takes the kernel path; --json has it)

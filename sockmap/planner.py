@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from sockmap import metrics
+from sockmap import metrics, sharing
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
 from sockmap.conflicts.rules import (
     LOOPBACK4,
@@ -46,6 +46,7 @@ from sockmap.conflicts.rules import (
     Relay,
     Rule,
     plan,
+    shared_with,
 )
 from sockmap.errors import SockmapError
 from sockmap.kernelsync import sync_kernel
@@ -55,6 +56,7 @@ from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Prot
 from sockmap.proxy.conndiag import Tally
 from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.kernelconns import KernelConns
+from sockmap.proxy.share import Route, ShareConnector, ShareRoutes
 from sockmap.registry import Registry
 from sockmap.rows import first_fields, planned_target, skipped_row, target_row
 
@@ -127,6 +129,7 @@ class Planner:
         self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
         self.kconns = KernelConns()  # its connections and bytes, from sock_diag
         self.own_sockets: dict[HostEndpoint, str] = {}  # the daemon's other sockets, named
+        self.on_planned: Callable[[], None] | None = None  # after each replan (events)
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
@@ -149,6 +152,9 @@ class Planner:
         self._watch_ev = asyncio.Event()
         self._waiting_since: dict[MappingKey, float] = {}
         self._first_seen: dict[tuple[str, str, int], float] = {}  # (guest, proto, port)
+        # policy share: the holders' connectors, and who shares each (from the last plan)
+        self._share: dict[MappingKey, ShareConnector] = {}
+        self._shares: dict[MappingKey, tuple[PortMapping, ...]] = {}
 
     @property
     def open_count(self) -> int:
@@ -190,6 +196,11 @@ class Planner:
                 # never leave a stale forward waiting for the next event: try again soon
                 log.exception("replanning failed; mappings left as they were, retrying in 1 s")
                 asyncio.get_running_loop().call_later(1.0, self.request_replan)
+            if self.on_planned is not None:
+                try:
+                    self.on_planned()
+                except Exception:
+                    log.exception("publishing the plan's changes failed")
             self._done_gen = gen
             async with self._planned:
                 self._planned.notify_all()
@@ -238,12 +249,17 @@ class Planner:
         waiting = {MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
                    for m in pl.pending}
         self._waiting_since = {k: self._waiting_since.get(k, time.time()) for k in waiting}
+        self._shares = {MappingKey(guest=g, proto=Proto(p), port=port): ms
+                        for (g, p, port), ms in shared_with(pl).items()}
         touched = list(dict.fromkeys(
             MappingKey(guest=c.mapping.guest, proto=Proto(c.mapping.proto),
                        port=c.mapping.guest_port) for c in pl.commands))
+        # a holder opened before anyone shared its port gets the routing connector
+        regrow = [k for k in self._shares if k in self._open and k not in self._share]
+        touched += [k for k in regrow if k not in touched]
         for key in touched:  # _close yields to the loop each time
             have = self._open.get(key)
-            if have is not None and have != desired.get(key):
+            if have is not None and (have != desired.get(key) or key in regrow):
                 await self._close(key)
         for i, key in enumerate(touched):
             want = desired.get(key)
@@ -253,6 +269,7 @@ class Planner:
                 await asyncio.sleep(0)  # many opens: let the loop serve others between
         self._unforwarded = {k: v for k, v in self._unforwarded.items()
                              if k in desired and k not in self._open}
+        self._update_shares()
         for c in pl.conflicts:
             self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; {c.resolution}")
         # first-report times: kept only for wanted mappings not open yet
@@ -308,6 +325,7 @@ class Planner:
         self._open.pop(key, None)
         if self.kernel is not None:  # first: new connects reach the closing relay, refused
             self.kernel.remove(key)
+        self._share.pop(key, None)
         drain = 0.0 if key.guest in self.purge else self.drain_s
         t = asyncio.create_task(self.table.close(key, drain_s=drain))
         self._tasks.add(t)
@@ -350,6 +368,15 @@ class Planner:
         targets, connectors = found
         spec = MappingSpec(guest=key.guest, proto=key.proto, host_port=group[0].host_port,
                            targets=targets, drain_s=self.drain_s, connect_timeout_s=5.0)
+        share: ShareConnector | None = None
+        if key in self._shares:  # policy share: this mapping's relay routes by name
+            names = tuple(dict.fromkeys(n for m in group for n in m.names))
+            owners = {t.host_addr: Route(guest=key.guest, names=names,
+                                         connect=sharing.connect_to(spec, t, connectors))
+                      for t in targets}
+            share = ShareConnector(ShareRoutes(owner=owners[targets[0].host_addr],
+                                               owners=owners, port=spec.host_port))
+            connectors = {t.host_addr: share for t in targets}
         try:
             opened = self.table.open(spec, connectors=connectors)
         except SockmapError as e:
@@ -365,19 +392,26 @@ class Planner:
             self._bind_failed.add(key)
             return
         self._bind_failed.discard(key)
+        if share is not None:
+            self._share[key] = share
         seen = self._first_seen.pop((key.guest, str(key.proto), key.port), None)
         if seen is not None:
             self.latency.observe(time.monotonic() - seen)
         self._open[key] = group
         self._shown[key] = group
         path = "relay"
-        if self.kernel is not None:
+        if self.kernel is not None and share is None:  # a shared port is routed by the relay
             path, why = sync_kernel(self.kernel, self.registry, key, group, opened.host_port)
             if why:
                 self.log_once(f"{key}: {why}; this mapping runs on the relay")
         log.info("forwarding %s on host port %d (%s): %s", key, spec.host_port, path,
                  ", ".join(f"{t.host_addr} -> {t.addr}" + (" (relay)" if t.via == "relay"
                                                            else "") for t in targets))
+
+    def _update_shares(self) -> None:
+        """Give each holder's ShareConnector the guests that share its port now."""
+        sharing.update(self._share, self._open, self._shares, addrs_of=self.registry.addrs_of,
+                       relay_connector=self.relay_connector, nic_target=nic_target)
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
     async def refresh_kernel(self) -> None:
@@ -408,14 +442,17 @@ class Planner:
             key = MappingKey(guest=r.guest, proto=r.proto, port=r.target_port)
             by_addr = {m.host_addr: m for m in self._shown.get(key, ())}
             targets = [target_row(t, by_addr.get(t.host_addr)) for t in r.targets]
+            label = next(iter(self._shown.get(key, ())[:1]), None)  # the rule's label, names
             kernel = (self.kernel is not None and str(r.state) == "open"
                       and self.kernel.has(key))
             kconn, kdgram = self.kernel.counts(key) if kernel and self.kernel else (0, 0)
             kt = self.kconns.get(key) if kernel else Tally()
-            yield {
+            row: dict[str, Any] = {
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
                 "host_addrs": list(r.host_addrs), "host_port": r.host_port,
                 **first_fields(targets), "guest_port": r.target_port,
+                "label": label.label if label else "",
+                "names": list(label.names) if label else [],
                 "state": "remapped" if str(r.state) == "open" and (
                     r.guest, str(r.proto), r.target_port, r.host_port) in moved
                     else str(r.state),
@@ -431,6 +468,12 @@ class Planner:
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
                 "targets": targets,
             }
+            conn = self._share.get(key)
+            if conn is not None and conn.routes.members and row["state"] != "draining":
+                row["names"] = [f"{key.guest}.localhost", *row["names"]]  # a shared port's
+                row["shared_by"] = [m.guest for m in conn.routes.members]
+            yield row
+        yield from sharing.rows(self._share, self._open, self._shares)
         pending = group_mappings(pl.pending if pl is not None else ())
         for key, group in pending.items():
             if key in self._open:
@@ -442,6 +485,7 @@ class Planner:
                 "guest": key.guest, "proto": str(key.proto), "host_addr": first.host_addr,
                 "host_addrs": [m.host_addr for m in group], "host_port": first.host_port,
                 **first_fields(targets), "guest_port": key.port, "state": "waiting",
+                "label": first.label, "names": list(first.names),
                 "connections": 0, "connections_total": 0, "bytes_in": 0, "bytes_out": 0,
                 "errors": 0, "dropped": 0, "since": since,
                 "age_s": round(max(0.0, now - since), 3), "targets": targets, "path": "",

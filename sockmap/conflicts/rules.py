@@ -263,8 +263,8 @@ def host_holders(
 
 
 # -- policies ------------------------------------------------------------------------------
-Policy = Literal["fail", "remap", "wait"]
-POLICIES: tuple[Policy, ...] = ("fail", "remap", "wait")
+Policy = Literal["fail", "remap", "wait", "share"]
+POLICIES: tuple[Policy, ...] = ("fail", "remap", "wait", "share")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -319,6 +319,8 @@ class Rule:
     host_addrs: tuple[str, ...] = ()  # () = loopback as decide() gives it
     policy: Policy | None = None  # None: the daemon's default policy
     path: ForwardPath | None = None  # "relay": never the kernel path (None: the default)
+    label: str = ""  # shown in `ls` (and JSON ``label``) for the mappings it makes
+    names: tuple[str, ...] = ()  # extra host names of the guest (api.localhost), lowercase
     origin: str = ""  # "FILE:LINE", for messages
 
     def matches(self, guest: str, li: Listener) -> bool:
@@ -406,6 +408,8 @@ class PortMapping:
     path: ForwardPath | None = None  # a rule's forwarder ("relay": never the kernel path)
     pid: int | None = field(default=None, compare=False)
     process: str = field(default="", compare=False)
+    label: str = field(default="", compare=False)  # its rule's
+    names: tuple[str, ...] = field(default=(), compare=False)  # its rule's extra names
 
     @property
     def host_endpoint(self) -> HostEndpoint:
@@ -445,7 +449,10 @@ class Plan:
     under policy ``wait`` (plan again when the host listeners change). ``pending``: the
     mappings that open once their host port frees (policy ``wait``, and TIME_WAIT whatever
     the policy), for ``ls`` (state ``waiting``). ``remapped``: the mappings of ``mappings``
-    that policy ``remap`` moved to another host port (``ls`` state ``remapped``)."""
+    that policy ``remap`` moved to another host port (``ls`` state ``remapped``).
+    ``shared``: mappings of guests that share a host port another guest's mapping in
+    ``mappings`` holds (policy ``share``, TCP only): that mapping's relay routes each
+    connection by the name its first bytes ask for (``shared_with`` finds the holder)."""
 
     commands: tuple[Command, ...]
     mappings: tuple[PortMapping, ...]
@@ -455,6 +462,19 @@ class Plan:
     skipped: tuple[Skipped, ...] = ()
     pending: tuple[PortMapping, ...] = ()
     remapped: tuple[PortMapping, ...] = ()
+    shared: tuple[PortMapping, ...] = ()
+
+
+def shared_with(pl: Plan) -> dict[tuple[str, Proto, int], tuple[PortMapping, ...]]:
+    """The shared mappings by the holder's (guest, proto, guest port): whose relay routes
+    to whom (pure)."""
+    holder = {m.host_endpoint: m for m in pl.mappings}
+    out: dict[tuple[str, Proto, int], list[PortMapping]] = {}
+    for m in pl.shared:
+        h = holder.get(m.host_endpoint)
+        if h is not None:
+            out.setdefault((h.guest, h.proto, h.guest_port), []).append(m)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +489,7 @@ class _Want:
     host_port: int = 0  # the host port it wants (0: its own port)
     policy: Policy | None = None  # from its first listener's rule; None: the Policies
     path: ForwardPath | None = None  # from its first listener's rule
+    rule: Rule | None = None  # its first listener's rule (label, names)
 
     @property
     def port(self) -> int:
@@ -544,7 +565,8 @@ def _wants(guests: Sequence[GuestState],
                         wants.append(_Want(g.name, li, tuple((li, b) for b in bs),
                                            host_port=hport,
                                            policy=None if rule is None else rule.policy,
-                                           path=None if rule is None else rule.path))
+                                           path=None if rule is None else rule.path,
+                                           rule=rule))
                     elif all_bs:  # say so: `ls --all` shows it (a second server is unreachable)
                         first = seen[(li.proto, all_bs[0].host_addr, hport)]
                         skipped.append(Skipped(guest=g.name, listener=li, reason=(
@@ -575,7 +597,7 @@ def _join(w: _Want, li: Listener, bs: tuple[Binding, ...]) -> tuple[_Want, tuple
     joined = tuple(new.pop(b.host_addr, (o, b)) for o, b in w.bindings) + tuple(new.values())
     left = {o for o, _ in joined}
     return (_Want(w.guest, joined[0][0], joined, host_port=w.host_port, policy=w.policy,
-                  path=w.path),
+                  path=w.path, rule=w.rule),
             tuple(o for o in w.listeners if o not in left))
 
 
@@ -651,6 +673,7 @@ def plan(
     waiting: list[HostEndpoint] = []
     pending: list[PortMapping] = []
     remapped: list[PortMapping] = []
+    shared: list[PortMapping] = []
 
     def held(proto: Proto, addr: str, port: int) -> tuple[Listener, ...]:
         return host_holders(proto, addr, port, by_port.get((proto, port), ()))
@@ -690,6 +713,11 @@ def plan(
             continue
 
         pol = w.policy or policies.policy_for(w.guest, proto, li.port)
+        if (pol == "share" and proto == "tcp" and len(rivals) == 1 and not holding
+                and all(e in taken for e in eps)):
+            # one guest's socket holds every endpoint: its relay routes by name
+            shared.extend(_mappings(w, port))
+            continue
         if rivals or holding:
             lost = pol == "fail"
             if pol == "remap":
@@ -712,6 +740,11 @@ def plan(
                 pending.extend(_mappings(w, port))
                 did = (f"waiting: host port {port} is forwarded as soon as it is free "
                        "(policy wait)")
+            elif pol == "share":
+                why = ("a host program cannot share it" if holding else
+                       "only TCP is shared" if proto != "tcp" else
+                       "its holders differ by host address")
+                did = f"not forwarded: host port {port} cannot be shared ({why}; policy share)"
             else:
                 did = f"not forwarded (policy fail); host port {port} left to its holder"
             me = _guest_party(w, receives=did)
@@ -791,6 +824,7 @@ def plan(
         skipped=tuple(skipped),
         pending=tuple(pending),
         remapped=tuple(remapped),
+        shared=tuple(shared),
     )
 
 
@@ -817,6 +851,9 @@ def _host_fix(pol: Policy, names: str, port: int) -> str:
                     f"{port}")
         case "wait":
             return f"stop {names} on the host: the forward then opens by itself"
+        case "share":
+            return (f"stop {names} on the host (a host program cannot share port {port}), "
+                    "or set policy remap for it")
         case "remap":
             return (f"stop {names} on the host to get port {port} back (the mapping moves "
                     "back by itself)")
@@ -832,6 +869,7 @@ def _mappings(w: _Want, port: int) -> list[PortMapping]:
         guest_addr=li.addr, guest_port=li.port, upstream=b.upstream, path=w.path,
         pid=None if li.owner is None else li.owner.pid,
         process="" if li.owner is None else li.owner.comm,
+        label=w.rule.label if w.rule else "", names=w.rule.names if w.rule else (),
     ) for li, b in w.bindings]
 
 

@@ -363,7 +363,7 @@ class TcpConnection:
 class _Route:
     """One listening socket's way upstream: its target and connector."""
 
-    __slots__ = ("connector", "family", "fast", "target")
+    __slots__ = ("connector", "family", "fast", "target", "with_client")
 
     def __init__(self, target: Target, connector: Connector) -> None:
         if target.via == "relay" and connector is tcp_connector:
@@ -374,6 +374,8 @@ class _Route:
             )
         self.connector = connector
         self.fast = connector is tcp_connector  # inlined in TcpListener._connect
+        # a connector that needs the client (proxy.share: reads its first bytes)
+        self.with_client = getattr(connector, "connect_client", None)
         self.target = (target.addr, target.port)
         self.family = family_of(target.addr)
 
@@ -426,7 +428,9 @@ class TcpListener:
                 self._connect(client, route)
                 continue
             try:
-                fut = asyncio.ensure_future(route.connector(self.spec))
+                fut = asyncio.ensure_future(
+                    route.connector(self.spec) if route.with_client is None
+                    else route.with_client(self.spec, client))
             except Exception:
                 self._refused(client)
                 continue

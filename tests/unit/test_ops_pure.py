@@ -109,7 +109,7 @@ def test_one_line_per_event(env: dict[str, str], pattern: str) -> None:
 
 COMMANDS = [[], ["guest"], ["guest", "create"], ["guest", "delete"], ["guest", "list"],
             ["guest", "exec"], ["token"], ["token", "create"], ["agent"], ["daemon"], ["ls"],
-            ["conflicts"]]
+            ["conflicts"], ["events"], ["wait"]]
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "sockmap")
