@@ -12,6 +12,12 @@ Metrics:
 - ``sockmap_mapping_target{guest,proto,host_port,host_addr,target_addr,via}``: 1 per host
   address of a mapping and where it goes (a server with one socket per family has two)
 - ``sockmap_conflicts{kind}``: conflicts in the last plan
+- ``sockmap_share_*{guest,proto,host_port}`` (a port shared by name, policy ``share``; guest:
+  the port's holder): ``routed_total{...,to}`` connections sent per guest,
+  ``rejected_total{...,answer}`` names no guest has (``http_421``, ``tls_alert``),
+  ``sniff_timeouts_total`` (nothing decided within the deadline: the holder),
+  ``refused_total`` (reset: the cap of connections being read was reached) and the gauge
+  ``sniffing`` (connections whose first bytes are being read now)
 - ``sockmap_event_to_mapping_seconds``: histogram, from the agent's report of a new listener
   reaching the daemon to its mapping listening on the host (what the daemon can measure:
   the guest-side detection delay, one poll interval at most, comes before it)
@@ -21,7 +27,7 @@ Metrics:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +131,8 @@ def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
                         target_addr=t.get("target_addr", ""), via=t.get("via", ""))
             out.append(f"sockmap_mapping_target{lb} 1")
 
+    _shares(out, head, per)
+
     head("sockmap_conflicts", "gauge", "Conflicts in the last plan, by kind.")
     kinds: dict[str, int] = {}
     for k in conflicts:
@@ -145,6 +153,36 @@ def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
     for res in ("ok", "error"):
         out.append(f"sockmap_reloads_total{labels(result=res)} {reloads.get(res, 0)}")
     return "\n".join(out) + "\n"
+
+
+def _shares(out: list[str], head: Callable[[str, str, str], None],
+            per: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """The ``sockmap_share_*`` families, from rows carrying a ``share`` dict (holders)."""
+    shared = [(lb, r["share"]) for lb, r in per if isinstance(r.get("share"), Mapping)]
+    head("sockmap_share_routed_total", "counter",
+         "Shared ports: connections sent to each guest (to), by name or as the default.")
+    for lb, st in shared:
+        to = st.get("to")
+        for guest, n in sorted(to.items() if isinstance(to, Mapping) else ()):
+            out.append(f"sockmap_share_routed_total{lb[:-1]},to=\"{escape(guest)}\"}} "
+                       f"{_num(n)}")
+    head("sockmap_share_rejected_total", "counter",
+         "Shared ports: connections naming no guest of the port, by the answer sent.")
+    for lb, st in shared:
+        for answer, k in (("http_421", "rejected_http"), ("tls_alert", "rejected_tls")):
+            out.append(f"sockmap_share_rejected_total{lb[:-1]},answer=\"{answer}\"}} "
+                       f"{_num(st.get(k))}")
+    for name, kind, k, text in (
+            ("sockmap_share_sniff_timeouts_total", "counter", "sniff_timeouts",
+             "Shared ports: connections that named nothing within the deadline (sent to the "
+             "port's first guest)."),
+            ("sockmap_share_refused_total", "counter", "refused",
+             "Shared ports: connections reset because the cap of connections being read was "
+             "reached."),
+            ("sockmap_share_sniffing", "gauge", "sniffing",
+             "Shared ports: connections whose first bytes are being read now.")):
+        head(name, kind, text)
+        out.extend(f"{name}{lb} {_num(st.get(k))}" for lb, st in shared)
 
 
 def http_response(body: str, *, status: str = "200 OK",

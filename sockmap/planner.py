@@ -469,6 +469,8 @@ class Planner:
                 "targets": targets,
             }
             conn = self._share.get(key)
+            if conn is not None:  # a shared port's counters (metrics: sockmap_share_*)
+                row["share"] = conn.stats.as_dict()
             if conn is not None and conn.routes.members and row["state"] != "draining":
                 row["names"] = [f"{key.guest}.localhost", *row["names"]]  # a shared port's
                 row["shared_by"] = [m.guest for m in conn.routes.members]

@@ -45,7 +45,7 @@ def test_render_families_and_values() -> None:
     for ln in lines:
         if not ln.startswith("#"):
             assert re.fullmatch(r'[a-z_]+(\{[^}]*\})? [0-9.e+-]+', ln), ln
-    assert text.count("# TYPE") == text.count("# HELP") == 11
+    assert text.count("# TYPE") == text.count("# HELP") == 16
     # the forwarder of each mapping (a row without one: the relay), the kernel's counts
     assert 'sockmap_mapping_path{guest="de\\"v1",proto="tcp",host_port="8080",path="relay"} 1' \
         in lines
@@ -147,3 +147,23 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as ei:
         cli.main(["--version"])
     assert ei.value.code == 0 and capsys.readouterr().out == f"sockmap {sockmap.__version__}\n"
+
+
+def test_render_shared_port_counters() -> None:
+    """A holder's row carries its ShareConnector's counters (ShareStats.as_dict)."""
+    share = {"to": {"dev1": 3, 'de"v2': 5}, "rejected_http": 2, "rejected_tls": 1,
+             "sniff_timeouts": 4, "refused": 6, "sniffing": 7}
+    lines = metrics.render(rows=[{**ROW, "share": share}, {**ROW, "host_port": 9}], guests=[],
+                           conflicts=[], latency=metrics.Histogram(),
+                           reloads={}).splitlines()
+    lb = 'guest="de\\"v1",proto="tcp",host_port="8080"'
+    for want in (f'sockmap_share_routed_total{{{lb},to="dev1"}} 3',
+                 f'sockmap_share_routed_total{{{lb},to="de\\"v2"}} 5',
+                 f'sockmap_share_rejected_total{{{lb},answer="http_421"}} 2',
+                 f'sockmap_share_rejected_total{{{lb},answer="tls_alert"}} 1',
+                 f"sockmap_share_sniff_timeouts_total{{{lb}}} 4",
+                 f"sockmap_share_refused_total{{{lb}}} 6",
+                 f"sockmap_share_sniffing{{{lb}}} 7"):
+        assert want in lines, want
+    # only the holder's row: a port that is not shared has no share samples
+    assert not any(ln.startswith("sockmap_share_") and 'host_port="9"' in ln for ln in lines)
