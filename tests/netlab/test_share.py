@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import ast
 import json
+import socket
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,11 +74,11 @@ elif mode == "badtls":  # a ClientHello cut and garbled after its record header
 elif mode == "silent":  # nothing past the sniff deadline, then a request naming NAME
     time.sleep(3)
     c.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
-elif mode == "slow":
+elif mode == "slow":  # one byte a second until an answer comes
     for b in b"GET / HTTP/1.1\r\nHost: x":
         c.send(bytes([b]))
         try:
-            c.settimeout(0.5)
+            c.settimeout(1.0)
             if c.recv(1, socket.MSG_PEEK):
                 break
         except (TimeoutError, BlockingIOError):
@@ -95,10 +97,31 @@ print(repr(data), round(time.monotonic() - t0, 3), flush=True)
 """
 
 
+SCRAPE = r"""
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode(), end="")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+METRICS_PORT = free_port()  # the fixture's daemon serves /metrics there (host loopback)
+
+
+def share_row(d: Daemon, guest: str) -> dict[str, Any]:
+    (row,) = [r for r in json.loads(d.cli("ls", "--json").stdout)
+              if r["guest"] == guest and r["guest_port"] == 3000]
+    return row
+
+
 @pytest.fixture
 def shared(lab: netlab.Lab, tmp_path: Path) -> Iterator[tuple[Daemon, list[tuple[str, str]]]]:
     d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log",
-                     "--conflict-policy", "share")
+                     "--conflict-policy", "share", "--metrics", f"127.0.0.1:{METRICS_PORT}")
     guests = []
     for tag in ("a", "b"):
         name, ns, rec = d.guest(tag)
@@ -148,11 +171,23 @@ def test_routes_by_host_and_sni_plain_localhost_to_the_first(
     assert f"{b}.localhost:3000" in text and f"{a}.localhost:3000" in text, text
     r = d.cli("conflicts")
     assert r.returncode == 0, r.stdout  # shared: no conflict left to report
+    # the holder's counters, in ls --json and /metrics
+    st = share_row(d, a)["share"]
+    assert st["to"] == {a: 2, b: 2} and st["sniffing"] == 0, st
+    assert st["rejected_http"] == 1 and st["rejected_tls"] == 1, st
+    text = lab.host.run([sys.executable, "-c", SCRAPE,
+                         f"http://127.0.0.1:{METRICS_PORT}/metrics"]).stdout
+    lb = f'guest="{a}",proto="tcp",host_port="3000"'
+    for want in (f'sockmap_share_routed_total{{{lb},to="{b}"}} 2',
+                 f'sockmap_share_rejected_total{{{lb},answer="http_421"}} 1',
+                 f'sockmap_share_rejected_total{{{lb},answer="tls_alert"}} 1',
+                 f"sockmap_share_sniffing{{{lb}}} 0"):
+        assert want in text.splitlines(), want + "\n" + text
 
 
 def test_silent_and_slow_clients_are_bounded_and_hold_nobody(
         lab: netlab.Lab, shared: tuple[Daemon, list[tuple[str, str]]]) -> None:
-    _, ((_, addr_a), (b, addr_b)) = shared
+    d, ((a, addr_a), (b, addr_b)) = shared
     silent = lab.host.popen([sys.executable, "-c", CLIENT, "silent", f"{b}.localhost",
                              "3000"])
     slow = lab.host.popen([sys.executable, "-c", CLIENT, "slow", "x", "3000"])
@@ -171,6 +206,8 @@ def test_silent_and_slow_clients_are_bounded_and_hold_nobody(
     assert f"{addr_a} ".encode() in body and took < 5, body[:200]
     body, _ = client(lab, "badtls", "")  # not a ClientHello sockmap reads: the first guest
     assert body.startswith(f"{addr_a} ".encode()) and body.endswith(b" 16"), body
+    st = share_row(d, a)["share"]
+    assert st["sniff_timeouts"] == 2 and st["sniffing"] == 0, st  # the silent and the slow
 
 
 def test_share_off_by_default_is_a_conflict(lab: netlab.Lab, tmp_path: Path) -> None:
