@@ -203,3 +203,17 @@ async def test_a_name_nobody_has_is_answered_and_counted(lab: Lab) -> None:
     up2.close()
     st = conn.stats.as_dict()
     assert st["rejected_http"] == 1 and st["rejected_tls"] == 1 and st["to"] == {}
+
+
+async def test_h2_prior_knowledge_goes_to_the_first_guest_at_once(lab: Lab) -> None:
+    """A documented limit: sockmap does not decode HPACK, so an h2c prior-knowledge client
+    (no Host header to read) reaches the first guest, with its preface replayed, at once."""
+    conn = lab.connector(sniff_s=5.0)
+    c, s = lab.accept()
+    first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # SETTINGS
+    c.sendall(first)
+    t0 = time.monotonic()
+    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 2)
+    assert time.monotonic() - t0 < 0.5
+    assert lab.got(up) == ("a", first)
+    assert conn.stats.to == {"a": 1} and conn.stats.timeouts == 0
