@@ -85,14 +85,14 @@ async def test_the_cap_resets_past_it_and_frees_as_they_decide(lab: Lab) -> None
     t0 = time.monotonic()
     with pytest.raises(ConnectionRefusedError, match="2 connections are being read"):
         await conn.connect_client(SPEC, s3)  # at once: not queued behind the two
-    assert time.monotonic() - t0 < 0.05 and conn.stats.refused == 1
+    assert time.monotonic() - t0 < 1.0 and conn.stats.refused == 1  # not the 5 s deadline
     c1.sendall(req("b.localhost"))
-    up = await asyncio.wait_for(t1, 1)
+    up = await asyncio.wait_for(t1, 3)
     assert lab.got(up) == ("b", req("b.localhost"))
     assert conn.stats.sniffing == 1
     c4, s4 = lab.accept()  # a slot is free again
     c4.sendall(req("localhost"))
-    up4 = await asyncio.wait_for(conn.connect_client(SPEC, s4), 1)
+    up4 = await asyncio.wait_for(conn.connect_client(SPEC, s4), 3)
     assert lab.got(up4)[0] == "a"
     t2.cancel()  # TcpListener's connect timeout cancels a pending one: the slot frees
     with pytest.raises(asyncio.CancelledError):
@@ -117,13 +117,13 @@ async def test_a_slow_client_holds_only_itself(lab: Lab) -> None:
     c, s = lab.accept()
     c.sendall(req("b.localhost"))
     t1 = time.monotonic()
-    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 1)
-    assert time.monotonic() - t1 < 0.1 and not slow.done()
+    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 3)
+    assert time.monotonic() - t1 < 1.0 and not slow.done()  # served while the slow waits
     assert lab.got(up)[0] == "b"
-    up_slow = await asyncio.wait_for(slow, 3)
+    up_slow = await asyncio.wait_for(slow, 4)
     took = time.monotonic() - t0
     feeder.cancel()
-    assert 1.4 < took < 2.0, took  # the deadline, not the client, decided
+    assert 1.4 < took < 3.0, took  # the deadline, not the client, decided
     guest, data = lab.got(up_slow)
     assert guest == "a" and data == req("b.localhost")[:len(data)] and 1 <= len(data) <= 3
     assert conn.stats.timeouts == 1 and conn.stats.sniffing == 0
@@ -134,7 +134,7 @@ async def test_a_silent_client_goes_to_the_first_guest_at_the_deadline(lab: Lab)
     _, s = lab.accept()
     t0 = time.monotonic()
     up = await asyncio.wait_for(conn.connect_client(SPEC, s), 2)
-    assert 0.28 < time.monotonic() - t0 < 0.6
+    assert 0.28 < time.monotonic() - t0 < 2.0
     assert lab.got(up) == ("a", b"")
     assert conn.stats.timeouts == 1 and conn.stats.to == {"a": 1}
 
@@ -154,8 +154,8 @@ async def test_a_64_kib_header_reads_at_most_max_sniff(lab: Lab) -> None:
         pass
     assert sent > MAX_SNIFF
     t0 = time.monotonic()
-    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 2)
-    assert time.monotonic() - t0 < 0.5  # decided at the bound, not the deadline
+    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 3)
+    assert time.monotonic() - t0 < 2.0  # decided at the bound, not the 5 s deadline
     guest, data = lab.got(up)
     assert guest == "a" and data == big[:MAX_SNIFF]
     assert s.recv(10) == big[MAX_SNIFF:MAX_SNIFF + 10]  # still in the client's socket
@@ -173,8 +173,8 @@ async def test_a_malformed_client_hello_goes_to_the_first_guest_at_once(
     c, s = lab.accept()
     c.sendall(hello)
     t0 = time.monotonic()
-    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 2)
-    assert time.monotonic() - t0 < 0.5
+    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 4)
+    assert time.monotonic() - t0 < 2.0  # at once, not the 5 s deadline
     assert lab.got(up) == ("a", hello)
 
 
@@ -182,7 +182,7 @@ async def test_a_name_nobody_has_is_answered_and_counted(lab: Lab) -> None:
     conn = lab.connector(sniff_s=5.0)
     c, s = lab.accept()
     c.sendall(req("nope.localhost:3000"))
-    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 1)
+    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 3)
     up.setblocking(True)
     up.settimeout(1)
     page = up.recv(4096)
@@ -196,7 +196,7 @@ async def test_a_name_nobody_has_is_answered_and_counted(lab: Lab) -> None:
         obj.do_handshake()
     c2, s2 = lab.accept()
     c2.sendall(out.read())
-    up2 = await asyncio.wait_for(conn.connect_client(SPEC, s2), 1)
+    up2 = await asyncio.wait_for(conn.connect_client(SPEC, s2), 3)
     up2.setblocking(True)
     up2.settimeout(1)
     assert up2.recv(64) == TLS_UNRECOGNIZED_NAME
@@ -213,7 +213,7 @@ async def test_h2_prior_knowledge_goes_to_the_first_guest_at_once(lab: Lab) -> N
     first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # SETTINGS
     c.sendall(first)
     t0 = time.monotonic()
-    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 2)
-    assert time.monotonic() - t0 < 0.5
+    up = await asyncio.wait_for(conn.connect_client(SPEC, s), 4)
+    assert time.monotonic() - t0 < 2.0  # at once, not the 5 s deadline
     assert lab.got(up) == ("a", first)
     assert conn.stats.to == {"a": 1} and conn.stats.timeouts == 0
