@@ -113,6 +113,7 @@ class Bench:
         self.notes: list[str] = []
         self.profiles: dict[str, list[str]] = {}
         self._targets_made = 0
+        self._iperf_srvs: dict[int, subprocess.Popen[str]] = {}
 
     # -- set-up ----------------------------------------------------------------------
     def _gports(self) -> tuple[int, int, int]:
@@ -127,15 +128,25 @@ class Bench:
         srv = g.popen([self.loadgen, "serve", str(echo), str(close)])
         assert srv.stdout is not None
         wait_for_line(srv.stdout, "^ready")
-        # --idle-timeout: a server left mid-test by a client that hung or was killed resets
-        # itself instead of refusing every later client (seen: one hung -P 4, then every
-        # later client of that server hung too)
-        g.popen(["iperf3", "-s", "-p", str(iperf), "--idle-timeout", str(IPERF_IDLE_S)])
+        self._iperf_server(iperf)
+        return (iperf, echo, close)
+
+    def _iperf_server(self, port: int) -> None:
+        """(Re)start the guest's ``iperf3 -s`` on ``port``. iperf3 3.12's server reads a new
+        client's cookie with a blocking read: one connection that stalls there (reproduced
+        with a client that sends 10 of the 37 bytes) hangs every later client of that
+        server, and --idle-timeout does not end it; so a hang restarts the server."""
+        g = self.guest.ns
+        old = self._iperf_srvs.pop(port, None)
+        if old is not None:
+            old.kill()
+            old.wait(10)
+        self._iperf_srvs[port] = g.popen(["iperf3", "-s", "-p", str(port), "--idle-timeout",
+                                          str(IPERF_IDLE_S)])  # fmt: skip
         for _ in range(100):
-            if g.run(["ss", "-Htln", f"sport = :{iperf}"]).stdout.strip():
+            if g.run(["ss", "-Htln", f"sport = :{port}"]).stdout.strip():
                 break
             time.sleep(0.05)  # iperf3 has no ready line on a pipe (it buffers stdout)
-        return (iperf, echo, close)
 
     def add(self, name: str, argv: list[str] | None, base: int, ready: str | None = None,
             host: str = "127.0.0.1", gports: tuple[int, int, int] | None = None
@@ -231,7 +242,7 @@ class Bench:
             p.communicate()
             self.notes.append(f"{t.name}: iperf3 -P {streams} hung (killed after "
                               f"{self.seconds + HANG_S:.0f} s); {seen}")
-            time.sleep(IPERF_IDLE_S + 1)  # the server resets (--idle-timeout)
+            self._iperf_server(t.iperf)  # a fresh server: the stuck one would hang the rest
             return None
         try:
             bps = json.loads(out)["end"]["sum_received"]["bits_per_second"]
