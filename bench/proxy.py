@@ -41,6 +41,8 @@ from netlab import wait_for_line
 
 ROOT = Path(__file__).resolve().parents[1]
 IPERF, ECHO, REPLYCLOSE = 5201, 7000, 7001
+IPERF_IDLE_S = 5  # iperf3 -s --idle-timeout
+HANG_S = 20  # a figure run longer than its seconds + this is killed and noted
 HOLD = 10_000
 PASTA_HOLD = 3_000  # pasta spends 2 sockets + 2 pipes (6 fds) per spliced connection
 
@@ -111,6 +113,7 @@ class Bench:
         self.notes: list[str] = []
         self.profiles: dict[str, list[str]] = {}
         self._targets_made = 0
+        self._iperf_srvs: dict[int, subprocess.Popen[str]] = {}
 
     # -- set-up ----------------------------------------------------------------------
     def _gports(self) -> tuple[int, int, int]:
@@ -125,12 +128,25 @@ class Bench:
         srv = g.popen([self.loadgen, "serve", str(echo), str(close)])
         assert srv.stdout is not None
         wait_for_line(srv.stdout, "^ready")
-        g.popen(["iperf3", "-s", "-p", str(iperf)])
+        self._iperf_server(iperf)
+        return (iperf, echo, close)
+
+    def _iperf_server(self, port: int) -> None:
+        """(Re)start the guest's ``iperf3 -s`` on ``port``. iperf3 3.12's server reads a new
+        client's cookie with a blocking read: one connection that stalls there (reproduced
+        with a client that sends 10 of the 37 bytes) hangs every later client of that
+        server, and --idle-timeout does not end it; so a hang restarts the server."""
+        g = self.guest.ns
+        old = self._iperf_srvs.pop(port, None)
+        if old is not None:
+            old.kill()
+            old.wait(10)
+        self._iperf_srvs[port] = g.popen(["iperf3", "-s", "-p", str(port), "--idle-timeout",
+                                          str(IPERF_IDLE_S)])  # fmt: skip
         for _ in range(100):
-            if g.run(["ss", "-Htln", f"sport = :{iperf}"]).stdout.strip():
+            if g.run(["ss", "-Htln", f"sport = :{port}"]).stdout.strip():
                 break
             time.sleep(0.05)  # iperf3 has no ready line on a pipe (it buffers stdout)
-        return (iperf, echo, close)
 
     def add(self, name: str, argv: list[str] | None, base: int, ready: str | None = None,
             host: str = "127.0.0.1", gports: tuple[int, int, int] | None = None
@@ -216,18 +232,30 @@ class Bench:
     # -- figures ---------------------------------------------------------------------
     def iperf(self, t: Target, streams: int) -> float | None:
         argv = ["iperf3", "-c", t.host, "-p", str(t.ports[t.iperf]), "-t", str(self.seconds),
-                "-P", str(streams), "-J"]  # fmt: skip
+                "-P", str(streams), "-J", "--connect-timeout", "5000"]  # fmt: skip
+        p = self.lab.host.popen(argv)
         try:
-            r = self.lab.host.run(argv, check=False, timeout=self.seconds + 30)
+            out, _ = p.communicate(timeout=self.seconds + HANG_S)
         except subprocess.TimeoutExpired:
-            self.notes.append(f"{t.name}: iperf3 -P {streams} hung (killed after 30 s)")
+            seen = self._sockets(t.iperf)  # before the kill: what the hang looks like
+            p.kill()
+            p.communicate()
+            self.notes.append(f"{t.name}: iperf3 -P {streams} hung (killed after "
+                              f"{self.seconds + HANG_S:.0f} s); {seen}")
+            self._iperf_server(t.iperf)  # a fresh server: the stuck one would hang the rest
             return None
         try:
-            bps = json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"]
+            bps = json.loads(out)["end"]["sum_received"]["bits_per_second"]
         except (ValueError, KeyError):
-            self.notes.append(f"{t.name}: iperf3 -P {streams} failed: {r.stdout[-200:]}")
+            self.notes.append(f"{t.name}: iperf3 -P {streams} failed: {out[-200:]}")
             return None
         return float(bps) / 1e9
+
+    def _sockets(self, gport: int) -> str:
+        """The guest's TCP sockets on ``gport`` and their queues (ss), for a hang's note."""
+        r = self.guest.ns.run(["ss", "-Htna", f"sport = :{gport}"], check=False, timeout=10)
+        rows = [" ".join(ln.split()[:4]) for ln in r.stdout.splitlines()]
+        return f"guest sockets on :{gport}: " + ("; ".join(rows) if rows else "none")
 
     def cps(self, t: Target) -> float | None:
         argv = [self.loadgen, "cps", t.host, str(t.ports[t.close]), "32", "200000",
@@ -308,14 +336,18 @@ class Bench:
             if old is None or (v > old if higher else v < old):
                 t.results[key] = v
 
-        for _ in range(rounds):
-            for t in self.targets:
+        for r in range(rounds):
+            # each round starts at the next target: no target always runs first (or right
+            # after the same neighbour), so order effects spread over all of them
+            k = r % max(1, len(self.targets))
+            order = self.targets[k:] + self.targets[:k]
+            for t in order:
                 better("1 stream Gbit/s", self.iperf(t, 1), True)
-            for t in self.targets:
+            for t in order:
                 better("4 streams Gbit/s", self.iperf(t, 4), True)
-            for t in self.targets:
+            for t in order:
                 better("short conn/s", self.cps(t), True)
-            for t in self.targets:
+            for t in order:
                 rt = self.rtt(t)
                 t.samples.setdefault("echo p50 µs", []).append(rt[0] if rt else None)
                 t.samples.setdefault("echo p99 µs", []).append(rt[1] if rt else None)
