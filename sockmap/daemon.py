@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockmap import config, control, metrics, natproc, sdnotify
+from sockmap import config, control, metrics, sdnotify
 from sockmap.agents import AgentSessions
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
@@ -348,9 +348,11 @@ class Daemon:
     # -- guests ---------------------------------------------------------------------------
     async def guest_create(self, name: str, subnet: str | None, *, nat: bool) -> object:
         async with self._guest_lock:
-            data = await natproc.call(self.cfg.python, "create", run_dir=str(self.cfg.run_dir),
-                                      name=name, subnet=subnet, nat=nat)
-            rec = GuestRecord.from_json(data, source="guest create")
+            # the kernel work in a worker thread (no child process): the loop is never held
+            from sockmap.nat import guests as nat_guests
+
+            rec = await asyncio.to_thread(nat_guests.create, self.cfg.run_dir, name,
+                                          subnet=subnet, nat=nat)
             try:
                 write_token(self.cfg.run_dir, name)
                 self.registry.assign(name, assigned_of(rec))
@@ -383,8 +385,9 @@ class Daemon:
             self.registry.forget(name)
             self.agents.netns_of_guest.pop(name, None)
             await self.wait_planned(self.request_replan())
-            lines: list[str] = await natproc.call(self.cfg.python, "delete",
-                                                  run_dir=str(self.cfg.run_dir), name=name)
+            from sockmap.nat import guests as nat_guests
+
+            lines = await asyncio.to_thread(nat_guests.delete, self.cfg.run_dir, name)
         finally:
             self.planner.purge.discard(name)
             with contextlib.suppress(FileNotFoundError):
