@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import netlab
-from bench.e2e import ROOT, enter_netns, start_daemon, summary
+from bench import e2e
+from bench.e2e import ROOT, enter_netns, summary
 from sockmap import __version__
 
 PY = sys.executable
@@ -56,18 +58,46 @@ def timed(fn: Callable[[], object]) -> float:
     return (time.monotonic() - t0) * 1000
 
 
+CREATED = re.compile(r"guest (\S+) created in ([\d.]+) ms: kernel work ([\d.]+) ms, agent "
+                     r"start to its first snapshot ([\d.]+) ms")
+DELETED = re.compile(r"guest (\S+) deleted in ([\d.]+) ms: agent stop ([\d.]+) ms, replan "
+                     r"([\d.]+) ms, kernel work ([\d.]+) ms")
+
+
+def split(log: Path, names: set[str]) -> dict[str, Any]:
+    """The daemon's own split of each create/delete (its info lines), p50 per part."""
+    parts: dict[str, list[float]] = {}
+    for m in CREATED.finditer(log.read_text()):
+        if m.group(1) in names:
+            for k, v in zip(("create", "create kernel", "create agent"), m.groups()[1:],
+                            strict=True):
+                parts.setdefault(k, []).append(float(v))
+    for m in DELETED.finditer(log.read_text()):
+        if m.group(1) in names:
+            for k, v in zip(("delete", "delete agent stop", "delete replan", "delete kernel"),
+                            m.groups()[1:], strict=True):
+                parts.setdefault(k, []).append(float(v))
+    return {k: summary(v) for k, v in parts.items()}
+
+
 def through_daemon(lab: netlab.Lab, run_dir: Path, log: Path, n: int, many: int
                    ) -> dict[str, Any]:  # fmt: skip
     res: dict[str, Any] = {}
-    d = start_daemon(lab, run_dir, log)
+    with log.open("a") as out:
+        d = lab.host.popen([PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(run_dir),
+                            "--log-level", "info", *e2e.PATH_ARGS], stderr=out, cwd=ROOT)
+    assert d.stdout is not None
+    netlab.wait_for_line(d.stdout, "sockmap daemon ready", 15)
     try:
         res["ls_ms"] = summary([cli(run_dir, "ls") for _ in range(n)])
-        create, delete = [], []
+        create, delete, made = [], [], set()
         for i in range(n):
             name = lab.guest_name(f"c{i}")
+            made.add(name)
             create.append(cli(run_dir, "guest", "create", name))
             delete.append(cli(run_dir, "guest", "delete", name))
         res["create_ms"], res["delete_ms"] = summary(create), summary(delete)
+        res["daemon_split"] = split(log, made)
         names = [lab.guest_name(f"m{i}") for i in range(many)]
         t0 = time.monotonic()
         for name in names:
@@ -138,6 +168,11 @@ def report(res: dict[str, Any]) -> str:
         f"(total) | | | ≤ 15 s |",
         f"| {res['many']} guests deleted one after the other | {c['many_delete_s']:.1f} s "
         f"(total) | | | |",
+        "",
+        "The daemon's own split of the N creates/deletes above (its log; p50):",
+        "",
+        *[f"- {k}: {v['p50']:.1f} ms (p99 {v['p99']:.1f} ms)"
+          for k, v in c["daemon_split"].items()],
         "",
     ])
 
