@@ -212,14 +212,15 @@ def _not_built(name: str, issue: int) -> Handler:
 # -- handlers: thin; the modules do the work ---------------------------------------------
 def _guest_create(args: argparse.Namespace) -> int:
     from sockmap import control
-    from sockmap.nat import guests
     from sockmap.nat.plan import GuestRecord
 
     try:  # a running daemon makes the guest and starts its agent
         data = control.request(args.run_dir, "guest_create", timeout=120, name=args.name,
                                subnet=args.subnet, nat=not args.no_nat)
         rec = GuestRecord.from_json(data, source="the daemon's answer")
-    except control.DaemonNotRunning:
+    except control.DaemonNotRunning:  # pyroute2 is imported only here: ~0.2 s of start-up
+        from sockmap.nat import guests
+
         rec = guests.create(args.run_dir, args.name, subnet=args.subnet, nat=not args.no_nat)
     print(f"guest {rec.name}: {rec.guest_addr4} (host end {rec.host_addr4} on "
           f"{rec.host_ifname}), {rec.guest_addr6}; nat {'on' if rec.nat else 'off'}")
@@ -228,11 +229,12 @@ def _guest_create(args: argparse.Namespace) -> int:
 
 def _guest_delete(args: argparse.Namespace) -> int:
     from sockmap import control
-    from sockmap.nat import guests
 
     try:  # a running daemon stops the agent and closes the mappings first
         lines = control.request(args.run_dir, "guest_delete", timeout=120, name=args.name)
     except control.DaemonNotRunning:
+        from sockmap.nat import guests
+
         lines = guests.delete(args.run_dir, args.name)
     for line in lines:
         print(line)

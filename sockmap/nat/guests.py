@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sockmap import tools
 from sockmap.errors import SockmapError
-from sockmap.nat import netlink, nft
+from sockmap.nat import netlink, nft, nftlib
 from sockmap.nat.plan import (
     GUEST_IFNAME,
     GuestRecord,
@@ -234,7 +234,7 @@ def delete(run_dir: Path, name: str) -> list[str]:
             pids = netlink.stop_netns_processes(name)
             if pids:
                 done.append(f"stopped {len(pids)} process(es) in guest {name}")
-        if subnets and (rec is None or rec.nat) and tools.find("nft"):
+        if subnets and (rec is None or rec.nat) and nftlib.available():
             for s in subnets:
                 if nft.remove_guest(s):
                     done.append(f"removed masquerade for {s}")

@@ -7,18 +7,18 @@ removing a guest is one element. Rules (the same for every guest):
                  iifname "sm-*" ip saddr != @nat4 drop       # --no-nat guests are not routed
     postrouting: ip saddr @nat4 oifname != "sm-*" masquerade
 
-The builders are pure (JSON commands for ``nft -j -f -``); ``run`` is the one adapter.
+The builders are pure (JSON commands, as ``nft -j -f -`` reads them); ``run`` is the one
+adapter, through sockmap.nat.nftlib (libnftables in this process where it loads).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import subprocess
 from typing import Any
 
-from sockmap import tools
 from sockmap.errors import SockmapError
+from sockmap.nat import nftlib
 from sockmap.nat.plan import HOST_IF_PREFIX
 
 FAMILY = "inet"
@@ -102,34 +102,32 @@ def parse_set_elements(listing: object) -> list[ipaddress.IPv4Network]:
     return out
 
 
-# -- the adapter ---------------------------------------------------------------------------
+# -- the adapter (sockmap.nat.nftlib: libnftables in-process, else the nft binary) ------
 def nft_binary() -> str:
-    return tools.need("nft", "sockmap cannot set up NAT",
-                      hint="install it with `apt-get install nftables`, or use --no-nat")
+    """Fail early, naming the package, when nftables cannot be driven at all."""
+    if nftlib.available():
+        return nftlib.backend()
+    return nftlib.nft_binary()
 
 
 def run(commands: list[Cmd]) -> None:
     doc = json.dumps({"nftables": [{"metainfo": {"json_schema_version": 1}}, *commands]})
-    r = subprocess.run([nft_binary(), "-j", "-f", "-"], input=doc, capture_output=True,
-                       text=True, check=False)
-    if r.returncode != 0:
-        raise SockmapError(f"nftables refused sockmap's change: {r.stderr.strip()}",
+    rc, _, err = nftlib.run(doc, json=True)
+    if rc != 0:
+        raise SockmapError(f"nftables refused sockmap's change: {err.strip()}",
                            hint=f"inspect with `nft list table {FAMILY} {TABLE}`")
 
 
 def table_exists() -> bool:
-    r = subprocess.run([nft_binary(), "list", "table", FAMILY, TABLE], capture_output=True,
-                       text=True, check=False)
-    return r.returncode == 0
+    return nftlib.run(f"list table {FAMILY} {TABLE}")[0] == 0
 
 
 def set_elements() -> list[ipaddress.IPv4Network]:
-    r = subprocess.run([nft_binary(), "-j", "list", "set", FAMILY, TABLE, SET4],
-                       capture_output=True, text=True, check=False)
-    if r.returncode != 0:
+    rc, out, _ = nftlib.run(f"list set {FAMILY} {TABLE} {SET4}", json=True)
+    if rc != 0:
         return []
     try:
-        return parse_set_elements(json.loads(r.stdout))
+        return parse_set_elements(json.loads(out))
     except json.JSONDecodeError:
         return []
 
@@ -143,12 +141,11 @@ def remove_guest(subnet: ipaddress.IPv4Network) -> bool:
     """Remove the guest's element; drop the table when no guest is left. True if changed."""
     if not table_exists():
         return False
-    present = [s for s in set_elements() if s.overlaps(subnet)]
-    changed = False
-    if present:
-        run([delete_element_command(s) for s in present])
-        changed = True
-    if not set_elements():
-        run([delete_table_command()])
-        changed = True
-    return changed
+    elements = set_elements()
+    present = [s for s in elements if s.overlaps(subnet)]
+    cmds = [delete_element_command(s) for s in present]
+    if len(present) == len(elements):  # none left after this one: the table goes too
+        cmds = [delete_table_command()]
+    if cmds:
+        run(cmds)
+    return bool(cmds)

@@ -5,6 +5,7 @@ The CLI runs inside the lab's host namespace, as a user would run it on a host.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -18,10 +19,12 @@ import netlab
 from netlab.lab import HOST_UPLINK_ADDR, OUTSIDE_INTERNET_ADDR
 from netlab.otheruser import OtherUser
 from sockmap import tools
+from sockmap.nat import nftlib
 
 pytestmark = pytest.mark.netlab
 
 PY = sys.executable
+NFTLIB = "libnftables.so*"  # sockmap.nat.nftlib loads it in-process
 
 SERVER = r"""
 import socket, sys
@@ -77,11 +80,15 @@ def _nft_tables(lab: netlab.Lab) -> str:
     return lab.host.run(["nft", "list", "tables"]).stdout
 
 
-def _without(cmd: str) -> list[str]:
+def _without(cmd: str, *, lib: str | None = None) -> list[str]:
     """An argv prefix: run in a private mount namespace where every ``cmd`` sockmap could
-    find (on PATH or in the system directories) is /dev/null, which is not executable."""
+    find (on PATH or in the system directories) is /dev/null, which is not executable; with
+    ``lib`` (a glob of a library's file name), that library's files too (dlopen fails)."""
     found = {os.path.realpath(p) for d in tools.search_path().split(os.pathsep)
              if os.access(p := os.path.join(d, cmd), os.X_OK)}
+    if lib is not None:
+        found |= {os.path.realpath(p) for d in ("/usr/lib", "/lib", "/usr/local/lib")
+                  for p in glob.glob(f"{d}/{lib}") + glob.glob(f"{d}/*/{lib}")}
     hide = 'while [ "$1" != -- ]; do mount --bind /dev/null "$1" || exit 9; shift; done'
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             f'{hide}; shift; exec "$@"', "sh", *sorted(found), "--"]
@@ -218,7 +225,7 @@ def test_bad_input(lab: netlab.Lab, run_dir: Path, other_user: OtherUser,
     assert "no guest named" in fails("guest", "delete", lab.guest_name("nobody"))
     assert "no guest named" in fails("guest", "exec", lab.guest_name("nobody"), "--", "true")
     assert "apt-get install nftables" in fails("guest", "create", lab.guest_name("x"),
-                                               pre=_without("nft"))
+                                               pre=_without("nft", lib=NFTLIB))
     # as uid 65534, from a copy it can read (the checkout may be below a 0700 directory)
     nobody = lab.host.run(other_user.argv([other_user.python, "-m", "sockmap.cli", "guest",
                                            "create", "x", *rd]), check=False, cwd="/",
@@ -232,8 +239,8 @@ def test_bad_input(lab: netlab.Lab, run_dir: Path, other_user: OtherUser,
 def test_no_nat_needs_no_nft_and_long_names_fit(lab: netlab.Lab, run_dir: Path) -> None:
     name = lab.guest_name("n" * (63 - len(lab.prefix) - 1))
     assert len(name) == 63
-    r = lab.host.run([*_without("nft"), PY, "-m", "sockmap.cli", "guest", "create", name,
-                      "--no-nat", "--run-dir", str(run_dir)], check=False)
+    r = lab.host.run([*_without("nft", lib=NFTLIB), PY, "-m", "sockmap.cli", "guest", "create",
+                      name, "--no-nat", "--run-dir", str(run_dir)], check=False)
     assert r.returncode == 0, r.stderr
     assert _forwarding(lab) == "0" and "sockmap" not in _nft_tables(lab)
     assert lab.host.sockmap("guest", "delete", name, "--run-dir", str(run_dir)).returncode == 0
@@ -279,3 +286,50 @@ def test_guest_delete_unknown_leaves_others(lab: netlab.Lab, run_dir: Path) -> N
     r = lab.host.sockmap("guest", "delete", lab.guest_name("other"), "--run-dir", str(run_dir))
     assert r.returncode == 2
     assert subprocess.run(["ip", "netns", "exec", keep, "true"]).returncode == 0
+
+
+@pytest.mark.skipif(nftlib.backend() != "libnftables", reason="libnftables is not installed")
+def test_nat_through_libnftables_without_the_nft_binary(lab: netlab.Lab, run_dir: Path) -> None:
+    """The nft rules are made in-process: with the nft binary hidden, NAT still works."""
+    name = lab.guest_name("lib")
+    r = lab.host.run([*_without("nft"), PY, "-m", "sockmap.cli", "guest", "create", name,
+                      "--run-dir", str(run_dir)], check=False)
+    assert r.returncode == 0, r.stderr
+    assert "sockmap" in _nft_tables(lab) and _forwarding(lab) == "1"
+    r = lab.host.run([*_without("nft"), PY, "-m", "sockmap.cli", "guest", "delete", name,
+                      "--run-dir", str(run_dir)], check=False)
+    assert r.returncode == 0 and "removed masquerade" in r.stdout, (r.stdout, r.stderr)
+    assert "sockmap" not in _nft_tables(lab) and _forwarding(lab) == "0"
+    _assert_nothing_left(lab, name, run_dir)
+
+
+NO_FORK = r"""
+import os, sys, threading
+from pathlib import Path
+from sockmap.nat import guests, nftlib
+forks, execs = [], []
+os.register_at_fork(before=lambda: forks.append(1))
+sys.addaudithook(lambda ev, args: execs.append(ev) if ev in (
+    "subprocess.Popen", "os.exec", "os.posix_spawn", "os.fork", "os.forkpty") else None)
+run, name = Path(sys.argv[1]), sys.argv[2]
+t = threading.Thread(target=guests.create, args=(run, name))  # as the daemon: a worker thread
+t.start(); t.join()
+print(os.path.exists(f"/run/netns/{name}"), len(forks), sorted(set(execs)), flush=True)
+guests.delete(run, name)
+print(len(forks), sorted(set(execs)), nftlib.backend(), flush=True)
+"""
+
+
+def test_create_and_delete_fork_and_exec_nothing(lab: netlab.Lab, run_dir: Path) -> None:
+    """What the daemon runs in its worker thread: no child process (no fork, no exec of ip or,
+    with libnftables, of nft), and the calling thread stays in its own namespace."""
+    name = lab.guest_name("nofork")
+    r = lab.host.run([PY, "-c", NO_FORK, str(run_dir), name], check=False)
+    assert r.returncode == 0, r.stderr
+    made, after = r.stdout.splitlines()
+    assert made == "True 0 []", made
+    if after.endswith("libnftables"):
+        assert after == "0 [] libnftables", after
+    else:  # no library: one nft exec per command, never a fork of this interpreter
+        assert after.startswith("0 "), after
+    _assert_nothing_left(lab, name, run_dir)
