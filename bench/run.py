@@ -129,9 +129,12 @@ class Run:
             time.sleep(0.05)  # waiting on the daemon's state, bounded
 
     def agent_pid(self) -> int:
+        """The guest's agent, or 0 when the daemon watches the guest itself."""
         for g in control.request(self.run_dir, "status")["guests"]:
             if g["name"] == self.name and g["agent_pid"]:
                 return int(g["agent_pid"])
+            if g["name"] == self.name and g.get("watch") == "daemon":
+                return 0
         raise RuntimeError("the guest has no agent")
 
     def targets(self) -> None:
@@ -185,7 +188,7 @@ class Run:
             try:
                 self.bench._wait_listening(12000 if k else 30000, max(k, 1), proc=pasta,
                                            timeout=30)  # fmt: skip
-                pids = {"sockmap": [self.daemon.pid, self.agent_pid()],
+                pids = {"sockmap": [p for p in (self.daemon.pid, self.agent_pid()) if p],
                         "pasta": [pasta.pid]}
                 got: dict[str, list[float]] = {"sockmap": [], "pasta": []}
                 time.sleep(1.0)  # let start-up work settle before the first window

@@ -153,6 +153,7 @@ class Soak:
             self.daemon = self.lab.host.popen(
                 [PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(self.run_dir),
                  "--agent-listen", f"127.0.0.1:{AGENT_TCP}",
+                 "--netns-watch", "agent",  # its faults are the agent's: kills, freezes
                  "--path", "relay"],  # the relay's soak: its counters are checked
                 stderr=out, cwd=ROOT)  # fmt: skip
         assert self.daemon.stdout is not None

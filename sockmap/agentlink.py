@@ -143,7 +143,7 @@ class LinkConfig:
     first_addrs_timeout: float = 1.0
 
 
-class _Nics:
+class Nics:
     """The NIC addresses as the watcher last reported them, per interface."""
 
     def __init__(self) -> None:
@@ -161,7 +161,7 @@ class _Nics:
         return p.Addresses(addrs=addrs[: p.MAX_ADDRS], ifname=ifname[:15])
 
 
-def _batch(events: list[Event], nics: _Nics) -> list[p.Message]:
+def batch(events: list[Event], nics: Nics) -> list[p.Message]:
     """Consecutive events of one kind become one message, in order."""
     out: list[p.Message] = []
     run: list[ListenerAdded | ListenerRemoved] = []
@@ -251,7 +251,7 @@ async def relay(cfg: LinkConfig, reported: list[Listener], msg: p.RelayOpen,
 
 
 class _Session:
-    def __init__(self, cfg: LinkConfig, w: Watcher, nics: _Nics,
+    def __init__(self, cfg: LinkConfig, w: Watcher, nics: Nics,
                  relays: set[asyncio.Task[None]]) -> None:
         self.cfg, self.w, self.nics = cfg, w, nics
         self.dec = p.Decoder()
@@ -288,7 +288,7 @@ class _Session:
             events: list[Event] = []
             while (ev := self.w.get_nowait()) is not None:
                 events.append(ev)
-            _batch(events, self.nics)  # already in the snapshot below; keep the addresses
+            batch(events, self.nics)  # already in the snapshot below; keep the addresses
             addrs = self.nics.message()
             for frame in p.encode_snapshot(tuple(self.w.snapshot()), addrs.addrs,
                                            addrs.ifname):
@@ -321,7 +321,7 @@ class _Session:
             events = [ev]
             while (more := self.w.get_nowait()) is not None:
                 events.append(more)
-            for msg in _batch(events, self.nics):
+            for msg in batch(events, self.nics):
                 log.debug("sent %s", msg)
                 writer.write(p.encode(msg))
             await writer.drain()
@@ -362,7 +362,7 @@ async def run(cfg: LinkConfig) -> None:
                        udp_ephemeral=cfg.udp_ephemeral, events=cfg.events,
                        rescan=cfg.rescan) as w:
         log.info("watching listeners: mode %s (%s)", w.mode, w.mode_note)
-        nics = _Nics()
+        nics = Nics()
         # The first addresses come from a thread right after start: wait for them (bounded)
         # so the first Snapshot carries them and the daemon does not plan twice.
         early: list[Event] = []
@@ -372,7 +372,7 @@ async def run(cfg: LinkConfig) -> None:
                     early.append(ev)
                     if isinstance(ev, AddressesChanged):
                         break
-        _batch(early, nics)
+        batch(early, nics)
         delay = cfg.backoff_min
         relays: set[asyncio.Task[None]] = set()
         while True:

@@ -142,6 +142,7 @@ class AgentSessions:
         self._tasks = tasks  # other tasks: likewise
         self.netns_of_guest: dict[str, str] = {}  # daemon-made guests: name -> netns
         self.synced: dict[str, asyncio.Event] = {}  # guest_create waits for a Snapshot
+        self.watched: set[str] = set()  # netns guests the daemon watches itself (nswatch)
         self._sessions = itertools.count(1)
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._unauthenticated = 0
@@ -150,6 +151,24 @@ class AgentSessions:
         self._host_netns = os.stat("/proc/self/ns/net").st_ino  # the daemon runs in it
         self.relays = RelayBroker(session_writer=self._session_writer,
                                   heartbeat_ms=round(heartbeat_s * 1000))
+
+    # -- the daemon's own watch of a netns guest (sockmap.nswatch): a session, no agent --
+    def open_local(self, name: str) -> int:
+        """A session for the daemon's own watch of ``name``; it replaces any other."""
+        session = next(self._sessions)
+        old = self.registry.connect(name, session)
+        if old is not None and old in self._writers:
+            self._writers[old].close()
+        return session
+
+    def apply(self, name: str, session: int, msg: p.Message, keyed: Keyed | None) -> None:
+        """What the watch saw, applied exactly as an agent's message (the per-guest limit
+        included: ProtocolError past it)."""
+        self._on_message(name, session, msg, keyed)
+
+    def close_local(self, name: str, session: int) -> None:
+        if self.registry.disconnect(name, session):
+            self._request_replan()
 
     def _session_writer(self, guest: str) -> asyncio.StreamWriter | None:
         g = self.registry.get(guest)
@@ -285,6 +304,9 @@ class AgentSessions:
                 return "cannot tell which network namespace the peer is in"
             inside = next((name for name, netns in self.netns_of_guest.items()
                            if _ns_inode(netns) == ns), None)
+            if inside is not None and inside in self.watched:
+                return (f"guest {inside} is watched by the daemon itself; it needs no agent "
+                        "(sockmap agent is for VMs)")
             if inside is not None:
                 return "" if inside == guest else (
                     f"peer pid {pid} is inside guest {inside}'s network namespace: it may "
@@ -295,6 +317,8 @@ class AgentSessions:
             if guest in self.netns_of_guest:
                 return f"peer pid {pid} is not in guest {guest}'s network namespace"
             return ""
+        if guest in self.watched:
+            return f"guest {guest} is watched by the daemon itself; it needs no agent"
         if guest in self.netns_of_guest:
             return f"guest {guest} is a netns guest: its agent connects over the unix socket"
         peer = writer.get_extra_info("peername")

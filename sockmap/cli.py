@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "v2 root from /proc/self/mountinfo)")
     p.add_argument("--kernel-map-size", type=int, default=4096, metavar="N",
                    help=argparse.SUPPRESS)  # tests: a small map
+    p.add_argument("--netns-watch", choices=["daemon", "agent"], default="daemon",
+                   help="netns guests: the daemon watches them itself (default), or starts a "
+                        "sockmap agent in each (the old way)")
     p.add_argument("--agent-listen", metavar="HOST:PORT",
                    help="also accept agents (VMs) over TCP, bound only there; each needs "
                         "RUN_DIR/tokens/NAME.token")
@@ -327,7 +330,8 @@ def _daemon(args: argparse.Namespace) -> int:
                                         udp_ephemeral=bool(fc.udp_ephemeral),
                                         max_listeners=max_listeners,
                                         path=args.path or fc.forwarder or "kernel",
-                                        cgroup=cgroup, kernel_map_size=args.kernel_map_size))
+                                        cgroup=cgroup, kernel_map_size=args.kernel_map_size,
+                                        netns_watch=args.netns_watch))
     return rc
 
 

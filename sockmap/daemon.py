@@ -50,9 +50,10 @@ from sockmap.errors import SockmapError
 from sockmap.eventbus import EventBus, View, view
 from sockmap.flatwatch import FlatWatch
 from sockmap.nat.plan import GuestRecord
+from sockmap.nswatch import NetnsWatch, loopback_connector
 from sockmap.peercred import netns_of
 from sockmap.planner import Planner
-from sockmap.proxy import MappingTable
+from sockmap.proxy import Connector, MappingTable
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Assigned, Registry
 from sockmap.supervisor import (
@@ -94,6 +95,8 @@ class Config:
     path: str = "kernel"  # "kernel": the BPF hooks where they load, else the relay; "relay"
     cgroup: Path | None = None  # the kernel path's cgroup v2 dir (None: the v2 root)
     kernel_map_size: int = 4096  # host endpoints the kernel map holds; the rest: relay
+    netns_watch: str = "daemon"  # netns guests: "daemon" watches them itself (nswatch);
+    # "agent" starts a `sockmap agent` in each (the old way: the supervisor's tests)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -137,12 +140,13 @@ class Daemon:
             max_stored=STORED_PER_LIMIT * cfg.max_listeners,
             request_replan=self.planner.request_replan, seen=self.planner.seen,
             log_once=self.planner.log_once, conns=self.conns, tasks=self.drains)
-        self.planner.relay_connector = self.agents.relays.connector
+        self.planner.relay_connector = self._loopback_connector
         self.flat = FlatWatch(poll_s=cfg.host_poll_s, log_once=self.planner.log_once)
         self.control = ControlServer(self, own_netns=netns_of(os.getpid()))
         self.events = EventBus(self._event_view)  # sockmap events / wait
         self.planner.on_planned = self.events.publish
         self._supervisors: dict[str, Supervisor] = {}
+        self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -310,6 +314,8 @@ class Daemon:
             log.info("stopping")
             for sup in list(self._supervisors.values()):
                 await sup.stop()
+            for w in list(self._watches.values()):
+                await w.stop()
             replanner.cancel()
             host_watch.cancel()
         self._tg = None
@@ -331,11 +337,18 @@ class Daemon:
                 path.unlink()
         log.info("stopped")
 
-    # -- agents we start ------------------------------------------------------------------
+    # -- agents we start, or our own watch of a netns guest --------------------------------
     def _start_agent(self, name: str, netns: str) -> None:
         assert self._tg is not None
         self.agents.netns_of_guest[name] = netns
         cfg = self.cfg
+        if cfg.netns_watch == "daemon":
+            self.agents.watched.add(name)
+            w = NetnsWatch(name=name, netns=NETNS_DIR / netns, sessions=self.agents,
+                           udp_ephemeral=cfg.udp_ephemeral)
+            self._watches[name] = w
+            w.task = self._tg.create_task(w.run(), name=f"watch-{name}")
+            return
         sup = Supervisor(name=name, netns=netns, run_dir=cfg.run_dir, python=cfg.python,
                          udp_ephemeral=cfg.udp_ephemeral)
         self._supervisors[name] = sup
@@ -345,6 +358,18 @@ class Daemon:
         sup = self._supervisors.pop(name, None)
         if sup is not None:
             await sup.stop()
+        w = self._watches.pop(name, None)
+        self.agents.watched.discard(name)
+        if w is not None:
+            await w.stop()
+
+    def _loopback_connector(self, guest: str, family: int) -> Connector:
+        """The relay's upstream for a guest server on its loopback only: made inside the
+        guest's namespace when the daemon watches it (nswatch), else the agent's relay."""
+        w = self._watches.get(guest)
+        if w is not None:
+            return loopback_connector(w, family)
+        return self.agents.relays.connector(guest, family)
 
     # -- guests ---------------------------------------------------------------------------
     async def guest_create(self, name: str, subnet: str | None, *, nat: bool) -> object:
@@ -421,6 +446,10 @@ class Daemon:
                 "snapshots": g.snapshots,
                 "agent_pid": sup.proc.pid if sup and sup.proc else None,
                 "agent_starts": sup.starts if sup else 0,
+                "watch": ("daemon" if name in self._watches else
+                          "agent" if sup or g.session is not None else ""),
+                "watch_starts": w.starts if (w := self._watches.get(name)) else 0,
+                "watch_mode": w.mode if w else "",
             })
         return {"pid": os.getpid(), "guests": guests, "mappings": self.planner.open_count,
                 "config": str(self.cfg.config_path or ""), "rules": len(self.rules),

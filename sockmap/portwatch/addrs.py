@@ -9,11 +9,16 @@ Watched interfaces: the given names, or every interface but ``lo``. IPv6 link-lo
 addresses (scope link) are left out: the host cannot use them without a scope; so are IPv6
 spellings of IPv4 addresses (6to4, Teredo, NAT64...: ``sockmap.addrs``), which the daemon refuses.
 ``nic_addrs`` and ``addr_events`` are the pure part.
+
+For another namespace (``netns``, the daemon watching a netns guest) the subscription is a
+raw rtnetlink socket made inside it (``sockmap.nat.nssock``) and each dump runs in a
+thread that joined it: nothing runs in the guest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 
@@ -69,11 +74,16 @@ def dump_addrs(nics: Collection[str] | None = None) -> NicAddrs:
 class AddressWatcher:
     """Emits AddressesChanged: first the current state of every watched NIC, then changes."""
 
-    def __init__(self, nics: Collection[str] | None = None) -> None:
+    def __init__(self, nics: Collection[str] | None = None, *, netns: str | None = None
+                 ) -> None:
         self.nics = nics
+        self.netns = netns
         self.current: NicAddrs = {}
 
     async def run(self, emit: Callable[[AddressesChanged], None]) -> None:
+        if self.netns is not None:
+            await self._run_in(self.netns, emit)
+            return
         from pyroute2 import IPRSocket
         from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
 
@@ -102,5 +112,42 @@ class AddressWatcher:
                     changed.clear()
             finally:
                 loop.remove_reader(fd)
+        finally:
+            sock.close()
+
+    async def _run_in(self, netns: str, emit: Callable[[AddressesChanged], None]) -> None:
+        """``run`` for another namespace: subscribe there, dump there (in a thread)."""
+        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR
+
+        from sockmap.nat import nssock
+
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        sock = await asyncio.to_thread(nssock.open_netlink, netns, nssock.NETLINK_ROUTE,
+                                       RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+        sock.setblocking(False)
+        nics = self.nics
+
+        def readable() -> None:
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):  # the content is not needed: a dump follows
+                    pass
+            changed.set()
+
+        def dump() -> NicAddrs:
+            return nssock.in_netns(netns, lambda: dump_addrs(nics))
+
+        try:
+            loop.add_reader(sock.fileno(), readable)
+            try:
+                while True:
+                    new = await asyncio.to_thread(dump)
+                    for ev in addr_events(self.current, new):
+                        emit(ev)
+                    self.current = new
+                    await changed.wait()
+                    changed.clear()
+            finally:
+                loop.remove_reader(sock.fileno())
         finally:
             sock.close()

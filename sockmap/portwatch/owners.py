@@ -2,7 +2,8 @@
 
 Resolved only for inodes not seen before, and cached (a miss too, so an unowned or invisible
 socket does not cost a /proc walk every poll). Only processes in our own network namespace
-are searched (one stat of /proc/PID/ns/net each), since the sockets we watch live there.
+are searched (one stat of /proc/PID/ns/net each), since the sockets we watch live there;
+or, for a namespace watched from outside (``netns_inode``), only processes in that one.
 A process that exits mid-scan, or that we may not look into, is skipped, not an error.
 
 The text parsers (``socket_inode``, ``parse_cgroup``, ``parse_cmdline``) are pure.
@@ -47,11 +48,12 @@ def parse_cmdline(data: bytes) -> tuple[str, ...]:
 class OwnerResolver:
     """Finds and caches the owner of socket inodes."""
 
-    def __init__(self, proc: Path = Path("/proc"), *, same_netns_only: bool = True) -> None:
+    def __init__(self, proc: Path = Path("/proc"), *, same_netns_only: bool = True,
+                 netns_inode: int | None = None) -> None:
         self.proc = proc
         self._cache: dict[int, Owner | None] = {}
-        self._netns: int | None = None
-        if same_netns_only:
+        self._netns: int | None = netns_inode  # given: search that namespace's processes
+        if same_netns_only and netns_inode is None:
             try:
                 self._netns = os.stat(proc / "thread-self/ns/net").st_ino
             except OSError:

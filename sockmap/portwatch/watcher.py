@@ -22,6 +22,11 @@ When a source fails mid-run (unreadable, or bytes the parser refuses), the failu
 reported once as ``SourceError`` and the other source takes over; if both fail, each
 distinct failure is reported once and polling retries.
 
+``netns`` (a namespace file): watch that namespace from this process, with no process in
+it (the daemon's watch of a netns guest): the sock_diag socket, the sockstat files and the
+rtnetlink socket are opened inside it by a thread that joined it (``nsopen``), owners are
+found among that namespace's processes in this /proc; sock_diag is the only source.
+
 With ``events="auto"`` (the agent's choice; "on" insists, "off", the default here, polls)
 the kernel says when to look instead (``events``: a tracefs instance for every
 namespace's TCP LISTEN transitions and listen()/bind() exits, sock_diag's UDP destroy
@@ -100,6 +105,7 @@ class Watcher:
         events: str = "off",
         rescan: float = DEFAULT_RESCAN,
         events_opener: Callable[[], EventSource] = ListenerEvents,
+        netns: str | None = None,
     ) -> None:
         if source not in ("auto", "diag", "proc"):
             raise SourceUnavailable(
@@ -120,6 +126,14 @@ class Watcher:
         if not 0.05 <= rescan <= 3600:
             raise SourceUnavailable(f"rescan interval {rescan}s is out of range",
                                     hint="give between 50 ms and 1 hour")
+        self._ns = netns
+        if netns is not None:  # watched from outside: every socket and fd opened inside it
+            from sockmap.portwatch import nsopen
+
+            if opener is open_source:
+                opener = nsopen.source_opener(netns)
+            if gate_opener is SockstatGate:
+                gate_opener = nsopen.gate_opener(netns)
         self._want_events = events
         self._rescan = rescan
         self._events_opener = events_opener
@@ -139,10 +153,11 @@ class Watcher:
         self._open = opener
         self._interval = interval
         self._tick = 0.1  # the poll's sleep: ``interval``, kept current by _retick
-        self._owners = OwnerResolver() if resolve_owners else None
+        self._owners = (OwnerResolver(netns_inode=_inode(netns) if netns else None)
+                        if resolve_owners else None)
         self._udp_ephemeral = udp_ephemeral
         self._port_range = diff.DEFAULT_PORT_RANGE
-        self._addrs = AddressWatcher(nics) if addresses else None
+        self._addrs = AddressWatcher(nics, netns=netns) if addresses else None
         # events, then (only if the poll thread died) the error that ends the iteration
         self._queue: asyncio.Queue[Event | SockmapError] = asyncio.Queue()
         self._snap: diff.Snapshot = {}  # the poll thread's
@@ -211,7 +226,12 @@ class Watcher:
         # first: every failure below is reported through _emit, which needs the loop
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._port_range = local_port_range()
+        if self._ns is None:
+            self._port_range = local_port_range()
+        else:
+            from sockmap.portwatch import nsopen
+
+            self._port_range = nsopen.port_range(self._ns)
         try:
             self._open_first()
             if self._use_gate:
@@ -289,7 +309,7 @@ class Watcher:
             return
         try:
             self._events = self._events_opener()
-            self._netns = os.stat("/proc/thread-self/ns/net").st_ino
+            self._netns = _inode(self._ns or "/proc/thread-self/ns/net")
         except (SourceUnavailable, OSError) as e:
             if self._events is not None:
                 self._events.close()
@@ -570,6 +590,14 @@ class Watcher:
         for ev in events:
             self._queue.put_nowait(ev)
 
+
+def _inode(netns: str) -> int:
+    """A namespace file's inode (what /proc/PID/ns/net of its processes stat to)."""
+    try:
+        return os.stat(netns).st_ino
+    except OSError as e:
+        raise SourceUnavailable(f"cannot open network namespace {netns}: {e.strerror}",
+                                hint="give /run/netns/NAME or /proc/PID/ns/net") from None
 
 
 def _why(e: BaseException) -> str:

@@ -29,7 +29,8 @@ CASES = [("agent", "before"), ("agent", "during"), ("agent", "after"),
 
 @pytest.fixture
 def daemon(lab: netlab.Lab, tmp_path: Path) -> Iterator[Daemon]:
-    d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log", "--log-level", "debug")
+    d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log", "--log-level", "debug",
+                     "--netns-watch", "agent")  # these tests are about the agent's link
     yield d
     assert d.stop() == 0, d.log_text()
 

@@ -215,7 +215,7 @@ def test_a_netns_guest_cannot_mint_itself_a_vm_identity(lab: netlab.Lab, tmp_pat
         assert minted.exists()
         # ... and says hello as `evil` on agent.sock from inside its netns: refused
         _refused(_agent(a, f"unix:{run / 'agent.sock'}", "evil", minted), d)
-        assert f"inside guest {a_name}'s network namespace" in d.log_text()
+        assert f"guest {a_name} is watched by the daemon itself" in d.log_text()
         # ... and over TCP from its own address: refused as a VM identity too
         _refused(_agent(a, f"tcp:{vm.host_addr4}:7073", "evil", minted), d)
         assert "a netns guest cannot be a VM guest" in d.log_text()

@@ -1,0 +1,208 @@
+"""The daemon's own watch of a netns guest: no agent process, no process in the guest.
+
+Per guest, one ``portwatch.Watcher(netns=...)`` in this process: its sock_diag socket, its
+sockstat counters and its rtnetlink socket are opened inside the guest's namespace (a thread
+joins it, opens, leaves: ``sockmap.nat.nssock``); owners come from this /proc (the guest's
+pids are visible from the host). What it sees becomes the very messages an agent would
+send (``agentlink.batch``), applied through ``AgentSessions.apply``: the same registry
+records, per-guest listener limit (past it the watch restarts with backoff, as a
+supervised agent would) and first-snapshot signal. Messages of many listeners are built and
+keyed in a thread (the loop keeps the GIL only between switch intervals), as an agent's
+large frames are decoded in one.
+
+The namespace is held open by the watch (an fd and the sockets), so an ``ip netns del``
+does not end it: every ``NS_CHECK_S`` the watch stats ``/run/netns/NAME`` (one stat, the
+deliberate check) and, when the file is gone or names another namespace, closes the
+guest's session (its mappings close at the next plan), logs it once and ends.
+
+``loopback_connector``: the relay's upstream socket for a guest server bound to its
+loopback only, made inside the guest's namespace with the fd the watch holds, so the
+guest's server is reached directly and sees its peer as 127.0.0.1 (or ::1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+from sockmap import protocol as p
+from sockmap.agentlink import Nics, batch
+from sockmap.agents import AgentSessions
+from sockmap.errors import SockmapError
+from sockmap.nat import nssock
+from sockmap.portwatch import Listener, Watcher
+from sockmap.portwatch.records import AddressesChanged, Event
+from sockmap.proxy import Connector, MappingSpec
+from sockmap.registry import ListenerKey
+
+log = logging.getLogger("sockmap.daemon")
+
+NS_CHECK_S = 0.25  # how often the namespace file is checked (an `ip netns del` is seen)
+OFFLOAD_LISTENERS = 256  # messages of this many listeners are built in a thread
+FIRST_ADDRS_S = 1.0  # the first snapshot waits this long for the first addresses
+
+
+class NamespaceGone(Exception):
+    """The guest's namespace file is gone or names another namespace."""
+
+
+def _build(msg_of: type[p.Snapshot] | type[p.Added], listeners: tuple[Listener, ...],
+           nics: Nics | None) -> tuple[p.Message, dict[ListenerKey, Listener]]:
+    """The message and its listeners by key (the checks a decoded frame had; pure)."""
+    if msg_of is p.Snapshot:
+        assert nics is not None
+        a = nics.message()
+        msg: p.Message = p.Snapshot(listeners=listeners, addrs=a.addrs, ifname=a.ifname)
+    else:
+        msg = p.Added(listeners=listeners)
+    return msg, {li.key: li for li in listeners}
+
+
+class NetnsWatch:
+    """Watches one netns guest from the daemon and restarts with backoff when it fails."""
+
+    def __init__(self, *, name: str, netns: Path, sessions: AgentSessions,
+                 udp_ephemeral: bool, interval: float | None = None) -> None:
+        self.name, self.path = name, netns
+        self.sessions, self.udp_ephemeral, self.interval = sessions, udp_ephemeral, interval
+        self.task: asyncio.Task[None] | None = None
+        self.starts = 0
+        self.mode = ""  # the watcher's mode and why ("poll", "events ...")
+        self.ns_fd: int | None = None  # held while a watch runs: the connector uses it
+        self.gone = False  # the namespace went away: the watch ended for good
+
+    async def run(self) -> None:
+        delay = 0.1
+        while True:
+            started = time.monotonic()
+            try:
+                await self._watch()
+            except NamespaceGone as e:
+                self.gone = True
+                log.warning("guest %s: %s; its mappings close", self.name, e)
+                return
+            except (SockmapError, OSError) as e:
+                log.warning("guest %s: watch failed: %s; restarting", self.name, e)
+            if time.monotonic() - started > 10:
+                delay = 0.1
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # restart backoff
+            delay = min(delay * 2, 5.0)
+
+    def _check(self, ino: int) -> None:
+        try:
+            now = os.stat(self.path).st_ino
+        except OSError:
+            raise NamespaceGone(f"network namespace {self.path} was deleted") from None
+        if now != ino:
+            raise NamespaceGone(f"{self.path} now names another network namespace")
+
+    async def _watch(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NamespaceGone(f"network namespace {self.path} is gone") from None
+        ino = os.fstat(fd).st_ino
+        ns = f"/proc/self/fd/{fd}"  # this very namespace, whatever the path names later
+        session = self.sessions.open_local(self.name)
+        self.ns_fd = fd
+        try:
+            async with Watcher(netns=ns, source="diag", udp_ephemeral=self.udp_ephemeral,
+                               interval=self.interval, events="off") as w:
+                self.starts += 1
+                self.mode = f"{w.mode} ({w.mode_note})"
+                await self._serve(w, session, ino)
+        finally:
+            self.ns_fd = None
+            self.sessions.close_local(self.name, session)
+            os.close(fd)
+
+    async def _serve(self, w: Watcher, session: int, ino: int) -> None:
+        nics = Nics()
+        early: list[Event] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_ADDRS_S):
+                async for ev in w:
+                    early.append(ev)
+                    if isinstance(ev, AddressesChanged):
+                        break
+        while (ev2 := w.get_nowait()) is not None:
+            early.append(ev2)
+        batch(early, nics)  # in the snapshot below; keeps the addresses
+        snap = tuple(w.snapshot())
+        await self._apply(session, p.Snapshot, snap, nics)
+        log.info("guest %s: watched by the daemon (%s), %d listeners", self.name, self.mode,
+                 len(snap))
+        pump = asyncio.create_task(self._pump(w, session, nics))
+        try:
+            while not pump.done():
+                self._check(ino)
+                await asyncio.wait([pump], timeout=NS_CHECK_S)
+            pump.result()
+            raise SockmapError("the listener watcher ended", hint="it restarts")
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _pump(self, w: Watcher, session: int, nics: Nics) -> None:
+        async for ev in w:
+            events = [ev]
+            while (more := w.get_nowait()) is not None:
+                events.append(more)
+            for msg in batch(events, nics):
+                if isinstance(msg, p.Added):
+                    await self._apply(session, p.Added, msg.listeners, None)
+                else:
+                    self._apply_msg(session, msg, None)
+
+    async def _apply(self, session: int, kind: type[p.Snapshot] | type[p.Added],
+                     listeners: tuple[Listener, ...], nics: Nics | None) -> None:
+        if len(listeners) >= OFFLOAD_LISTENERS:
+            msg, keyed = await asyncio.to_thread(_build, kind, listeners, nics)
+        else:
+            msg, keyed = _build(kind, listeners, nics)
+        self._apply_msg(session, msg, keyed)
+
+    def _apply_msg(self, session: int, msg: p.Message,
+                   keyed: dict[ListenerKey, Listener] | None) -> None:
+        try:
+            self.sessions.apply(self.name, session, msg, keyed)
+        except p.ProtocolError as e:  # past the per-guest limit, as an agent would be
+            raise SockmapError(f"guest {self.name}: {e.detail}",
+                               hint="the watch restarts; raise --max-listeners") from None
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+def loopback_connector(watch: NetnsWatch, family: int) -> Connector:
+    """Connects to ``family``'s loopback inside the watched guest's namespace."""
+    fam = socket.AF_INET if family == 4 else socket.AF_INET6
+    host = "127.0.0.1" if family == 4 else "::1"
+
+    async def connect(spec: MappingSpec) -> socket.socket:
+        if watch.ns_fd is None:
+            raise ConnectionRefusedError(f"guest {watch.name} is not watched now")
+        fd = os.dup(watch.ns_fd)  # ours: the watch may close its own meanwhile
+        try:
+            s = await asyncio.to_thread(nssock.open_socket, fd, fam, socket.SOCK_STREAM)
+        finally:
+            os.close(fd)
+        try:
+            s.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(s, (host, spec.target_port))
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    return connect

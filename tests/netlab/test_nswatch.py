@@ -1,0 +1,119 @@
+"""The daemon watches netns guests itself (sockmap.nswatch): no process per guest, a guest
+server on its loopback only reached with an upstream socket made inside the guest (it sees
+its peer as the guest's own loopback), the namespace deleted behind the daemon's back, and
+a restarted daemon adopting the guests that exist."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import netlab
+from tests.netlab.e2e_fixtures import PY, Daemon, probe, serve, start_daemon
+
+pytestmark = pytest.mark.netlab
+
+# a TCP server that answers with the address of the peer it accepted
+PEER_SERVER = r"""
+import socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen()
+print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    c.sendall(f"hi {peer[0]}\n".encode())
+    c.close()
+"""
+
+
+@pytest.fixture
+def daemon(lab: netlab.Lab, tmp_path: Path) -> Iterator[Daemon]:
+    d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log")
+    yield d
+    assert d.stop() == 0, d.log_text()
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(x) for x in (task / "children").read_text().split()]
+    return out
+
+
+def _peer_server(ns: netlab.Netns, addr: str, port: int) -> subprocess.Popen[str]:
+    proc = ns.popen([PY, "-u", "-c", PEER_SERVER, addr, str(port)])
+    assert proc.stdout is not None
+    netlab.wait_for_line(proc.stdout, "ready", timeout=10)
+    return proc
+
+
+def test_no_agent_and_the_guest_loopback_server_sees_its_own_loopback(
+        lab: netlab.Lab, daemon: Daemon) -> None:
+    name, g, rec = daemon.guest()
+    st = daemon.guest_state(name)
+    assert st["watch"] == "daemon" and st["agent_pid"] is None and st["connected"]
+    assert st["watch_starts"] == 1 and st["watch_mode"].startswith("poll")
+    assert _children(daemon.proc.pid) == [], "a netns guest costs the daemon no process"
+    _peer_server(g, "127.0.0.1", 3100)
+    _peer_server(g, "::1", 3101)
+    srv = _peer_server(g, "0.0.0.0", 3102)
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3100)
+    assert ok and a == "hi 127.0.0.1", a + daemon.log_text()  # no agent relay on the way
+    ok, _, a = probe(lab.host, "open", "tcp", "::1", 3101)
+    assert ok and a == "hi ::1", a + daemon.log_text()
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3102)
+    assert ok and a == f"hi {rec['host_addr4']}", a  # NIC-bound: through the guest's NIC
+    rows = daemon.guest_state(name)
+    assert rows["listeners"] == 3
+    # the owner comes from the host's /proc
+    ls = daemon.cli("ls", "--json").stdout
+    assert f'"pid": {srv.pid}' in ls, ls
+    assert _children(daemon.proc.pid) == []
+
+
+def test_namespace_deleted_behind_the_daemon(lab: netlab.Lab, daemon: Daemon) -> None:
+    name, g, _ = daemon.guest()
+    srv = serve(g, "tcp", "0.0.0.0", 8080)  # keeps the namespace alive after `ip netns del`
+    assert probe(lab.host, "open", "tcp", "127.0.0.1", 8080)[0], daemon.log_text()
+    t0 = time.monotonic()
+    lab.host.run(["ip", "netns", "del", name])
+    ok, dt, last = probe(lab.host, "refused", "tcp", "127.0.0.1", 8080, t0=t0, within=1.0)
+    print(f"\nip netns del -> host port refused: {dt * 1000:.0f} ms")
+    assert ok, last + daemon.log_text()
+    time.sleep(1.0)  # long enough for a second report, were there one
+    log = daemon.log_text()
+    assert log.count(f"network namespace /run/netns/{name} was deleted") == 1, log
+    st = daemon.guest_state(name)
+    assert not st["connected"] and st["listeners"] == 0
+    assert daemon.request("status")["pid"] == daemon.proc.pid  # the daemon goes on
+    srv.kill()
+    srv.wait()
+
+
+def test_restart_adopts_the_guests_and_their_listeners(lab: netlab.Lab,
+                                                       tmp_path: Path) -> None:
+    run, log = tmp_path / "run", tmp_path / "daemon.log"
+    d = start_daemon(lab, run, log)
+    name, g, _ = d.guest()
+    serve(g, "tcp", "0.0.0.0", 8080)
+    _peer_server(g, "127.0.0.1", 3100)
+    assert probe(lab.host, "open", "tcp", "127.0.0.1", 3100)[0], d.log_text()
+    assert d.stop() == 0
+    assert probe(lab.host, "refused", "tcp", "127.0.0.1", 8080, within=1.0)[0]
+    d = start_daemon(lab, run, log)
+    try:
+        ok, _, last = probe(lab.host, "open", "tcp", "127.0.0.1", 8080, within=10)
+        assert ok, last + d.log_text()
+        ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3100, within=10)
+        assert ok and a == "hi 127.0.0.1", a + d.log_text()
+        st = d.guest_state(name)
+        assert st["watch"] == "daemon" and st["listeners"] == 2 and st["agent_pid"] is None
+    finally:
+        assert d.stop() == 0
