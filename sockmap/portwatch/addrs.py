@@ -103,17 +103,22 @@ class AddressWatcher:
 
             loop.add_reader(fd, readable)
             try:
-                while True:
-                    new = await asyncio.to_thread(dump_addrs, self.nics)
-                    for ev in addr_events(self.current, new):
-                        emit(ev)
-                    self.current = new
-                    await changed.wait()
-                    changed.clear()
+                await self._follow(lambda: dump_addrs(self.nics), changed, emit)
             finally:
                 loop.remove_reader(fd)
         finally:
             sock.close()
+
+    async def _follow(self, dump: Callable[[], NicAddrs], changed: asyncio.Event,
+                      emit: Callable[[AddressesChanged], None]) -> None:
+        """Dump (in a thread), emit the differences, wait for the next change; forever."""
+        while True:
+            new = await asyncio.to_thread(dump)
+            for ev in addr_events(self.current, new):
+                emit(ev)
+            self.current = new
+            await changed.wait()
+            changed.clear()
 
     async def _run_in(self, netns: str, emit: Callable[[AddressesChanged], None]) -> None:
         """``run`` for another namespace: subscribe there, dump there (in a thread)."""
@@ -140,13 +145,7 @@ class AddressWatcher:
         try:
             loop.add_reader(sock.fileno(), readable)
             try:
-                while True:
-                    new = await asyncio.to_thread(dump)
-                    for ev in addr_events(self.current, new):
-                        emit(ev)
-                    self.current = new
-                    await changed.wait()
-                    changed.clear()
+                await self._follow(dump, changed, emit)
             finally:
                 loop.remove_reader(sock.fileno())
         finally:
