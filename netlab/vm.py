@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -180,6 +181,19 @@ def qemu_argv(img: vmimage.Image, *, name: str, vm_dir: Path, tap: str, accel: s
     ]
 
 
+def _under_tmp() -> list[str]:
+    """The host's dirs under /tmp the VM must see past its own tmpfs /tmp: this checkout and
+    the interpreter's prefix (a clone in /tmp, as CI or a user may make), relative to /tmp."""
+    tmp = Path("/tmp").resolve()
+    seen: list[str] = []
+    for p in (Path(__file__).resolve().parents[1], Path(sys.prefix).resolve()):
+        if p.is_relative_to(tmp) and p != tmp and "\n" not in str(p):
+            rel = str(p.relative_to(tmp))
+            if rel not in seen:
+                seen.append(rel)
+    return seen
+
+
 def boot(host: Any, name: str, n: int, *, diag: bool = True, memory_mb: int = 512,
          timeout: float = 60.0) -> Vm:
     """Boot VM number ``n`` of a lab whose host namespace is ``host`` (a ``Netns``); return
@@ -196,6 +210,7 @@ def boot(host: Any, name: str, n: int, *, diag: bool = True, memory_mb: int = 51
     shutil.rmtree(vm_dir, ignore_errors=True)
     vm_dir.mkdir(parents=True, mode=0o700)
     (vm_dir / "run.sh").write_text(REPL)
+    (vm_dir / "keep").write_text("".join(f"{rel}\n" for rel in _under_tmp()))
     cmdline = (f"nl.name={name.rsplit('-', 1)[-1]} nl.addr4=10.78.{n}.2/24 "
                f"nl.gw4=10.78.{n}.1 nl.addr6=fd78:0:0:{n:x}::2/64")
     argv = qemu_argv(img, name=name, vm_dir=vm_dir, tap=tap, accel=accel, cmdline=cmdline,

@@ -61,9 +61,17 @@ mount -t devtmpfs dev /host/dev
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs shm /host/dev/shm
+mkdir -p /keep
+mount -o bind /host/tmp /keep
 mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 share /host/mnt
+if [ -f /host/mnt/keep ]; then  # the host's /tmp dirs the VM needs (a checkout under /tmp)
+  while IFS= read -r rel; do
+    mkdir -p "/host/tmp/$rel" && mount -o bind "/keep/$rel" "/host/tmp/$rel" ||
+      echo "netlab-vm: cannot keep /tmp/$rel"
+  done < /host/mnt/keep
+fi
 ip link set lo up
 ip link set eth0 up
 [ -n "$NL_addr4" ] && ip addr add "$NL_addr4" dev eth0
