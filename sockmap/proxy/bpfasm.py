@@ -57,6 +57,7 @@ class Helper(IntEnum):
     MAP_UPDATE_ELEM = 2
     MAP_DELETE_ELEM = 3
     GET_SOCKET_COOKIE = 46
+    SOCK_OPS_CB_FLAGS_SET = 59
     GET_NETNS_COOKIE = 122
 
 
@@ -163,6 +164,16 @@ def jeq(dst: Reg, src: Reg | int, target: str) -> Insn:
 
 def jne(dst: Reg, src: Reg | int, target: str) -> Insn:
     return _jmp("jne", dst, src, target)
+
+
+def jle(dst: Reg, src: Reg | int, target: str) -> Insn:
+    """unsigned <="""
+    return _jmp("jle", dst, src, target)
+
+
+def jsge(dst: Reg, src: Reg | int, target: str) -> Insn:
+    """signed >="""
+    return _jmp("jsge", dst, src, target)
 
 
 def ja(target: str) -> Insn:
