@@ -56,6 +56,7 @@ class Helper(IntEnum):
     MAP_LOOKUP_ELEM = 1
     MAP_UPDATE_ELEM = 2
     MAP_DELETE_ELEM = 3
+    SKB_LOAD_BYTES = 26
     GET_SOCKET_COOKIE = 46
     SOCK_OPS_CB_FLAGS_SET = 59
     GET_NETNS_COOKIE = 122
@@ -111,6 +112,10 @@ def mov32(dst: Reg, src: Reg | int) -> Insn:
 
 def add(dst: Reg, src: Reg | int) -> Insn:
     return _alu("add", dst, src)
+
+
+def sub(dst: Reg, src: Reg | int) -> Insn:
+    return _alu("sub", dst, src)
 
 
 def or_(dst: Reg, src: Reg | int) -> Insn:

@@ -161,11 +161,13 @@ class Tally:
 def tally(conns: Iterable[TcpConn], targets: Mapping[tuple[str, int], K],
           closed: Mapping[K, tuple[int, int]], exclude: frozenset[int] = frozenset()
           ) -> dict[K, Tally]:
-    """Each key's tally: ``targets`` maps (guest addr, guest port) to its key, ``closed``
-    a key's (bytes in, bytes out) of its closed connections (from the kernel, read before
-    the dump: a socket closing between the two is in neither until the next, never in
-    both); sockets whose inode is in ``exclude`` (the relay's own) are left out."""
-    out: dict[K, list[int]] = {k: [0, *closed.get(k, (0, 0))] for k in targets.values()}
+    """Each key's tally (the keys of ``targets`` and of ``closed``): ``targets`` maps (guest
+    addr, guest port) to its key, ``closed`` a key's (bytes in, bytes out) counted in the
+    kernel (closed connections, UDP; read before the dump: a socket closing between the
+    two is in neither until the next, never in both); sockets whose inode is in
+    ``exclude`` (the relay's own) are left out."""
+    out: dict[K, list[int]] = {k: [0, *closed.get(k, (0, 0))]
+                               for k in (*targets.values(), *closed)}
     for c in conns:
         k = targets.get((c.dst, c.dport))
         if k is not None and c.inode not in exclude:

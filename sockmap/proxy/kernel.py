@@ -39,8 +39,9 @@ _Obj = TypeVar("_Obj", bpfsys.Map, bpfsys.Program, bpfsys.Link)
 
 def prog_name(hook: str) -> str:
     """The program's name as bpftool shows it (15 characters at most): smk_conn4 ..."""
-    if hook == "sockops":
-        return "smk_sockops"
+    if hook in ("sockops", "udp_egress", "udp_ingress"):
+        return {"sockops": "smk_sockops", "udp_egress": "smk_udp_out",
+                "udp_ingress": "smk_udp_in"}[hook]
     short = {"connect": "conn", "sendmsg": "send", "recvmsg": "recv", "getpeername": "peer"}
     return f"smk_{short[hook[:-1]]}{hook[-1]}"
 

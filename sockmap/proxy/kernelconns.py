@@ -85,14 +85,15 @@ class KernelConns:
             # the counters first (one map lookup per kernel mapping, on the loop: ~2 us
             # each), then the dump: a socket closing between is in neither, never in both
             self._stats = {k: kernel.counts(k) for k in kernel.mapping_keys()}
-            closed = {k: (s.closed_in, s.closed_out) for k, s in self._stats.items()}
+            closed = {k: (s.closed_in + s.udp_in, s.closed_out + s.udp_out)
+                      for k, s in self._stats.items()}
             self._tallies = await asyncio.to_thread(self._dump, targets, closed)
             self._at = time.monotonic()
 
     def _dump(self, targets: dict[tuple[str, int], MappingKey],
               closed: dict[MappingKey, tuple[int, int]]) -> dict[MappingKey, Tally]:
         if not targets:
-            return {}
+            return conndiag.tally((), targets, closed)
         try:
             conns = [c for c in dump_established() if (c.dst, c.dport) in targets]
         except (OSError, ParseError) as e:

@@ -142,3 +142,68 @@ def test_closed_kernel_connections_count_exact_bytes(lab: netlab.Lab, mdaemon: D
     text = lab.host.run([PY, "-c", SCRAPE, f"http://{METRICS}/metrics"]).stdout
     assert bytes_metric(text, 8080, "in") == sent, text
     assert bytes_metric(text, 8080, "out") == received, text
+
+
+# UDP_SERVER PORT: answers each datagram with itself twice.
+UDP_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(data * 2, peer)
+"""
+
+# UDP_CLIENT ADDR PORT MODE SIZES: one datagram of each size (unconnected sendto, or
+# connected send), each answer awaited; prints JSON {local, sent, received}.
+UDP_CLIENT = r"""
+import json, socket, sys
+addr, port, mode, sizes = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+if mode == "connected":
+    s.connect((addr, port))
+sent = received = 0
+for n in sizes:
+    if mode == "connected":
+        sent += s.send(b"u" * n)
+    else:
+        sent += s.sendto(b"u" * n, (addr, port))
+    received += len(s.recv(65535))
+print(json.dumps({"local": s.getsockname()[0], "sent": sent, "received": received}))
+"""
+
+
+def test_udp_kernel_bytes_exact(lab: netlab.Lab, mdaemon: Daemon, cgroup: Path) -> None:
+    """Unconnected and connected UDP through the kernel path: its payload bytes both ways
+    are counted in the kernel (the cgroup skb programs) and shown exactly."""
+    name, g, _rec = mdaemon.guest()
+    srv = g.popen([PY, "-u", "-c", UDP_SERVER, "5353"])
+    assert srv.stdout is not None
+    netlab.wait_for_line(srv.stdout, "ready", timeout=10)
+    assert wait_row(mdaemon, name, "udp", 5353)["path"] == "kernel", mdaemon.log_text()
+    sizes = [1, 100, 1400, 9000, 20000, 0]
+    done = []
+    for host in ("127.0.0.1", "::1"):
+        for mode in ("unconnected", "connected"):
+            r = lab.host.run(in_cgroup(cgroup, [PY, "-c", UDP_CLIENT, host, "5353", mode,
+                                                json.dumps(sizes)]), timeout=60)
+            done.append(json.loads(r.stdout))
+    assert all(d["local"] not in ("127.0.0.1", "::1") for d in done), done  # the kernel's
+    sent, received = sum(d["sent"] for d in done), sum(d["received"] for d in done)
+    assert (sent, received) == (4 * sum(sizes), 8 * sum(sizes)), done
+    deadline = time.monotonic() + 5
+    while True:  # bounded: the 0.5 s cache
+        r0 = row(mdaemon, name, "udp", 5353)
+        if r0["kernel_bytes_out"] >= received:
+            break
+        assert time.monotonic() < deadline, (r0, done)
+        time.sleep(0.1)
+    assert (r0["kernel_bytes_in"], r0["kernel_bytes_out"]) == (sent, received), r0
+    assert (r0["bytes_in"], r0["bytes_out"]) == (sent, received), r0  # the relay moved none
+    assert r0["kernel_datagrams"] == 2 * len(sizes), r0  # the unconnected sends
+    text = lab.host.run([PY, "-c", SCRAPE, f"http://{METRICS}/metrics"]).stdout
+    assert bytes_metric(text, 5353, "in") == sent, text
+    assert bytes_metric(text, 5353, "out") == received, text

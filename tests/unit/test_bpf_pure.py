@@ -90,7 +90,8 @@ def test_bad_register_and_atomic_size() -> None:
 
 
 MAPS = {"fwd": 3, "revnat": 4, "stats": 5, "conns": 6}
-SOCK_ADDR_HOOKS = [hk for hk in bpfprog.HOOKS if hk != "sockops"]
+SOCK_ADDR_HOOKS = [hk for hk in bpfprog.HOOKS if hk not in ("sockops", "udp_egress",
+                                                             "udp_ingress")]
 
 
 @pytest.mark.parametrize("hook", SOCK_ADDR_HOOKS)
@@ -119,6 +120,18 @@ def test_sockops_program_reads_only_its_sockets_and_allows() -> None:
     assert uses == {"conns", "stats"}
     calls = {it.imm for it in prog if isinstance(it, a.Insn) and it.code == 0x85}
     assert a.Helper.SOCK_OPS_CB_FLAGS_SET in calls and a.Helper.MAP_DELETE_ELEM in calls
+
+
+@pytest.mark.parametrize("hook", ["udp_egress", "udp_ingress"])
+def test_udp_programs_count_only_udp(hook: str) -> None:
+    prog = bpfprog.program(hook, netns_cookie=1)
+    code = a.assemble(prog, maps=MAPS)
+    assert code[-16:] == h("b7 00 0000 01000000 95 00 0000 00000000")  # return 1
+    uses = {it.map_name for it in prog if isinstance(it, a.Insn) and it.map_name}
+    assert uses == {"revnat", "stats"}
+    # the counter it bumps: udp_in on egress (client to guest), udp_out on ingress
+    adds = {it.off for it in prog if isinstance(it, a.Insn) and it.code == 0xDB}
+    assert adds == {bpfprog.STAT_UDP_IN if hook == "udp_egress" else bpfprog.STAT_UDP_OUT}
 
 
 # (old state, bytes_acked, bytes_received, snd_una == snd_nxt, received at the last state
@@ -160,8 +173,9 @@ def test_map_layouts() -> None:
     with pytest.raises(ValueError, match="different families"):
         bpfprog.fwd_value(bpfprog.FwdEntry(proto="tcp", host_addr="::1", host_port=80,
                                            guest_addr="10.0.0.2", guest_port=80, slot=0))
-    assert bpfprog.stats_value(struct.pack("<6Q", 3, 9, 2, 1, 10, 20)) == bpfprog.KernelStats(
-        connects=3, datagrams=9, established=2, closed=1, closed_in=10, closed_out=20)
+    assert bpfprog.stats_value(struct.pack("<8Q", 3, 9, 2, 1, 10, 20, 5, 6)) == \
+        bpfprog.KernelStats(connects=3, datagrams=9, established=2, closed=1, closed_in=10,
+                            closed_out=20, udp_in=5, udp_out=6)
 
 
 @given(st_.ip_addresses(), st_.integers(1, 65535), st_.sampled_from(["tcp", "udp"]))

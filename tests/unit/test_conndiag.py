@@ -154,8 +154,9 @@ def test_tally_open_plus_closed() -> None:
         {"a": (100, 200), "gone": (1, 1)},
         frozenset({42}),
     )
-    assert got == {"a": Tally(open=2, bytes_in=115, bytes_out=225), "b": Tally()}
-    assert cd.tally([], {}, {"a": (1, 1)}) == {}
+    assert got == {"a": Tally(open=2, bytes_in=115, bytes_out=225), "b": Tally(),
+                   "gone": Tally(bytes_in=1, bytes_out=1)}  # a UDP mapping: no sockets
+    assert cd.tally([], {}, {"a": (1, 2)}) == {"a": Tally(bytes_in=1, bytes_out=2)}
 
 
 @given(
@@ -168,6 +169,7 @@ def test_tally_sums(conns: list[tuple[int, int, int]], ci: int, co: int) -> None
     t = {("10.0.0.2", p): f"k{p}" for p in (0, 1)}
     got = cd.tally([c(i, s, r, port=p) for i, (p, s, r) in enumerate(conns)], t,
                    {"k0": (ci, co)})
+    assert set(got) == {"k0", "k1"}
     for p in (0, 1):
         mine = [(s, r) for q, s, r in conns if q == p]
         base = (ci, co) if p == 0 else (0, 0)
