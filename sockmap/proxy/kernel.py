@@ -94,17 +94,19 @@ class KernelPath:
         self.stats: bpfsys.Map | None = None
 
     @classmethod
-    def start(cls, *, cgroup: Path | None, max_entries: int = 4096) -> KernelPath:
-        """Load and attach every hook, or raise SockmapError (nothing left behind)."""
+    def start(cls, *, cgroup: Path | None, max_entries: int = 4096,
+              hooks: tuple[str, ...] = bpfprog.HOOKS) -> KernelPath:
+        """Load and attach every hook (``hooks``: a subset, for bench/kernel_close.py), or
+        raise SockmapError (nothing left behind)."""
         kp = cls(cgroup=cgroup or default_cgroup(), max_entries=max_entries)
         try:
-            kp._load()
+            kp._load(hooks)
         except BaseException:
             kp.close()
             raise
         return kp
 
-    def _load(self) -> None:
+    def _load(self, hooks: tuple[str, ...]) -> None:
         try:
             cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
@@ -129,7 +131,7 @@ class KernelPath:
                 name="smk_conns"))
             maps = {"fwd": self.fwd.fd, "revnat": revnat.fd, "stats": self.stats.fd,
                     "conns": conns.fd}
-            for hook in bpfprog.HOOKS:
+            for hook in hooks:
                 code = bpfasm.assemble(bpfprog.program(hook, netns_cookie=cookie), maps=maps)
                 prog = self._keep(bpfsys.Program(code, hook=hook, name=prog_name(hook)))
                 self._keep(bpfsys.Link(prog, cg_fd))
