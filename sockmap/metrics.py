@@ -102,8 +102,9 @@ def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
     out.extend(f"sockmap_connections_total{lb} {_num(r.get('connections_total'))}"
                for lb, r in per)
     head("sockmap_bytes_total", "counter",
-         "Bytes per mapping, relay and kernel path (TCP, from sock_diag: exact for open "
-         "connections, closed ones as last seen); in: client to guest, out: guest to client.")
+         "Bytes per mapping, relay and kernel path (exact: open TCP connections from "
+         "sock_diag, closed ones and UDP counted in the kernel); in: client to guest, out: "
+         "guest to client.")
     for lb, r in per:
         for d in ("in", "out"):
             out.append(f"sockmap_bytes_total{lb[:-1]},direction=\"{d}\"}} "

@@ -53,6 +53,7 @@ from sockmap.kernelsync import sync_kernel
 from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
+from sockmap.proxy.bpfprog import KernelStats
 from sockmap.proxy.conndiag import Tally
 from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.kernelconns import KernelConns
@@ -445,7 +446,8 @@ class Planner:
             label = next(iter(self._shown.get(key, ())[:1]), None)  # the rule's label, names
             kernel = (self.kernel is not None and str(r.state) == "open"
                       and self.kernel.has(key))
-            kconn, kdgram = self.kernel.counts(key) if kernel and self.kernel else (0, 0)
+            ks = self.kernel.counts(key) if kernel and self.kernel else KernelStats()
+            kconn, kdgram = ks.connects, ks.datagrams
             kt = self.kconns.get(key) if kernel else Tally()
             row: dict[str, Any] = {
                 "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
@@ -464,6 +466,7 @@ class Planner:
                 "kernel_connects": kconn, "kernel_datagrams": kdgram,
                 "kernel_connections": kt.open, "kernel_bytes_in": kt.bytes_in,
                 "kernel_bytes_out": kt.bytes_out,
+                "kernel_closed": self.kconns.stats(key).closed if kernel else 0,
                 "relay_connections_total": r.connections_total,
                 "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
                 "targets": targets,

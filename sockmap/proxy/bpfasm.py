@@ -56,7 +56,9 @@ class Helper(IntEnum):
     MAP_LOOKUP_ELEM = 1
     MAP_UPDATE_ELEM = 2
     MAP_DELETE_ELEM = 3
+    SKB_LOAD_BYTES = 26
     GET_SOCKET_COOKIE = 46
+    SOCK_OPS_CB_FLAGS_SET = 59
     GET_NETNS_COOKIE = 122
 
 
@@ -112,6 +114,10 @@ def add(dst: Reg, src: Reg | int) -> Insn:
     return _alu("add", dst, src)
 
 
+def sub(dst: Reg, src: Reg | int) -> Insn:
+    return _alu("sub", dst, src)
+
+
 def or_(dst: Reg, src: Reg | int) -> Insn:
     return _alu("or", dst, src)
 
@@ -163,6 +169,16 @@ def jeq(dst: Reg, src: Reg | int, target: str) -> Insn:
 
 def jne(dst: Reg, src: Reg | int, target: str) -> Insn:
     return _jmp("jne", dst, src, target)
+
+
+def jle(dst: Reg, src: Reg | int, target: str) -> Insn:
+    """unsigned <="""
+    return _jmp("jle", dst, src, target)
+
+
+def jsge(dst: Reg, src: Reg | int, target: str) -> Insn:
+    """signed >="""
+    return _jmp("jsge", dst, src, target)
 
 
 def ja(target: str) -> Insn:

@@ -26,10 +26,11 @@ PROG_LOAD, LINK_CREATE = 5, 28
 # map types
 MAP_HASH, MAP_ARRAY, MAP_LRU_HASH = 1, 2, 9
 # program types
-PROG_CGROUP_SOCK_ADDR = 18
+PROG_CGROUP_SKB, PROG_SOCK_OPS, PROG_CGROUP_SOCK_ADDR = 8, 13, 18
 # attach types (enum bpf_attach_type)
 ATTACH = {"connect4": 10, "connect6": 11, "sendmsg4": 14, "sendmsg6": 15, "recvmsg4": 19,
-          "recvmsg6": 20, "getpeername4": 29, "getpeername6": 30}
+          "recvmsg6": 20, "getpeername4": 29, "getpeername6": 30, "sockops": 3, "udp_ingress": 0,
+          "udp_egress": 1}
 # map update flags
 ANY, NOEXIST, EXIST = 0, 1, 2
 SO_NETNS_COOKIE = 71
@@ -130,7 +131,8 @@ class Map:
 
 
 class Program:
-    """A loaded CGROUP_SOCK_ADDR program for one attach type."""
+    """A loaded program for one attach type: CGROUP_SOCK_ADDR, SOCK_OPS for "sockops",
+    CGROUP_SKB for "udp_egress"/"udp_ingress"."""
 
     def __init__(self, code: bytes, *, hook: str, name: str) -> None:
         self.hook = hook
@@ -139,7 +141,9 @@ class Program:
         logbuf = ctypes.create_string_buffer(1 << 16)
         # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version,
         # prog_flags, prog_name[16], prog_ifindex, expected_attach_type
-        attr = _attr("<IIQQIIQII16sII", PROG_CGROUP_SOCK_ADDR, len(code) // 8, _addr(insns),
+        kind = (PROG_SOCK_OPS if hook == "sockops" else PROG_CGROUP_SKB
+                if hook.startswith("udp_") else PROG_CGROUP_SOCK_ADDR)
+        attr = _attr("<IIQQIIQII16sII", kind, len(code) // 8, _addr(insns),
                      _addr(lic), 1, len(logbuf), _addr(logbuf), 0, 0, name.encode()[:15],
                      0, ATTACH[hook])
         try:
@@ -149,7 +153,8 @@ class Program:
             raise SockmapError(f"the kernel refused bpf program {name} ({hook}): "
                                f"{e.strerror}" + (f"\nverifier log:\n{log}" if log else ""),
                                hint="the kernel path needs CAP_BPF/CAP_SYS_ADMIN and cgroup "
-                                    "sock_addr hooks (Linux 5.8+); or use path = \"relay\""
+                                    "sock_addr and sock_ops hooks (Linux 5.14+); or use "
+                                    "path = \"relay\""
                                ) from e
 
     def close(self) -> None:

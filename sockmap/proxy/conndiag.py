@@ -1,6 +1,7 @@
-"""The kernel path's connections as sock_diag sees them, pure: the dump request for the
-host namespace's ESTABLISHED TCP sockets with their ``struct tcp_info``, its parser, and
-``ConnBook``, which turns successive dumps into per-mapping counts and byte totals.
+"""The kernel path's open connections as sock_diag sees them, pure: the dump request for
+the host namespace's TCP sockets that are connected or closing (ESTABLISHED, FIN_WAIT1/2,
+CLOSE_WAIT, LAST_ACK, CLOSING) with their ``struct tcp_info``, its parser, and ``tally``,
+which adds one dump's open sockets to the closed totals the kernel counted.
 
 A host client that the connect hook rewrote is an ordinary kernel socket whose destination
 is the guest's NIC address and port (the target in the ``fwd`` map), so the sockets of a
@@ -9,8 +10,11 @@ caller passes their inodes). Per socket (``include/uapi/linux/tcp.h``)::
 
     tcp_info  ... u64 tcpi_bytes_acked at 120, u64 tcpi_bytes_received at 128
 
-``bytes_acked`` counts the SYN's sequence number too (1 once established), so the client's
-bytes to the guest are ``bytes_acked - 1``; ``bytes_received`` is the guest's bytes to it.
+Both count sequence numbers: ``bytes_acked`` the SYN's (1 once established) and our FIN's
+once acked (the state FIN_WAIT2 says so), ``bytes_received`` the guest's FIN once it came
+(CLOSE_WAIT, LAST_ACK, CLOSING); ``parse_tcp_info`` takes them out, so the bytes are the
+data only. A closed socket's bytes are counted in the kernel (bpfprog's sockops program,
+the same rule), not here.
 
 Layouts as in sockmap.portwatch.diag (nlmsghdr 16, inet_diag_req_v2 56, inet_diag_msg 72,
 rtattrs after it). Nothing here raises anything but ``ParseError``, whatever the bytes.
@@ -21,8 +25,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
 from sockmap.portwatch.errors import ParseError
 
@@ -31,7 +35,9 @@ AF_INET, AF_INET6, IPPROTO_TCP = 2, 10, 6
 SOCK_DIAG_BY_FAMILY = 20
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-TCP_ESTABLISHED = 1
+TCP_ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING = 1, 4, 5, 8, 9, 11
+OPEN_STATES = (TCP_ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING)
+PEER_FIN_STATES = (CLOSE_WAIT, LAST_ACK, CLOSING)
 INET_DIAG_INFO = 2
 TCPI_BYTES_ACKED, TCPI_BYTES_RECEIVED = 120, 128
 TCP_INFO_MIN = TCPI_BYTES_RECEIVED + 8  # kernels since 4.1 report at least this much
@@ -52,7 +58,7 @@ K = TypeVar("K", bound=Hashable)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TcpConn:
-    """One established TCP socket: its destination, identity and byte counts (client's
+    """One open TCP socket: its destination, identity and data byte counts (client's
     view: ``sent`` to the peer and acked, ``received`` from it)."""
 
     dst: str
@@ -64,22 +70,25 @@ class TcpConn:
 
 
 def build_request(family: int, *, seq: int) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY dump of ``family``'s ESTABLISHED TCP sockets with tcp_info."""
+    """A SOCK_DIAG_BY_FAMILY dump of ``family``'s open TCP sockets (OPEN_STATES) with
+    tcp_info."""
     body = _REQ.pack(family, IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1),
-                     1 << TCP_ESTABLISHED) + bytes(48)
+                     sum(1 << st for st in OPEN_STATES)) + bytes(48)
     hdr = _NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP,
                          seq, 0)
     return hdr + body
 
 
-def parse_tcp_info(info: bytes) -> tuple[int, int]:
-    """(bytes sent and acked, bytes received) from a ``struct tcp_info``: acked less the
-    SYN's one sequence number, never below 0."""
+def parse_tcp_info(info: bytes, state: int = TCP_ESTABLISHED) -> tuple[int, int]:
+    """(data bytes sent and acked, data bytes received) from the ``struct tcp_info`` of a
+    socket in ``state``: acked less the SYN's sequence number and our acked FIN's
+    (FIN_WAIT2), received less the guest's FIN (PEER_FIN_STATES); never below 0."""
     if len(info) < TCP_INFO_MIN:
         raise ParseError(f"tcp_info of {len(info)} bytes, need {TCP_INFO_MIN}")
     acked = _U64.unpack_from(info, TCPI_BYTES_ACKED)[0]
     received = _U64.unpack_from(info, TCPI_BYTES_RECEIVED)[0]
-    return max(0, acked - 1), received
+    sent = acked - 1 - (state == FIN_WAIT2)
+    return max(0, sent), max(0, received - (state in PEER_FIN_STATES))
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -107,9 +116,9 @@ def _message(body: bytes) -> TcpConn | None:
         if atype == INET_DIAG_INFO:
             info = body[off + _RTATTR.size:off + alen]
         off += (alen + 3) & ~3
-    if state != TCP_ESTABLISHED or info is None:
-        return None  # asked for ESTABLISHED only; a socket without tcp_info is not counted
-    sent, received = parse_tcp_info(info)
+    if state not in OPEN_STATES or info is None:
+        return None  # asked for open ones only; a socket without tcp_info is not counted
+    sent, received = parse_tcp_info(info, state)
     return TcpConn(dst=_addr(family, dst), dport=dport, cookie=cookie, inode=inode,
                    sent=sent, received=received)
 
@@ -142,49 +151,28 @@ def parse_chunk(data: bytes, *, seq: int) -> tuple[list[TcpConn], bool]:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tally:
     """A kernel mapping's connections: open now, and bytes in (client to guest) and out
-    (guest to client) of the open ones plus the running total of the closed ones."""
+    (guest to client) of the open ones plus those of the closed ones."""
 
     open: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
 
 
-@dataclass(slots=True)
-class _Book:
-    seen: dict[int, tuple[int, int]] = field(default_factory=dict)  # cookie -> (in, out)
-    closed_in: int = 0
-    closed_out: int = 0
-
-
-class ConnBook(Generic[K]):
-    """Successive dumps to per-key tallies. A socket that left the dump adds the bytes it
-    had at the last dump to its key's closed total: exact for open sockets, a lower bound
-    for closed ones (bytes moved after the last dump, and connections that opened and
-    closed between two dumps, are not seen)."""
-
-    def __init__(self) -> None:
-        self._books: dict[K, _Book] = {}
-
-    def update(self, conns: Iterable[TcpConn], targets: Mapping[tuple[str, int], K],
-               exclude: frozenset[int] = frozenset()) -> dict[K, Tally]:
-        """Fold one dump in: ``targets`` maps (guest addr, guest port) to its key; sockets
-        whose inode is in ``exclude`` (the relay's own) are left out. Keys no longer in
-        ``targets`` are forgotten."""
-        now: dict[K, dict[int, tuple[int, int]]] = {k: {} for k in targets.values()}
-        for c in conns:
-            k = targets.get((c.dst, c.dport))
-            if k is not None and c.inode not in exclude:
-                now[k][c.cookie] = (c.sent, c.received)
-        out: dict[K, Tally] = {}
-        for k, cur in now.items():
-            b = self._books.setdefault(k, _Book())
-            for cookie, (i, o) in b.seen.items():
-                if cookie not in cur:
-                    b.closed_in += i
-                    b.closed_out += o
-            b.seen = cur
-            out[k] = Tally(open=len(cur), bytes_in=b.closed_in + sum(i for i, _ in cur.values()),
-                           bytes_out=b.closed_out + sum(o for _, o in cur.values()))
-        for k in [k for k in self._books if k not in now]:
-            del self._books[k]
-        return out
+def tally(conns: Iterable[TcpConn], targets: Mapping[tuple[str, int], K],
+          closed: Mapping[K, tuple[int, int]], exclude: frozenset[int] = frozenset()
+          ) -> dict[K, Tally]:
+    """Each key's tally (the keys of ``targets`` and of ``closed``): ``targets`` maps (guest
+    addr, guest port) to its key, ``closed`` a key's (bytes in, bytes out) counted in the
+    kernel (closed connections, UDP; read before the dump: a socket closing between the
+    two is in neither until the next, never in both); sockets whose inode is in
+    ``exclude`` (the relay's own) are left out."""
+    out: dict[K, list[int]] = {k: [0, *closed.get(k, (0, 0))]
+                               for k in (*targets.values(), *closed)}
+    for c in conns:
+        k = targets.get((c.dst, c.dport))
+        if k is not None and c.inode not in exclude:
+            t = out[k]
+            t[0] += 1
+            t[1] += c.sent
+            t[2] += c.received
+    return {k: Tally(open=n, bytes_in=i, bytes_out=o) for k, (n, i, o) in out.items()}

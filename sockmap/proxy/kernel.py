@@ -10,7 +10,7 @@ it). The links close with the daemon's process, so a ``kill -9`` leaves nothing 
 
     kp = KernelPath.start(cgroup=None, max_entries=4096)  # SockmapError where it cannot
     kp.set(key, entries)   # False (and nothing changed) when the map cannot take them
-    kp.remove(key); kp.counts(key) -> (connects, datagrams); kp.close()
+    kp.remove(key); kp.counts(key) -> KernelStats (connects, closed bytes, ...); kp.close()
     kp.tcp_targets() -> {(guest addr, guest port): key}  (sockmap.proxy.kernelconns)
 """
 
@@ -20,23 +20,28 @@ import errno
 import ipaddress
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from sockmap.errors import SockmapError
 from sockmap.proxy import bpfasm, bpfprog, bpfsys
-from sockmap.proxy.bpfprog import FwdEntry
+from sockmap.proxy.bpfprog import FwdEntry, KernelStats
 from sockmap.proxy.spec import MappingKey
 
 log = logging.getLogger("sockmap.proxy")
 
 REVNAT_ENTRIES = 65536
+CONNS_ENTRIES = 65536  # redirected TCP sockets whose close is counted (LRU beyond)
 _Obj = TypeVar("_Obj", bpfsys.Map, bpfsys.Program, bpfsys.Link)
 
 
 def prog_name(hook: str) -> str:
     """The program's name as bpftool shows it (15 characters at most): smk_conn4 ..."""
+    if hook in ("sockops", "udp_egress", "udp_ingress"):
+        return {"sockops": "smk_sockops", "udp_egress": "smk_udp_out",
+                "udp_ingress": "smk_udp_in"}[hook]
     short = {"connect": "conn", "sendmsg": "send", "recvmsg": "recv", "getpeername": "peer"}
     return f"smk_{short[hook[:-1]]}{hook[-1]}"
 
@@ -82,22 +87,26 @@ class KernelPath:
         self.max_entries = max_entries
         self._objs: list[bpfsys.Map | bpfsys.Program | bpfsys.Link] = []
         self._slots: dict[MappingKey, _Slot] = {}
-        self._free = list(range(max_entries - 1, -1, -1))
+        # free slots, reused oldest-freed first: a closed mapping's connections still open
+        # add their bytes to its slot when they close, as late as possible someone else's
+        self._free = deque(range(max_entries))
         self.fwd: bpfsys.Map | None = None
         self.stats: bpfsys.Map | None = None
 
     @classmethod
-    def start(cls, *, cgroup: Path | None, max_entries: int = 4096) -> KernelPath:
-        """Load and attach every hook, or raise SockmapError (nothing left behind)."""
+    def start(cls, *, cgroup: Path | None, max_entries: int = 4096,
+              hooks: tuple[str, ...] = bpfprog.HOOKS) -> KernelPath:
+        """Load and attach every hook (``hooks``: a subset, for bench/kernel_close.py), or
+        raise SockmapError (nothing left behind)."""
         kp = cls(cgroup=cgroup or default_cgroup(), max_entries=max_entries)
         try:
-            kp._load()
+            kp._load(hooks)
         except BaseException:
             kp.close()
             raise
         return kp
 
-    def _load(self) -> None:
+    def _load(self, hooks: tuple[str, ...]) -> None:
         try:
             cg_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
@@ -116,8 +125,13 @@ class KernelPath:
             self.stats = self._keep(bpfsys.Map(
                 kind=bpfsys.MAP_ARRAY, key_size=4, value_size=bpfprog.STATS_VALUE_SIZE,
                 max_entries=self.max_entries, name="smk_stats"))
-            maps = {"fwd": self.fwd.fd, "revnat": revnat.fd, "stats": self.stats.fd}
-            for hook in bpfprog.HOOKS:
+            conns = self._keep(bpfsys.Map(
+                kind=bpfsys.MAP_LRU_HASH, key_size=bpfprog.CONNS_KEY_SIZE,
+                value_size=bpfprog.CONNS_VALUE_SIZE, max_entries=CONNS_ENTRIES,
+                name="smk_conns"))
+            maps = {"fwd": self.fwd.fd, "revnat": revnat.fd, "stats": self.stats.fd,
+                    "conns": conns.fd}
+            for hook in hooks:
                 code = bpfasm.assemble(bpfprog.program(hook, netns_cookie=cookie), maps=maps)
                 prog = self._keep(bpfsys.Program(code, hook=hook, name=prog_name(hook)))
                 self._keep(bpfsys.Link(prog, cg_fd))
@@ -141,7 +155,7 @@ class KernelPath:
         if old is None:
             if not self._free:
                 return f"the kernel map is full ({self.max_entries} mappings)"
-            index = self._free.pop()
+            index = self._free.popleft()
         else:
             index = old.index
         written: list[bytes] = []
@@ -162,7 +176,7 @@ class KernelPath:
                 if old is None or k not in old.keys:
                     self.fwd.delete(k)
             if old is None:
-                self._free.append(index)
+                self._free.appendleft(index)  # never used: first again
             full = err.errno == errno.E2BIG
             return ("the kernel map is full" if full else
                     f"the kernel map refused an update ({err.strerror})")
@@ -191,17 +205,21 @@ class KernelPath:
     def has(self, key: MappingKey) -> bool:
         return key in self._slots
 
-    def counts(self, key: MappingKey) -> tuple[int, int]:
-        """(connects, datagrams) the hooks redirected for ``key``, exact (atomic counters
-        bumped in connect and sendmsg; a connect counts whether or not the guest accepted)."""
+    def mapping_keys(self) -> list[MappingKey]:
+        return list(self._slots)
+
+    def counts(self, key: MappingKey) -> KernelStats:
+        """``key``'s counters, exact (atomic adds in the hooks): connect() calls and
+        datagrams redirected (a connect counts whether or not the guest accepted), TCP
+        connections established, and closed with their bytes (the sockops program)."""
         slot = self._slots.get(key)
         if slot is None or self.stats is None:
-            return 0, 0
+            return KernelStats()
         try:
             raw = self.stats.lookup(slot.index.to_bytes(4, "little"))
         except OSError:
-            return 0, 0
-        return bpfprog.stats_value(raw) if raw is not None else (0, 0)
+            return KernelStats()
+        return bpfprog.stats_value(raw) if raw is not None else KernelStats()
 
     def tcp_targets(self) -> dict[tuple[str, int], MappingKey]:
         """Each TCP guest target (addr, port) the hooks rewrite to, and its mapping."""

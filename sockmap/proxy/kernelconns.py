@@ -1,11 +1,13 @@
-"""The kernel path's connections and bytes, from the kernel: a sock_diag dump of the host
-namespace's ESTABLISHED TCP sockets (sockmap.proxy.conndiag parses it), done in a thread
-and only when rows are asked for (``sockmap ls``, /metrics), at most once per ``CACHE_S``
-so a watch or a scrape costs one dump, not one per row.
+"""The kernel path's connections and bytes, from the kernel: the closed connections' exact
+totals from the ``stats`` map (bpfprog's sockops program adds them at each close), then a
+sock_diag dump of the host namespace's open TCP sockets (sockmap.proxy.conndiag parses it),
+done in a thread and only when rows are asked for (``sockmap ls``, /metrics), at most once
+per ``CACHE_S`` so a watch or a scrape costs one dump, not one per row.
 
     kc = KernelConns()
     await kc.refresh(kernel_path)    # dumps unless the last one is fresh
     kc.get(key) -> Tally             # open connections, bytes in/out of the kernel path
+    kc.stats(key) -> KernelStats     # the counters read with that dump
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import time
 
 from sockmap.portwatch.errors import ParseError
 from sockmap.proxy import conndiag
-from sockmap.proxy.conndiag import ConnBook, Tally, TcpConn
+from sockmap.proxy.bpfprog import KernelStats
+from sockmap.proxy.conndiag import Tally, TcpConn
 from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.spec import MappingKey
 
@@ -29,7 +32,8 @@ _TIMEOUT_S = 2.0
 
 
 def dump_established() -> list[TcpConn]:
-    """Every ESTABLISHED TCP socket of the calling thread's namespace (both families);
+    """Every open TCP socket (conndiag.OPEN_STATES) of the calling thread's namespace (both
+    families);
     OSError or ParseError when sock_diag cannot answer."""
     out: list[TcpConn] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
@@ -58,11 +62,11 @@ def own_inodes() -> frozenset[int]:
 
 
 class KernelConns:
-    """The last dump's tallies per mapping key, and the book that keeps closed totals."""
+    """The last refresh's tallies and counters per mapping key."""
 
     def __init__(self) -> None:
-        self._book: ConnBook[MappingKey] = ConnBook()
         self._tallies: dict[MappingKey, Tally] = {}
+        self._stats: dict[MappingKey, KernelStats] = {}
         self._at = -CACHE_S
         self._lock = asyncio.Lock()
         self._failed = False
@@ -70,23 +74,33 @@ class KernelConns:
     def get(self, key: MappingKey) -> Tally:
         return self._tallies.get(key, Tally())
 
+    def stats(self, key: MappingKey) -> KernelStats:
+        return self._stats.get(key, KernelStats())
+
     async def refresh(self, kernel: KernelPath) -> None:
         async with self._lock:
             if time.monotonic() - self._at < CACHE_S:
                 return
             targets = kernel.tcp_targets()
-            self._tallies = await asyncio.to_thread(self._dump, targets)
+            # the counters first (one map lookup per kernel mapping, on the loop: ~2 us
+            # each), then the dump: a socket closing between is in neither, never in both
+            self._stats = {k: kernel.counts(k) for k in kernel.mapping_keys()}
+            closed = {k: (s.closed_in + s.udp_in, s.closed_out + s.udp_out)
+                      for k, s in self._stats.items()}
+            self._tallies = await asyncio.to_thread(self._dump, targets, closed)
             self._at = time.monotonic()
 
-    def _dump(self, targets: dict[tuple[str, int], MappingKey]) -> dict[MappingKey, Tally]:
+    def _dump(self, targets: dict[tuple[str, int], MappingKey],
+              closed: dict[MappingKey, tuple[int, int]]) -> dict[MappingKey, Tally]:
         if not targets:
-            return self._book.update((), targets)
+            return conndiag.tally((), targets, closed)
         try:
             conns = [c for c in dump_established() if (c.dst, c.dport) in targets]
         except (OSError, ParseError) as e:
             if not self._failed:
                 log.warning("cannot dump the kernel path's connections (sock_diag): %s; "
-                            "ls shows the relay's only", e)
+                            "ls shows the closed ones' bytes and the relay's only", e)
                 self._failed = True
-            return {}
-        return self._book.update(conns, targets, own_inodes() if conns else frozenset())
+            conns = []
+        return conndiag.tally(conns, targets, closed,
+                              own_inodes() if conns else frozenset())

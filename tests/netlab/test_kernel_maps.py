@@ -11,7 +11,7 @@ import pytest
 from sockmap.errors import SockmapError
 from sockmap.proxy import bpfasm as a
 from sockmap.proxy import bpfprog, bpfsys
-from sockmap.proxy.bpfprog import FwdEntry
+from sockmap.proxy.bpfprog import FwdEntry, KernelStats
 from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.spec import MappingKey, Proto
 from tests.netlab.kernel_fixtures import attached, cgroup
@@ -39,7 +39,7 @@ def test_load_attach_fill_and_close(cgroup: Path) -> None:
         raw = kp.fwd.lookup(bpfprog.fwd_key("tcp", "::1", 80))
         assert raw is not None and raw[:16] == bytes.fromhex("fd000009" + "0" * 23 + "2")
         assert raw[16:18] == (81).to_bytes(2, "big")
-        assert kp.counts(key(80)) == (0, 0) and kp.entries == 2
+        assert kp.counts(key(80)) == KernelStats() and kp.entries == 2
         # one free entry, a mapping of two: the first is taken back, the others stay
         why = kp.set(key(90), entries(90, "127.0.0.1", "::1"))
         assert why == "the kernel map is full", why

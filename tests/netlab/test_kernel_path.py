@@ -157,6 +157,12 @@ def test_stale_close_refuses_small_map_and_rule_fall_back(lab: netlab.Lab, tmp_p
         assert "the kernel map is full" in d.log_text()
         out = client(lab.host, cgroup, "tcp", "127.0.0.1", 8082)  # the relay serves it
         assert out["sockname"][0] == "127.0.0.1" and out["data"].startswith("hi "), out
+        # the refused update left the earlier mapping's entries in force, said once
+        for host in ("127.0.0.1", "::1"):
+            out = client(lab.host, cgroup, "tcp", host, 8080)
+            assert out["sockname"][0] != host and out["peername"] == [host, 8080], out
+        assert row(d, name, "tcp", 8080)["path"] == "kernel"
+        assert d.log_text().count("the kernel map is full") == 1, d.log_text()
         kill(s1.pid)  # the listener goes: its entry goes, the host client is refused
         deadline = time.monotonic() + 5
         while True:

@@ -89,10 +89,12 @@ def test_bad_register_and_atomic_size() -> None:
         a.atomic_add(2, a.R0, 0, a.R1)
 
 
-MAPS = {"fwd": 3, "revnat": 4, "stats": 5}
+MAPS = {"fwd": 3, "revnat": 4, "stats": 5, "conns": 6}
+SOCK_ADDR_HOOKS = [hk for hk in bpfprog.HOOKS if hk not in ("sockops", "udp_egress",
+                                                             "udp_ingress")]
 
 
-@pytest.mark.parametrize("hook", bpfprog.HOOKS)
+@pytest.mark.parametrize("hook", SOCK_ADDR_HOOKS)
 def test_programs_assemble_guard_first_and_always_allow(hook: str) -> None:
     prog = bpfprog.program(hook, netns_cookie=0xDEADBEEF01)
     code = a.assemble(prog, maps=MAPS)
@@ -104,9 +106,54 @@ def test_programs_assemble_guard_first_and_always_allow(hook: str) -> None:
     assert code[32] == 0x5D
     assert code[-16:] == h("b7 00 0000 01000000 95 00 0000 00000000")  # return 1 (allow)
     uses = {it.map_name for it in prog if isinstance(it, a.Insn) and it.map_name}
-    want = {"fwd", "revnat", "stats"} if hook.startswith(("connect", "sendmsg")) \
-        else {"revnat"}
+    want = ({"fwd", "revnat", "stats", "conns"} if hook.startswith("connect") else
+            {"fwd", "revnat", "stats"} if hook.startswith("sendmsg") else {"revnat"})
     assert uses == want
+
+
+def test_sockops_program_reads_only_its_sockets_and_allows() -> None:
+    prog = bpfprog.program("sockops", netns_cookie=1)
+    code = a.assemble(prog, maps=MAPS)
+    assert len(code) // 8 < 4096
+    assert code[-16:] == h("b7 00 0000 01000000 95 00 0000 00000000")  # return 1
+    uses = {it.map_name for it in prog if isinstance(it, a.Insn) and it.map_name}
+    assert uses == {"conns", "stats"}
+    calls = {it.imm for it in prog if isinstance(it, a.Insn) and it.code == 0x85}
+    assert a.Helper.SOCK_OPS_CB_FLAGS_SET in calls and a.Helper.MAP_DELETE_ELEM in calls
+
+
+@pytest.mark.parametrize("hook", ["udp_egress", "udp_ingress"])
+def test_udp_programs_count_only_udp(hook: str) -> None:
+    prog = bpfprog.program(hook, netns_cookie=1)
+    code = a.assemble(prog, maps=MAPS)
+    assert code[-16:] == h("b7 00 0000 01000000 95 00 0000 00000000")  # return 1
+    uses = {it.map_name for it in prog if isinstance(it, a.Insn) and it.map_name}
+    assert uses == {"revnat", "stats"}
+    # the counter it bumps: udp_in on egress (client to guest), udp_out on ingress
+    adds = {it.off for it in prog if isinstance(it, a.Insn) and it.code == 0xDB}
+    assert adds == {bpfprog.STAT_UDP_IN if hook == "udp_egress" else bpfprog.STAT_UDP_OUT}
+
+
+# (old state, bytes_acked, bytes_received, snd_una == snd_nxt, received at the last state
+#  change) -> (data sent, data received)
+CLOSES = [
+    (bpfprog.LAST_ACK, 1002, 301, True, 301, (1000, 300)),  # the guest closed first
+    (bpfprog.LAST_ACK, 1001, 301, False, 301, (1000, 300)),  # ... then a reset, FIN unacked
+    (bpfprog.FIN_WAIT2, 1002, 301, True, 300, (1000, 300)),  # we closed, its FIN came
+    (bpfprog.FIN_WAIT2, 1002, 300, True, 300, (1000, 300)),  # orphaned: to TIME_WAIT early
+    (bpfprog.CLOSING, 1002, 301, True, 301, (1000, 300)),  # both at once
+    (bpfprog.CLOSE_WAIT, 1001, 301, False, 301, (1000, 300)),  # reset after its FIN
+    (1, 1001, 300, True, 0, (1000, 300)),  # a reset while established
+    (bpfprog.FIN_WAIT1, 1001, 300, False, 300, (1000, 300)),  # a reset, our FIN unacked
+    (1, 0, 0, True, 0, (0, 0)),  # never below zero
+]
+
+
+@pytest.mark.parametrize(("old", "acked", "rcvd", "fin_seq", "last", "want"), CLOSES)
+def test_close_bytes(old: int, acked: int, rcvd: int, fin_seq: bool, last: int,
+                     want: tuple[int, int]) -> None:
+    assert bpfprog.close_bytes(old, acked, rcvd, fin_acked_seq=fin_seq,
+                               received_at_last_change=last) == want
 
 
 def test_unknown_hook() -> None:
@@ -126,7 +173,9 @@ def test_map_layouts() -> None:
     with pytest.raises(ValueError, match="different families"):
         bpfprog.fwd_value(bpfprog.FwdEntry(proto="tcp", host_addr="::1", host_port=80,
                                            guest_addr="10.0.0.2", guest_port=80, slot=0))
-    assert bpfprog.stats_value(struct.pack("<QQ", 3, 9)) == (3, 9)
+    assert bpfprog.stats_value(struct.pack("<8Q", 3, 9, 2, 1, 10, 20, 5, 6)) == \
+        bpfprog.KernelStats(connects=3, datagrams=9, established=2, closed=1, closed_in=10,
+                            closed_out=20, udp_in=5, udp_out=6)
 
 
 @given(st_.ip_addresses(), st_.integers(1, 65535), st_.sampled_from(["tcp", "udp"]))
@@ -206,4 +255,4 @@ def test_ld_imm64_halves(v: int) -> None:
 def test_prog_names_fit_and_differ() -> None:
     names = [prog_name(h) for h in bpfprog.HOOKS]
     assert len(set(names)) == len(names) and all(len(n) <= 15 for n in names)
-    assert prog_name("getpeername6") == "smk_peer6"
+    assert prog_name("getpeername6") == "smk_peer6" and prog_name("sockops") == "smk_sockops"

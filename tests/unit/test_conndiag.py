@@ -1,5 +1,5 @@
 """sockmap.proxy.conndiag: the tcp_info fields, the dump parser (table tests on built
-messages, hypothesis on arbitrary bytes) and ConnBook's open/closed totals."""
+messages, hypothesis on arbitrary bytes), the FIN arithmetic by state, and ``tally``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sockmap.portwatch.errors import ParseError
 from sockmap.proxy import conndiag as cd
-from sockmap.proxy.conndiag import ConnBook, Tally, TcpConn
+from sockmap.proxy.conndiag import Tally, TcpConn
 
 
 def tcp_info(acked: int, received: int, size: int = 232) -> bytes:
@@ -59,6 +59,21 @@ def test_parse_tcp_info(acked: int, received: int, want: tuple[int, int]) -> Non
     assert cd.parse_tcp_info(tcp_info(acked, received)) == want
 
 
+@pytest.mark.parametrize(
+    ("state", "want"),
+    [
+        (cd.TCP_ESTABLISHED, (1000, 300)),
+        (cd.FIN_WAIT1, (1000, 300)),  # our FIN sent, not acked (else FIN_WAIT2)
+        (cd.FIN_WAIT2, (999, 300)),  # our FIN acked: one sequence number more
+        (cd.CLOSE_WAIT, (1000, 299)),  # the guest's FIN came: one more received
+        (cd.LAST_ACK, (1000, 299)),
+        (cd.CLOSING, (1000, 299)),
+    ],
+)
+def test_parse_tcp_info_by_state(state: int, want: tuple[int, int]) -> None:
+    assert cd.parse_tcp_info(tcp_info(1001, 300), state) == want
+
+
 def test_parse_tcp_info_short() -> None:
     assert cd.parse_tcp_info(tcp_info(5, 6, size=cd.TCP_INFO_MIN)) == (4, 6)
     with pytest.raises(ParseError):
@@ -70,7 +85,8 @@ def test_parse_chunk_table() -> None:
         msg("10.7.0.2", 8080, cookie=5, info=tcp_info(11, 20))
         + msg("fd00::2", 8080, cookie=6, inode=9, info=tcp_info(1, 3))
         + msg("::ffff:10.7.0.2", 81, cookie=8, info=tcp_info(2, 0))
-        + msg("10.7.0.2", 8080, state=8, info=tcp_info(1, 1))  # not ESTABLISHED
+        + msg("10.7.0.2", 8080, cookie=9, state=8, info=tcp_info(1, 1))  # CLOSE_WAIT
+        + msg("10.7.0.2", 8080, state=7, info=tcp_info(1, 1))  # CLOSE: not open
         + msg("10.7.0.2", 8080, info=None)  # no tcp_info: skipped
         + msg("10.7.0.2", 9, seq=2, info=tcp_info(1, 1))  # another request's
         + done()
@@ -81,6 +97,7 @@ def test_parse_chunk_table() -> None:
         TcpConn(dst="10.7.0.2", dport=8080, cookie=5, inode=7, sent=10, received=20),
         TcpConn(dst="fd00::2", dport=8080, cookie=6, inode=9, sent=0, received=3),
         TcpConn(dst="10.7.0.2", dport=81, cookie=8, inode=7, sent=1, received=0),
+        TcpConn(dst="10.7.0.2", dport=8080, cookie=9, inode=7, sent=0, received=0),
     ]
     assert cd.parse_chunk(msg("10.7.0.2", 1, info=tcp_info(1, 1)), seq=1)[1] is False
 
@@ -99,7 +116,8 @@ def test_build_request() -> None:
     assert (length, mtype, seq) == (len(r), cd.SOCK_DIAG_BY_FAMILY, 3) and len(r) == 72
     assert flags & cd.NLM_F_DUMP == cd.NLM_F_DUMP
     fam, proto, ext, states = struct.unpack_from("=BBBxI", r, 16)
-    assert (fam, proto, ext, states) == (cd.AF_INET6, 6, 2, 2)
+    assert (fam, proto, ext) == (cd.AF_INET6, 6, 2)
+    assert states == sum(1 << x for x in (1, 4, 5, 8, 9, 11))  # open and closing states
 
 
 @given(st.binary(max_size=400), st.integers(0, 3))
@@ -123,54 +141,37 @@ def c(
     return TcpConn(dst=dst, dport=port, cookie=cookie, inode=inode, sent=sent, received=received)
 
 
-def test_book_open_and_closed() -> None:
-    book: ConnBook[str] = ConnBook()
+def test_tally_open_plus_closed() -> None:
     t = {("10.0.0.2", 80): "a", ("fd00::2", 80): "a", ("10.0.0.2", 81): "b"}
-    got = book.update(
+    got = cd.tally(
         [
             c(1, 10, 20),
             c(2, 5, 5, dst="fd00::2"),
-            c(3, 1, 1, port=99),
-            c(4, 7, 7, port=81, inode=42),
+            c(3, 1, 1, port=99),  # no mapping's
+            c(4, 7, 7, port=81, inode=42),  # the relay's own
         ],
         t,
+        {"a": (100, 200), "gone": (1, 1)},
         frozenset({42}),
     )
-    assert got == {"a": Tally(open=2, bytes_in=15, bytes_out=25), "b": Tally()}
-    got = book.update([c(1, 30, 40)], t)  # 2 closed: its last-seen bytes stay counted
-    assert got["a"] == Tally(open=1, bytes_in=35, bytes_out=45)
-    got = book.update([], t)
-    assert got["a"] == Tally(open=0, bytes_in=35, bytes_out=45)
-    assert book.update([], {}) == {}  # a key gone is forgotten...
-    assert book.update([], t)["a"] == Tally()  # ...and starts from zero if it comes back
+    assert got == {"a": Tally(open=2, bytes_in=115, bytes_out=225), "b": Tally(),
+                   "gone": Tally(bytes_in=1, bytes_out=1)}  # a UDP mapping: no sockets
+    assert cd.tally([], {}, {"a": (1, 2)}) == {"a": Tally(bytes_in=1, bytes_out=2)}
 
 
 @given(
-    st.lists(
-        st.lists(
-            st.tuples(st.integers(0, 5), st.integers(0, 10**6), st.integers(0, 10**6)), max_size=6
-        ),
-        max_size=6,
-    )
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10**6), st.integers(0, 10**6)),
+             max_size=8),
+    st.integers(0, 10**9), st.integers(0, 10**9),
 )
-def test_book_totals_never_fall(dumps: list[list[tuple[int, int, int]]]) -> None:
-    """Bytes are counters: whatever the dumps, a key's totals never decrease while each
-    socket's own counts only grow (as the kernel's do)."""
-    book: ConnBook[str] = ConnBook()
-    t = {("10.0.0.2", 80): "k"}
-    high: dict[int, tuple[int, int]] = {}
-    last = Tally()
-    gone: set[int] = set()
-    for d in dumps:
-        conns = {}
-        for cookie, i, o in d:
-            if cookie in gone:
-                continue
-            hi = high.get(cookie, (0, 0))
-            high[cookie] = (max(hi[0], i), max(hi[1], o))
-            conns[cookie] = c(cookie, *high[cookie])
-        gone |= {k for k in high if k not in conns}
-        now = book.update(list(conns.values()), t)["k"]
-        assert now.open == len(conns)
-        assert now.bytes_in >= last.bytes_in and now.bytes_out >= last.bytes_out
-        last = now
+def test_tally_sums(conns: list[tuple[int, int, int]], ci: int, co: int) -> None:
+    """Whatever the sockets, a key's tally is its closed bytes plus its open sockets'."""
+    t = {("10.0.0.2", p): f"k{p}" for p in (0, 1)}
+    got = cd.tally([c(i, s, r, port=p) for i, (p, s, r) in enumerate(conns)], t,
+                   {"k0": (ci, co)})
+    assert set(got) == {"k0", "k1"}
+    for p in (0, 1):
+        mine = [(s, r) for q, s, r in conns if q == p]
+        base = (ci, co) if p == 0 else (0, 0)
+        assert got[f"k{p}"] == Tally(open=len(mine), bytes_in=base[0] + sum(s for s, _ in mine),
+                                     bytes_out=base[1] + sum(r for _, r in mine))
