@@ -34,6 +34,7 @@ from typing import Any
 
 from sockmap import metrics, sharing
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
+from sockmap.conflicts.reverse import without_own
 from sockmap.conflicts.rules import (
     LOOPBACK4,
     LOOPBACK6,
@@ -130,6 +131,9 @@ class Planner:
         self.kconns = KernelConns()  # its connections and bytes, from sock_diag
         self.own_sockets: dict[HostEndpoint, str] = {}  # the daemon's other sockets, named
         self.on_planned: Callable[[], None] | None = None  # after each replan (events)
+        # reverse forwards: the daemon's own listeners in guests, never forwarded back out
+        self.reverse_own: Callable[[], frozenset[tuple[str, str, str, int]]] = frozenset
+        self.last_host: list[Listener] = []  # the host's listeners at the last replan
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
@@ -229,6 +233,7 @@ class Planner:
                                                   self.registry.has_vm_guests())
         if own_addrs is not None:
             self.registry.set_host_addrs(own_addrs)
+        self.last_host = host
         now = time.monotonic()
         for e, due in list(self._blocked.items()):  # EADDRINUSE: free again?
             if due <= now:
@@ -288,6 +293,9 @@ class Planner:
                 own_labels: dict[HostEndpoint, str]
                 ) -> tuple[Plan, dict[MappingKey, tuple[PortMapping, ...]]]:
         """The plan and its groups, from immutable inputs (runs in a thread)."""
+        if own := self.reverse_own():
+            guests = tuple(replace(g, listeners=without_own(g.listeners, g.name, own))
+                           for g in guests)
         capped, over, too_many = cap_listeners(guests, self.max_listeners)
         pl = plan(guests=capped, host_listeners=host, current=current, blocked=blocked,
                   own_pid=os.getpid(), policies=policies, rules=rules, own_labels=own_labels)
