@@ -6,14 +6,20 @@ Keyed by guest name, for any guest whose network namespace the daemon can name (
 such as /run/netns/NAME or /proc/PID/ns/net, or an open fd): ``set_guest`` /
 ``forget_guest``. A forward's sockets are made inside the guest's namespace
 (``nat.nssock.in_netns``: a thread joins it, binds, listens, leaves), on 127.0.0.1 and ::1
-only (a guest without IPv6 gets the IPv4 one), without SO_REUSEADDR or SO_REUSEPORT: a
-port something in the guest holds fails with EADDRINUSE and is a ``guest_port_busy``
-conflict, retried every ``retry_s`` and at each replan. The relay is the forward relay's
-(``proxy.tcp.TcpListener``, ``proxy.udp.UdpRelay``) with the guest's sockets as its
-listening side; its upstream sockets are made here, in the host's namespace, and connect
-only to the forward's host port on 127.0.0.1 / ::1 (the other loopback when the first
-refuses: the host service may listen on one family only). No host listener: the guest's
-client is reset at once (TCP), its datagrams are counted as errors (UDP).
+only (a guest without IPv6 gets the IPv4 one), never with SO_REUSEPORT, and with
+SO_REUSEADDR only for TCP (as every server: earlier connections' TIME_WAIT must not block
+the port; Linux never lets it bind beside a listener): a port something in the guest holds
+fails with EADDRINUSE and is a ``guest_port_busy`` conflict, retried every ``retry_s`` and
+at each replan. A forward whose host service moved to the other family keeps its TCP
+listeners (its connector reads the current targets); a UDP one is reopened.
+
+The relay is the forward relay's (``proxy.tcp.TcpListener``, ``proxy.udp.UdpRelay``)
+with the guest's sockets as its listening side; its upstream sockets are made here, in
+the host's namespace, and connect only to the forward's host port on 127.0.0.1 / ::1 (the
+other loopback when the first refuses: the host service may listen on one family only).
+No host listener: the guest's client is reset at once (TCP), its datagrams are counted
+as errors (UDP). The connector refuses a host port that is sockmap's own forward of a
+guest (``forwarded``, set after each replan): never another guest's service.
 
 The daemon's own reverse listeners are reported by the guest's watch like any listener;
 ``own()`` names them so the forward planner leaves them out (their keys are claimed before
@@ -108,7 +114,8 @@ def remove_options(run_dir: Path, name: str) -> bool:
 # -- sockets in the guest --------------------------------------------------------------------
 def bind_in(netns: nssock.NetnsRef, proto: str, port: int) -> list[socket.socket]:
     """Listening (TCP) or bound (UDP) sockets on the namespace's 127.0.0.1:port and
-    [::1]:port, or none (OSError, EADDRINUSE for a taken port). No SO_REUSEADDR/PORT."""
+    [::1]:port, or none (OSError, EADDRINUSE for a taken port). Never SO_REUSEPORT;
+    SO_REUSEADDR for TCP only (TIME_WAIT; it never binds beside a listener on Linux)."""
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
 
     def make() -> list[socket.socket]:
@@ -123,6 +130,8 @@ def bind_in(netns: nssock.NetnsRef, proto: str, port: int) -> list[socket.socket
                         continue
                     raise
                 socks.append(s)
+                if kind == socket.SOCK_STREAM:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if fam == socket.AF_INET6:
                     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
@@ -143,13 +152,16 @@ def bind_in(netns: nssock.NetnsRef, proto: str, port: int) -> list[socket.socket
     return nssock.in_netns(netns, make)
 
 
-def host_connector(f: ReverseForward, first: str, allowed: Callable[[str, int], bool]
-                   ) -> Callable[[MappingSpec], Any]:
-    """Connects in the host's namespace to ``first``:host_port, then the other loopback;
+def host_connector(current: Callable[[], ReverseForward], family: int,
+                   allowed: Callable[[str, int], bool]) -> Callable[[MappingSpec], Any]:
+    """Connects in the host's namespace to the current target of the guest listener of
+    ``family`` (0: IPv4, 1: IPv6) at the forward's host port, then the other loopback;
     never anywhere else. Refused by both (or not allowed): ConnectionRefusedError."""
-    order = (first, *(a for a in LOOPBACKS if a != first))
 
     async def connect(spec: MappingSpec) -> socket.socket:
+        f = current()
+        first = f.targets[family]
+        order = (first, *(a for a in LOOPBACKS if a != first))
         if not allowed(f.proto, f.host_port):
             raise ConnectionRefusedError(f"host port {f.host_port} is not a host service now")
         loop = asyncio.get_running_loop()
@@ -176,13 +188,14 @@ def host_connector(f: ReverseForward, first: str, allowed: Callable[[str, int], 
 class _Open:
     fwd: ReverseForward
     addrs: tuple[str, ...]  # the guest loopback addresses it listens on
-    relay: TcpListener | UdpRelay
     counters: Counters
+    relay: TcpListener | UdpRelay | None = None
     since: float = field(default_factory=time.time)
 
     def close(self) -> None:
-        self.relay.stop_listening()
-        self.relay.abort_all()
+        if self.relay is not None:
+            self.relay.stop_listening()
+            self.relay.abort_all()
 
 
 @dataclass(slots=True)
@@ -288,9 +301,14 @@ class ReverseForwarder:
         pl = self.plan(listeners, host)
         want = {f.key: f for f in pl.forwards}
         changed = False
-        for key in [k for k, o in self._open.items() if want.get(k) != o.fwd]:
-            self._close(key)
-            changed = True
+        for key, o in list(self._open.items()):
+            f = want.get(key)
+            if f is not None and f.proto == "tcp" and f.host_port == o.fwd.host_port:
+                changed |= o.fwd != f
+                o.fwd = f  # its connectors read the targets
+            elif f != o.fwd:
+                self._close(key)
+                changed = True
         for key, f in want.items():
             if key not in self._open and await self._try_open(f):
                 changed = True
@@ -345,13 +363,14 @@ class ReverseForwarder:
         spec = MappingSpec(guest=f.guest, proto=Proto(f.proto), host_port=f.port,
                            targets=targets, drain_s=0.0, connect_timeout_s=5.0)
         c = Counters()
-        relay: TcpListener | UdpRelay
+        o = _Open(fwd=f, addrs=addrs, counters=c)
         if f.proto == "tcp":
-            relay = TcpListener(spec, socks, c, [host_connector(f, t.addr, self.allowed)
-                                                 for t in targets])
+            o.relay = TcpListener(spec, socks, c, [
+                host_connector(lambda: o.fwd, LOOPBACKS.index(a), self.allowed)
+                for a in addrs])
         else:
-            relay = UdpRelay(spec, socks, c)
-        return _Open(fwd=f, addrs=addrs, relay=relay, counters=c)
+            o.relay = UdpRelay(spec, socks, c)
+        return o
 
     def allowed(self, proto: str, port: int) -> bool:
         """A host port a reverse forward may connect to now: not sockmap's own forward."""
