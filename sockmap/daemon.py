@@ -531,7 +531,8 @@ class Daemon:
         """The state ``sockmap events`` diffs: ls rows, the last plan's conflicts, the
         synced guests."""
         pl = self.last_plan
-        return view(self.rows(), conflict_report.to_json(
+        # forward rows only: `wait GUEST:PORT` means a guest port accepting on the host
+        return view(self.planner.rows(), conflict_report.to_json(
             (pl.conflicts if pl else ()) + self.reverse.last_plan.conflicts),
                     [g.name for g in self.registry.states()])
 

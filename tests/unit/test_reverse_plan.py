@@ -207,3 +207,31 @@ def test_rules_file_reverse_errors(text: str, line: int, words: str) -> None:
     assert words in e.value.message and e.value.hint
     if "reverse" in text.split("\n")[0] and "[[" in text:
         assert "[[reverse]] #" in e.value.message
+
+
+# -- `sockmap ls` ------------------------------------------------------------------------
+def _row(direction: str, **kw: object) -> dict[str, object]:
+    r: dict[str, object] = {"guest": "dev1", "proto": "tcp", "host_addrs": ["127.0.0.1"],
+                            "host_port": 8000, "guest_port": 8000, "state": "open",
+                            "path": "relay", "connections": 0, "bytes_in": 0,
+                            "bytes_out": 0, "age_s": 1, "direction": direction,
+                            "targets": [{"guest_addr": "0.0.0.0", "process": "python3"}]}
+    r.update(kw)
+    return r
+
+
+def test_ls_dir_column_only_with_a_reverse_row() -> None:
+    from sockmap import lsview
+
+    fwd = _row("forward")
+    assert "DIR" not in lsview.render([fwd]) and "forward" not in lsview.render([fwd])
+    assert lsview.render([fwd]) == lsview.render([{k: v for k, v in fwd.items()
+                                                   if k != "direction"}])
+    rev = _row("reverse", host_addrs=["127.0.0.1", "::1"], host_port=5432, guest_port=5432,
+               targets=[{"guest_addr": "127.0.0.1", "process": "sockmap"},
+                        {"guest_addr": "::1", "process": "sockmap"}])
+    text = lsview.render([fwd, rev])
+    head, f, r = text.splitlines()
+    assert head.split()[:2] == ["GUEST", "DIR"], text
+    assert "forward" in f and "reverse" in r and "127.0.0.1+[::1]:5432" in r, text
+    assert lsview.filter_rows([fwd, rev], port=5432) == [rev]
