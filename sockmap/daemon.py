@@ -208,12 +208,12 @@ class Daemon:
         """After each replan: publish the changes, reconcile the reverse forwards (the
         guests' listeners and the host's may have changed)."""
         self.events.publish()
-        if self.table is not None:
-            self.reverse.forwarded = frozenset(
-                (str(r.proto), r.host_port) for r in self.table.snapshot())
-        self.reverse.kick()
+        self.reverse.kick()  # nothing reverse asked for: no work per replan
 
     def _reverse_inputs(self) -> tuple[dict[str, tuple[Listener, ...]], list[Listener]]:
+        """Right before each reconcile: the synced guests' listeners, the host's, and the
+        host ports sockmap forwards now (which no reverse forward connects to)."""
+        self.reverse.forwarded = self.planner.host_ports()
         return ({g.name: g.listeners for g in self.registry.raw_states()},
                 self.planner.last_host)
 
@@ -523,7 +523,8 @@ class Daemon:
             raise SockmapError("the daemon did not finish planning within 10 s",
                                hint="see the daemon's log") from None
         pl = self.last_plan
-        await self.reverse.reconcile(*self._reverse_inputs())
+        if self.reverse.active():
+            await self.reverse.reconcile(*self._reverse_inputs())
         found = (pl.conflicts if pl is not None else ()) + self.reverse.last_plan.conflicts
         return {"mode": "nat", "conflicts": conflict_report.to_json(found)}
 

@@ -164,6 +164,11 @@ class Planner:
     def open_count(self) -> int:
         return len(self._open)
 
+    def host_ports(self) -> frozenset[tuple[str, int]]:
+        """(proto, host port) of every open mapping (reverse forwards never connect there)."""
+        return frozenset((str(k.proto), m.host_port) for k, ms in self._open.items()
+                         for m in ms[:1])
+
     def seen(self, guest: str, listeners: tuple[Listener, ...]) -> None:
         """When a listener was first reported (for sockmap_event_to_mapping_seconds)."""
         now = time.monotonic()

@@ -259,8 +259,15 @@ class ReverseForwarder:
             | self._claimed)
 
     # -- reconciling -------------------------------------------------------------------
+    def active(self) -> bool:
+        """Whether any reverse forward is asked for or open: when not, a reconcile (and
+        its inputs: every guest's listeners) is skipped."""
+        return bool(self.rules or self._open or self._failed
+                    or any(g.options for g in self._guests.values()))
+
     def kick(self) -> None:
-        self._dirty.set()
+        if self.active():
+            self._dirty.set()
 
     async def run(self, inputs: Callable[[], tuple[dict[str, tuple[Listener, ...]],
                                                    list[Listener]]]) -> None:

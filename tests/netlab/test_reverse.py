@@ -180,6 +180,18 @@ def test_never_to_another_guests_forward(lab: netlab.Lab, daemon: Daemon) -> Non
     assert c["port"] == 7200 and c["parties"][0]["guest"] == name, c
     assert client(g, "127.0.0.1", 7200).startswith("ConnectionRefusedError")
     stop(srv)
+    # open first (nothing on the host port), then another guest's forward takes that port:
+    # the reverse forward closes, the guest never reaches the other guest through it
+    r = daemon.cli("guest", "delete", name)
+    assert r.returncode == 0, r.stderr
+    name, g, _ = create(daemon, "7210", tag="c")
+    assert [r["guest_port"] for r in rows(daemon) if r["direction"] == "reverse"] == [7210]
+    srv = serve(other, "tcp", "127.0.0.1", 7210)
+    assert probe(lab.host, "open", "tcp", "127.0.0.1", 7210)[0], daemon.log_text()
+    c = wait_conflict(daemon, "reverse_to_guest")
+    assert c["port"] == 7210 and c["parties"][0]["guest"] == name, c
+    assert client(g, "127.0.0.1", 7210).startswith("ConnectionRefusedError")
+    stop(srv)
 
 
 def test_survives_restart_and_vanishes_with_delete(lab: netlab.Lab, daemon: Daemon) -> None:
