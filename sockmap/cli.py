@@ -229,11 +229,11 @@ def _guest_create(args: argparse.Namespace) -> int:
                                reverse=[s.text() for s in specs])
         rec = GuestRecord.from_json(data, source="the daemon's answer")
     except control.DaemonNotRunning:  # pyroute2 is imported only here: ~0.2 s of start-up
-        from sockmap import reverse
+        from sockmap import reverseopts
         from sockmap.nat import guests
 
         rec = guests.create(args.run_dir, args.name, subnet=args.subnet, nat=not args.no_nat)
-        reverse.save_options(args.run_dir, args.name, specs)  # the daemon opens them
+        reverseopts.save_options(args.run_dir, args.name, specs)  # the daemon opens them
     print(f"guest {rec.name}: {rec.guest_addr4} (host end {rec.host_addr4} on "
           f"{rec.host_ifname}), {rec.guest_addr6}; nat {'on' if rec.nat else 'off'}")
     return EXIT_OK
@@ -245,11 +245,11 @@ def _guest_delete(args: argparse.Namespace) -> int:
     try:  # a running daemon stops the agent and closes the mappings first
         lines = control.request(args.run_dir, "guest_delete", timeout=120, name=args.name)
     except control.DaemonNotRunning:
-        from sockmap import reverse
+        from sockmap import reverseopts
         from sockmap.nat import guests
 
         lines = guests.delete(args.run_dir, args.name)
-        if reverse.remove_options(args.run_dir, args.name):
+        if reverseopts.remove_options(args.run_dir, args.name):
             lines.append(f"removed reverse options of guest {args.name}")
     for line in lines:
         print(line)

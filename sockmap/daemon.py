@@ -14,6 +14,8 @@ This module is the lifecycle and the wiring; each concern has its own module:
 - sockmap.supervisor: the agents the daemon starts in its guests, and their tokens;
 - sockmap.ctlserver: the control socket's requests and the metrics endpoint;
 - sockmap.eventbus: the ``events`` subscriptions, published after each replan;
+- sockmap.reverse: reverse forwards (a guest reaches a host loopback service), reconciled
+  after each replan; sockmap.reverseopts: their recorded options;
 - here: Config, startup (sockets), run, shutdown, guest create/delete, SIGHUP reload, status.
 
 Sockets, all under RUN_DIR:
@@ -59,7 +61,8 @@ from sockmap.portwatch import Listener
 from sockmap.proxy import Connector, MappingTable
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Assigned, Registry
-from sockmap.reverse import ReverseForwarder, load_options, remove_options, save_options
+from sockmap.reverse import ReverseForwarder
+from sockmap.reverseopts import load_options, remove_options, save_options
 from sockmap.supervisor import (
     AGENT_SOCKET,
     NETNS_DIR,

@@ -25,22 +25,20 @@ The daemon's own reverse listeners are reported by the guest's watch like any li
 ``own()`` names them so the forward planner leaves them out (their keys are claimed before
 bind, so no report can come first).
 
-Options are recorded in RUN_DIR/reverse/NAME.json (``save_options``), so a daemon restart
-re-creates them; ``guest delete`` removes the file.
+The ``--reverse`` options are recorded by ``sockmap.reverseopts`` (RUN_DIR/reverse), so a
+daemon restart re-creates them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sockmap.conflicts.reverse import (
@@ -51,7 +49,6 @@ from sockmap.conflicts.reverse import (
     ReversePlan,
     ReverseRule,
     ReverseSpec,
-    parse_specs,
     plan_reverse,
 )
 from sockmap.errors import SockmapError
@@ -64,51 +61,8 @@ from sockmap.proxy.udp import UdpRelay
 
 log = logging.getLogger("sockmap.daemon")
 
-OPTIONS_DIR = "reverse"
 BACKLOG = 128
 OwnKey = tuple[str, str, str, int]  # (guest, proto, addr, port)
-
-
-# -- recorded options ------------------------------------------------------------------------
-def options_path(run_dir: Path, name: str) -> Path:
-    return run_dir / OPTIONS_DIR / f"{name}.json"
-
-
-def save_options(run_dir: Path, name: str, specs: Iterable[ReverseSpec]) -> None:
-    """Record guest ``name``'s ``--reverse`` options (none: remove the record)."""
-    texts = [s.text() for s in specs]
-    path = options_path(run_dir, name)
-    if not texts:
-        remove_options(run_dir, name)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"reverse": texts}) + "\n")
-    tmp.replace(path)
-
-
-def load_options(run_dir: Path, name: str) -> tuple[ReverseSpec, ...]:
-    path = options_path(run_dir, name)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return ()
-    except (OSError, ValueError) as e:
-        raise SockmapError(f"{path}: unreadable reverse options: {e}",
-                           hint=f"delete it and recreate guest {name} with --reverse") from e
-    texts = data.get("reverse") if isinstance(data, dict) else None
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise SockmapError(f"{path}: no list of reverse options",
-                           hint=f"delete it and recreate guest {name} with --reverse")
-    return parse_specs(texts)
-
-
-def remove_options(run_dir: Path, name: str) -> bool:
-    try:
-        options_path(run_dir, name).unlink()
-    except FileNotFoundError:
-        return False
-    return True
 
 
 # -- sockets in the guest --------------------------------------------------------------------

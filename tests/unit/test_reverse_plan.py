@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -235,3 +237,22 @@ def test_ls_dir_column_only_with_a_reverse_row() -> None:
     assert head.split()[:2] == ["GUEST", "DIR"], text
     assert "forward" in f and "reverse" in r and "127.0.0.1+[::1]:5432" in r, text
     assert lsview.filter_rows([fwd, rev], port=5432) == [rev]
+
+
+# -- the recorded options ------------------------------------------------------------------
+def test_recorded_options(tmp_path: Path) -> None:
+    from sockmap import reverseopts as ro
+
+    specs = parse_specs(["5432", "15353:53/udp"])
+    ro.save_options(tmp_path, "g1", specs)
+    assert ro.load_options(tmp_path, "g1") == specs
+    assert ro.load_options(tmp_path, "other") == ()
+    ro.save_options(tmp_path, "g1", ())  # none: no record
+    assert not ro.options_path(tmp_path, "g1").exists()
+    assert ro.remove_options(tmp_path, "g1") is False
+    for bad in ("{", '{"reverse": 3}', '{"reverse": ["nope"]}'):
+        ro.options_path(tmp_path, "g2").write_text(bad)
+        with pytest.raises(SockmapError) as e:
+            ro.load_options(tmp_path, "g2")
+        assert "g2" in (e.value.hint or "") or "--reverse" in e.value.message
+    assert ro.remove_options(tmp_path, "g2") is True
