@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "in 172.31.0.0/16)")
     p.add_argument("--no-nat", action="store_true",
                    help="no masquerade or forwarding: the guest reaches only this host")
+    p.add_argument("--reverse", action="append", default=[], metavar="PORT[:HOSTPORT][/udp]",
+                   help="reverse forward (repeatable): the guest's 127.0.0.1:PORT and "
+                        "[::1]:PORT reach the host's loopback HOSTPORT (default: PORT); tcp "
+                        "unless /udp")
     p = _sub(gsubs, "delete", _guest_delete, "delete a guest and everything made for it",
              "sockmap guest delete dev1")
     p.add_argument("name")
@@ -215,16 +219,21 @@ def _not_built(name: str, issue: int) -> Handler:
 # -- handlers: thin; the modules do the work ---------------------------------------------
 def _guest_create(args: argparse.Namespace) -> int:
     from sockmap import control
+    from sockmap.conflicts.reverse import parse_specs
     from sockmap.nat.plan import GuestRecord
 
+    specs = parse_specs(args.reverse)  # bad --reverse: exit 2 before anything is made
     try:  # a running daemon makes the guest and starts its agent
         data = control.request(args.run_dir, "guest_create", timeout=120, name=args.name,
-                               subnet=args.subnet, nat=not args.no_nat)
+                               subnet=args.subnet, nat=not args.no_nat,
+                               reverse=[s.text() for s in specs])
         rec = GuestRecord.from_json(data, source="the daemon's answer")
     except control.DaemonNotRunning:  # pyroute2 is imported only here: ~0.2 s of start-up
+        from sockmap import reverseopts
         from sockmap.nat import guests
 
         rec = guests.create(args.run_dir, args.name, subnet=args.subnet, nat=not args.no_nat)
+        reverseopts.save_options(args.run_dir, args.name, specs)  # the daemon opens them
     print(f"guest {rec.name}: {rec.guest_addr4} (host end {rec.host_addr4} on "
           f"{rec.host_ifname}), {rec.guest_addr6}; nat {'on' if rec.nat else 'off'}")
     return EXIT_OK
@@ -236,9 +245,12 @@ def _guest_delete(args: argparse.Namespace) -> int:
     try:  # a running daemon stops the agent and closes the mappings first
         lines = control.request(args.run_dir, "guest_delete", timeout=120, name=args.name)
     except control.DaemonNotRunning:
+        from sockmap import reverseopts
         from sockmap.nat import guests
 
         lines = guests.delete(args.run_dir, args.name)
+        if reverseopts.remove_options(args.run_dir, args.name):
+            lines.append(f"removed reverse options of guest {args.name}")
     for line in lines:
         print(line)
     return EXIT_OK
@@ -331,7 +343,8 @@ def _daemon(args: argparse.Namespace) -> int:
                                         max_listeners=max_listeners,
                                         path=args.path or fc.forwarder or "kernel",
                                         cgroup=cgroup, kernel_map_size=args.kernel_map_size,
-                                        netns_watch=args.netns_watch))
+                                        netns_watch=args.netns_watch,
+                                        reverse_rules=fc.reverse))
     return rc
 
 

@@ -24,6 +24,12 @@ policy = "remap"               # this rule's conflict policy
 label = "web frontend"         # shown in `sockmap ls` (JSON "label") for this rule's mappings
 name = "api.localhost"         # extra host names of the guest (needs an exact guest), or a
                                # list of them; each once in the file
+
+[[reverse]]                    # opt-in: a guest reaches a host loopback service
+guest = "dev*"                 # glob on the guest name
+port = 5432                    # the guest's 127.0.0.1/::1 port the daemon listens on
+host_port = 5432               # the host loopback port it relays to (default: port)
+proto = "tcp"                  # tcp | udp
 ```
 
 tomllib gives no positions, so ``_Lines`` finds them in the text: the N-th ``[[rule]]``
@@ -41,6 +47,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from sockmap import shadowing
+from sockmap.conflicts import reverse as rev
 from sockmap.conflicts.rules import ACTIONS, POLICIES, Action, ForwardPath, Policy, Rule
 from sockmap.conflicts.rules import PATHS as RULE_PATHS
 from sockmap.errors import SockmapError
@@ -58,7 +65,7 @@ MAX_LISTENERS_LIMIT: Final = 1 << 20  # the largest per-guest listener limit one
 PATHS: Final = ("kernel", "relay")
 LABEL_MAX: Final = 64
 HOSTNAME_LABEL: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-TOP_KEYS: Final = ("daemon", "rule")
+TOP_KEYS: Final = ("daemon", "rule", "reverse")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +81,7 @@ class FileConfig:
     max_listeners_per_guest: int | None = None
     forwarder: str | None = None  # [daemon] path: "kernel" (where the hooks load), "relay"
     cgroup: str | None = None  # the kernel path's cgroup v2 directory
+    reverse: tuple[rev.ReverseRule, ...] = ()  # [[reverse]] entries, in file order
 
 
 # -- positions -------------------------------------------------------------------------------
@@ -133,7 +141,7 @@ class _Ctx:
               fix: str) -> SockmapError:
         line = (self.lines.key(table, index, key) if key
                 else self.lines.table(table, index)[0])
-        where = f"[[rule]] #{index + 1}" if index is not None else (f"[{table}]" if table
+        where = f"[[{table}]] #{index + 1}" if index is not None else (f"[{table}]" if table
                                                                    else "top level")
         keytxt = f" key {key!r}" if key else ""
         return SockmapError(f"{self.path}:{line}: {where}{keytxt}: {what}", hint=fix)
@@ -210,7 +218,8 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     for k in data:
         if k not in TOP_KEYS:
             raise ctx.error("", None, k, "unknown key",
-                            f"the file has [daemon] and [[rule]] tables only; did you mean "
+                            f"the file has [daemon], [[rule]] and [[reverse]] tables only; "
+                            f"did you mean "
                             f"{_near(k, TOP_KEYS)}?")
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
@@ -224,11 +233,22 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     _check_shadowed(ctx, rules)
     _check_fixed_ports(ctx, rules)
     _check_names(ctx, rules)
-    return FileConfig(path=path, rules=rules, agent_listen=cfg.agent_listen,
+    reverse = _reverse(ctx, data.get("reverse", []))
+    return FileConfig(path=path, rules=rules, reverse=reverse, agent_listen=cfg.agent_listen,
                       metrics=cfg.metrics, conflict_policy=cfg.conflict_policy,
                       udp_ephemeral=cfg.udp_ephemeral,
                       max_listeners_per_guest=cfg.max_listeners_per_guest,
                       forwarder=cfg.forwarder, cgroup=cfg.cgroup)
+
+
+def _reverse(ctx: _Ctx, raw: object) -> tuple[rev.ReverseRule, ...]:
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ctx.error("", None, "reverse", "must be an array of tables",
+                        "write each entry under its own [[reverse]] header")
+    out = tuple(rev.parse_rule(i, r, lambda key, what, fix, i=i: ctx.error(
+        "reverse", i, key, what, fix)) for i, r in enumerate(raw))
+    rev.check_rules(out, lambda i, what, fix: ctx.error("reverse", i, None, what, fix))
+    return out
 
 
 def _near(k: str, known: tuple[str, ...]) -> str:

@@ -117,9 +117,14 @@ class ControlServer:
                 name = control.arg_str(req, "name")
                 assert name is not None
                 nat = req.args.get("nat", True)
+                reverse = req.args.get("reverse") or []
+                if not isinstance(reverse, list) or not all(isinstance(r, str)
+                                                            for r in reverse):
+                    raise SockmapError("guest_create: reverse must be a list of strings",
+                                       hint="give --reverse PORT[:HOSTPORT][/udp]")
                 return await d.guest_create(name, control.arg_str(req, "subnet",
                                                                   optional=True),
-                                            nat=nat is not False)
+                                            nat=nat is not False, reverse=reverse)
             case "guest_delete":
                 name = control.arg_str(req, "name")
                 assert name is not None

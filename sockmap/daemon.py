@@ -14,6 +14,8 @@ This module is the lifecycle and the wiring; each concern has its own module:
 - sockmap.supervisor: the agents the daemon starts in its guests, and their tokens;
 - sockmap.ctlserver: the control socket's requests and the metrics endpoint;
 - sockmap.eventbus: the ``events`` subscriptions, published after each replan;
+- sockmap.reverse: reverse forwards (a guest reaches a host loopback service), reconciled
+  after each replan; sockmap.reverseopts: their recorded options;
 - here: Config, startup (sockets), run, shutdown, guest create/delete, SIGHUP reload, status.
 
 Sockets, all under RUN_DIR:
@@ -35,7 +37,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,18 +46,23 @@ from sockmap import config, control, metrics, sdnotify
 from sockmap.agents import AgentSessions
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
+from sockmap.conflicts.reverse import ReverseRule, parse_specs
 from sockmap.conflicts.rules import Plan, Policies, Rule
 from sockmap.ctlserver import ControlServer
 from sockmap.errors import SockmapError
 from sockmap.eventbus import EventBus, View, view
 from sockmap.flatwatch import FlatWatch
+from sockmap.nat.nssock import NetnsRef
 from sockmap.nat.plan import GuestRecord
 from sockmap.nswatch import NetnsWatch, loopback_connector
 from sockmap.peercred import netns_of
 from sockmap.planner import Planner
+from sockmap.portwatch import Listener
 from sockmap.proxy import Connector, MappingTable
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Assigned, Registry
+from sockmap.reverse import ReverseForwarder
+from sockmap.reverseopts import load_options, remove_options, save_options
 from sockmap.supervisor import (
     AGENT_SOCKET,
     NETNS_DIR,
@@ -97,6 +104,7 @@ class Config:
     kernel_map_size: int = 4096  # host endpoints the kernel map holds; the rest: relay
     netns_watch: str = "daemon"  # netns guests: "daemon" watches them itself (nswatch);
     # "agent" starts a `sockmap agent` in each (the old way: the supervisor's tests)
+    reverse_rules: tuple[ReverseRule, ...] = ()  # the rules file's [[reverse]] at start
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -144,7 +152,11 @@ class Daemon:
         self.flat = FlatWatch(poll_s=cfg.host_poll_s, log_once=self.planner.log_once)
         self.control = ControlServer(self, own_netns=netns_of(os.getpid()))
         self.events = EventBus(self._event_view)  # sockmap events / wait
-        self.planner.on_planned = self.events.publish
+        self.planner.on_planned = self._planned
+        # reverse forwards (a guest reaches a host loopback service), keyed by guest name
+        self.reverse = ReverseForwarder(retry_s=cfg.retry_s, rules=cfg.reverse_rules,
+                                        on_change=self.events.publish)
+        self.planner.reverse_own = self.reverse.own
         self._supervisors: dict[str, Supervisor] = {}
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
         self._servers: list[asyncio.Server] = []
@@ -185,10 +197,38 @@ class Daemon:
         await self.planner.refresh_kernel()
 
     def rows(self, *, not_forwarded: bool = False) -> list[dict[str, Any]]:
-        return self.planner.rows(not_forwarded=not_forwarded)
+        return list(self.iter_rows(not_forwarded=not_forwarded))
 
     def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
-        return self.planner.iter_rows(not_forwarded=not_forwarded)
+        """The planner's rows (``direction`` "forward"), then the reverse forwards'."""
+        for r in self.planner.iter_rows(not_forwarded=not_forwarded):
+            r["direction"] = "forward"
+            yield r
+        yield from self.reverse.rows()
+
+    # -- reverse forwards -----------------------------------------------------------------
+    def _planned(self) -> None:
+        """After each replan: publish the changes, reconcile the reverse forwards (the
+        guests' listeners and the host's may have changed)."""
+        self.events.publish()
+        self.reverse.kick()  # nothing reverse asked for: no work per replan
+
+    def _reverse_inputs(self) -> tuple[dict[str, tuple[Listener, ...]], list[Listener]]:
+        """Right before each reconcile: the synced guests' listeners, the host's, and the
+        host ports sockmap forwards now (which no reverse forward connects to)."""
+        self.reverse.forwarded = self.planner.host_ports()
+        return ({g.name: g.listeners for g in self.registry.raw_states()},
+                self.planner.last_host)
+
+    def reverse_guest(self, name: str, netns: NetnsRef, reverse: Iterable[str] = (), *,
+                      record: bool = True) -> None:
+        """Reverse forwards for guest ``name`` (any guest whose namespace the daemon can
+        name: a path or an fd): its ``--reverse`` options (recorded for restarts when
+        ``record``), and the rules file's [[reverse]] entries that match its name."""
+        specs = parse_specs(reverse)
+        if record:
+            save_options(self.cfg.run_dir, name, specs)
+        self.reverse.set_guest(name, netns, specs)
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -298,6 +338,7 @@ class Daemon:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             replanner = tg.create_task(self.planner.replanner(), name="replanner")
+            reverse = tg.create_task(self.reverse.run(self._reverse_inputs), name="reverse")
             host_watch = tg.create_task(self.planner.host_watch(), name="host-watch")
             try:
                 records = await asyncio.to_thread(guests.list_guests, self.cfg.run_dir)
@@ -310,6 +351,12 @@ class Daemon:
                 if self.cfg.start_agents and (NETNS_DIR / rec.netns).exists():
                     write_token(self.cfg.run_dir, rec.name, keep=True)
                     self._start_agent(rec.name, rec.netns)
+                    try:  # its recorded --reverse options, and the matching rules
+                        self.reverse_guest(rec.name, NETNS_DIR / rec.netns, (
+                            s.text() for s in load_options(self.cfg.run_dir, rec.name)),
+                            record=False)
+                    except SockmapError as e:
+                        log.error("guest %s: %s", rec.name, e)
             await self._stop.wait()
             log.info("stopping")
             for sup in list(self._supervisors.values()):
@@ -318,6 +365,7 @@ class Daemon:
                 await w.stop()
             replanner.cancel()
             host_watch.cancel()
+            reverse.cancel()
         self._tg = None
 
     async def shutdown(self) -> None:
@@ -327,6 +375,7 @@ class Daemon:
             t.cancel()
         await asyncio.gather(*self.conns, *self.drains, return_exceptions=True)
         self.planner.cancel_retry()
+        self.reverse.close_all()
         if self.planner.kernel is not None:
             self.planner.kernel.close()  # detach the hooks first: clients go to the relay
             self.planner.kernel = None
@@ -372,7 +421,10 @@ class Daemon:
         return self.agents.relays.connector(guest, family)
 
     # -- guests ---------------------------------------------------------------------------
-    async def guest_create(self, name: str, subnet: str | None, *, nat: bool) -> object:
+    async def guest_create(self, name: str, subnet: str | None, *, nat: bool,
+                           reverse: Iterable[str] = ()) -> object:
+        reverse = tuple(reverse)
+        parse_specs(reverse)  # bad --reverse: an error before anything is made
         async with self._guest_lock:
             # the kernel work in a worker thread (no child process): the loop is never held
             from sockmap.nat import guests as nat_guests
@@ -389,6 +441,8 @@ class Daemon:
                 self._start_agent(name, rec.netns)
                 async with asyncio.timeout(self.cfg.first_snapshot_timeout_s):
                     await synced.wait()
+                self.reverse_guest(name, NETNS_DIR / rec.netns, reverse)
+                await self.reverse.reconcile(*self._reverse_inputs())
                 log.info("guest %s created in %.1f ms: kernel work %.1f ms, agent start to "
                          "its first snapshot %.1f ms", name, (time.monotonic() - t0) * 1000,
                          (t1 - t0) * 1000, (time.monotonic() - t1) * 1000)
@@ -412,6 +466,7 @@ class Daemon:
         """Stop the agent, close the guest's mappings, then delete the guest."""
         t0 = time.monotonic()
         await self._stop_agent(name)
+        self.reverse.forget_guest(name)
         t1 = time.monotonic()
         self.planner.purge.add(name)
         try:
@@ -422,6 +477,8 @@ class Daemon:
 
             t2 = time.monotonic()
             lines = await asyncio.to_thread(nat_guests.delete, self.cfg.run_dir, name)
+            if remove_options(self.cfg.run_dir, name):
+                lines.append(f"removed reverse options of guest {name}")
             log.info("guest %s deleted in %.1f ms: agent stop %.1f ms, replan %.1f ms, kernel "
                      "work %.1f ms", name, (time.monotonic() - t0) * 1000, (t1 - t0) * 1000,
                      (t2 - t1) * 1000, (time.monotonic() - t2) * 1000)
@@ -469,14 +526,18 @@ class Daemon:
             raise SockmapError("the daemon did not finish planning within 10 s",
                                hint="see the daemon's log") from None
         pl = self.last_plan
-        found = pl.conflicts if pl is not None else ()
+        if self.reverse.active():
+            await self.reverse.reconcile(*self._reverse_inputs())
+        found = (pl.conflicts if pl is not None else ()) + self.reverse.last_plan.conflicts
         return {"mode": "nat", "conflicts": conflict_report.to_json(found)}
 
     def _event_view(self) -> View:
         """The state ``sockmap events`` diffs: ls rows, the last plan's conflicts, the
         synced guests."""
         pl = self.last_plan
-        return view(self.rows(), conflict_report.to_json(pl.conflicts if pl else ()),
+        # forward rows only: `wait GUEST:PORT` means a guest port accepting on the host
+        return view(self.planner.rows(), conflict_report.to_json(
+            (pl.conflicts if pl else ()) + self.reverse.last_plan.conflicts),
                     [g.name for g in self.registry.states()])
 
     def metrics_text(self) -> str:
@@ -485,7 +546,7 @@ class Daemon:
             g = self.registry.get(name)
             conn.append(g is not None and g.session is not None)
         pl = self.last_plan
-        return metrics.render(rows=self.rows() if self.table is not None else [],
+        return metrics.render(rows=self.planner.rows() if self.table is not None else [],
                               guests=conn, conflicts=[c.kind for c in pl.conflicts] if pl
                               else [], latency=self.planner.latency, reloads=self._reloads)
 
@@ -521,6 +582,8 @@ class Daemon:
             log.info("reload: [daemon] %s apply at start only; restart to change them",
                      ", ".join(static))
         self.planner.rules = fc.rules
+        self.reverse.rules = fc.reverse
+        self.reverse.kick()
         self._reloads["ok"] += 1
         self._reload_error = ""
         await self.wait_planned(self.request_replan())

@@ -4,7 +4,9 @@ Rows come from the daemon (``Daemon.rows``) as JSON objects. Text columns are si
 content; PROCESS shows as netstat's PID/name (``812/python3``) while the table fits ``width``,
 else the name alone; STATE shows only when some mapping is not open (draining; remapped:
 policy remap put it on another host port; waiting: for its host port, under policy wait or
-TIME_WAIT, see ``sockmap conflicts``); LABEL only when some mapping's rule has a ``label``.
+TIME_WAIT, see ``sockmap conflicts``); DIR only when some row is a reverse forward (a
+guest reaching a host loopback service: HOST is the host service, GUEST ADDR the daemon's
+listener on the guest's loopback); LABEL only when some mapping's rule has a ``label``.
 A host side of 127.0.0.1 and ::1 on one port shows as ``localhost:PORT``; on a port guests
 share (policy share), each row shows its guest's name (``web.localhost:3000``). When the
 table is still wider than ``width`` (80), a host side of several addresses shows its first
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 Row = dict[str, Any]
-COLUMNS = ("GUEST", "LABEL", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "PATH",
+COLUMNS = ("GUEST", "DIR", "LABEL", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "PATH",
            "CONN", "IN", "OUT", "AGE")
 RIGHT = {"CONN", "IN", "OUT", "AGE"}
 
@@ -109,7 +111,8 @@ def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...
     if compact and len(label) > LABEL_CUT:
         label = label[: LABEL_CUT - 1] + "~"
     return (
-        str(r.get("guest", "?")), label, str(r.get("proto", "?")),
+        str(r.get("guest", "?")), str(r.get("direction") or "forward"), label,
+        str(r.get("proto", "?")),
         host_text(r, compact=compact),
         guest_text(r, compact=compact), who,
         str(r.get("state", "?")), str(r.get("path") or "-"), str(r.get("connections", "?")),
@@ -145,7 +148,8 @@ def _table(rows: Sequence[Row], width: int) -> str:
     base = [c for c in COLUMNS
             if (c != "STATE" or any(r.get("state") != "open" for r in rows))
             and (c != "PATH" or any(r.get("path") == "kernel" for r in rows))
-            and (c != "LABEL" or any(r.get("label") for r in rows))]
+            and (c != "LABEL" or any(r.get("label") for r in rows))
+            and (c != "DIR" or any(r.get("direction") == "reverse" for r in rows))]
     # widest first: PID/PROCESS, then the process name alone, then compact, where the
     # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp"), then without
     # PATH (the column shows only when some mapping takes the kernel path; --json has it)

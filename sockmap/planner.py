@@ -34,6 +34,7 @@ from typing import Any
 
 from sockmap import metrics, sharing
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
+from sockmap.conflicts.reverse import without_own
 from sockmap.conflicts.rules import (
     LOOPBACK4,
     LOOPBACK6,
@@ -131,6 +132,9 @@ class Planner:
         self.kconns = KernelConns()  # its connections and bytes, from sock_diag
         self.own_sockets: dict[HostEndpoint, str] = {}  # the daemon's other sockets, named
         self.on_planned: Callable[[], None] | None = None  # after each replan (events)
+        # reverse forwards: the daemon's own listeners in guests, never forwarded back out
+        self.reverse_own: Callable[[], frozenset[tuple[str, str, str, int]]] = frozenset
+        self.last_host: list[Listener] = []  # the host's listeners at the last replan
         self.latency = metrics.Histogram()
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
@@ -160,6 +164,11 @@ class Planner:
     @property
     def open_count(self) -> int:
         return len(self._open)
+
+    def host_ports(self) -> frozenset[tuple[str, int]]:
+        """(proto, host port) of every open mapping (reverse forwards never connect there)."""
+        return frozenset((str(k.proto), m.host_port) for k, ms in self._open.items()
+                         for m in ms[:1])
 
     def seen(self, guest: str, listeners: tuple[Listener, ...]) -> None:
         """When a listener was first reported (for sockmap_event_to_mapping_seconds)."""
@@ -230,6 +239,7 @@ class Planner:
                                                   self.registry.has_vm_guests())
         if own_addrs is not None:
             self.registry.set_host_addrs(own_addrs)
+        self.last_host = host
         now = time.monotonic()
         for e, due in list(self._blocked.items()):  # EADDRINUSE: free again?
             if due <= now:
@@ -289,6 +299,9 @@ class Planner:
                 own_labels: dict[HostEndpoint, str]
                 ) -> tuple[Plan, dict[MappingKey, tuple[PortMapping, ...]]]:
         """The plan and its groups, from immutable inputs (runs in a thread)."""
+        if own := self.reverse_own():
+            guests = tuple(replace(g, listeners=without_own(g.listeners, g.name, own))
+                           for g in guests)
         capped, over, too_many = cap_listeners(guests, self.max_listeners)
         pl = plan(guests=capped, host_listeners=host, current=current, blocked=blocked,
                   own_pid=os.getpid(), policies=policies, rules=rules, own_labels=own_labels)

@@ -16,6 +16,9 @@ ConflictKind = Literal[
     "guests_collide",  # two guests want one host port; the first keeps it
     "time_wait",  # bind() failed with EADDRINUSE and nobody listens: TIME_WAIT sockets
     "too_many_listeners",  # a guest reports more listeners than the per-guest limit
+    # reverse forwards (reverse.plan_reverse)
+    "guest_port_busy",  # a reverse forward's port is taken inside the guest: not stolen
+    "reverse_to_guest",  # a reverse forward's host port is sockmap's forward of a guest
     # flat mode (flat.analyse)
     "reuseport_split",  # one endpoint shared by sockets of different contexts
     "dualstack_vs_ipv4",  # [::] v6only=0 and 0.0.0.0 in different contexts
@@ -24,7 +27,8 @@ ConflictKind = Literal[
 ]
 
 KINDS: tuple[ConflictKind, ...] = (
-    "host_port_in_use", "guests_collide", "time_wait", "too_many_listeners", "reuseport_split",
+    "host_port_in_use", "guests_collide", "time_wait", "too_many_listeners", "guest_port_busy",
+    "reverse_to_guest", "reuseport_split",
     "dualstack_vs_ipv4", "wildcard_specific", "ipv4_ipv6_split",
 )
 

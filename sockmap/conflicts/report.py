@@ -21,6 +21,8 @@ TITLES = {
     "guests_collide": "two guests want one host port",
     "time_wait": "host port blocked by TIME_WAIT sockets",
     "too_many_listeners": "a guest reports more listeners than the per-guest limit",
+    "guest_port_busy": "a reverse forward's port is taken inside the guest",
+    "reverse_to_guest": "a reverse forward's host port is another guest's forward",
     "reuseport_split": "one port split between programs (SO_REUSEPORT)",
     "dualstack_vs_ipv4": "dual-stack [::] shadowed by 0.0.0.0 for IPv4",
     "wildcard_specific": "wildcard and specific binds of one port",
