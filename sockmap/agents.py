@@ -156,7 +156,7 @@ class AgentSessions:
     def open_local(self, name: str) -> int:
         """A session for the daemon's own watch of ``name``; it replaces any other."""
         session = next(self._sessions)
-        old = self.registry.connect(name, session)
+        old = self.registry.connect(name, session, local=True)
         if old is not None and old in self._writers:
             self._writers[old].close()
         return session

@@ -16,8 +16,9 @@ deliberate check) and, when the file is gone or names another namespace, closes 
 guest's session (its mappings close at the next plan), logs it once and ends.
 
 ``loopback_connector``: the relay's upstream socket for a guest server bound to its
-loopback only, made inside the guest's namespace with the fd the watch holds, so the
-guest's server is reached directly and sees its peer as 127.0.0.1 (or ::1).
+loopback only, TCP or UDP (one per UDP flow), made inside the guest's namespace with the fd
+the watch holds, so the guest's server is reached directly and sees its peer as 127.0.0.1
+(or ::1) with an ephemeral port of the guest's.
 """
 
 from __future__ import annotations
@@ -184,8 +185,10 @@ class NetnsWatch:
                 await self.task
 
 
-def loopback_connector(watch: NetnsWatch, family: int) -> Connector:
-    """Connects to ``family``'s loopback inside the watched guest's namespace."""
+def loopback_connector(watch: NetnsWatch, family: int,
+                       kind: socket.SocketKind = socket.SOCK_STREAM) -> Connector:
+    """Connects a ``kind`` socket (TCP, or a UDP flow's upstream: SOCK_DGRAM) to
+    ``family``'s loopback inside the watched guest's namespace."""
     fam = socket.AF_INET if family == 4 else socket.AF_INET6
     host = "127.0.0.1" if family == 4 else "::1"
 
@@ -194,7 +197,7 @@ def loopback_connector(watch: NetnsWatch, family: int) -> Connector:
             raise ConnectionRefusedError(f"guest {watch.name} is not watched now")
         fd = os.dup(watch.ns_fd)  # ours: the watch may close its own meanwhile
         try:
-            s = await asyncio.to_thread(nssock.open_socket, fd, fam, socket.SOCK_STREAM)
+            s = await asyncio.to_thread(nssock.open_socket, fd, fam, kind)
         finally:
             os.close(fd)
         try:

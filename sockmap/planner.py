@@ -126,6 +126,9 @@ class Planner:
         self.table: MappingTable | None = None
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
+        # UDP to a guest's loopback: upstream sockets made in its namespace (netns guests
+        # the daemon watches; conflicts.rules lets only those through)
+        self.udp_relay_connector: RelayConnector | None = None
         self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
         self.kconns = KernelConns()  # its connections and bytes, from sock_diag
         self.own_sockets: dict[HostEndpoint, str] = {}  # the daemon's other sockets, named
@@ -346,13 +349,15 @@ class Planner:
                     return f"target {nic} is not an address of guest {key.guest}"
                 targets.append(Target(host_addr=m.host_addr, addr=nic, port=key.port))
                 continue
-            if not isinstance(m.upstream, Relay) or key.proto is not Proto.TCP:
+            udp = key.proto is Proto.UDP
+            relay = self.udp_relay_connector if udp else self.relay_connector
+            if not isinstance(m.upstream, Relay) or (udp and relay is None):
                 return (f"UDP bound to {m.guest_addr}: the agent relay carries TCP only; bind "
                         "the guest's NIC address or a wildcard")
-            if self.relay_connector is None:
+            if relay is None:
                 return "no loopback relay in this daemon (bind the guest's NIC address)"
             fam = m.upstream.family
-            connectors[m.host_addr] = self.relay_connector(key.guest, fam)
+            connectors[m.host_addr] = relay(key.guest, fam)
             targets.append(Target(host_addr=m.host_addr, addr=LOOPBACK4 if fam == 4
                                   else LOOPBACK6, port=key.port, via="relay"))
         return tuple(targets), connectors
