@@ -65,7 +65,8 @@ sys.stdin.read()
 def start(lab: netlab.Lab, run: Path, log: Path) -> subprocess.Popen[str]:
     with log.open("a") as out:
         return lab.host.popen([PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(run),
-                               "--path", "relay", "--log-level", "warning"],
+                               "--path", "relay", "--log-level",
+                               "info" if os.environ.get("BENCH_LOG") else "warning"],
                               stderr=out, cwd=ROOT)
 
 
@@ -142,6 +143,8 @@ def run(guests: int, ports: int) -> dict[str, Any]:
             t1 = time.monotonic()
             n = len(control.request(run_dir, "ls"))
             res["ls_all_ms"] = {"rows": n, "took_ms": (time.monotonic() - t1) * 1000}
+            if os.environ.get("BENCH_LOG"):
+                Path(os.environ["BENCH_LOG"]).write_text(log.read_text())
         finally:
             if holder is not None:
                 holder.kill()

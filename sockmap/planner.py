@@ -49,8 +49,9 @@ from sockmap.conflicts.rules import (
     shared_with,
 )
 from sockmap.errors import SockmapError
+from sockmap.hostscan import HostScan
 from sockmap.kernelsync import sync_kernel
-from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
+from sockmap.portwatch import Listener, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
 from sockmap.proxy.conndiag import Tally
@@ -148,7 +149,7 @@ class Planner:
         self._done_gen = 0
         self._planned = asyncio.Condition()
         self._retry: asyncio.TimerHandle | None = None
-        self._owners = OwnerResolver()  # host sockets' owners, cached across replans
+        self._host_scan = HostScan()  # host sockets' owners, cached across replans
         # conflicts: host ports a conflict waits on, their listeners at the last plan
         self._watch: frozenset[tuple[str, int]] = frozenset()
         self._watch_keys: frozenset[tuple[object, ...]] = frozenset()
@@ -212,7 +213,7 @@ class Planner:
         """The host's listeners and, with ``addrs``, its own addresses (None: not read or
         unreadable, keep the last)."""
         try:
-            host = scan_listeners(owners=self._owners)
+            host = self._host_scan.listeners()
         except (SockmapError, OSError) as e:
             self.log_once(f"host scan: {e}")
             host = []
