@@ -156,7 +156,7 @@ class AgentSessions:
     def open_local(self, name: str) -> int:
         """A session for the daemon's own watch of ``name``; it replaces any other."""
         session = next(self._sessions)
-        old = self.registry.connect(name, session)
+        old = self.registry.connect(name, session, local=True)
         if old is not None and old in self._writers:
             self._writers[old].close()
         return session
@@ -447,11 +447,18 @@ class AgentSessions:
         """For a daemon-made guest, ask the kernel (``ip -j -n NETNS addr``, an exec'd child)
         which addresses its netns really has, and let only those count: the record's
         addresses until then, the kernel's after (so a guest IP change is followed, and a
-        guest cannot claim an address it does not have)."""
+        guest cannot claim an address it does not have). A guest the daemon watches itself
+        reported them from the kernel already (nswatch: rtnetlink opened in its namespace)."""
         netns = self.netns_of_guest.get(name)
         if netns is None:
             return
         gen = self._addr_checks[name] = self._addr_checks.get(name, 0) + 1
+        g = self.registry.get(name)
+        if g is not None and g.local:  # the daemon's own watch: its rtnetlink socket in the
+            # guest's namespace read these from the kernel; no `ip` exec (64 guests
+            # re-adopted at a restart spawned 64 of them)
+            self.registry.set_record(name, g.reported_addrs)
+            return
 
         async def check() -> None:
             try:

@@ -58,7 +58,7 @@ from sockmap.nswatch import NetnsWatch, loopback_connector
 from sockmap.peercred import netns_of
 from sockmap.planner import Planner
 from sockmap.portwatch import Listener
-from sockmap.proxy import Connector, MappingTable
+from sockmap.proxy import Connector, MappingSpec, MappingTable
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Assigned, Registry
 from sockmap.reverse import ReverseForwarder
@@ -149,6 +149,7 @@ class Daemon:
             request_replan=self.planner.request_replan, seen=self.planner.seen,
             log_once=self.planner.log_once, conns=self.conns, tasks=self.drains)
         self.planner.relay_connector = self._loopback_connector
+        self.planner.udp_relay_connector = self._loopback_udp_connector
         self.flat = FlatWatch(poll_s=cfg.host_poll_s, log_once=self.planner.log_once)
         self.control = ControlServer(self, own_netns=netns_of(os.getpid()))
         self.events = EventBus(self._event_view)  # sockmap events / wait
@@ -419,6 +420,18 @@ class Daemon:
         if w is not None:
             return loopback_connector(w, family)
         return self.agents.relays.connector(guest, family)
+
+    def _loopback_udp_connector(self, guest: str, family: int) -> Connector:
+        """A UDP flow's upstream for a guest server on its loopback only: made inside the
+        guest's namespace (a netns guest the daemon watches; rules lets only those
+        through: a VM's agent relay carries TCP only)."""
+        w = self._watches.get(guest)
+        if w is not None:
+            return loopback_connector(w, family, socket.SOCK_DGRAM)
+
+        async def refuse(spec: MappingSpec) -> socket.socket:
+            raise ConnectionRefusedError(f"guest {guest} is not watched by the daemon")
+        return refuse
 
     # -- guests ---------------------------------------------------------------------------
     async def guest_create(self, name: str, subnet: str | None, *, nat: bool,

@@ -159,8 +159,8 @@ def _table(rows: Sequence[Row], width: int) -> str:
         show = show if path else [c for c in show if c != "PATH"]
         keep = [COLUMNS.index(c) for c in show]
         head = tuple("PID/PROCESS" if pid and c == "PROCESS" else c for c in show)
-        table = [head, *(tuple(cells(r, compact=compact, pid=pid)[i] for i in keep)
-                         for r in rows)]
+        table = [head, *(tuple(cs[i] for i in keep)  # one cells() per row, not per column
+                         for cs in (cells(r, compact=compact, pid=pid) for r in rows))]
         widths = [max(len(row[i]) for row in table) for i in range(len(show))]
         if sum(widths) + len(widths) - 1 <= width:
             break

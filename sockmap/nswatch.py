@@ -16,8 +16,9 @@ deliberate check) and, when the file is gone or names another namespace, closes 
 guest's session (its mappings close at the next plan), logs it once and ends.
 
 ``loopback_connector``: the relay's upstream socket for a guest server bound to its
-loopback only, made inside the guest's namespace with the fd the watch holds, so the
-guest's server is reached directly and sees its peer as 127.0.0.1 (or ::1).
+loopback only, TCP or UDP (one per UDP flow), made inside the guest's namespace with the fd
+the watch holds, so the guest's server is reached directly and sees its peer as 127.0.0.1
+(or ::1) with an ephemeral port of the guest's.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def _build(msg_of: type[p.Snapshot] | type[p.Added], listeners: tuple[Listener, 
     else:
         msg = p.Added(listeners=listeners)
     return msg, {li.key: li for li in listeners}
+
+
+def _batch_keyed(events: list[Event], nics: Nics
+                 ) -> list[tuple[p.Message, dict[ListenerKey, Listener] | None]]:
+    """``batch``'s messages, each Added one with its listeners by key (pure)."""
+    return [(m, {li.key: li for li in m.listeners} if isinstance(m, p.Added) else None)
+            for m in batch(events, nics)]
 
 
 class NetnsWatch:
@@ -155,11 +163,14 @@ class NetnsWatch:
             events = [ev]
             while (more := w.get_nowait()) is not None:
                 events.append(more)
-            for msg in batch(events, nics):
-                if isinstance(msg, p.Added):
-                    await self._apply(session, p.Added, msg.listeners, None)
-                else:
-                    self._apply_msg(session, msg, None)
+            # a burst's messages are built (and checked) in a thread: on the loop 2,000
+            # listeners' checks held it ~50 ms (bench/burst.py)
+            if len(events) >= OFFLOAD_LISTENERS:
+                msgs = await asyncio.to_thread(_batch_keyed, events, nics)
+            else:
+                msgs = _batch_keyed(events, nics)
+            for msg, keyed in msgs:
+                self._apply_msg(session, msg, keyed)
 
     async def _apply(self, session: int, kind: type[p.Snapshot] | type[p.Added],
                      listeners: tuple[Listener, ...], nics: Nics | None) -> None:
@@ -184,8 +195,10 @@ class NetnsWatch:
                 await self.task
 
 
-def loopback_connector(watch: NetnsWatch, family: int) -> Connector:
-    """Connects to ``family``'s loopback inside the watched guest's namespace."""
+def loopback_connector(watch: NetnsWatch, family: int,
+                       kind: socket.SocketKind = socket.SOCK_STREAM) -> Connector:
+    """Connects a ``kind`` socket (TCP, or a UDP flow's upstream: SOCK_DGRAM) to
+    ``family``'s loopback inside the watched guest's namespace."""
     fam = socket.AF_INET if family == 4 else socket.AF_INET6
     host = "127.0.0.1" if family == 4 else "::1"
 
@@ -194,7 +207,7 @@ def loopback_connector(watch: NetnsWatch, family: int) -> Connector:
             raise ConnectionRefusedError(f"guest {watch.name} is not watched now")
         fd = os.dup(watch.ns_fd)  # ours: the watch may close its own meanwhile
         try:
-            s = await asyncio.to_thread(nssock.open_socket, fd, fam, socket.SOCK_STREAM)
+            s = await asyncio.to_thread(nssock.open_socket, fd, fam, kind)
         finally:
             os.close(fd)
         try:

@@ -50,8 +50,9 @@ from sockmap.conflicts.rules import (
     shared_with,
 )
 from sockmap.errors import SockmapError
+from sockmap.hostscan import HostScan
 from sockmap.kernelsync import sync_kernel
-from sockmap.portwatch import Listener, OwnerResolver, scan_listeners
+from sockmap.portwatch import Listener, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
 from sockmap.proxy.bpfprog import KernelStats
@@ -128,6 +129,9 @@ class Planner:
         self.table: MappingTable | None = None
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
+        # UDP to a guest's loopback: upstream sockets made in its namespace (netns guests
+        # the daemon watches; conflicts.rules lets only those through)
+        self.udp_relay_connector: RelayConnector | None = None
         self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
         self.kconns = KernelConns()  # its connections and bytes, from sock_diag
         self.own_sockets: dict[HostEndpoint, str] = {}  # the daemon's other sockets, named
@@ -150,7 +154,7 @@ class Planner:
         self._done_gen = 0
         self._planned = asyncio.Condition()
         self._retry: asyncio.TimerHandle | None = None
-        self._owners = OwnerResolver()  # host sockets' owners, cached across replans
+        self._host_scan = HostScan()  # host sockets' owners, cached across replans
         # conflicts: host ports a conflict waits on, their listeners at the last plan
         self._watch: frozenset[tuple[str, int]] = frozenset()
         self._watch_keys: frozenset[tuple[object, ...]] = frozenset()
@@ -219,7 +223,7 @@ class Planner:
         """The host's listeners and, with ``addrs``, its own addresses (None: not read or
         unreadable, keep the last)."""
         try:
-            host = scan_listeners(owners=self._owners)
+            host = self._host_scan.listeners()
         except (SockmapError, OSError) as e:
             self.log_once(f"host scan: {e}")
             host = []
@@ -360,13 +364,15 @@ class Planner:
                     return f"target {nic} is not an address of guest {key.guest}"
                 targets.append(Target(host_addr=m.host_addr, addr=nic, port=key.port))
                 continue
-            if not isinstance(m.upstream, Relay) or key.proto is not Proto.TCP:
+            udp = key.proto is Proto.UDP
+            relay = self.udp_relay_connector if udp else self.relay_connector
+            if not isinstance(m.upstream, Relay) or (udp and relay is None):
                 return (f"UDP bound to {m.guest_addr}: the agent relay carries TCP only; bind "
                         "the guest's NIC address or a wildcard")
-            if self.relay_connector is None:
+            if relay is None:
                 return "no loopback relay in this daemon (bind the guest's NIC address)"
             fam = m.upstream.family
-            connectors[m.host_addr] = self.relay_connector(key.guest, fam)
+            connectors[m.host_addr] = relay(key.guest, fam)
             targets.append(Target(host_addr=m.host_addr, addr=LOOPBACK4 if fam == 4
                                   else LOOPBACK6, port=key.port, via="relay"))
         return tuple(targets), connectors

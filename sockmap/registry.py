@@ -156,6 +156,7 @@ class GuestEntry:
     record_addrs: frozenset[str] | None = None  # None: no record (an external agent)
     assigned: Assigned | None = None  # a netns guest's networks, from its record
     session: int | None = None  # the agent session speaking for this guest now
+    local: bool = False  # that session is the daemon's own watch of its namespace (nswatch)
     synced: bool = False  # a Snapshot arrived in this session
     listeners: dict[ListenerKey, Listener] = field(default_factory=dict)
     reported_addrs: tuple[str, ...] = ()
@@ -222,11 +223,13 @@ class Registry:
         self._changed()
 
     # -- sessions ------------------------------------------------------------------------
-    def connect(self, name: str, session: int) -> int | None:
+    def connect(self, name: str, session: int, *, local: bool = False) -> int | None:
         """Session ``session`` now speaks for ``name``; returns the session it replaces.
-        Listeners are kept until the new session's Snapshot replaces them."""
+        Listeners are kept until the new session's Snapshot replaces them. ``local``: the
+        session is the daemon's own watch (the relay reaches the guest's loopback for UDP
+        too: its upstream sockets are made in the guest's namespace)."""
         g = self.ensure(name)
-        old, g.session, g.synced = g.session, session, False
+        old, g.session, g.synced, g.local = g.session, session, False, local
         return old
 
     def disconnect(self, name: str, session: int) -> bool:
@@ -325,7 +328,7 @@ class Registry:
                 continue
             v = self.vouched(g.name)
             out.append(GuestState(name=g.name, addrs=v.usable, refused=v.refused,
-                                  listeners=tuple(g.listeners.values())))
+                                  listeners=tuple(g.listeners.values()), udp_relay=g.local))
         return tuple(out)
 
     def states(self) -> tuple[GuestState, ...]:
@@ -336,6 +339,6 @@ class Registry:
                 continue
             v = self.vouched(g.name)
             out.append(GuestState(
-                name=g.name, addrs=v.usable, refused=v.refused,
+                name=g.name, addrs=v.usable, refused=v.refused, udp_relay=g.local,
                 listeners=tuple(sorted(g.listeners.values(), key=lambda li: li.key))))
         return tuple(out)

@@ -73,7 +73,8 @@ class MappingTable:
             case Proto.UDP:
                 socks, port = bind_udp(spec)
                 try:
-                    relay = UdpRelay(spec, socks, counters)
+                    relay = UdpRelay(spec, socks, counters,
+                                     [per.get(t.host_addr) for t in spec.host_targets])
                 except SockmapError:
                     for s in socks:
                         s.close()

@@ -5,6 +5,7 @@ a restarted daemon adopting the guests that exist."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,6 +33,33 @@ while True:
     c.close()
 """
 
+# a UDP server that answers each datagram with the address and port it came from
+UDP_PEER_SERVER = r"""
+import socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+if fam == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(f"hi {peer[0]} {peer[1]}".encode(), peer)
+"""
+
+# from the host: N datagrams through one socket (one flow), the answers printed one a line
+UDP_ASK = r"""
+import socket, sys
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+with socket.socket(fam, socket.SOCK_DGRAM) as c:
+    c.settimeout(2)
+    c.connect((addr, port))
+    for i in range(n):
+        c.send(b"ping")
+        print(c.recv(100).decode(), flush=True)
+"""
+
 
 @pytest.fixture
 def daemon(lab: netlab.Lab, tmp_path: Path) -> Iterator[Daemon]:
@@ -47,8 +75,9 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _peer_server(ns: netlab.Netns, addr: str, port: int) -> subprocess.Popen[str]:
-    proc = ns.popen([PY, "-u", "-c", PEER_SERVER, addr, str(port)])
+def _peer_server(ns: netlab.Netns, addr: str, port: int, *,
+                 program: str = PEER_SERVER) -> subprocess.Popen[str]:
+    proc = ns.popen([PY, "-u", "-c", program, addr, str(port)])
     assert proc.stdout is not None
     netlab.wait_for_line(proc.stdout, "ready", timeout=10)
     return proc
@@ -76,6 +105,29 @@ def test_no_agent_and_the_guest_loopback_server_sees_its_own_loopback(
     ls = daemon.cli("ls", "--json").stdout
     assert f'"pid": {srv.pid}' in ls, ls
     assert _children(daemon.proc.pid) == []
+
+
+def test_guest_loopback_udp_server_sees_its_own_loopback(lab: netlab.Lab,
+                                                          daemon: Daemon) -> None:
+    """UDP bound to the guest's 127.0.0.1 or ::1 only: each host client is one flow, whose
+    upstream socket is made in the guest's namespace; the server sees the guest's own
+    loopback with one ephemeral port per flow (its answers come back to that client)."""
+    name, g, _ = daemon.guest()
+    _peer_server(g, "127.0.0.1", 3200, program=UDP_PEER_SERVER)
+    _peer_server(g, "::1", 3201, program=UDP_PEER_SERVER)
+    for host, port in (("127.0.0.1", 3200), ("::1", 3201)):
+        ok, _, a = probe(lab.host, "open", "udp", host, port)
+        assert ok and a.split()[:2] == ["hi", host], a + daemon.log_text()
+        out = lab.host.run([PY, "-c", UDP_ASK, host, str(port), "3"]).stdout.split("\n")
+        answers = {line for line in out if line}
+        assert len(answers) == 1, out  # one flow: one upstream socket, one source port
+        (word, peer, sport) = answers.pop().split()
+        assert (word, peer) == ("hi", host) and int(sport) > 0, out
+    rows = json.loads(daemon.cli("ls", "--json").stdout)
+    got = {(r["guest_port"], t["host_addr"], t["target_addr"], t["via"])
+           for r in rows if r["guest"] == name and r["proto"] == "udp" for t in r["targets"]}
+    assert got == {(3200, "127.0.0.1", "127.0.0.1", "relay"),
+                   (3201, "::1", "::1", "relay")}, rows
 
 
 def test_namespace_deleted_behind_the_daemon(lab: netlab.Lab, daemon: Daemon) -> None:

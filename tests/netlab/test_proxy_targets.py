@@ -92,6 +92,66 @@ async def test_udp_flows_go_to_their_host_addresss_target() -> None:
     t6.close()
 
 
+async def test_udp_relay_target_flows_through_its_connector() -> None:
+    """A UDP relay target (a netns guest's loopback-only server): each flow's upstream comes
+    from the connector, off the loop; what the client sends meanwhile waits in the flow (up
+    to udp.PENDING) and is delivered in order; a connector that fails ends that flow, counted
+    as an error, and the next datagram makes a new one. No connector: refused at open."""
+    loop = asyncio.get_running_loop()
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    srv.bind(("::1", 0))
+    srv.setblocking(False)
+    port = srv.getsockname()[1]
+
+    def echo() -> None:
+        while True:
+            try:
+                data, peer = srv.recvfrom(100)
+            except BlockingIOError:
+                return
+            srv.sendto(b"6:" + data, peer)
+    loop.add_reader(srv.fileno(), echo)
+    gate = asyncio.Event()
+    calls: list[str] = []
+
+    async def slow(spec: MappingSpec) -> socket.socket:
+        calls.append("call")
+        if len(calls) == 1:
+            raise ConnectionRefusedError("not watched now")  # the first flow fails
+        await gate.wait()  # held: the datagrams of the second flow wait for it
+        up = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        up.connect(("::1", spec.target_port))
+        return up
+
+    spec = MappingSpec(guest="t", proto=Proto.UDP, host_port=0, targets=(
+        Target(host_addr="::1", addr="::1", port=port, via="relay"),))
+    t = MappingTable()
+    with pytest.raises(SockmapError, match="no connector"):
+        t.open(spec)
+    row = t.open(spec, connectors={"::1": slow})
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as c:
+        c.setblocking(False)
+        c.connect(("::1", row.host_port))
+        c.send(b"lost")
+        for _ in range(100):  # bounded: until the failed connector's flow has ended
+            await asyncio.sleep(0.01)
+            r = t.get(spec.key)
+            if r is not None and r.errors == 1 and r.connections == 0:
+                break
+        for i in range(3):
+            c.send(b"m%d" % i)
+        await asyncio.sleep(0.05)
+        assert calls == ["call", "call"]  # one flow, made once, still waiting
+        gate.set()
+        got = [await asyncio.wait_for(loop.sock_recv(c, 100), 5) for _ in range(3)]
+    assert got == [b"6:m0", b"6:m1", b"6:m2"]
+    r = t.get(spec.key)
+    assert r is not None and r.errors == 1 and r.connections == 1 and r.dropped == 0
+    await t.aclose()
+    loop.remove_reader(srv.fileno())
+    srv.close()
+
+
 async def test_a_connector_per_host_address(pair_port: int) -> None:
     used: list[str] = []
 

@@ -444,3 +444,29 @@ def test_second_listener_on_a_host_port_the_guest_forwards_is_skipped_with_a_rea
         ("::", "::1", 9000)]
     assert [(s.listener.addr, s.listener.port, s.reason) for s in p.skipped] == [
         ("127.0.0.1", 8000, "host tcp port 8000 already forwards this guest's 10.0.0.2:8000")]
+
+
+# a netns guest the daemon watches: its UDP flows' upstream sockets are made inside its
+# namespace, so UDP on its loopback goes through the relay as TCP does
+DECIDE_UDP_LOCAL = [
+    ("127.0.0.1", None, ADDRS, (("127.0.0.1", Relay(family=4, port=53)),)),
+    ("::1", True, ADDRS, (("::1", Relay(family=6, port=53)),)),
+    ("0.0.0.0", None, (), (("127.0.0.1", Relay(family=4, port=53)),)),
+    ("0.0.0.0", None, ADDRS, (("127.0.0.1", N4),)),  # a NIC address: still the NIC
+]
+
+
+@pytest.mark.parametrize(("addr", "v6only", "addrs", "want"), DECIDE_UDP_LOCAL)
+def test_decide_udp_through_the_relay_of_a_watched_netns_guest(
+    addr: str, v6only: bool | None, addrs: tuple[str, ...],
+    want: tuple[tuple[str, r.Upstream], ...],
+) -> None:
+    li = L(addr, 53, v6only=v6only, proto="udp")
+    d = r.decide(li, addrs, udp_relay=True)
+    assert d == Forwarded(bindings=tuple(Binding(host_addr=h, upstream=u) for h, u in want))
+    pl = r.plan(guests=[r.GuestState(name="g", listeners=(li,),
+                                     addrs=addrs, udp_relay=True)])
+    assert {m.host_addr for m in pl.mappings} == {h for h, _ in want} and not pl.skipped
+    pl = r.plan(guests=[r.GuestState(name="g", listeners=(li,),
+                                     addrs=addrs)])  # a VM's agent: no UDP relay
+    assert all(not isinstance(m.upstream, Relay) for m in pl.mappings)

@@ -49,11 +49,16 @@ HOST = re.compile(r"`\[?([0-9a-f.:]+)\]?` → (NIC v4|NIC v6|relay)(?: \(the `([
 
 @pytest.mark.parametrize(("who", "protos", "host"), table_rows())
 def test_readme_table_matches_plan(who: str, protos: str, host: str) -> None:
+    # "(netns guest)" at the end: a netns guest the daemon watches (UDP relay); "none (VM)":
+    # a guest behind an agent; neither: the same for both
+    netns = host.endswith(" (netns guest)")
+    host = host.removesuffix(" (netns guest)").replace("none (VM):", "none:")
     for proto in protos.split(", "):
         assert proto in ("tcp", "udp"), protos
         lis = tuple(listener(t, proto, pid)  # type: ignore[arg-type]
                     for pid, t in enumerate(who.split(" + "), 1))
-        pl = plan(guests=[GuestState(name="g", listeners=lis, addrs=tuple(NIC.values()))])
+        pl = plan(guests=[GuestState(name="g", listeners=lis, addrs=tuple(NIC.values()),
+                                     udp_relay=netns)])
         got = {m.host_addr: m for m in pl.mappings}
         if host.startswith("none"):
             assert not got, (who, proto, pl.mappings)
