@@ -42,6 +42,7 @@ from typing import Any
 
 from sockmap import config, control, metrics, sdnotify
 from sockmap.agents import AgentSessions
+from sockmap.attachments import Attachments
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
 from sockmap.conflicts.rules import Plan, Policies, Rule
@@ -147,6 +148,7 @@ class Daemon:
         self.planner.on_planned = self.events.publish
         self._supervisors: dict[str, Supervisor] = {}
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
+        self.attachments = Attachments(self)  # adopted namespaces (guest attach, [[attach]])
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -310,6 +312,7 @@ class Daemon:
                 if self.cfg.start_agents and (NETNS_DIR / rec.netns).exists():
                     write_token(self.cfg.run_dir, rec.name, keep=True)
                     self._start_agent(rec.name, rec.netns)
+            await self.attachments.restore()
             await self._stop.wait()
             log.info("stopping")
             for sup in list(self._supervisors.values()):
@@ -332,6 +335,7 @@ class Daemon:
             self.planner.kernel = None
         if self.table is not None:
             await self.table.aclose()
+        self.attachments.close()
         for path in (control.socket_path(self.cfg.run_dir), self.cfg.run_dir / AGENT_SOCKET):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -406,7 +410,18 @@ class Daemon:
 
     async def guest_delete(self, name: str) -> list[str]:
         async with self._guest_lock:
+            if self.attachments.kind(name) is not None:
+                raise SockmapError(f"guest {name} was attached, not made by sockmap",
+                                   hint=f"`sockmap guest detach {name}` forgets it")
             return await self._remove(name)
+
+    async def guest_attach(self, name: str, *, pid: int | None, path: str | None) -> object:
+        async with self._guest_lock:
+            return await self.attachments.attach(name, pid=pid, path=path)
+
+    async def guest_detach(self, name: str) -> list[str]:
+        async with self._guest_lock:
+            return await self.attachments.detach(name)
 
     async def _remove(self, name: str) -> list[str]:
         """Stop the agent, close the guest's mappings, then delete the guest."""
@@ -441,6 +456,8 @@ class Daemon:
             v = self.registry.vouched(name)
             guests.append({
                 "name": name, "connected": g.session is not None, "synced": g.synced,
+                "kind": self.attachments.kind(name) or (
+                    "created" if name in self.agents.netns_of_guest else "agent"),
                 "listeners": len(g.listeners), "addrs": list(v.usable),
                 "refused_addrs": [{"addr": a, "reason": why} for a, why in v.refused],
                 "snapshots": g.snapshots,

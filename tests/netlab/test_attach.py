@@ -1,0 +1,193 @@
+"""`sockmap guest attach` / `detach`: namespaces sockmap did not make (an `unshare --net`
+sandbox with only `lo`, an `ip netns add` namespace), forwarded through sockets made inside
+them; their death, detach, the error paths, a restart, and what an attached namespace's
+own addresses are worth (nothing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import netlab
+from tests.netlab.e2e_fixtures import PY, SERVER, Daemon, probe, serve, start_daemon
+
+pytestmark = pytest.mark.netlab
+
+
+@pytest.fixture
+def daemon(lab: netlab.Lab, tmp_path: Path) -> Iterator[Daemon]:
+    d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log")
+    yield d
+    assert d.stop() == 0, d.log_text()
+
+
+def sandbox(lab: netlab.Lab, *servers: tuple[str, str, int]) -> subprocess.Popen[str]:
+    """An `unshare --net` namespace (only `lo`) whose one process serves ``servers``
+    ((proto, addr, port)); its pid is the server's. Killing it ends the namespace."""
+    proto, addr, port = servers[0]
+    proc = lab.host.popen(["unshare", "--net", "sh", "-c",
+                           f'ip link set lo up && exec "$0" -u -c "$1" {proto} {addr} {port}',
+                           PY, SERVER])
+    assert proc.stdout is not None
+    netlab.wait_for_line(proc.stdout, "ready", timeout=10)
+    for proto, addr, port in servers[1:]:
+        extra = lab.host.popen(["nsenter", f"--net=/proc/{proc.pid}/ns/net", PY, "-u", "-c",
+                                SERVER, proto, addr, str(port)])
+        assert extra.stdout is not None
+        netlab.wait_for_line(extra.stdout, "ready", timeout=10)
+    return proc
+
+
+def guest_list(d: Daemon) -> list[dict[str, Any]]:
+    r = d.cli("guest", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    return list(json.loads(r.stdout))
+
+
+def test_attach_by_pid_forwards_and_ends_with_the_namespace(lab: netlab.Lab,
+                                                            daemon: Daemon) -> None:
+    box = sandbox(lab, ("tcp", "127.0.0.1", 3200))
+    r = daemon.cli("guest", "attach", "box1", "--pid", str(box.pid))
+    assert r.returncode == 0, r.stderr + daemon.log_text()
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3200)
+    assert ok and a == "hi 127.0.0.1", a + daemon.log_text()  # the box's own loopback
+    kinds = {g["name"]: g["kind"] for g in guest_list(daemon)}
+    assert kinds == {"box1": "attached"}
+    st = daemon.guest_state("box1")
+    assert st["kind"] == "attached" and st["watch"] == "daemon" and st["addrs"] == []
+    rows = json.loads(daemon.cli("ls", "--json").stdout)
+    assert [(x["guest"], x["guest_port"]) for x in rows] == [("box1", 3200)], rows
+    t0 = time.monotonic()
+    box.kill()
+    box.wait()
+    ok, dt, last = probe(lab.host, "refused", "tcp", "127.0.0.1", 3200, t0=t0, within=1.0)
+    print(f"\nlast process gone -> host port refused: {dt * 1000:.0f} ms")
+    assert ok, last + daemon.log_text()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and guest_list(daemon):
+        time.sleep(0.05)  # bounded: the record goes with the guest
+    assert guest_list(daemon) == []
+    assert "box1" not in [g["name"] for g in daemon.request("status")["guests"]]
+    assert json.loads(daemon.cli("ls", "--json").stdout) == []
+
+
+def test_attach_by_path_detach_changes_nothing_inside(lab: netlab.Lab, daemon: Daemon) -> None:
+    ns = lab.netns("c1")
+    srv = serve(ns, "tcp", "0.0.0.0", 3300)
+    r = daemon.cli("guest", "attach", "c1", "--netns", f"/run/netns/{ns.name}")
+    assert r.returncode == 0, r.stderr + daemon.log_text()
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3300)
+    assert ok and a == "hi 127.0.0.1", a + daemon.log_text()
+    r = daemon.cli("guest", "delete", "c1")  # never deletes what sockmap did not make
+    assert r.returncode == 2 and "guest detach c1" in r.stderr, r.stderr
+    links = ns.ip("-j", "addr")
+    r = daemon.cli("guest", "detach", "c1")
+    assert r.returncode == 0, r.stderr
+    assert probe(lab.host, "refused", "tcp", "127.0.0.1", 3300, within=1.0)[0]
+    assert srv.poll() is None and ns.ip("-j", "addr") == links  # its server and links stay
+    ok, _, a = probe(ns, "open", "tcp", "127.0.0.1", 3300)
+    assert ok, a
+    assert guest_list(daemon) == []
+
+
+def test_ip_netns_del_of_an_empty_attached_namespace(lab: netlab.Lab, daemon: Daemon) -> None:
+    ns = lab.netns("c2")
+    srv = serve(ns, "tcp", "127.0.0.1", 3400)
+    assert daemon.cli("guest", "attach", "c2", "--netns", f"/run/netns/{ns.name}"
+                      ).returncode == 0
+    assert probe(lab.host, "open", "tcp", "127.0.0.1", 3400)[0], daemon.log_text()
+    srv.kill()
+    srv.wait()
+    time.sleep(0.6)  # the mount still holds it: it stays attached
+    assert [g["name"] for g in guest_list(daemon)] == ["c2"]
+    t0 = time.monotonic()
+    lab.host.run(["ip", "netns", "del", ns.name])
+    deadline = t0 + 1.0
+    while time.monotonic() < deadline and guest_list(daemon):
+        time.sleep(0.05)
+    print(f"\nip netns del (no process) -> guest gone: {(time.monotonic() - t0) * 1000:.0f} ms")
+    assert guest_list(daemon) == [], daemon.log_text()
+    assert "no process and no mount left" in daemon.log_text()
+
+
+def test_attach_errors_exit_2_and_record_nothing(lab: netlab.Lab, daemon: Daemon,
+                                                 tmp_path: Path) -> None:
+    box = sandbox(lab, ("tcp", "127.0.0.1", 3500))
+    name, _, _ = daemon.guest()
+    not_ns = tmp_path / "plain-file"
+    not_ns.write_text("x")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    cases = [
+        (("x1", "--pid", str(dead.pid)), f"no process with pid {dead.pid}"),
+        (("x2", "--netns", str(not_ns)), "is not a network namespace"),
+        (("x3", "--netns", "/proc/self/ns/mnt"), "not a network namespace"),
+        (("x4", "--pid", str(daemon.proc.pid)), "the daemon's own network namespace"),
+        ((name, "--pid", str(box.pid)), f"guest {name!r} exists"),
+        (("x5", "--netns", f"/run/netns/{name}"), f"that namespace is guest {name}"),
+        (("bad/name", "--pid", str(box.pid)), "bad guest name"),
+    ]
+    for argv, want in cases:
+        r = daemon.cli("guest", "attach", *argv)
+        assert r.returncode == 2 and want in r.stderr, (argv, r.stderr)
+    assert daemon.cli("guest", "attach", "box2", "--pid", str(box.pid)).returncode == 0
+    r = daemon.cli("guest", "attach", "box3", "--pid", str(box.pid))
+    assert r.returncode == 2 and "that namespace is guest box2" in r.stderr, r.stderr
+    r = daemon.cli("guest", "attach", "box2", "--netns", f"/run/netns/{name}")
+    assert r.returncode == 2 and "guest 'box2' exists" in r.stderr, r.stderr
+    r = daemon.cli("guest", "detach", "nosuch")
+    assert r.returncode == 2 and "no attached guest" in r.stderr
+    recorded = sorted(p.name for p in (daemon.run_dir / "attached").glob("*"))
+    assert recorded == ["box2.json"], recorded
+    assert sorted(g["name"] for g in daemon.request("status")["guests"]) == ["box2", name]
+
+
+def test_restart_reattaches_by_identity_and_drops_the_gone(lab: netlab.Lab,
+                                                           tmp_path: Path) -> None:
+    run, log = tmp_path / "run", tmp_path / "daemon.log"
+    d = start_daemon(lab, run, log)
+    live = sandbox(lab, ("tcp", "127.0.0.1", 3600))
+    gone = sandbox(lab, ("tcp", "127.0.0.1", 3601))
+    for name, box in (("live", live), ("gone", gone)):
+        assert d.cli("guest", "attach", name, "--pid", str(box.pid)).returncode == 0
+    assert probe(lab.host, "open", "tcp", "127.0.0.1", 3600)[0], d.log_text()
+    assert d.stop() == 0
+    gone.kill()
+    gone.wait()
+    d = start_daemon(lab, run, log)
+    try:
+        ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3600, within=10)
+        assert ok and a == "hi 127.0.0.1", a + d.log_text()
+        assert [(g["name"], g["kind"]) for g in guest_list(d)] == [("live", "attached")]
+        assert "guest gone (attached, net:[" in d.log_text()
+    finally:
+        assert d.stop() == 0
+
+
+def test_attached_namespace_addresses_are_never_targets(lab: netlab.Lab,
+                                                        daemon: Daemon) -> None:
+    """Processes in an attached namespace cannot make the daemon connect elsewhere: an
+    address they give their interfaces (here one the lab's host namespace really has) is
+    not a target; a wildcard listener is reached only on the namespace's own loopback."""
+    ns = lab.netns("c3")
+    lab.host.ip("addr", "add", "10.77.0.1/32", "dev", "lo")
+    host_srv = serve(lab.host, "tcp", "10.77.0.1", 3700)  # the host's own, not the guest's
+    ns.ip("addr", "add", "10.77.0.1/32", "dev", "lo")
+    serve(ns, "tcp", "10.77.0.1", 3700)
+    serve(ns, "tcp", "0.0.0.0", 3701)
+    assert daemon.cli("guest", "attach", "c3", "--netns", f"/run/netns/{ns.name}"
+                      ).returncode == 0
+    ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3701)
+    assert ok and a == "hi 127.0.0.1", a + daemon.log_text()  # its loopback, in it
+    rows = json.loads(daemon.cli("ls", "--all", "--json").stdout)
+    byport = {x["guest_port"]: x for x in rows}
+    assert byport[3700]["state"] == "not forwarded", byport
+    assert probe(lab.host, "refused", "tcp", "127.0.0.1", 3700, within=0.5)[0]
+    assert daemon.guest_state("c3")["addrs"] == []
+    assert host_srv.poll() is None
