@@ -368,6 +368,7 @@ def _daemon(args: argparse.Namespace) -> int:
     rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen,
                                         policies=Policies(default=policy),
                                         flat=args.flat, config_path=path, rules=fc.rules,
+                                        attach=fc.attach,
                                         metrics=metrics,
                                         udp_ephemeral=bool(fc.udp_ephemeral),
                                         max_listeners=max_listeners,

@@ -43,10 +43,12 @@ from typing import Any
 from sockmap import config, control, metrics, sdnotify
 from sockmap.agents import AgentSessions
 from sockmap.attachments import Attachments
+from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
 from sockmap.conflicts.rules import Plan, Policies, Rule
 from sockmap.ctlserver import ControlServer
+from sockmap.discover import Discovery, own_candidate
 from sockmap.errors import SockmapError
 from sockmap.eventbus import EventBus, View, view
 from sockmap.flatwatch import FlatWatch
@@ -98,6 +100,7 @@ class Config:
     kernel_map_size: int = 4096  # host endpoints the kernel map holds; the rest: relay
     netns_watch: str = "daemon"  # netns guests: "daemon" watches them itself (nswatch);
     # "agent" starts a `sockmap agent` in each (the old way: the supervisor's tests)
+    attach: tuple[attach_rules.AttachRule, ...] = ()  # [[attach]]: namespaces found by rule
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -149,6 +152,7 @@ class Daemon:
         self._supervisors: dict[str, Supervisor] = {}
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
         self.attachments = Attachments(self)  # adopted namespaces (guest attach, [[attach]])
+        self.discovery = Discovery(self)  # [[attach]] rules: consider(tgid, ino), the scan
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -206,6 +210,8 @@ class Daemon:
             raise SockmapError(f"cannot use run dir {cfg.run_dir}: {e.strerror}",
                                hint="run as root or pass --run-dir DIR") from e
         self._refuse_second_daemon()
+        if not cfg.flat:
+            attach_rules.refuse_own(cfg.attach, own_candidate())
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # two sockets per forwarded port, plus their connections
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -313,6 +319,7 @@ class Daemon:
                     write_token(self.cfg.run_dir, rec.name, keep=True)
                     self._start_agent(rec.name, rec.netns)
             await self.attachments.restore()
+            discovery = tg.create_task(self.discovery.run(), name="discovery")
             await self._stop.wait()
             log.info("stopping")
             for sup in list(self._supervisors.values()):
@@ -321,6 +328,7 @@ class Daemon:
                 await w.stop()
             replanner.cancel()
             host_watch.cancel()
+            discovery.cancel()
         self._tg = None
 
     async def shutdown(self) -> None:
@@ -524,6 +532,7 @@ class Daemon:
             return
         try:
             fc = await asyncio.to_thread(config.load, path)
+            attach_rules.refuse_own(fc.attach, own_candidate())
         except SockmapError as e:
             self._reloads["error"] += 1
             self._reload_error = str(e)
@@ -538,6 +547,7 @@ class Daemon:
             log.info("reload: [daemon] %s apply at start only; restart to change them",
                      ", ".join(static))
         self.planner.rules = fc.rules
+        self.discovery.set_rules(fc.attach)
         self._reloads["ok"] += 1
         self._reload_error = ""
         await self.wait_planned(self.request_replan())
