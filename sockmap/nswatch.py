@@ -145,8 +145,9 @@ class NetnsWatch:
     async def _serve(self, w: Watcher, session: int, ino: int) -> None:
         nics = Nics()
         early: list[Event] = []
+        # an attached namespace's addresses are never targets: its snapshot need not wait
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FIRST_ADDRS_S):
+            async with asyncio.timeout(FIRST_ADDRS_S if self.holder is None else 0.0):
                 async for ev in w:
                     early.append(ev)
                     if isinstance(ev, AddressesChanged):
