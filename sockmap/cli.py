@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # guest ------------------------------------------------------------------------------
-    guest = subs.add_parser("guest", help="create, delete, list NAT'd netns guests, or run in one",
-                            description="NAT'd network-namespace guests.",
+    guest = subs.add_parser("guest", help="create, delete, list NAT'd netns guests, or run in "
+                            "one; attach namespaces sockmap did not make",
+                            description="NAT'd network-namespace guests, and adopted ones.",
                             epilog="example:\n  sockmap guest create dev1 && sockmap guest "
                                    "exec dev1 -- python3 -m http.server 8000",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
