@@ -5,6 +5,7 @@ own addresses are worth (nothing)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 import netlab
+from sockmap.conflicts import rules
 from tests.netlab.e2e_fixtures import PY, SERVER, Daemon, probe, serve, start_daemon
 
 pytestmark = pytest.mark.netlab
@@ -191,3 +193,16 @@ def test_attached_namespace_addresses_are_never_targets(lab: netlab.Lab,
     assert probe(lab.host, "refused", "tcp", "127.0.0.1", 3700, within=0.5)[0]
     assert daemon.guest_state("c3")["addrs"] == []
     assert host_srv.poll() is None
+
+
+# UDP to a daemon-watched namespace's loopback comes with the UDP loopback relay (another
+# change: conflicts.rules.decide(udp_relay=...)); an attached namespace uses it as it is
+UDP_RELAY = "udp_relay" in inspect.signature(rules.decide).parameters
+
+
+@pytest.mark.skipif(not UDP_RELAY, reason="needs the UDP loopback relay for netns guests")
+def test_udp_on_an_attached_namespaces_loopback(lab: netlab.Lab, daemon: Daemon) -> None:
+    box = sandbox(lab, ("udp", "127.0.0.1", 3800))
+    assert daemon.cli("guest", "attach", "ubox", "--pid", str(box.pid)).returncode == 0
+    ok, _, a = probe(lab.host, "open", "udp", "127.0.0.1", 3800)
+    assert ok and a == "hi ping", a + daemon.log_text()

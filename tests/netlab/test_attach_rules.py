@@ -150,3 +150,64 @@ def test_sighup_keeps_the_old_rules_when_a_new_one_matches_the_daemon(
             assert d.request("status")["reloads"]["error"] == 1
     finally:
         assert d.stop() == 0
+
+
+# an in-process daemon whose scan never runs after its first: only consider() adopts
+CONSIDER_DAEMON = r"""
+import asyncio, os, sys
+from pathlib import Path
+from sockmap import daemon, discover, logs
+from sockmap.conflicts.attach import AttachRule
+discover.SCAN_S = 3600.0
+logs.setup("info")
+async def main():
+    cfg = daemon.Config(run_dir=Path(sys.argv[1]), path="relay",
+                        attach=(AttachRule(process="smkbox*", origin="t.toml:1"),))
+    d = daemon.Daemon(cfg)
+    await d.startup()
+    run = asyncio.create_task(d.run())
+    await asyncio.sleep(0.5)  # its one scan is done
+    print("ready", flush=True)
+    while line := await asyncio.to_thread(sys.stdin.readline):
+        pid = int(line)
+        ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        d.discovery.consider(pid, ino)
+        d.discovery.consider(pid, ino)  # a second event for the same namespace: one guest
+        print("considered", pid, flush=True)
+    d.stop()
+    await run
+    await d.shutdown()
+asyncio.run(main())
+"""
+
+NAMED_SERVER = "open('/proc/self/comm', 'w').write('smkbox-web')\n" + SERVER
+
+
+def test_consider_adopts_a_matching_listener_at_once(lab: netlab.Lab, tmp_path: Path) -> None:
+    """The entry point for the kernel event hub: consider(tgid, netns inode)."""
+    run = tmp_path / "run"
+    with (tmp_path / "daemon.log").open("w") as log:
+        d = lab.host.popen([PY, "-u", "-c", CONSIDER_DAEMON, str(run)], stdin=subprocess.PIPE,
+                           stderr=log)
+    assert d.stdin is not None and d.stdout is not None
+    netlab.wait_for_line(d.stdout, "ready", timeout=15)
+    daemon = Daemon(lab=lab, run_dir=run, log=tmp_path / "daemon.log", proc=d)
+    try:
+        plain = boxed(lab, None, 4001)  # comm "python": no rule matches it
+        box = lab.host.popen(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" '
+                              '-u -c "$1" tcp 127.0.0.1 4000', PY, NAMED_SERVER])
+        assert box.stdout is not None
+        netlab.wait_for_line(box.stdout, "ready", timeout=10)
+        for pid in (plain.pid, d.pid, box.pid):  # d.pid: the daemon's own namespace
+            d.stdin.write(f"{pid}\n")
+            d.stdin.flush()
+            netlab.wait_for_line(d.stdout, f"considered {pid}", timeout=10)
+        t0 = time.monotonic()
+        ok, dt, a = probe(lab.host, "open", "tcp", "127.0.0.1", 4000, t0=t0, within=5)
+        print(f"\nconsider() -> host port answers: {dt * 1000:.0f} ms")
+        assert ok and a == "hi 127.0.0.1", a + daemon.log_text()
+        assert found(daemon) == [(f"smkbox-web-{box.pid}", "found")], daemon.log_text()
+        assert not probe(lab.host, "open", "tcp", "127.0.0.1", 4001, within=0.5)[0]
+    finally:
+        d.stdin.close()
+        assert d.wait(15) == 0, daemon.log_text()
