@@ -2,8 +2,10 @@
 listening, a rule matches it, the daemon adopts that namespace as a guest (kind ``found``).
 
 Two triggers, one decision (``sockmap.conflicts.attach``):
-- ``consider(tgid, netns_inode)``: called for a listen event in an unwatched namespace (the
-  kernel listener-event hub's ``on_unknown``); the listening process itself is matched;
+- ``consider(tgid, netns_inode)`` (on the event loop), or ``on_unknown(netns_inode, tgid)``
+  from another thread (the kernel listener-event hub's callback): a listen event in an
+  unwatched namespace; the listening process itself is matched, each (namespace, process)
+  at most once per ``SCAN_S``;
 - a safety scan every ``SCAN_S``, only while rules exist, in a thread: every process's
   ``/proc/PID/ns/net`` (one stat each); for the processes of namespaces nobody watches,
   their comm and cgroup; a namespace with a matching process is adopted once it has a
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from sockmap.conflicts import attach as A
@@ -33,6 +36,7 @@ log = logging.getLogger("sockmap.daemon")
 
 SCAN_S = 1.0  # the safety scan's period (only while [[attach]] rules exist)
 SCAN_MAX = 4096  # processes of unwatched namespaces read per scan, at most
+SEEN_MAX = 4096  # (namespace, process) pairs consider() remembers, at most
 LISTEN_TABLES = ("tcp", "tcp6", "udp", "udp6")
 
 
@@ -97,6 +101,8 @@ class Discovery:
         self.own_ino = nsid.own().ino
         self._busy: set[int] = set()  # namespaces being adopted now
         self._wake = asyncio.Event()
+        self._seen: dict[tuple[int, int], float] = {}  # (ino, tgid) -> when considered
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def set_rules(self, rules: tuple[A.AttachRule, ...]) -> None:
         self.rules = rules
@@ -110,10 +116,21 @@ class Discovery:
                     inos.add(os.fstat(w.ns_fd).st_ino)
         return frozenset(inos)
 
+    def on_unknown(self, netns_inode: int, tgid: int) -> None:
+        """The event hub's callback, from its thread: ``consider`` on the loop."""
+        if self.rules and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.consider, tgid, netns_inode)
+
     def consider(self, tgid: int, netns_inode: int) -> None:
-        """A process listened in a namespace nobody watches (the event hub's on_unknown)."""
+        """A process listened in a namespace nobody watches (on the event loop)."""
         if not self.rules or netns_inode == self.own_ino or netns_inode in self._skip():
             return
+        now = time.monotonic()
+        if now - self._seen.get((netns_inode, tgid), -SCAN_S) < SCAN_S:
+            return  # an event storm in a namespace no rule wants: read it once a period
+        if len(self._seen) >= SEEN_MAX:
+            self._seen.clear()
+        self._seen[(netns_inode, tgid)] = now
         self._busy.add(netns_inode)
         t = asyncio.get_running_loop().create_task(self._consider(tgid, netns_inode))
         self.d.drains.add(t)
@@ -131,6 +148,7 @@ class Discovery:
     async def run(self) -> None:
         """The safety scan (a deliberate, documented rescan): every SCAN_S while rules
         exist; idle otherwise."""
+        self._loop = asyncio.get_running_loop()
         while True:
             if not self.rules:
                 self._wake.clear()

@@ -171,8 +171,9 @@ async def main():
     while line := await asyncio.to_thread(sys.stdin.readline):
         pid = int(line)
         ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        # the hub's thread calls on_unknown(ino, tgid); a second event: still one guest
+        await asyncio.to_thread(d.discovery.on_unknown, ino, pid)
         d.discovery.consider(pid, ino)
-        d.discovery.consider(pid, ino)  # a second event for the same namespace: one guest
         print("considered", pid, flush=True)
     d.stop()
     await run
