@@ -52,8 +52,6 @@ class Attachments:
         from sockmap.nat import guests
 
         run_dir = self.d.cfg.run_dir
-        if name in self.records or name in self.d.registry:
-            return f"guest {name!r} exists"
         if any(r.name == name for r in guests.list_guests(run_dir)) or \
                 attached.path_of(run_dir, name).exists():
             return f"guest {name!r} exists"
@@ -91,6 +89,9 @@ class Attachments:
         """Adopt a namespace (all checks first: on any error nothing is recorded); returns
         its record once the first snapshot of its listeners is in."""
         d = self.d
+        if name in self.records or name in d.registry:  # on the loop: its own state
+            raise SockmapError(f"guest {name!r} exists", hint="choose another name, or "
+                               f"`sockmap guest detach {name}` first")
         fd, ns = await asyncio.to_thread(self._open, name, pid, path)
         rec = attached.new_record(name, kind, ns, pid=pid, path=path, rule=rule)
         holder = nsid.Holder(fd, ns, pid=pid or 0)
@@ -153,17 +154,17 @@ class Attachments:
         d.agents.watched.discard(name)
         if w is not None and w.task is not asyncio.current_task():
             await w.stop()
+        self.records.pop(name, None)
+        await asyncio.to_thread(attached.remove, d.cfg.run_dir, name)  # first: `guest list`
         d.planner.purge.add(name)
         try:
             d.registry.forget(name)
             await d.wait_planned(d.request_replan())
         finally:
             d.planner.purge.discard(name)
-        self.records.pop(name, None)
         h = self.holders.pop(name, None)
         if h is not None:
             h.close()
-        await asyncio.to_thread(attached.remove, d.cfg.run_dir, name)
 
     async def restore(self) -> None:
         """At start: re-adopt the recorded namespaces by identity; drop the gone ones."""

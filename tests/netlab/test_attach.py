@@ -5,11 +5,13 @@ own addresses are worth (nothing)."""
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import json
+import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 
 import netlab
 from sockmap.conflicts import rules
-from tests.netlab.e2e_fixtures import PY, SERVER, Daemon, probe, serve, start_daemon
+from tests.netlab.e2e_fixtures import PROBE, PY, SERVER, Daemon, probe, serve, start_daemon
 
 pytestmark = pytest.mark.netlab
 
@@ -46,6 +48,21 @@ def sandbox(lab: netlab.Lab, *servers: tuple[str, str, int]) -> subprocess.Popen
     return proc
 
 
+def refused_after(lab: netlab.Lab, port: int, end: Callable[[], object]) -> float:
+    """Seconds from ``end()`` to the host's 127.0.0.1:``port`` refusing, seen by a prober
+    already polling (every 5 ms) when ``end`` runs: no process start in the figure."""
+    prober = lab.host.popen([PY, "-c", PROBE, "refused", "tcp", "127.0.0.1", str(port), "0",
+                             str(time.monotonic() + 10)])
+    time.sleep(0.3)  # it polls meanwhile: the port is still open
+    assert prober.poll() is None, "refused before the end"
+    t_end = time.monotonic()
+    end()
+    out, _ = prober.communicate(timeout=20)
+    words = out.split()
+    assert words and words[0] == "ok", out
+    return float(words[1]) - t_end
+
+
 def guest_list(d: Daemon) -> list[dict[str, Any]]:
     r = d.cli("guest", "list", "--json")
     assert r.returncode == 0, r.stderr
@@ -65,16 +82,10 @@ def test_attach_by_pid_forwards_and_ends_with_the_namespace(lab: netlab.Lab,
     assert st["kind"] == "attached" and st["watch"] == "daemon" and st["addrs"] == []
     rows = json.loads(daemon.cli("ls", "--json").stdout)
     assert [(x["guest"], x["guest_port"]) for x in rows] == [("box1", 3200)], rows
-    t0 = time.monotonic()
-    box.kill()
-    box.wait()
-    ok, dt, last = probe(lab.host, "refused", "tcp", "127.0.0.1", 3200, t0=t0, within=1.0)
+    dt = refused_after(lab, 3200, lambda: (box.kill(), box.wait()))
     print(f"\nlast process gone -> host port refused: {dt * 1000:.0f} ms")
-    assert ok, last + daemon.log_text()
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline and guest_list(daemon):
-        time.sleep(0.05)  # bounded: the record goes with the guest
-    assert guest_list(daemon) == []
+    assert dt < 1.0, daemon.log_text()
+    assert guest_list(daemon) == []  # gone with its mappings: the record is removed first
     assert "box1" not in [g["name"] for g in daemon.request("status")["guests"]]
     assert json.loads(daemon.cli("ls", "--json").stdout) == []
 
@@ -108,14 +119,18 @@ def test_ip_netns_del_of_an_empty_attached_namespace(lab: netlab.Lab, daemon: Da
     srv.wait()
     time.sleep(0.6)  # the mount still holds it: it stays attached
     assert [g["name"] for g in guest_list(daemon)] == ["c2"]
-    t0 = time.monotonic()
     lab.host.run(["ip", "netns", "del", ns.name])
-    deadline = t0 + 1.0
-    while time.monotonic() < deadline and guest_list(daemon):
-        time.sleep(0.05)
-    print(f"\nip netns del (no process) -> guest gone: {(time.monotonic() - t0) * 1000:.0f} ms")
+    t_del = time.time()  # the mount is gone once `ip` returns
+    rx = re.compile(r"^(\S+ \S+) WARNING sockmap.daemon: guest c2: network namespace "
+                    r"net:\[\d+\] has no process and no mount left", re.M)
+    deadline = time.monotonic() + 5
+    while not (m := rx.search(daemon.log_text())) and time.monotonic() < deadline:
+        time.sleep(0.05)  # bounded: until the daemon says it
+    assert m, daemon.log_text()
+    seen = datetime.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    print(f"\nip netns del (no process) -> guest gone: {(seen - t_del) * 1000:.0f} ms")
+    assert seen - t_del < 1.0
     assert guest_list(daemon) == [], daemon.log_text()
-    assert "no process and no mount left" in daemon.log_text()
 
 
 def test_attach_errors_exit_2_and_record_nothing(lab: netlab.Lab, daemon: Daemon,
