@@ -14,6 +14,7 @@ This module is the lifecycle and the wiring; each concern has its own module:
 - sockmap.supervisor: the agents the daemon starts in its guests, and their tokens;
 - sockmap.ctlserver: the control socket's requests and the metrics endpoint;
 - sockmap.eventbus: the ``events`` subscriptions, published after each replan;
+- sockmap.attachments, sockmap.discover: adopted namespaces (``guest attach``, ``[[attach]]``);
 - here: Config, startup (sockets), run, shutdown, guest create/delete, SIGHUP reload, status.
 
 Sockets, all under RUN_DIR:

@@ -66,7 +66,7 @@ def path_of(run_dir: Path, name: str) -> Path:
 
 
 def list_records(run_dir: Path) -> list[AttachRecord]:
-    """The records; an unreadable one is skipped (with its error in ``bad``)."""
+    """The records, by name; an unreadable one is skipped (attach that namespace again)."""
     return [r for r in (_read(p) for p in sorted(_dir(run_dir).glob("*.json"))) if r]
 
 

@@ -5,9 +5,11 @@ own addresses are worth (nothing)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import json
+import os
 import re
 import subprocess
 import time
@@ -63,6 +65,15 @@ def refused_after(lab: netlab.Lab, port: int, end: Callable[[], object]) -> floa
     return float(words[1]) - t_end
 
 
+def ns_fds(pid: int) -> set[str]:
+    """What ``pid``'s fds link to (a namespace fd: "net:[INODE]")."""
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            out.add(os.readlink(fd))
+    return out
+
+
 def guest_list(d: Daemon) -> list[dict[str, Any]]:
     r = d.cli("guest", "list", "--json")
     assert r.returncode == 0, r.stderr
@@ -82,10 +93,16 @@ def test_attach_by_pid_forwards_and_ends_with_the_namespace(lab: netlab.Lab,
     assert st["kind"] == "attached" and st["watch"] == "daemon" and st["addrs"] == []
     rows = json.loads(daemon.cli("ls", "--json").stdout)
     assert [(x["guest"], x["guest_port"]) for x in rows] == [("box1", 3200)], rows
+    ino = os.stat(f"/proc/{box.pid}/ns/net").st_ino
+    assert f"net:[{ino}]" in ns_fds(daemon.proc.pid)  # held while attached
     dt = refused_after(lab, 3200, lambda: (box.kill(), box.wait()))
     print(f"\nlast process gone -> host port refused: {dt * 1000:.0f} ms")
     assert dt < 1.0, daemon.log_text()
     assert guest_list(daemon) == []  # gone with its mappings: the record is removed first
+    deadline = time.monotonic() + 1.0
+    while f"net:[{ino}]" in ns_fds(daemon.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)  # bounded: the fd goes right after the replan
+    assert f"net:[{ino}]" not in ns_fds(daemon.proc.pid), "the daemon keeps it alive"
     assert "box1" not in [g["name"] for g in daemon.request("status")["guests"]]
     assert json.loads(daemon.cli("ls", "--json").stdout) == []
 
