@@ -71,7 +71,7 @@ class Attachments:
         return None
 
     def _open(self, name: str, pid: int | None, path: str | None
-              ) -> tuple[int, nsid.NsId]:
+              ) -> tuple[int, nsid.NsId, int]:
         check_name(name)
         if (why := self._name_problem(name)) is not None:
             raise SockmapError(why, hint="choose another name, or `sockmap guest detach "
@@ -81,7 +81,7 @@ class Attachments:
             os.close(fd)
             raise SockmapError(why, hint="a namespace is watched once; see `sockmap guest "
                                          "list`")
-        return fd, ns
+        return fd, ns, nsid.cookie(fd)
 
     # -- operations -----------------------------------------------------------------------
     async def attach(self, name: str, *, pid: int | None, path: str | None,
@@ -92,8 +92,9 @@ class Attachments:
         if name in self.records or name in d.registry:  # on the loop: its own state
             raise SockmapError(f"guest {name!r} exists", hint="choose another name, or "
                                f"`sockmap guest detach {name}` first")
-        fd, ns = await asyncio.to_thread(self._open, name, pid, path)
-        rec = attached.new_record(name, kind, ns, pid=pid, path=path, rule=rule)
+        fd, ns, cookie = await asyncio.to_thread(self._open, name, pid, path)
+        rec = attached.new_record(name, kind, ns, pid=pid, path=path, rule=rule,
+                                  cookie=cookie)
         holder = nsid.Holder(fd, ns, pid=pid or 0)
         holder.mount = path or ""
         try:
@@ -173,7 +174,7 @@ class Attachments:
         me = nsid.own()
         for rec in recs:
             got = None if rec.ns == me else await asyncio.to_thread(
-                nsid.reopen, rec.ns, path=rec.path, pid=rec.pid)
+                nsid.reopen, rec.ns, path=rec.path, pid=rec.pid, want_cookie=rec.cookie)
             if got is None:
                 log.warning("guest %s (%s, %s): its namespace is gone; record dropped",
                             rec.name, rec.kind, rec.ns)

@@ -33,6 +33,7 @@ class AttachRecord:
     path: str = ""  # attached by namespace file
     rule: str = ""  # found: the rule's FILE:LINE
     attached: float = 0.0
+    cookie: int = 0  # SO_NETNS_COOKIE: never reused, unlike the inode (0: unknown)
 
     @property
     def ns(self) -> nsid.NsId:
@@ -48,7 +49,8 @@ class AttachRecord:
             rec = cls(name=str(data["name"]), kind=str(data["kind"]), dev=int(data["dev"]),
                       ino=int(data["ino"]), pid=int(data.get("pid", 0)),
                       path=str(data.get("path", "")), rule=str(data.get("rule", "")),
-                      attached=float(data.get("attached", 0.0)))
+                      attached=float(data.get("attached", 0.0)),
+                      cookie=int(data.get("cookie", 0)))
             check_name(rec.name)
             assert rec.kind in KINDS
         except (AssertionError, KeyError, TypeError, ValueError, SockmapError):
@@ -111,6 +113,6 @@ def open_target(*, pid: int | None, path: str | None) -> tuple[int, nsid.NsId]:
 
 
 def new_record(name: str, kind: str, ns: nsid.NsId, *, pid: int | None = None,
-               path: str | None = None, rule: str = "") -> AttachRecord:
+               path: str | None = None, rule: str = "", cookie: int = 0) -> AttachRecord:
     return AttachRecord(name=name, kind=kind, dev=ns.dev, ino=ns.ino, pid=pid or 0,
-                        path=path or "", rule=rule, attached=time.time())
+                        path=path or "", rule=rule, attached=time.time(), cookie=cookie)

@@ -12,6 +12,11 @@ process in it (one stat of the last holder's ``/proc/PID/ns/net``; when that one
 a scan of ``/proc/*/ns/net``) or a mount of it (an nsfs line ``net:[INODE]`` in
 ``/proc/self/mountinfo``: ``ip netns add``, docker's and podman's bind mounts). Nobody: it
 is gone; the daemon closes its fd and sockets and the kernel frees it.
+
+An inode is reused by a later namespace soon after its namespace is freed, so a record of
+one that died while the daemon was down could name a stranger's. ``cookie`` (the kernel's
+``SO_NETNS_COOKIE``, never reused while the host runs) is recorded too, and ``reopen``
+accepts only the namespace with that cookie.
 """
 
 from __future__ import annotations
@@ -19,14 +24,18 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from sockmap.errors import SockmapError
+from sockmap.nat import nssock
 
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs fd: its CLONE_NEW* type (Linux 4.11)
 CLONE_NEWNET = 0x40000000
 PROC = Path("/proc")
+SO_NETNS_COOKIE = 71  # getsockopt: the socket's namespace's cookie (Linux 5.14)
 PATH_HINT = "give /run/netns/NAME, /proc/PID/ns/net or a bind mount of one"
 
 
@@ -95,6 +104,22 @@ def open_pid(pid: int) -> tuple[int, NsId]:
         raise
 
 
+def cookie(fd: int) -> int:
+    """The cookie of the namespace ``fd`` holds (from a socket made in it), 0 when the
+    kernel has none. Blocking (a short thread joins the namespace): call it in a thread."""
+    try:
+        s = nssock.open_socket(fd, socket.AF_UNIX, socket.SOCK_DGRAM)
+    except SockmapError:
+        return 0
+    with s:
+        try:
+            got: int = struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE,
+                                                       8))[0]
+        except OSError:
+            return 0
+    return got
+
+
 def pid_in(pid: int, ns: NsId) -> bool:
     """Whether process ``pid`` is in namespace ``ns`` now (one stat)."""
     try:
@@ -160,9 +185,11 @@ def mount_of(ns: NsId, mountinfo: str | None = None) -> str | None:
     return None
 
 
-def reopen(ns: NsId, *, path: str = "", pid: int = 0) -> tuple[int, str] | None:
+def reopen(ns: NsId, *, path: str = "", pid: int = 0, want_cookie: int = 0
+           ) -> tuple[int, str] | None:  # fmt: skip
     """Open namespace ``ns`` again (a daemon restart): by ``path`` or ``pid`` if they still
-    name it, else by any process in it or any mount of it. (fd, how) or None: it is gone."""
+    name it, else by any process in it or any mount of it; with ``want_cookie``, only if
+    it is that very namespace (not a later one with its inode). (fd, how) or None: gone."""
     tries: list[str] = []
     if path:
         tries.append(path)
@@ -181,7 +208,10 @@ def reopen(ns: NsId, *, path: str = "", pid: int = 0) -> tuple[int, str] | None:
             continue
         try:
             if _check_netns(fd, t) == ns:
-                return fd, t
+                if not want_cookie or cookie(fd) == want_cookie:
+                    return fd, t
+                os.close(fd)
+                return None  # one namespace has this inode now, and it is another
         except SockmapError:
             pass
         os.close(fd)

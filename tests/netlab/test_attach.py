@@ -50,9 +50,11 @@ def sandbox(lab: netlab.Lab, *servers: tuple[str, str, int]) -> subprocess.Popen
     return proc
 
 
-def refused_after(lab: netlab.Lab, port: int, end: Callable[[], object]) -> float:
+def refused_after(lab: netlab.Lab, port: int, end: Callable[[], object]
+                  ) -> tuple[float, float]:  # fmt: skip
     """Seconds from ``end()`` to the host's 127.0.0.1:``port`` refusing, seen by a prober
-    already polling (every 5 ms) when ``end`` runs: no process start in the figure."""
+    already polling (every 5 ms) when ``end`` runs: no process start in the figure; and
+    when ``end`` ran (monotonic)."""
     prober = lab.host.popen([PY, "-c", PROBE, "refused", "tcp", "127.0.0.1", str(port), "0",
                              str(time.monotonic() + 10)])
     time.sleep(0.3)  # it polls meanwhile: the port is still open
@@ -62,7 +64,17 @@ def refused_after(lab: netlab.Lab, port: int, end: Callable[[], object]) -> floa
     out, _ = prober.communicate(timeout=20)
     words = out.split()
     assert words and words[0] == "ok", out
-    return float(words[1]) - t_end
+    return float(words[1]) - t_end, t_end
+
+
+def record_gone(d: Daemon, name: str, since: float) -> float:
+    """Seconds from ``since`` until guest ``name``'s record (what `guest list` reads) is gone
+    (polled every 10 ms for at most 5 s; no process start in the figure)."""
+    rec = d.run_dir / "attached" / f"{name}.json"
+    while rec.exists() and time.monotonic() - since < 5:
+        time.sleep(0.01)  # bounded
+    assert not rec.exists(), d.log_text()
+    return time.monotonic() - since
 
 
 def ns_fds(pid: int) -> set[str]:
@@ -95,10 +107,12 @@ def test_attach_by_pid_forwards_and_ends_with_the_namespace(lab: netlab.Lab,
     assert [(x["guest"], x["guest_port"]) for x in rows] == [("box1", 3200)], rows
     ino = os.stat(f"/proc/{box.pid}/ns/net").st_ino
     assert f"net:[{ino}]" in ns_fds(daemon.proc.pid)  # held while attached
-    dt = refused_after(lab, 3200, lambda: (box.kill(), box.wait()))
-    print(f"\nlast process gone -> host port refused: {dt * 1000:.0f} ms")
-    assert dt < 1.0, daemon.log_text()
-    assert guest_list(daemon) == []  # gone with its mappings: the record is removed first
+    dt, t_end = refused_after(lab, 3200, lambda: (box.kill(), box.wait()))
+    gone = record_gone(daemon, "box1", t_end)
+    print(f"\nlast process gone -> host port refused: {dt * 1000:.0f} ms, guest gone: "
+          f"{gone * 1000:.0f} ms")
+    assert dt < 1.0 and gone < 1.0, f"{dt=} {gone=}\n" + daemon.log_text()
+    assert guest_list(daemon) == []
     deadline = time.monotonic() + 1.0
     while f"net:[{ino}]" in ns_fds(daemon.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.02)  # bounded: the fd goes right after the replan
@@ -238,3 +252,29 @@ def test_udp_on_an_attached_namespaces_loopback(lab: netlab.Lab, daemon: Daemon)
     assert daemon.cli("guest", "attach", "ubox", "--pid", str(box.pid)).returncode == 0
     ok, _, a = probe(lab.host, "open", "udp", "127.0.0.1", 3800)
     assert ok and a == "hi ping", a + daemon.log_text()
+
+
+def test_reopen_takes_only_the_namespace_with_the_recorded_cookie(lab: netlab.Lab) -> None:
+    """An inode is reused by a later namespace: a restart must not adopt that stranger."""
+    from sockmap.nat import nsid
+
+    ns = lab.netns("c4")
+    path = f"/run/netns/{ns.name}"
+    fd, ident = nsid.open_path(path)
+    try:
+        cookie = nsid.cookie(fd)
+    finally:
+        os.close(fd)
+    assert cookie > 0
+    got = nsid.reopen(ident, path=path, want_cookie=cookie)
+    assert got is not None and got[1] == path
+    os.close(got[0])
+    assert nsid.reopen(ident, path=path, want_cookie=cookie + 1) is None  # "the inode reused"
+    other = lab.netns("c5")
+    fd, ident5 = nsid.open_path(f"/run/netns/{other.name}")
+    try:
+        assert nsid.cookie(fd) != cookie
+    finally:
+        os.close(fd)
+    lab.host.run(["ip", "netns", "del", other.name])
+    assert nsid.reopen(ident5, path=f"/run/netns/{other.name}") is None  # gone

@@ -16,7 +16,7 @@ import pytest
 
 import netlab
 from tests.netlab.e2e_fixtures import PY, SERVER, Daemon, probe, start_daemon
-from tests.netlab.test_attach import refused_after
+from tests.netlab.test_attach import record_gone, refused_after
 
 pytestmark = pytest.mark.netlab
 
@@ -85,8 +85,8 @@ def test_a_namespace_in_a_matching_cgroup_is_found_when_it_listens(
         assert d.guest_state(name)["kind"] == "found"
         assert not probe(lab.host, "open", "tcp", "127.0.0.1", 3801, within=1.5)[0]
         assert outside.poll() is None
-        dt = refused_after(lab, 3800, lambda: (box.kill(), box.wait()))
-        assert dt < 1.0, d.log_text()
+        dt, t_end = refused_after(lab, 3800, lambda: (box.kill(), box.wait()))
+        assert dt < 1.0 and record_gone(d, name, t_end) < 1.0, d.log_text()
         assert found(d) == []
     finally:
         assert d.stop() == 0, d.log_text()
