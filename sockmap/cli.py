@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # guest ------------------------------------------------------------------------------
-    guest = subs.add_parser("guest", help="create, delete, list NAT'd netns guests, or run in one",
-                            description="NAT'd network-namespace guests.",
+    guest = subs.add_parser("guest", help="create, delete, list NAT'd netns guests, or run in "
+                            "one; attach namespaces sockmap did not make",
+                            description="NAT'd network-namespace guests, and adopted ones.",
                             epilog="example:\n  sockmap guest create dev1 && sockmap guest "
                                    "exec dev1 -- python3 -m http.server 8000",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless /udp")
     p = _sub(gsubs, "delete", _guest_delete, "delete a guest and everything made for it",
              "sockmap guest delete dev1")
+    p.add_argument("name")
+    p = _sub(gsubs, "attach", _guest_attach, "adopt a network namespace sockmap did not make "
+             "(a container's, a sandbox's): its listeners appear on host localhost",
+             "sockmap guest attach web --pid $(docker inspect -f '{{.State.Pid}}' web)")
+    p.add_argument("name", help="guest name to give it")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pid", type=int, help="a process in the namespace")
+    which.add_argument("--netns", metavar="PATH",
+                       help="a namespace file: /run/netns/X, /proc/PID/ns/net, a bind mount")
+    p = _sub(gsubs, "detach", _guest_detach, "forget an attached guest (nothing in its "
+             "namespace changes)", "sockmap guest detach web")
     p.add_argument("name")
     p = _sub(gsubs, "list", _guest_list, "list guests", "sockmap guest list --json")
     p.add_argument("--json", action="store_true")
@@ -256,19 +268,50 @@ def _guest_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _guest_attach(args: argparse.Namespace) -> int:
+    from sockmap import control
+
+    rec = control.request(args.run_dir, "guest_attach", timeout=60, name=args.name,
+                          pid=args.pid, netns=args.netns)
+    print(f"guest {args.name}: attached net:[{rec['ino']}]; its listeners are forwarded "
+          "through sockets made inside it")
+    return EXIT_OK
+
+
+def _guest_detach(args: argparse.Namespace) -> int:
+    from sockmap import control
+    from sockmap.nat import attached
+
+    try:
+        lines = control.request(args.run_dir, "guest_detach", timeout=60, name=args.name)
+    except control.DaemonNotRunning:
+        if not attached.remove(args.run_dir, args.name):
+            raise SockmapError(f"no attached guest named {args.name!r}",
+                               hint="see `sockmap guest list`") from None
+        lines = [f"removed record of guest {args.name}"]
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
 def _guest_list(args: argparse.Namespace) -> int:
     import json
 
-    from sockmap.nat import guests
+    from sockmap.nat import attached, guests
 
     recs = guests.list_guests(args.run_dir)
+    adopted = attached.list_records(args.run_dir)
     if args.json:
-        print(json.dumps([r.to_json() for r in recs], indent=2))
+        print(json.dumps([{**r.to_json(), "kind": "created"} for r in recs]
+                         + [a.to_json() for a in adopted], indent=2))
         return EXIT_OK
-    print(f"{'NAME':<20} {'ADDRESS':<16} {'HOST END':<16} {'IPV6':<24} NAT")
+    print(f"{'NAME':<20} {'KIND':<9} {'ADDRESS':<16} {'HOST END':<16} {'IPV6':<24} NAT")
     for r in recs:
-        print(f"{r.name:<20} {r.guest_addr4:<16} {r.host_addr4:<16} {r.guest_addr6:<24} "
-              f"{'on' if r.nat else 'off'}")
+        print(f"{r.name:<20} {'created':<9} {r.guest_addr4:<16} {r.host_addr4:<16} "
+              f"{r.guest_addr6:<24} {'on' if r.nat else 'off'}")
+    for a in adopted:
+        how = f"pid {a.pid}" if a.pid else a.path or a.rule
+        print(f"{a.name:<20} {a.kind:<9} net:[{a.ino}] ({how})")
     return EXIT_OK
 
 
@@ -338,6 +381,7 @@ def _daemon(args: argparse.Namespace) -> int:
     rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen,
                                         policies=Policies(default=policy),
                                         flat=args.flat, config_path=path, rules=fc.rules,
+                                        attach=fc.attach,
                                         metrics=metrics,
                                         udp_ephemeral=bool(fc.udp_ephemeral),
                                         max_listeners=max_listeners,

@@ -48,6 +48,8 @@ from typing import Any, Final
 
 from sockmap import shadowing
 from sockmap.conflicts import reverse as rev
+from sockmap.conflicts.attach import KEYS as ATTACH_KEYS
+from sockmap.conflicts.attach import AttachRule, template_problem
 from sockmap.conflicts.rules import ACTIONS, POLICIES, Action, ForwardPath, Policy, Rule
 from sockmap.conflicts.rules import PATHS as RULE_PATHS
 from sockmap.errors import SockmapError
@@ -65,7 +67,7 @@ MAX_LISTENERS_LIMIT: Final = 1 << 20  # the largest per-guest listener limit one
 PATHS: Final = ("kernel", "relay")
 LABEL_MAX: Final = 64
 HOSTNAME_LABEL: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-TOP_KEYS: Final = ("daemon", "rule", "reverse")
+TOP_KEYS: Final = ("daemon", "rule", "reverse", "attach")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,6 +84,7 @@ class FileConfig:
     forwarder: str | None = None  # [daemon] path: "kernel" (where the hooks load), "relay"
     cgroup: str | None = None  # the kernel path's cgroup v2 directory
     reverse: tuple[rev.ReverseRule, ...] = ()  # [[reverse]] entries, in file order
+    attach: tuple[AttachRule, ...] = ()  # [[attach]]: namespaces adopted when they listen
 
 
 # -- positions -------------------------------------------------------------------------------
@@ -218,8 +221,8 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     for k in data:
         if k not in TOP_KEYS:
             raise ctx.error("", None, k, "unknown key",
-                            f"the file has [daemon], [[rule]] and [[reverse]] tables only; "
-                            f"did you mean "
+                            "the file has [daemon], [[rule]], [[reverse]] and [[attach]] tables "
+                            "only; did you mean "
                             f"{_near(k, TOP_KEYS)}?")
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
@@ -234,7 +237,13 @@ def parse(text: str, path: str = "<config>") -> FileConfig:
     _check_fixed_ports(ctx, rules)
     _check_names(ctx, rules)
     reverse = _reverse(ctx, data.get("reverse", []))
-    return FileConfig(path=path, rules=rules, reverse=reverse, agent_listen=cfg.agent_listen,
+    attach_raw = data.get("attach", [])
+    if not isinstance(attach_raw, list) or not all(isinstance(r, dict) for r in attach_raw):
+        raise ctx.error("", None, "attach", "must be an array of tables",
+                        "write each rule under its own [[attach]] header")
+    attach = tuple(_attach(ctx, i, r) for i, r in enumerate(attach_raw))
+    return FileConfig(path=path, rules=rules, reverse=reverse, attach=attach,
+                      agent_listen=cfg.agent_listen,
                       metrics=cfg.metrics, conflict_policy=cfg.conflict_policy,
                       udp_ephemeral=cfg.udp_ephemeral,
                       max_listeners_per_guest=cfg.max_listeners_per_guest,
@@ -605,6 +614,45 @@ def _disjoint_guests(a: Rule, b: Rule) -> bool:
 
     return exact(a.guest) and exact(b.guest) and a.guest != b.guest and \
         not fnmatch.fnmatchcase(a.guest or "", b.guest or "")
+
+
+def _attach(ctx: _Ctx, i: int, r: dict[str, Any]) -> AttachRule:
+    """One [[attach]] table (sockmap.conflicts.attach)."""
+    head = ctx.lines.table("attach", i)[0]
+
+    def err(key: str | None, what: str, fix: str) -> SockmapError:
+        line = ctx.lines.key("attach", i, key) if key else head
+        keytxt = f" key {key!r}" if key else ""
+        return SockmapError(f"{ctx.path}:{line}: [[attach]] #{i + 1}{keytxt}: {what}",
+                            hint=fix)
+
+    for k in r:
+        if k not in ATTACH_KEYS:
+            raise err(k, "unknown key", f"known keys: {', '.join(ATTACH_KEYS)} (did you mean "
+                                        f"{_near(k, ATTACH_KEYS)}?)")
+    got: dict[str, str] = {}
+    for k in ATTACH_KEYS:
+        v = r.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise err(k, f"must be a string, not {type(v).__name__} {v!r}",
+                      f'write {k} = "..." with quotes')
+        got[k] = v
+    if "cgroup" not in got and "process" not in got:
+        raise err(None, "matches every process (no cgroup and no process glob), the "
+                        "daemon's own namespace too", 'add cgroup = "/system.slice/'
+                        'docker-*.scope" or a process glob')
+    if "cgroup" in got and (not got["cgroup"] or "\0" in got["cgroup"]
+                            or not got["cgroup"].startswith(("/", "*"))):
+        raise err("cgroup", f"{got['cgroup']!r} is not a cgroup path glob",
+                  'cgroup paths start with "/", e.g. "/machine.slice/libpod-*"')
+    if "process" in got and (why := _glob_problem(got["process"])):
+        raise err("process", why, "give a glob on the process name, e.g. \"nginx*\"")
+    if "name" in got and (bad := template_problem(got["name"])):
+        raise err("name", bad, 'e.g. name = "{cgroup_basename}" or "{process}-{pid}"')
+    return AttachRule(cgroup=got.get("cgroup"), process=got.get("process"),
+                      name=got.get("name", "{process}-{pid}"), origin=f"{ctx.path}:{head}")
 
 
 def load(path: Path) -> FileConfig:

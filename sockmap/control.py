@@ -11,7 +11,8 @@ then batch lines, each a JSON array of up to STREAM_BATCH items, then ``{"end": 
 and the daemon writes batch by batch (bounded memory, its event loop served in between).
 
 Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subnet, nat),
-``guest_delete`` (name), ``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
+``guest_delete`` (name), ``guest_attach`` (name, pid or netns), ``guest_detach`` (name),
+``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
 list in ``conflicts.report.to_json`` form), ``events`` (a subscription: the ok line, then
 one JSON line per change until the client closes; sockmap.eventbus, sockmap.eventclient).
 
@@ -34,7 +35,8 @@ from sockmap.errors import SockmapError
 SOCKET_NAME: Final = "control.sock"
 MAX_LINE: Final = 1 << 20
 STREAM_BATCH: Final = 256  # items per streamed line (an ls row is ~0.5 KiB)
-OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts", "events")
+OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts", "events",
+              "guest_attach", "guest_detach")
 
 
 class DaemonNotRunning(SockmapError):

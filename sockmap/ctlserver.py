@@ -129,6 +129,16 @@ class ControlServer:
                 name = control.arg_str(req, "name")
                 assert name is not None
                 return await d.guest_delete(name)
+            case "guest_attach" | "guest_detach":
+                name = control.arg_str(req, "name")
+                assert name is not None
+                if req.op == "guest_detach":
+                    return await d.guest_detach(name)
+                pid = req.args.get("pid")
+                if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
+                    raise SockmapError("control op guest_attach: pid must be an integer")
+                return await d.guest_attach(name, pid=pid, path=control.arg_str(
+                    req, "netns", optional=True))
         raise SockmapError(f"unknown control op {req.op!r}")
 
     async def metrics_conn(self, reader: asyncio.StreamReader,

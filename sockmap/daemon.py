@@ -16,6 +16,7 @@ This module is the lifecycle and the wiring; each concern has its own module:
 - sockmap.eventbus: the ``events`` subscriptions, published after each replan;
 - sockmap.reverse: reverse forwards (a guest reaches a host loopback service), reconciled
   after each replan; sockmap.reverseopts: their recorded options;
+- sockmap.attachments, sockmap.discover: adopted namespaces (``guest attach``, ``[[attach]]``);
 - here: Config, startup (sockets), run, shutdown, guest create/delete, SIGHUP reload, status.
 
 Sockets, all under RUN_DIR:
@@ -44,11 +45,14 @@ from typing import Any
 
 from sockmap import config, control, metrics, sdnotify
 from sockmap.agents import AgentSessions
+from sockmap.attachments import Attachments
+from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
 from sockmap.conflicts.reverse import ReverseRule, parse_specs
 from sockmap.conflicts.rules import Plan, Policies, Rule
 from sockmap.ctlserver import ControlServer
+from sockmap.discover import Discovery, own_candidate
 from sockmap.errors import SockmapError
 from sockmap.eventbus import EventBus, View, view
 from sockmap.flatwatch import FlatWatch
@@ -105,6 +109,7 @@ class Config:
     netns_watch: str = "daemon"  # netns guests: "daemon" watches them itself (nswatch);
     # "agent" starts a `sockmap agent` in each (the old way: the supervisor's tests)
     reverse_rules: tuple[ReverseRule, ...] = ()  # the rules file's [[reverse]] at start
+    attach: tuple[attach_rules.AttachRule, ...] = ()  # [[attach]]: namespaces found by rule
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -160,6 +165,8 @@ class Daemon:
         self.planner.reverse_own = self.reverse.own
         self._supervisors: dict[str, Supervisor] = {}
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
+        self.attachments = Attachments(self)  # adopted namespaces (guest attach, [[attach]])
+        self.discovery = Discovery(self)  # [[attach]] rules: consider(tgid, ino), the scan
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -245,6 +252,8 @@ class Daemon:
             raise SockmapError(f"cannot use run dir {cfg.run_dir}: {e.strerror}",
                                hint="run as root or pass --run-dir DIR") from e
         self._refuse_second_daemon()
+        if not cfg.flat:
+            attach_rules.refuse_own(cfg.attach, own_candidate())
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # two sockets per forwarded port, plus their connections
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -358,6 +367,8 @@ class Daemon:
                             record=False)
                     except SockmapError as e:
                         log.error("guest %s: %s", rec.name, e)
+            await self.attachments.restore()
+            discovery = tg.create_task(self.discovery.run(), name="discovery")
             await self._stop.wait()
             log.info("stopping")
             for sup in list(self._supervisors.values()):
@@ -367,6 +378,7 @@ class Daemon:
             replanner.cancel()
             host_watch.cancel()
             reverse.cancel()
+            discovery.cancel()
         self._tg = None
 
     async def shutdown(self) -> None:
@@ -382,6 +394,7 @@ class Daemon:
             self.planner.kernel = None
         if self.table is not None:
             await self.table.aclose()
+        self.attachments.close()
         for path in (control.socket_path(self.cfg.run_dir), self.cfg.run_dir / AGENT_SOCKET):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -473,7 +486,18 @@ class Daemon:
 
     async def guest_delete(self, name: str) -> list[str]:
         async with self._guest_lock:
+            if self.attachments.kind(name) is not None:
+                raise SockmapError(f"guest {name} was attached, not made by sockmap",
+                                   hint=f"`sockmap guest detach {name}` forgets it")
             return await self._remove(name)
+
+    async def guest_attach(self, name: str, *, pid: int | None, path: str | None) -> object:
+        async with self._guest_lock:
+            return await self.attachments.attach(name, pid=pid, path=path)
+
+    async def guest_detach(self, name: str) -> list[str]:
+        async with self._guest_lock:
+            return await self.attachments.detach(name)
 
     async def _remove(self, name: str) -> list[str]:
         """Stop the agent, close the guest's mappings, then delete the guest."""
@@ -511,6 +535,8 @@ class Daemon:
             v = self.registry.vouched(name)
             guests.append({
                 "name": name, "connected": g.session is not None, "synced": g.synced,
+                "kind": self.attachments.kind(name) or (
+                    "created" if name in self.agents.netns_of_guest else "agent"),
                 "listeners": len(g.listeners), "addrs": list(v.usable),
                 "refused_addrs": [{"addr": a, "reason": why} for a, why in v.refused],
                 "snapshots": g.snapshots,
@@ -581,6 +607,7 @@ class Daemon:
             return
         try:
             fc = await asyncio.to_thread(config.load, path)
+            attach_rules.refuse_own(fc.attach, own_candidate())
         except SockmapError as e:
             self._reloads["error"] += 1
             self._reload_error = str(e)
@@ -597,6 +624,7 @@ class Daemon:
         self.planner.rules = fc.rules
         self.reverse.rules = fc.reverse
         self.reverse.kick()
+        self.discovery.set_rules(fc.attach)
         self._reloads["ok"] += 1
         self._reload_error = ""
         await self.wait_planned(self.request_replan())

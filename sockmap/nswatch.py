@@ -15,6 +15,12 @@ does not end it: every ``NS_CHECK_S`` the watch stats ``/run/netns/NAME`` (one s
 deliberate check) and, when the file is gone or names another namespace, closes the
 guest's session (its mappings close at the next plan), logs it once and ends.
 
+An attached namespace (``guest attach``, an ``[[attach]]`` rule) has no file of sockmap's:
+its ``nsid.Holder`` holds the fd, and every ``NS_CHECK_S`` the watch asks it whether a
+process or a mount still holds the namespace (one stat; a /proc scan in a thread when the
+last holder left). Nobody: the watch ends, ``on_gone`` tells the daemon, which forgets the
+guest and closes the fd, so the kernel frees the namespace.
+
 ``loopback_connector``: the relay's upstream socket for a guest server bound to its
 loopback only, TCP or UDP (one per UDP flow), made inside the guest's namespace with the fd
 the watch holds, so the guest's server is reached directly and sees its peer as 127.0.0.1
@@ -30,13 +36,14 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sockmap import protocol as p
 from sockmap.agentlink import Nics, batch
 from sockmap.agents import AgentSessions
 from sockmap.errors import SockmapError
-from sockmap.nat import nssock
+from sockmap.nat import nsid, nssock
 from sockmap.portwatch import Listener, Watcher
 from sockmap.portwatch.records import AddressesChanged, Event
 from sockmap.proxy import Connector, MappingSpec
@@ -76,8 +83,11 @@ class NetnsWatch:
     """Watches one netns guest from the daemon and restarts with backoff when it fails."""
 
     def __init__(self, *, name: str, netns: Path, sessions: AgentSessions,
-                 udp_ephemeral: bool, interval: float | None = None) -> None:
+                 udp_ephemeral: bool, interval: float | None = None,
+                 holder: nsid.Holder | None = None,
+                 on_gone: Callable[[str], None] | None = None) -> None:
         self.name, self.path = name, netns
+        self.holder, self.on_gone = holder, on_gone  # an attached namespace: see above
         self.sessions, self.udp_ephemeral, self.interval = sessions, udp_ephemeral, interval
         self.task: asyncio.Task[None] | None = None
         self.starts = 0
@@ -94,6 +104,8 @@ class NetnsWatch:
             except NamespaceGone as e:
                 self.gone = True
                 log.warning("guest %s: %s; its mappings close", self.name, e)
+                if self.on_gone is not None:
+                    self.on_gone(self.name)
                 return
             except (SockmapError, OSError) as e:
                 log.warning("guest %s: watch failed: %s; restarting", self.name, e)
@@ -110,11 +122,19 @@ class NetnsWatch:
         if now != ino:
             raise NamespaceGone(f"{self.path} now names another network namespace")
 
+    async def _check_holder(self, holder: nsid.Holder) -> None:
+        if holder.alive() or await asyncio.to_thread(holder.rescan):
+            return
+        raise NamespaceGone(f"network namespace {holder.ns} has no process and no mount left")
+
     async def _watch(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NamespaceGone(f"network namespace {self.path} is gone") from None
+        if self.holder is not None:
+            fd = self.holder.dup()
+        else:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise NamespaceGone(f"network namespace {self.path} is gone") from None
         ino = os.fstat(fd).st_ino
         ns = f"/proc/self/fd/{fd}"  # this very namespace, whatever the path names later
         session = self.sessions.open_local(self.name)
@@ -133,8 +153,9 @@ class NetnsWatch:
     async def _serve(self, w: Watcher, session: int, ino: int) -> None:
         nics = Nics()
         early: list[Event] = []
+        # an attached namespace's addresses are never targets: its snapshot need not wait
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FIRST_ADDRS_S):
+            async with asyncio.timeout(FIRST_ADDRS_S if self.holder is None else 0.0):
                 async for ev in w:
                     early.append(ev)
                     if isinstance(ev, AddressesChanged):
@@ -149,7 +170,10 @@ class NetnsWatch:
         pump = asyncio.create_task(self._pump(w, session, nics))
         try:
             while not pump.done():
-                self._check(ino)
+                if self.holder is not None:
+                    await self._check_holder(self.holder)
+                else:
+                    self._check(ino)
                 await asyncio.wait([pump], timeout=NS_CHECK_S)
             pump.result()
             raise SockmapError("the listener watcher ended", hint="it restarts")

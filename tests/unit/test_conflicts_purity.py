@@ -11,7 +11,7 @@ import sockmap
 
 PURE = ["protocol.py", "addrs.py", "registry.py", "conflicts/records.py", "conflicts/rules.py",
         "conflicts/flat.py", "conflicts/report.py", "proxy/bpfasm.py", "proxy/bpfprog.py",
-        "rows.py", "proxy/spec.py", "proxy/conndiag.py"]
+        "rows.py", "proxy/spec.py", "proxy/conndiag.py", "conflicts/attach.py"]
 FORBIDDEN = {"asyncio", "socket", "subprocess", "pyroute2", "os", "select", "selectors",
              "pathlib", "ctypes", "sockmap.portwatch.sources", "sockmap.portwatch.owners"}
 

@@ -108,6 +108,7 @@ def test_one_line_per_event(env: dict[str, str], pattern: str) -> None:
 
 
 COMMANDS = [[], ["guest"], ["guest", "create"], ["guest", "delete"], ["guest", "list"],
+            ["guest", "attach"], ["guest", "detach"],
             ["guest", "exec"], ["token"], ["token", "create"], ["agent"], ["daemon"], ["ls"],
             ["conflicts"], ["events"], ["wait"]]
 
