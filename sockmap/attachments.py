@@ -26,6 +26,7 @@ from sockmap.errors import SockmapError
 from sockmap.nat import attached, nsid
 from sockmap.nat.plan import check_name
 from sockmap.nswatch import NetnsWatch
+from sockmap.reverseopts import load_options, remove_options
 
 if TYPE_CHECKING:
     from sockmap.daemon import Daemon
@@ -85,9 +86,12 @@ class Attachments:
 
     # -- operations -----------------------------------------------------------------------
     async def attach(self, name: str, *, pid: int | None, path: str | None,
-                     kind: str = "attached", rule: str = "") -> dict[str, Any]:
+                     kind: str = "attached", rule: str = "",
+                     reverse: tuple[str, ...] = ()) -> dict[str, Any]:
         """Adopt a namespace (all checks first: on any error nothing is recorded); returns
-        its record once the first snapshot of its listeners is in."""
+        its record once the first snapshot of its listeners is in and its reverse forwards
+        (``reverse``: ``--reverse`` texts, checked by the caller; and the matching
+        [[reverse]] rules) are open."""
         d = self.d
         if name in self.records or name in d.registry:  # on the loop: its own state
             raise SockmapError(f"guest {name!r} exists", hint="choose another name, or "
@@ -103,6 +107,8 @@ class Attachments:
             self._watch(rec, holder)
             async with asyncio.timeout(d.cfg.first_snapshot_timeout_s):
                 await synced.wait()
+            d.reverse_guest(name, holder.fd, reverse)
+            await d.reverse.reconcile(*d._reverse_inputs())
         except BaseException as e:
             await self._forget(name)
             holder.close()
@@ -151,12 +157,14 @@ class Attachments:
 
     async def _forget(self, name: str) -> None:
         d = self.d
+        d.reverse.forget_guest(name)  # its listeners and fd in the namespace go first
         w = d._watches.pop(name, None)
         d.agents.watched.discard(name)
         if w is not None and w.task is not asyncio.current_task():
             await w.stop()
         self.records.pop(name, None)
         await asyncio.to_thread(attached.remove, d.cfg.run_dir, name)  # first: `guest list`
+        await asyncio.to_thread(remove_options, d.cfg.run_dir, name)
         d.planner.purge.add(name)
         try:
             d.registry.forget(name)
@@ -184,6 +192,11 @@ class Attachments:
             holder = nsid.Holder(fd, rec.ns)
             await asyncio.to_thread(holder.rescan)
             self._watch(rec, holder)
+            try:  # its recorded --reverse options, and the matching rules
+                opts = await asyncio.to_thread(load_options, d.cfg.run_dir, rec.name)
+                d.reverse_guest(rec.name, holder.fd, (o.text() for o in opts), record=False)
+            except SockmapError as e:
+                log.error("guest %s: %s", rec.name, e)
             log.info("guest %s (%s): re-attached %s via %s", rec.name, rec.kind, rec.ns, how)
 
     def close(self) -> None:

@@ -84,10 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "in 172.31.0.0/16)")
     p.add_argument("--no-nat", action="store_true",
                    help="no masquerade or forwarding: the guest reaches only this host")
-    p.add_argument("--reverse", action="append", default=[], metavar="PORT[:HOSTPORT][/udp]",
-                   help="reverse forward (repeatable): the guest's 127.0.0.1:PORT and "
-                        "[::1]:PORT reach the host's loopback HOSTPORT (default: PORT); tcp "
-                        "unless /udp")
+    _reverse_arg(p)
     p = _sub(gsubs, "delete", _guest_delete, "delete a guest and everything made for it",
              "sockmap guest delete dev1")
     p.add_argument("name")
@@ -99,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--pid", type=int, help="a process in the namespace")
     which.add_argument("--netns", metavar="PATH",
                        help="a namespace file: /run/netns/X, /proc/PID/ns/net, a bind mount")
+    _reverse_arg(p)
     p = _sub(gsubs, "detach", _guest_detach, "forget an attached guest (nothing in its "
              "namespace changes)", "sockmap guest detach web")
     p.add_argument("name")
@@ -228,6 +226,13 @@ def _not_built(name: str, issue: int) -> Handler:
     return handler
 
 
+def _reverse_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reverse", action="append", default=[], metavar="PORT[:HOSTPORT][/udp]",
+                   help="reverse forward (repeatable): the guest's 127.0.0.1:PORT and "
+                        "[::1]:PORT reach the host's loopback HOSTPORT (default: PORT); tcp "
+                        "unless /udp")
+
+
 # -- handlers: thin; the modules do the work ---------------------------------------------
 def _guest_create(args: argparse.Namespace) -> int:
     from sockmap import control
@@ -270,9 +275,11 @@ def _guest_delete(args: argparse.Namespace) -> int:
 
 def _guest_attach(args: argparse.Namespace) -> int:
     from sockmap import control
+    from sockmap.conflicts.reverse import parse_specs
 
+    specs = parse_specs(args.reverse)  # bad --reverse: exit 2 before anything is adopted
     rec = control.request(args.run_dir, "guest_attach", timeout=60, name=args.name,
-                          pid=args.pid, netns=args.netns)
+                          pid=args.pid, netns=args.netns, reverse=[s.text() for s in specs])
     print(f"guest {args.name}: attached net:[{rec['ino']}]; its listeners are forwarded "
           "through sockets made inside it")
     return EXIT_OK

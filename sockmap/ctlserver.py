@@ -117,14 +117,9 @@ class ControlServer:
                 name = control.arg_str(req, "name")
                 assert name is not None
                 nat = req.args.get("nat", True)
-                reverse = req.args.get("reverse") or []
-                if not isinstance(reverse, list) or not all(isinstance(r, str)
-                                                            for r in reverse):
-                    raise SockmapError("guest_create: reverse must be a list of strings",
-                                       hint="give --reverse PORT[:HOSTPORT][/udp]")
                 return await d.guest_create(name, control.arg_str(req, "subnet",
                                                                   optional=True),
-                                            nat=nat is not False, reverse=reverse)
+                                            nat=nat is not False, reverse=_reverse(req))
             case "guest_delete":
                 name = control.arg_str(req, "name")
                 assert name is not None
@@ -138,7 +133,7 @@ class ControlServer:
                 if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
                     raise SockmapError("control op guest_attach: pid must be an integer")
                 return await d.guest_attach(name, pid=pid, path=control.arg_str(
-                    req, "netns", optional=True))
+                    req, "netns", optional=True), reverse=_reverse(req))
         raise SockmapError(f"unknown control op {req.op!r}")
 
     async def metrics_conn(self, reader: asyncio.StreamReader,
@@ -170,3 +165,12 @@ class ControlServer:
         finally:
             writer.close()
             self.d.conns.discard(task)
+
+
+def _reverse(req: control.Request) -> list[str]:
+    """A guest op's ``reverse`` argument: the ``--reverse`` texts (checked by the daemon)."""
+    reverse = req.args.get("reverse") or []
+    if not isinstance(reverse, list) or not all(isinstance(r, str) for r in reverse):
+        raise SockmapError(f"{req.op}: reverse must be a list of strings",
+                           hint="give --reverse PORT[:HOSTPORT][/udp]")
+    return reverse

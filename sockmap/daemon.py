@@ -491,9 +491,12 @@ class Daemon:
                                    hint=f"`sockmap guest detach {name}` forgets it")
             return await self._remove(name)
 
-    async def guest_attach(self, name: str, *, pid: int | None, path: str | None) -> object:
+    async def guest_attach(self, name: str, *, pid: int | None, path: str | None,
+                           reverse: Iterable[str] = ()) -> object:
+        reverse = tuple(reverse)
+        parse_specs(reverse)  # bad --reverse: an error before anything is adopted
         async with self._guest_lock:
-            return await self.attachments.attach(name, pid=pid, path=path)
+            return await self.attachments.attach(name, pid=pid, path=path, reverse=reverse)
 
     async def guest_detach(self, name: str) -> list[str]:
         async with self._guest_lock:

@@ -278,3 +278,43 @@ def test_reopen_takes_only_the_namespace_with_the_recorded_cookie(lab: netlab.La
         os.close(fd)
     lab.host.run(["ip", "netns", "del", other.name])
     assert nsid.reopen(ident5, path=f"/run/netns/{other.name}") is None  # gone
+
+
+def test_attach_with_reverse_reaches_the_host_and_ends_with_detach(lab: netlab.Lab,
+                                                                  daemon: Daemon) -> None:
+    from tests.netlab.test_reverse import CLIENT
+
+    host = serve(lab.host, "tcp", "127.0.0.1", 7400)  # a host service on its loopback
+    box = sandbox(lab, ("tcp", "127.0.0.1", 3201))
+
+    def client(port: int) -> str:
+        return lab.host.run(["nsenter", f"--net=/proc/{box.pid}/ns/net", PY, "-c", CLIENT,
+                             "127.0.0.1", str(port)], timeout=10).stdout.strip()
+
+    bad = daemon.cli("guest", "attach", "box3", "--pid", str(box.pid), "--reverse", "0")
+    assert bad.returncode == 2 and guest_list(daemon) == [], bad.stderr
+    r = daemon.cli("guest", "attach", "box3", "--pid", str(box.pid), "--reverse", "17400:7400")
+    assert r.returncode == 0, r.stderr + daemon.log_text()
+    assert client(17400) == "hi 127.0.0.1", daemon.log_text()  # at once: opened on attach
+    assert client(7400).startswith("ConnectionRefusedError")  # nothing else of the host's
+    rev = [x for x in json.loads(daemon.cli("ls", "--json").stdout)
+           if x["direction"] == "reverse"]
+    assert [(x["guest"], x["guest_port"], x["host_port"]) for x in rev] == [
+        ("box3", 17400, 7400)], rev
+    assert (daemon.run_dir / "reverse" / "box3.json").exists()
+    # a restart re-attaches the namespace and re-opens its reverse forward
+    assert daemon.stop() == 0
+    d2 = start_daemon(lab, daemon.run_dir, daemon.log)
+    daemon.proc = d2.proc
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and client(17400) != "hi 127.0.0.1":
+        time.sleep(0.05)  # bounded: until the restarted daemon has re-opened it
+    assert client(17400) == "hi 127.0.0.1", d2.log_text()
+    r = d2.cli("guest", "detach", "box3")
+    assert r.returncode == 0, r.stderr
+    assert client(17400).startswith("ConnectionRefusedError"), d2.log_text()
+    assert not (d2.run_dir / "reverse" / "box3.json").exists()
+    box.kill()
+    box.wait()
+    host.kill()
+    host.wait()
