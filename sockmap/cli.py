@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--netns-watch", choices=["daemon", "agent"], default="daemon",
                    help="netns guests: the daemon watches them itself (default), or starts a "
                         "sockmap agent in each (the old way)")
+    p.add_argument("--netns-events", choices=["auto", "off"], default="auto",
+                   help="the daemon's watch of netns guests: auto = one tracefs event "
+                        "source for all (polling where tracefs cannot be had), off = poll")
     p.add_argument("--agent-listen", metavar="HOST:PORT",
                    help="also accept agents (VMs) over TCP, bound only there; each needs "
                         "RUN_DIR/tokens/NAME.token")
@@ -331,7 +334,8 @@ def _daemon(args: argparse.Namespace) -> int:
                                         max_listeners=max_listeners,
                                         path=args.path or fc.forwarder or "kernel",
                                         cgroup=cgroup, kernel_map_size=args.kernel_map_size,
-                                        netns_watch=args.netns_watch))
+                                        netns_watch=args.netns_watch,
+                                        netns_events=args.netns_events))
     return rc
 
 
@@ -344,7 +348,10 @@ def _ls(args: argparse.Namespace) -> int:
         rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10,
                                                   **({"all": True} if args.all else {})),
                                   guest=args.guest, port=args.port)
-        return json.dumps(rows, indent=2) if args.json else lsview.render(rows)
+        if args.json:
+            return json.dumps(rows, indent=2)
+        st = control.request(args.run_dir, "status", timeout=10)
+        return lsview.header(st) + lsview.render(rows)
 
     if not args.watch:
         print(show())

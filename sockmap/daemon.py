@@ -50,9 +50,10 @@ from sockmap.errors import SockmapError
 from sockmap.eventbus import EventBus, View, view
 from sockmap.flatwatch import FlatWatch
 from sockmap.nat.plan import GuestRecord
-from sockmap.nswatch import NetnsWatch, loopback_connector
+from sockmap.nswatch import NetnsWatch, loopback_connector, open_hub, watch_summary
 from sockmap.peercred import netns_of
 from sockmap.planner import Planner
+from sockmap.portwatch.hub import EventHub
 from sockmap.proxy import Connector, MappingTable
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Assigned, Registry
@@ -97,6 +98,7 @@ class Config:
     kernel_map_size: int = 4096  # host endpoints the kernel map holds; the rest: relay
     netns_watch: str = "daemon"  # netns guests: "daemon" watches them itself (nswatch);
     # "agent" starts a `sockmap agent` in each (the old way: the supervisor's tests)
+    netns_events: str = "auto"  # the daemon's watch: one tracefs event hub ("auto"), or poll
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -147,6 +149,8 @@ class Daemon:
         self.planner.on_planned = self.events.publish
         self._supervisors: dict[str, Supervisor] = {}
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
+        self.hub: EventHub | None = None  # their one listener-event source (nswatch.open_hub)
+        self._hub_note = "polling: --netns-watch agent"
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -188,7 +192,15 @@ class Daemon:
         return self.planner.rows(not_forwarded=not_forwarded)
 
     def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
-        return self.planner.iter_rows(not_forwarded=not_forwarded)
+        """The planner's rows, each with its guest's ``watch_mode`` ("events", "poll", or
+        "agent": a VM's or an agent's own report)."""
+        modes = {n: w.mode.split(" ", 1)[0] for n, w in self._watches.items()}
+        for r in self.planner.iter_rows(not_forwarded=not_forwarded):
+            yield {**r, "watch_mode": modes.get(str(r.get("guest", "")), "agent") or "agent"}
+
+    def listener_watch(self) -> dict[str, object]:
+        """The netns guests' listener watch: mode, why, guests per mode (nswatch)."""
+        return watch_summary(self.hub, self._hub_note, self._watches.values())
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -210,6 +222,8 @@ class Daemon:
         self.table = MappingTable()
         if not cfg.flat:
             self._start_kernel_path()
+            if cfg.netns_watch == "daemon":  # before any guest can be made or adopted
+                self.hub, self._hub_note = await asyncio.to_thread(open_hub, cfg.netns_events)
         self._servers.append(await self._unix_server(control.socket_path(cfg.run_dir),
                                                      self.control.conn))
         if cfg.flat:
@@ -316,6 +330,9 @@ class Daemon:
                 await sup.stop()
             for w in list(self._watches.values()):
                 await w.stop()
+            if self.hub is not None:
+                await asyncio.to_thread(self.hub.close)  # removes the tracefs instance
+                self.hub = None
             replanner.cancel()
             host_watch.cancel()
         self._tg = None
@@ -330,6 +347,9 @@ class Daemon:
         if self.planner.kernel is not None:
             self.planner.kernel.close()  # detach the hooks first: clients go to the relay
             self.planner.kernel = None
+        if self.hub is not None:  # (run() closes it; here when run() never ran)
+            await asyncio.to_thread(self.hub.close)
+            self.hub = None
         if self.table is not None:
             await self.table.aclose()
         for path in (control.socket_path(self.cfg.run_dir), self.cfg.run_dir / AGENT_SOCKET):
@@ -340,12 +360,15 @@ class Daemon:
     # -- agents we start, or our own watch of a netns guest --------------------------------
     def _start_agent(self, name: str, netns: str) -> None:
         assert self._tg is not None
+        if name in self._watches or name in self._supervisors:
+            return  # guest_create and run()'s adoption of the records both saw it
         self.agents.netns_of_guest[name] = netns
         cfg = self.cfg
         if cfg.netns_watch == "daemon":
             self.agents.watched.add(name)
             w = NetnsWatch(name=name, netns=NETNS_DIR / netns, sessions=self.agents,
-                           udp_ephemeral=cfg.udp_ephemeral)
+                           udp_ephemeral=cfg.udp_ephemeral, hub=self.hub,
+                           poll_note=self._hub_note)
             self._watches[name] = w
             w.task = self._tg.create_task(w.run(), name=f"watch-{name}")
             return
@@ -455,6 +478,7 @@ class Daemon:
                 "config": str(self.cfg.config_path or ""), "rules": len(self.rules),
                 "reloads": dict(self._reloads), "reload_error": self._reload_error,
                 "forwarder": "kernel" if self.planner.kernel is not None else "relay",
+                "listener_watch": self.listener_watch(),
                 "cgroup": str(self.planner.kernel.cgroup) if self.planner.kernel else ""}
 
     async def conflicts(self) -> dict[str, Any]:
@@ -487,7 +511,8 @@ class Daemon:
         pl = self.last_plan
         return metrics.render(rows=self.rows() if self.table is not None else [],
                               guests=conn, conflicts=[c.kind for c in pl.conflicts] if pl
-                              else [], latency=self.planner.latency, reloads=self._reloads)
+                              else [], latency=self.planner.latency, reloads=self._reloads,
+                              listener_watch=self.listener_watch())
 
     # -- rules file -----------------------------------------------------------------------
     def reload(self) -> None:
