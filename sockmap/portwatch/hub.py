@@ -14,8 +14,11 @@ Routing, each rule here once (``hints.concerns`` then decides per watcher, as fo
 watcher with a source of its own):
 
 - a hint placed in a subscribed namespace goes to that namespace's subscribers;
-- a hint whose thread and process were gone (netns None) goes to every subscriber (each
-  checks its port against what it reports);
+- a close whose thread was gone (netns None) goes to every subscriber (each checks its
+  port against what it reports), and so does a listen or bind whose process is unknown; a
+  listen or bind whose thread and process were both gone goes to nobody (its sockets
+  went with it, as ``hints.concerns`` rules): a busy host's short-lived processes do not
+  wake every guest's watch;
 - lost events (an overflowed trace buffer) and lines not understood go to every
   subscriber: each rescans;
 - lines of namespaces nobody subscribed to are dropped before they are parsed
@@ -67,6 +70,8 @@ def route(h: H.Hints, subscribed: frozenset[int]) -> dict[int, H.Hints]:
     unplaced: list[H.Hint] = []
     for hint in h.hints:
         if hint.netns is None:
+            if hint.process_gone and hint.what != "unlisten":
+                continue  # its sockets went with it: it concerns nobody (hints.concerns)
             unplaced.append(hint)
         elif hint.netns in subscribed:
             placed.setdefault(hint.netns, []).append(hint)

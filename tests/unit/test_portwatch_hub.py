@@ -18,6 +18,8 @@ def _hint(ns: int | None, port: int = 80, what: H.What = "listen") -> H.Hint:
 
 def test_route_table() -> None:
     a, b, c = _hint(1), _hint(2), _hint(None, what="unlisten")
+    gone = H.Hint(netns=None, tid=7, what="bind", process_gone=True)
+    unknown = H.Hint(netns=None, tid=7, what="bind")  # thread gone, its process not known
     subs = frozenset({1, 2, 3})
     cases = [
         # (hints, expected namespaces -> their hints)
@@ -26,6 +28,8 @@ def test_route_table() -> None:
         (H.Hints(hints=(_hint(9),)), {}),  # nobody's: dropped
         (H.Hints(hints=(c,)), {1: (c,), 2: (c,), 3: (c,)}),  # thread gone: everyone checks
         (H.Hints(hints=(a, c)), {1: (a, c), 2: (c,), 3: (c,)}),
+        (H.Hints(hints=(gone,)), {}),  # a bind by a process gone since: nobody's
+        (H.Hints(hints=(unknown,)), {1: (unknown,), 2: (unknown,), 3: (unknown,)}),
     ]
     for hints, want in cases:
         got = route(hints, subs)
@@ -41,17 +45,23 @@ def test_lost_and_problems_reach_every_subscriber() -> None:
     assert route(H.Hints(lost=1), frozenset()) == {}
 
 
-@given(st.lists(st.tuples(st.sampled_from([None, 1, 2, 3, 4]), st.integers(0, 65535)),
-                max_size=20),
+WHATS: tuple[H.What, ...] = ("listen", "unlisten", "bind", "listened")
+
+
+@given(st.lists(st.tuples(st.sampled_from([None, 1, 2, 3, 4]), st.integers(0, 65535),
+                          st.sampled_from(WHATS), st.booleans()), max_size=20),
        st.frozensets(st.integers(1, 4)), st.integers(0, 3))
-def test_route_concerns_as_one_source_would(placed: list[tuple[int | None, int]],
-                                            subs: frozenset[int], lost: int) -> None:
+def test_route_concerns_as_one_source_would(
+        placed: list[tuple[int | None, int, H.What, bool]], subs: frozenset[int],
+        lost: int) -> None:
     """A subscriber is concerned by what it was routed exactly when it would be by the
     whole read (what a source of its own would have seen)."""
-    h = H.Hints(hints=tuple(_hint(ns, port, "unlisten") for ns, port in placed), lost=lost)
+    h = H.Hints(hints=tuple(H.Hint(netns=ns, tid=1, what=what, port=port, proto="tcp",
+                                   process_gone=gone and ns is None)
+                            for ns, port, what, gone in placed), lost=lost)
     got = route(h, subs)
     for ns in subs:
-        for ports in (frozenset(), frozenset({p for _, p in placed})):
+        for ports in (frozenset(), frozenset({p for _, p, _, _ in placed})):
             whole = H.concerns(h, netns=ns, tcp_ports=lambda ports=ports: ports)
             part = ns in got and H.concerns(got[ns], netns=ns,
                                             tcp_ports=lambda ports=ports: ports)
