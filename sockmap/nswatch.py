@@ -266,4 +266,5 @@ def watch_summary(hub: EventHub | None, note: str,
         note = f"polling: {hub.failed}"
     return {"mode": "events" if hub is not None and hub.failed is None else "poll",
             "note": note, "guests": modes,
-            "events_lost": hub.lost if hub is not None else 0}
+            "events_lost": hub.lost if hub is not None else 0,
+            "events_foreign": hub.unknown if hub is not None else 0}

@@ -29,6 +29,11 @@ watcher with a source of its own):
 
 UDP closes: each subscription has its own sock_diag destroy socket opened inside its
 namespace (the destroy groups are per namespace), read by the subscriber's own thread.
+
+Pacing: a subscriber wakes its watcher at once for a burst of ``DUMP_BURST`` wake-ups,
+then at most ``DUMPS_PER_S`` a second (``Subscription._hold``): a namespace churning
+listeners costs a dump per batch, not per event. The buffer is ``HUB_BUFFER_KB`` per cpu
+(one for every guest; an overflow rescans them all).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from sockmap.portwatch.records import Listener
 
 log = logging.getLogger(__name__)
 HUB_TICK_S = 1.0  # the hub thread's select timeout: how soon a switched-off instance is seen
+HUB_BUFFER_KB = 512  # per cpu: one buffer for every guest (a LOST line rescans them all)
+DUMPS_PER_S, DUMP_BURST = 40.0, 8.0  # a subscriber's wake-ups: a burst at once, then paced
 
 
 def merge(parts: list[H.Hints]) -> H.Hints:
@@ -95,6 +102,7 @@ class Subscription:
         self.notes = notes
         self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._pending: list[H.Hints] = []  # guarded by the hub's lock
+        self._tokens, self._refilled = DUMP_BURST, time.monotonic()  # the wake-up pacing
         self.wakeups = 0
         self.lost = 0  # events the kernel overwrote, as this subscriber was told
         self.closed = False
@@ -120,7 +128,11 @@ class Subscription:
         if self._destroy is not None:
             fds.append(self._destroy.fileno())
         try:
-            ready = select.select(fds, [], [], max(0.0, timeout))[0]
+            deadline = time.monotonic() + max(0.0, timeout)
+            hold = self._hold()  # > 0: a busy namespace, let its events pile up
+            if hold > 0 and select.select([stop_fd], [], [], min(hold, max(0.0, timeout)))[0]:
+                return Wake(stopped=True)
+            ready = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))[0]
         except (OSError, ValueError) as e:  # a closed fd: the watcher is stopping
             log.debug("select: %s", e)
             return Wake(stopped=True)
@@ -131,6 +143,7 @@ class Subscription:
         if self._hub.failed is not None:
             return Wake(timeout=True)
         self.wakeups += 1
+        self._tokens -= 1
         destroyed: list[Listener] = []
         destroy_lost = False
         if self._destroy is not None and self._destroy.fileno() in ready:
@@ -144,6 +157,16 @@ class Subscription:
         h = merge(parts) if parts else H.Hints()
         self.lost += h.lost
         return Wake(hints=h, destroyed=tuple(destroyed), destroy_lost=destroy_lost)
+
+    def _hold(self) -> float:
+        """How long to wait before looking (0: at once). A token bucket: ``DUMP_BURST``
+        wake-ups at once, then ``DUMPS_PER_S``; a namespace opening and closing hundreds of
+        listeners a second costs its watcher a dump every 25 ms (a poll's pace), not one
+        per event, while a quiet one's next listener is dumped for at once."""
+        now = time.monotonic()
+        self._tokens = min(DUMP_BURST, self._tokens + (now - self._refilled) * DUMPS_PER_S)
+        self._refilled = now
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / DUMPS_PER_S
 
     def problem(self) -> str | None:
         return self._hub.failed
@@ -163,7 +186,7 @@ class Subscription:
 class EventHub:
     """The daemon's one listener-event source (see the module docstring)."""
 
-    def __init__(self, *, buffer_kb: int = tracefs.DEFAULT_BUFFER_KB,
+    def __init__(self, *, buffer_kb: int = HUB_BUFFER_KB,
                  mount: Callable[[], int] = tracefs.mount,
                  ns_of: Callable[[int], int | None] = netns_of,
                  on_unknown: Callable[[int, int], None] | None = None,
