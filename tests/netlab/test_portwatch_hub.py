@@ -28,12 +28,16 @@ pytestmark = pytest.mark.netlab
 
 # argv: rescan buffer_kb NAME... ; one Watcher per namespace, one EventHub for all
 RUNNER = r"""
-import asyncio, json, os, sys
+import asyncio, json, os, sys, threading
 from sockmap.portwatch import ListenerAdded, ListenerRemoved, SourceError, Watcher
 from sockmap.portwatch.hub import EventHub
 
+lock = threading.Lock()  # on_unknown prints from the hub's thread: whole lines only
+
 def out(**kw):
-    print(json.dumps(kw), flush=True)
+    with lock:
+        sys.stdout.write(json.dumps(kw) + "\n")
+        sys.stdout.flush()
 
 told = set()
 
@@ -81,10 +85,10 @@ class Hub:
             text=True)
         self.lines = Lines(self.proc)
         self.seen: list[dict[str, Any]] = []
-        hub, _ = self.lines.wait(lambda o: o["event"] == "hub")
+        hub, _ = self.lines.wait(lambda o: o.get("event") == "hub")
         self.instance: str = hub["instance"]
         for _ in names:
-            ready, _ = self.lines.wait(lambda o: o["event"] == "ready")
+            ready, _ = self.lines.wait(lambda o: o.get("event") == "ready")
             assert ready["mode"] == "events" and self.instance in ready["note"], ready
 
     def wait(self, pred: Any, timeout: float = 15) -> tuple[dict[str, Any], list[Any]]:
@@ -125,7 +129,7 @@ def orphans() -> Iterator[Orphans]:
 
 
 def _of(ns: netlab.Netns, event: str, port: int) -> Any:
-    return lambda o: o["event"] == event and o.get("ns") == ns.name and o.get("port") == port
+    return lambda o: o.get("event") == event and o.get("ns") == ns.name and o.get("port") == port
 
 
 def test_each_watcher_is_woken_for_its_own_namespace(lab: netlab.Lab, hubs: Any) -> None:
@@ -149,7 +153,7 @@ def test_each_watcher_is_woken_for_its_own_namespace(lab: netlab.Lab, hubs: Any)
     ss = Sockets(stranger.ns)
     ss.do("open", ("tcp", 4, "0.0.0.0", 5800))
     ino = os.stat(f"/run/netns/{stranger.ns.name}").st_ino
-    unknown, before = h.wait(lambda o: o["event"] == "unknown" and o["netns"] == ino)
+    unknown, before = h.wait(lambda o: o.get("event") == "unknown" and o["netns"] == ino)
     assert unknown["pid"] > 0
     assert not [o for o in before if o.get("port") == 5800]
 
@@ -201,7 +205,7 @@ def test_instance_switched_off_every_watcher_polls(lab: netlab.Lab, hubs: Any) -
     sa.do("open", ("tcp", 4, "0.0.0.0", 6100))
     sb.do("open", ("tcp", 4, "0.0.0.0", 6101))
     for g in (a, b):
-        err, _ = h.wait(lambda o, g=g: o["event"] == "error" and o["ns"] == g.ns.name)
+        err, _ = h.wait(lambda o, g=g: o.get("event") == "error" and o["ns"] == g.ns.name)
         assert "tracing was switched off" in err["message"] and err["mode"] == "poll"
     h.wait(_of(a.ns, "added", 6100))
     h.wait(_of(b.ns, "added", 6101))
