@@ -133,7 +133,7 @@ class Attachments:
         d.agents.watched.add(rec.name)
         w = NetnsWatch(name=rec.name, netns=Path(f"/proc/self/fd/{holder.fd}"),
                        sessions=d.agents, udp_ephemeral=d.cfg.udp_ephemeral,
-                       holder=holder, on_gone=self.gone)
+                       holder=holder, on_gone=self.gone, hub=d.hub, poll_note=d._hub_note)
         d._watches[rec.name] = w
         w.task = d._tg.create_task(w.run(), name=f"watch-{rec.name}")
 

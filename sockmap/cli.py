@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--netns-watch", choices=["daemon", "agent"], default="daemon",
                    help="netns guests: the daemon watches them itself (default), or starts a "
                         "sockmap agent in each (the old way)")
+    p.add_argument("--netns-events", choices=["auto", "off"], default="auto",
+                   help="the daemon's watch of netns guests: auto = one tracefs event "
+                        "source for all (polling where tracefs cannot be had), off = poll")
+    p.add_argument("--attach-scan", type=float, metavar="SECONDS", default=1.0,
+                   help="period of the [[attach]] safety scan, which finds what the kernel's "
+                        "listener events missed (0.1 to 3600; default 1)")
     p.add_argument("--agent-listen", metavar="HOST:PORT",
                    help="also accept agents (VMs) over TCP, bound only there; each needs "
                         "RUN_DIR/tokens/NAME.token")
@@ -395,7 +401,9 @@ def _daemon(args: argparse.Namespace) -> int:
                                         path=args.path or fc.forwarder or "kernel",
                                         cgroup=cgroup, kernel_map_size=args.kernel_map_size,
                                         netns_watch=args.netns_watch,
-                                        reverse_rules=fc.reverse))
+                                        reverse_rules=fc.reverse,
+                                        netns_events=args.netns_events,
+                                        attach_scan_s=args.attach_scan))
     return rc
 
 
@@ -408,7 +416,10 @@ def _ls(args: argparse.Namespace) -> int:
         rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10,
                                                   **({"all": True} if args.all else {})),
                                   guest=args.guest, port=args.port)
-        return json.dumps(rows, indent=2) if args.json else lsview.render(rows)
+        if args.json:
+            return json.dumps(rows, indent=2)
+        st = control.request(args.run_dir, "status", timeout=10)
+        return lsview.header(st) + lsview.render(rows)
 
     if not args.watch:
         print(show())

@@ -58,10 +58,11 @@ from sockmap.eventbus import EventBus, View, view
 from sockmap.flatwatch import FlatWatch
 from sockmap.nat.nssock import NetnsRef
 from sockmap.nat.plan import GuestRecord
-from sockmap.nswatch import NetnsWatch, loopback_connector
+from sockmap.nswatch import NetnsWatch, loopback_connector, open_hub, watch_summary
 from sockmap.peercred import netns_of
 from sockmap.planner import Planner
 from sockmap.portwatch import Listener
+from sockmap.portwatch.hub import EventHub
 from sockmap.proxy import Connector, MappingSpec, MappingTable
 from sockmap.proxy.kernel import KernelPath
 from sockmap.registry import Assigned, Registry
@@ -110,6 +111,8 @@ class Config:
     # "agent" starts a `sockmap agent` in each (the old way: the supervisor's tests)
     reverse_rules: tuple[ReverseRule, ...] = ()  # the rules file's [[reverse]] at start
     attach: tuple[attach_rules.AttachRule, ...] = ()  # [[attach]]: namespaces found by rule
+    netns_events: str = "auto"  # the daemon's watch: one tracefs event hub ("auto"), or poll
+    attach_scan_s: float = 1.0  # the [[attach]] safety scan's period (discover.py)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -167,6 +170,8 @@ class Daemon:
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
         self.attachments = Attachments(self)  # adopted namespaces (guest attach, [[attach]])
         self.discovery = Discovery(self)  # [[attach]] rules: consider(tgid, ino), the scan
+        self.hub: EventHub | None = None  # their one listener-event source (nswatch.open_hub)
+        self._hub_note = "polling: --netns-watch agent"
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
@@ -208,11 +213,18 @@ class Daemon:
         return list(self.iter_rows(not_forwarded=not_forwarded))
 
     def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
-        """The planner's rows (``direction`` "forward"), then the reverse forwards'."""
+        """The planner's rows (``direction`` "forward", and the guest's ``watch_mode``:
+        "events", "poll", or "agent": a VM's or an agent's own report), then the reverse
+        forwards'."""
+        modes = {n: w.mode.split(" ", 1)[0] for n, w in self._watches.items()}
         for r in self.planner.iter_rows(not_forwarded=not_forwarded):
-            r["direction"] = "forward"
-            yield r
+            yield {**r, "direction": "forward",
+                   "watch_mode": modes.get(str(r.get("guest", "")), "agent") or "agent"}
         yield from self.reverse.rows()
+
+    def listener_watch(self) -> dict[str, object]:
+        """The netns guests' listener watch: mode, why, guests per mode (nswatch)."""
+        return watch_summary(self.hub, self._hub_note, self._watches.values())
 
     # -- reverse forwards -----------------------------------------------------------------
     def _planned(self) -> None:
@@ -260,6 +272,10 @@ class Daemon:
         self.table = MappingTable()
         if not cfg.flat:
             self._start_kernel_path()
+            if cfg.netns_watch == "daemon":  # before any guest can be made or adopted
+                self.hub, self._hub_note = await asyncio.to_thread(open_hub, cfg.netns_events)
+                if self.hub is not None:  # a listen in a namespace nobody watches: [[attach]]
+                    self.hub.on_unknown = self.discovery.on_unknown
         self._servers.append(await self._unix_server(control.socket_path(cfg.run_dir),
                                                      self.control.conn))
         if cfg.flat:
@@ -375,6 +391,9 @@ class Daemon:
                 await sup.stop()
             for w in list(self._watches.values()):
                 await w.stop()
+            if self.hub is not None:
+                await asyncio.to_thread(self.hub.close)  # removes the tracefs instance
+                self.hub = None
             replanner.cancel()
             host_watch.cancel()
             reverse.cancel()
@@ -392,6 +411,9 @@ class Daemon:
         if self.planner.kernel is not None:
             self.planner.kernel.close()  # detach the hooks first: clients go to the relay
             self.planner.kernel = None
+        if self.hub is not None:  # (run() closes it; here when run() never ran)
+            await asyncio.to_thread(self.hub.close)
+            self.hub = None
         if self.table is not None:
             await self.table.aclose()
         self.attachments.close()
@@ -403,12 +425,15 @@ class Daemon:
     # -- agents we start, or our own watch of a netns guest --------------------------------
     def _start_agent(self, name: str, netns: str) -> None:
         assert self._tg is not None
+        if name in self._watches or name in self._supervisors:
+            return  # guest_create and run()'s adoption of the records both saw it
         self.agents.netns_of_guest[name] = netns
         cfg = self.cfg
         if cfg.netns_watch == "daemon":
             self.agents.watched.add(name)
             w = NetnsWatch(name=name, netns=NETNS_DIR / netns, sessions=self.agents,
-                           udp_ephemeral=cfg.udp_ephemeral)
+                           udp_ephemeral=cfg.udp_ephemeral, hub=self.hub,
+                           poll_note=self._hub_note)
             self._watches[name] = w
             w.task = self._tg.create_task(w.run(), name=f"watch-{name}")
             return
@@ -554,6 +579,7 @@ class Daemon:
                 "config": str(self.cfg.config_path or ""), "rules": len(self.rules),
                 "reloads": dict(self._reloads), "reload_error": self._reload_error,
                 "forwarder": "kernel" if self.planner.kernel is not None else "relay",
+                "listener_watch": self.listener_watch(),
                 "cgroup": str(self.planner.kernel.cgroup) if self.planner.kernel else ""}
 
     async def conflicts(self) -> dict[str, Any]:
@@ -590,7 +616,8 @@ class Daemon:
         pl = self.last_plan
         return metrics.render(rows=self.planner.rows() if self.table is not None else [],
                               guests=conn, conflicts=[c.kind for c in pl.conflicts] if pl
-                              else [], latency=self.planner.latency, reloads=self._reloads)
+                              else [], latency=self.planner.latency, reloads=self._reloads,
+                              listener_watch=self.listener_watch())
 
     # -- rules file -----------------------------------------------------------------------
     def reload(self) -> None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sockmap.daemon")
 
-SCAN_S = 1.0  # the safety scan's period (only while [[attach]] rules exist)
+SCAN_S = 1.0  # the safety scan's default period (only while [[attach]] rules exist)
 SCAN_MAX = 4096  # processes of unwatched namespaces read per scan, at most
 SEEN_MAX = 4096  # (namespace, process) pairs consider() remembers, at most
 LISTEN_TABLES = ("tcp", "tcp6", "udp", "udp6")
@@ -103,6 +103,10 @@ class Discovery:
         self._wake = asyncio.Event()
         self._seen: dict[tuple[int, int], float] = {}  # (ino, tgid) -> when considered
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.scan_s = d.cfg.attach_scan_s
+        if not 0.1 <= self.scan_s <= 3600:
+            raise SockmapError(f"[[attach]] scan period {self.scan_s:g} s is out of range",
+                               hint="give --attach-scan between 0.1 and 3600 seconds")
 
     def set_rules(self, rules: tuple[A.AttachRule, ...]) -> None:
         self.rules = rules
@@ -126,7 +130,7 @@ class Discovery:
         if not self.rules or netns_inode == self.own_ino or netns_inode in self._skip():
             return
         now = time.monotonic()
-        if now - self._seen.get((netns_inode, tgid), -SCAN_S) < SCAN_S:
+        if now - self._seen.get((netns_inode, tgid), -SCAN_S) < SCAN_S:  # default: 1 s
             return  # an event storm in a namespace no rule wants: read it once a period
         if len(self._seen) >= SEEN_MAX:
             self._seen.clear()
@@ -141,7 +145,7 @@ class Discovery:
             c = await asyncio.to_thread(candidate, tgid)
             rule = A.first_match(self.rules, c) if c is not None else None
             if rule is not None and c is not None:
-                await self._adopt(rule, c, ino)
+                await self._adopt(rule, c, ino, via="a listener event")
         finally:
             self._busy.discard(ino)
 
@@ -162,12 +166,12 @@ class Discovery:
                         continue
                     self._busy.add(ino)
                     try:
-                        await self._adopt(rule, c, ino)
+                        await self._adopt(rule, c, ino, via="the safety scan")
                     finally:
                         self._busy.discard(ino)
-            await asyncio.sleep(SCAN_S)
+            await asyncio.sleep(self.scan_s)
 
-    async def _adopt(self, rule: A.AttachRule, c: A.Candidate, ino: int) -> None:
+    async def _adopt(self, rule: A.AttachRule, c: A.Candidate, ino: int, *, via: str) -> None:
         base = A.render(rule.name, c)
         taken = set(self.d.registry.names()) | set(self.d.attachments.records)
         name, n = base, 1
@@ -182,5 +186,5 @@ class Discovery:
             self.d.planner.log_once(f"[[attach]] {rule.origin}: process {c.pid} "
                                     f"({c.process}): not adopted: {e}")
             return
-        log.info("guest %s found by [[attach]] %s: process %d (%s, cgroup %s), net:[%d]",
-                 name, rule.origin, c.pid, c.process, c.cgroup, ino)
+        log.info("guest %s found by [[attach]] %s through %s: process %d (%s, cgroup %s), "
+                 "net:[%d]", name, rule.origin, via, c.pid, c.process, c.cgroup, ino)

@@ -124,6 +124,21 @@ def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...
 NOT_FORWARDED = "not forwarded"
 
 
+def header(status: Row) -> str:
+    """The line above the table: how the daemon watches its netns guests' listeners
+    (``listener_watch`` of the status answer), "" when it says nothing of it."""
+    lw = status.get("listener_watch") if isinstance(status, dict) else None
+    if not isinstance(lw, dict) or not lw.get("mode"):
+        return ""
+    per = lw.get("guests") or {}
+    counts = ", ".join(f"{n} {m}" for m, n in sorted(per.items()))
+    text = f"listener watch: {lw['mode']}" + (f" ({counts})" if counts else "")
+    note = str(lw.get("note", ""))
+    if lw["mode"] != "events" and note:
+        text += f"; {note}"
+    return text[:80] + "\n"
+
+
 def render(rows: Sequence[Row], *, width: int = 80) -> str:
     """Aligned text; an explanatory line when there is nothing to show. Rows in state
     ``not forwarded`` (``ls --all``) follow the table, one listener and its reason each."""

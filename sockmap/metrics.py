@@ -68,11 +68,30 @@ def _num(v: object) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
+def _listener_watch(out: list[str], head: Callable[[str, str, str], None],
+                    lw: Mapping[str, Any]) -> None:
+    mode = str(lw.get("mode", ""))
+    head("sockmap_listener_watch_mode", "gauge",
+         "1 for the netns guests' listener watch the daemon runs: events (one tracefs "
+         "instance for every guest) or poll.")
+    for m in ("events", "poll"):
+        out.append(f"sockmap_listener_watch_mode{labels(mode=m)} {int(m == mode)}")
+    head("sockmap_listener_watch_guests", "gauge", "Netns guests watched, by mode now.")
+    per: Mapping[str, int] = lw.get("guests") or {}
+    for m in ("events", "poll"):
+        out.append(f"sockmap_listener_watch_guests{labels(mode=m)} {int(per.get(m, 0))}")
+    head("sockmap_listener_events_lost_total", "counter",
+         "Trace events the kernel overwrote before the daemon read them (each: a rescan).")
+    out.append(f"sockmap_listener_events_lost_total {int(lw.get('events_lost', 0))}")
+
+
 def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
            conflicts: Iterable[str], latency: Histogram,
-           reloads: Mapping[str, int]) -> str:
+           reloads: Mapping[str, int],
+           listener_watch: Mapping[str, Any] | None = None) -> str:
     """The exposition text. ``rows``: Daemon.rows(); ``guests``: connected? per guest;
-    ``conflicts``: the kind of each conflict of the last plan."""
+    ``conflicts``: the kind of each conflict of the last plan; ``listener_watch``:
+    ``nswatch.watch_summary`` (the netns guests' watch mode)."""
     out: list[str] = []
 
     def head(name: str, kind: str, text: str) -> None:
@@ -92,6 +111,9 @@ def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
     for flag in (True, False):
         out.append(f"sockmap_guests{labels(connected=str(flag).lower())} "
                    f"{sum(1 for g in conn if g == flag)}")
+
+    if listener_watch is not None:
+        _listener_watch(out, head, listener_watch)
 
     per = [(labels(guest=r.get("guest", ""), proto=r.get("proto", ""),
                    host_port=r.get("host_port", "")), r) for r in rows]

@@ -3,7 +3,11 @@
 Per guest, one ``portwatch.Watcher(netns=...)`` in this process: its sock_diag socket, its
 sockstat counters and its rtnetlink socket are opened inside the guest's namespace (a thread
 joins it, opens, leaves: ``sockmap.nat.nssock``); owners come from this /proc (the guest's
-pids are visible from the host). What it sees becomes the very messages an agent would
+pids are visible from the host). With the daemon's ``portwatch.hub.EventHub`` (one
+tracefs instance for every guest) the watcher runs in events mode: it sleeps until the hub
+hands it a hint of its namespace, dumps that namespace only, and rescans every ~2 s;
+without a hub (tracefs unavailable, ``--netns-events off``) it polls, and ``mode`` says
+which and why. What it sees becomes the very messages an agent would
 send (``agentlink.batch``), applied through ``AgentSessions.apply``: the same registry
 records, per-guest listener limit (past it the watch restarts with backoff, as a
 supervised agent would) and first-snapshot signal. Messages of many listeners are built and
@@ -36,7 +40,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sockmap import protocol as p
@@ -44,7 +48,9 @@ from sockmap.agentlink import Nics, batch
 from sockmap.agents import AgentSessions
 from sockmap.errors import SockmapError
 from sockmap.nat import nsid, nssock
-from sockmap.portwatch import Listener, Watcher
+from sockmap.portwatch import Listener, SourceUnavailable, Watcher
+from sockmap.portwatch.events import EventSource, ListenerEvents
+from sockmap.portwatch.hub import EventHub
 from sockmap.portwatch.records import AddressesChanged, Event
 from sockmap.proxy import Connector, MappingSpec
 from sockmap.registry import ListenerKey
@@ -85,15 +91,27 @@ class NetnsWatch:
     def __init__(self, *, name: str, netns: Path, sessions: AgentSessions,
                  udp_ephemeral: bool, interval: float | None = None,
                  holder: nsid.Holder | None = None,
-                 on_gone: Callable[[str], None] | None = None) -> None:
+                 on_gone: Callable[[str], None] | None = None,
+                 hub: EventHub | None = None, poll_note: str = "events off") -> None:
         self.name, self.path = name, netns
         self.holder, self.on_gone = holder, on_gone  # an attached namespace: see above
         self.sessions, self.udp_ephemeral, self.interval = sessions, udp_ephemeral, interval
+        self.hub, self.poll_note = hub, poll_note  # no hub: why ("tracefs unavailable: ...")
         self.task: asyncio.Task[None] | None = None
         self.starts = 0
-        self.mode = ""  # the watcher's mode and why ("poll", "events ...")
+        self._w: Watcher | None = None
         self.ns_fd: int | None = None  # held while a watch runs: the connector uses it
         self.gone = False  # the namespace went away: the watch ended for good
+
+    @property
+    def mode(self) -> str:
+        """The watch's mode now and why: "events (from tracefs instance ...)" or "poll
+        (...)"; "" while no watch runs."""
+        w = self._w
+        if w is None:
+            return ""
+        note = w.mode_note if w.mode == "events" or self.hub is not None else self.poll_note
+        return f"{w.mode} ({note})"
 
     async def run(self) -> None:
         delay = 0.1
@@ -139,13 +157,21 @@ class NetnsWatch:
         ns = f"/proc/self/fd/{fd}"  # this very namespace, whatever the path names later
         session = self.sessions.open_local(self.name)
         self.ns_fd = fd
+        hub = self.hub
+        opener: Callable[[], EventSource] = ListenerEvents
+        if hub is not None:  # the daemon's one event source; its own wake fd per guest
+            def opener() -> EventSource:
+                return hub.subscribe(ino, netns=ns)
         try:
             async with Watcher(netns=ns, source="diag", udp_ephemeral=self.udp_ephemeral,
-                               interval=self.interval, events="off") as w:
+                               interval=self.interval,
+                               events="off" if hub is None else "auto",
+                               events_opener=opener) as w:
                 self.starts += 1
-                self.mode = f"{w.mode} ({w.mode_note})"
+                self._w = w
                 await self._serve(w, session, ino)
         finally:
+            self._w = None
             self.ns_fd = None
             self.sessions.close_local(self.name, session)
             os.close(fd)
@@ -243,3 +269,38 @@ def loopback_connector(watch: NetnsWatch, family: int,
         return s
 
     return connect
+
+
+def open_hub(events: str) -> tuple[EventHub | None, str]:
+    """The daemon's event hub for its netns guests (``events``: "auto" or "off"), or None
+    and why not (then every guest's watch polls). Blocks ~50 ms: call it in a thread."""
+    if events == "off":
+        return None, "polling: --netns-events off"
+    try:
+        hub = EventHub()
+    except SourceUnavailable as e:
+        why = f"polling: {e.message}"
+        log.warning("netns guests: listener events unavailable, %s", why)
+        return None, why
+    log.info("netns guests: listener events from tracefs instance %s, one for every guest",
+             hub.instance_name)
+    for note in hub.notes:
+        log.info("listener events: %s", note)
+    return hub, f"events from tracefs instance {hub.instance_name}"
+
+
+def watch_summary(hub: EventHub | None, note: str,
+                  watches: Iterable[NetnsWatch]) -> dict[str, object]:
+    """What ``status``, ``ls`` and /metrics say of the netns guests' watch: the mode the
+    daemon chose ("events" or "poll"), why, and how many guests run each mode now."""
+    modes: dict[str, int] = {}
+    for w in watches:
+        m = w.mode.split(" ", 1)[0]
+        if m:
+            modes[m] = modes.get(m, 0) + 1
+    if hub is not None and hub.failed is not None:
+        note = f"polling: {hub.failed}"
+    return {"mode": "events" if hub is not None and hub.failed is None else "poll",
+            "note": note, "guests": modes,
+            "events_lost": hub.lost if hub is not None else 0,
+            "events_foreign": hub.unknown if hub is not None else 0}

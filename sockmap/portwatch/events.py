@@ -101,7 +101,9 @@ class ListenerEvents:
     ``HOLD_WITHIN`` of the last that held only theirs) the next read waits ``HOLD``
     first, so that a busy neighbour costs a batch every few ms instead of a wake-up per
     event (a wake-up is ~70 µs here); the watched namespace's events wait at most
-    ``HOLD`` then."""
+    ``HOLD`` then. ``watch`` may be replaced while another thread waits (the hub does, as
+    guests come and go); ``on_foreign`` is told the namespace and ids of each dropped
+    line (cached lookups only: nothing is parsed or dumped for it)."""
 
     name = "tracefs"
     HOLD, HOLD_WITHIN = 0.002, 0.010
@@ -109,8 +111,10 @@ class ListenerEvents:
     def __init__(self, *, buffer_kb: int = tracefs.DEFAULT_BUFFER_KB, destroy: bool = True,
                  mount: Callable[[], int] = tracefs.mount,
                  ns_of: Callable[[int], int | None] = netns_of,
-                 watch: frozenset[int] | Literal["here", "all"] = "here") -> None:
+                 watch: frozenset[int] | Literal["here", "all"] = "here",
+                 on_foreign: Callable[[int, int, int | None], None] | None = None) -> None:
         self._mnt = mount()
+        self._on_foreign = on_foreign  # (netns, tid, tgid) of each line dropped as foreign
         self._ns_of = NetnsCache(ns_of)
         self.watch: frozenset[int] | None = (
             frozenset({os.stat("/proc/thread-self/ns/net").st_ino}) if watch == "here"
@@ -188,6 +192,8 @@ class ListenerEvents:
                         ns = self._ns_of(ids[1])  # the thread is gone: its process?
                     if ns is not None and ns not in self.watch:
                         foreign += 1
+                        if self._on_foreign is not None:
+                            self._on_foreign(ns, ids[0], ids[1])
                         continue
                 try:
                     ev = parse_line(line)

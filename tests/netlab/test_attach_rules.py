@@ -207,3 +207,31 @@ def test_consider_adopts_a_matching_listener_at_once(lab: netlab.Lab, tmp_path: 
     finally:
         d.stdin.close()
         assert d.wait(15) == 0, daemon.log_text()
+
+
+def test_the_kernels_listener_event_finds_it_without_the_scan(
+        lab: netlab.Lab, cgroup: Path, tmp_path: Path) -> None:
+    """With the safety scan 10 minutes away, only the event hub's ``on_unknown`` can adopt
+    the namespace: a listen in it is found at once (poll mode has no hub: skipped)."""
+    cfg = rules_file(tmp_path, f'[[attach]]\ncgroup = "/{lab.prefix}-*.scope"\n'
+                               'name = "{cgroup_basename}"\n')
+    d = start_daemon(lab, tmp_path / "run", tmp_path / "daemon.log", "--config", str(cfg),
+                     "--attach-scan", "600")
+    try:
+        if d.request("status")["listener_watch"]["mode"] != "events":
+            pytest.skip("no tracefs event hub here: only the scan finds namespaces")
+        time.sleep(1.0)  # the scan's first pass (at start) is over: it sleeps 600 s now
+        t0 = time.monotonic()
+        boxed(lab, cgroup, 3810)
+        ok, dt, a = probe(lab.host, "open", "tcp", "127.0.0.1", 3810, t0=t0, within=10)
+        print(f"\nboxed listen -> host port answers (event only): {dt * 1000:.0f} ms")
+        assert ok and a == "hi 127.0.0.1", a + d.log_text()
+        assert "through a listener event" in d.log_text(), d.log_text()
+    finally:
+        assert d.stop() == 0, d.log_text()
+
+
+def test_attach_scan_out_of_range_is_a_clear_error(lab: netlab.Lab, tmp_path: Path) -> None:
+    r = lab.host.run([PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(tmp_path / "run"),
+                      "--path", "relay", "--attach-scan", "0"], check=False, timeout=30)
+    assert r.returncode == 2 and "--attach-scan" in r.stderr, r.stderr

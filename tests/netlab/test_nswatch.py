@@ -88,7 +88,7 @@ def test_no_agent_and_the_guest_loopback_server_sees_its_own_loopback(
     name, g, rec = daemon.guest()
     st = daemon.guest_state(name)
     assert st["watch"] == "daemon" and st["agent_pid"] is None and st["connected"]
-    assert st["watch_starts"] == 1 and st["watch_mode"].startswith("poll")
+    assert st["watch_starts"] == 1 and st["watch_mode"].startswith("events"), st
     assert _children(daemon.proc.pid) == [], "a netns guest costs the daemon no process"
     _peer_server(g, "127.0.0.1", 3100)
     _peer_server(g, "::1", 3101)

@@ -1,0 +1,57 @@
+"""What one replan costs at scale: ``python -m bench.plan_scale`` prints JSON.
+
+``conflicts.rules.plan`` (pure) over G guests x P listeners, the way the daemon calls it
+on every change (with the current mappings), in two shapes: the same P ports in every
+guest (the first guest's are forwarded, the rest are G-1 conflicts each: what
+``bench.scale`` builds) and distinct ports (no conflict). CPU time of this process
+(``time.process_time``), the minimum of ``--runs``: on a shared machine the wall clock
+says more about the neighbours than about the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from sockmap.conflicts.rules import GuestState, plan
+from sockmap.portwatch.records import Listener
+
+
+def guests_of(n: int, ports: int, port_of: Callable[[int, int], int]) -> tuple[GuestState, ...]:
+    return tuple(GuestState(name=f"g{i}", addrs=(f"172.31.{i // 250}.{i % 250 + 2}",),
+                            listeners=tuple(Listener(proto="tcp", family=4, addr="0.0.0.0",
+                                                     port=port_of(i, k), inode=i * 100000 + k)
+                                            for k in range(ports)))
+                 for i in range(n))
+
+
+def cpu_ms(guests: tuple[GuestState, ...], runs: int) -> float:
+    cur = tuple(plan(guests=guests).mappings)
+    best = float("inf")
+    for _ in range(runs):
+        t = time.process_time()
+        plan(guests=guests, current=cur)
+        best = min(best, time.process_time() - t)
+    return 1000 * best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--guests", type=int, default=64)
+    ap.add_argument("--ports", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args()
+    same = guests_of(a.guests, a.ports, lambda i, k: 20000 + k)
+    distinct = guests_of(a.guests, a.ports, lambda i, k: 1000 + i * a.ports + k)
+    print(json.dumps({"guests": a.guests, "ports": a.ports, "load": os.getloadavg(),
+                      "replan_cpu_ms_same_ports": cpu_ms(same, a.runs),
+                      "replan_cpu_ms_distinct_ports": cpu_ms(distinct, a.runs)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

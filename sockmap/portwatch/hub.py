@@ -1,0 +1,315 @@
+"""One kernel listener-event source for a whole daemon: one tracefs instance
+(``sockmap-<pid>``, ``events.ListenerEvents``) read by one thread, its hints fanned out to
+the watchers of the namespaces they concern. The idle cost is one thread asleep in
+``select`` whatever the number of namespaces watched; each watcher still dumps only its
+own namespace (sock_diag stays the truth) and rescans on its own slow timer.
+
+    hub = EventHub()                         # SourceUnavailable: poll instead
+    src = hub.subscribe(inode, netns=path)   # an EventSource for Watcher(events_opener=...)
+    ...
+    src.close()                              # unsubscribes
+    hub.close()                              # stops the thread, removes the instance
+
+Routing, each rule here once (``hints.concerns`` then decides per watcher, as for a
+watcher with a source of its own):
+
+- a hint placed in a subscribed namespace goes to that namespace's subscribers;
+- a close whose thread was gone (netns None) goes to every subscriber (each checks its
+  port against what it reports), and so does a listen or bind whose process is unknown; a
+  listen or bind whose thread and process were both gone goes to nobody (its sockets
+  went with it, as ``hints.concerns`` rules): a busy host's short-lived processes do not
+  wake every guest's watch;
+- lost events (an overflowed trace buffer) and lines not understood go to every
+  subscriber: each rescans;
+- lines of namespaces nobody subscribed to are dropped before they are parsed
+  (``ListenerEvents.watch``); ``on_unknown(netns, tgid)`` is told of them (not for the
+  daemon's own namespace), from cached pid → namespace lookups and without a dump;
+- the instance switched off, removed or unreadable: every subscriber's next ``wait``
+  times out and its ``problem()`` says why, so each watcher polls from then on.
+
+UDP closes: each subscription has its own sock_diag destroy socket opened inside its
+namespace (the destroy groups are per namespace), read by the subscriber's own thread.
+
+Pacing: a subscriber wakes its watcher at once for a burst of ``DUMP_BURST`` wake-ups,
+then at most ``DUMPS_PER_S`` a second (``Subscription._hold``): a namespace churning
+listeners costs a dump per batch, not per event. The buffer is ``HUB_BUFFER_KB`` per cpu
+(one for every guest; an overflow rescans them all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+
+from sockmap.errors import SockmapError
+from sockmap.portwatch import destroy as D
+from sockmap.portwatch import hints as H
+from sockmap.portwatch import tracefs
+from sockmap.portwatch.diag import NETLINK_SOCK_DIAG
+from sockmap.portwatch.errors import SourceUnavailable
+from sockmap.portwatch.events import ListenerEvents, Wake, netns_of
+from sockmap.portwatch.records import Listener
+
+log = logging.getLogger(__name__)
+HUB_TICK_S = 1.0  # the hub thread's select timeout: how soon a switched-off instance is seen
+HUB_BUFFER_KB = 512  # per cpu: one buffer for every guest (a LOST line rescans them all)
+DUMPS_PER_S, DUMP_BURST = 40.0, 8.0  # a subscriber's wake-ups: a burst at once, then paced
+
+
+def merge(parts: list[H.Hints]) -> H.Hints:
+    """Several reads' hints as one (pure)."""
+    if len(parts) == 1:
+        return parts[0]
+    return H.Hints(hints=tuple(h for p in parts for h in p.hints),
+                   lost=sum(p.lost for p in parts),
+                   problems=tuple(x for p in parts for x in p.problems))
+
+
+def route(h: H.Hints, subscribed: frozenset[int]) -> dict[int, H.Hints]:
+    """Which subscribed namespace gets which hints (pure; the rules in the docstring)."""
+    everyone = bool(h.lost or h.problems)
+    placed: dict[int, list[H.Hint]] = {}
+    unplaced: list[H.Hint] = []
+    for hint in h.hints:
+        if hint.netns is None:
+            if hint.process_gone and hint.what != "unlisten":
+                continue  # its sockets went with it: it concerns nobody (hints.concerns)
+            unplaced.append(hint)
+        elif hint.netns in subscribed:
+            placed.setdefault(hint.netns, []).append(hint)
+    out: dict[int, H.Hints] = {}
+    for ns in subscribed:
+        mine = placed.get(ns, [])
+        if mine or unplaced or everyone:
+            out[ns] = H.Hints(hints=(*mine, *unplaced), lost=h.lost, problems=h.problems)
+    return out
+
+
+class Subscription:
+    """One watcher's view of the hub: an ``EventSource`` whose ``wait`` blocks on a wake
+    pipe of its own (and its namespace's destroy socket)."""
+
+    name = "tracefs"
+
+    def __init__(self, hub: EventHub, netns_inode: int, watch: D.DestroyWatch | None,
+                 notes: tuple[str, ...]) -> None:
+        self._hub, self.netns_inode, self._destroy = hub, netns_inode, watch
+        self.notes = notes
+        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._pending: list[H.Hints] = []  # guarded by the hub's lock
+        self._tokens, self._refilled = DUMP_BURST, time.monotonic()  # the wake-up pacing
+        self.wakeups = 0
+        self.lost = 0  # events the kernel overwrote, as this subscriber was told
+        self.closed = False
+
+    @property
+    def instance_name(self) -> str:
+        return self._hub.instance_name
+
+    def _push(self, h: H.Hints) -> None:  # the hub's thread, under its lock
+        self._pending.append(h)
+        if len(self._pending) == 1:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._w, b"x")
+
+    def _poke(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._w, b"x")
+
+    def wait(self, timeout: float, stop_fd: int) -> Wake:
+        if self._hub.failed is not None:
+            return Wake(timeout=True)  # the caller asks problem(): it polls from now on
+        fds = [self._r, stop_fd]
+        if self._destroy is not None:
+            fds.append(self._destroy.fileno())
+        try:
+            deadline = time.monotonic() + max(0.0, timeout)
+            hold = self._hold()  # > 0: a busy namespace, let its events pile up
+            if hold > 0 and select.select([stop_fd], [], [], min(hold, max(0.0, timeout)))[0]:
+                return Wake(stopped=True)
+            ready = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))[0]
+        except (OSError, ValueError) as e:  # a closed fd: the watcher is stopping
+            log.debug("select: %s", e)
+            return Wake(stopped=True)
+        if stop_fd in ready:
+            return Wake(stopped=True)
+        if not ready:
+            return Wake(timeout=True)
+        if self._hub.failed is not None:
+            return Wake(timeout=True)
+        self.wakeups += 1
+        self._tokens -= 1
+        destroyed: list[Listener] = []
+        destroy_lost = False
+        if self._destroy is not None and self._destroy.fileno() in ready:
+            destroyed, destroy_lost = self._destroy.read()
+        parts: list[H.Hints] = []
+        if self._r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._r, 4096)
+            with self._hub.lock:
+                parts, self._pending = self._pending, []
+        h = merge(parts) if parts else H.Hints()
+        self.lost += h.lost
+        return Wake(hints=h, destroyed=tuple(destroyed), destroy_lost=destroy_lost)
+
+    def _hold(self) -> float:
+        """How long to wait before looking (0: at once). A token bucket: ``DUMP_BURST``
+        wake-ups at once, then ``DUMPS_PER_S``; a namespace opening and closing hundreds of
+        listeners a second costs its watcher a dump every 25 ms (a poll's pace), not one
+        per event, while a quiet one's next listener is dumped for at once."""
+        now = time.monotonic()
+        self._tokens = min(DUMP_BURST, self._tokens + (now - self._refilled) * DUMPS_PER_S)
+        self._refilled = now
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / DUMPS_PER_S
+
+    def problem(self) -> str | None:
+        return self._hub.failed
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._hub.unsubscribe(self)
+        if self._destroy is not None:
+            self._destroy.close()
+            self._destroy = None
+        for fd in (self._r, self._w):
+            os.close(fd)
+
+
+class EventHub:
+    """The daemon's one listener-event source (see the module docstring)."""
+
+    def __init__(self, *, buffer_kb: int = HUB_BUFFER_KB,
+                 mount: Callable[[], int] = tracefs.mount,
+                 ns_of: Callable[[int], int | None] = netns_of,
+                 on_unknown: Callable[[int, int], None] | None = None,
+                 destroy: bool = True) -> None:
+        self.lock = threading.Lock()
+        self._subs: dict[int, list[Subscription]] = {}
+        self._own = os.stat("/proc/thread-self/ns/net").st_ino
+        self.on_unknown = on_unknown
+        self._destroy = destroy
+        self.failed: str | None = None  # why the events stopped (every subscriber polls)
+        self.unknown = 0  # lines of namespaces nobody subscribed to
+        self.reads = 0  # hub wake-ups with something to route
+        self._src = ListenerEvents(buffer_kb=buffer_kb, destroy=False, mount=mount,
+                                   ns_of=ns_of, watch=frozenset(),
+                                   on_foreign=self._foreign)
+        self.notes = self._src.notes
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name="portwatch-hub", daemon=True)
+        self._thread.start()
+
+    @property
+    def instance_name(self) -> str:
+        return self._src.instance_name
+
+    @property
+    def lost(self) -> int:
+        return self._src.lost
+
+    @property
+    def subscribers(self) -> int:
+        with self.lock:
+            return sum(len(v) for v in self._subs.values())
+
+    def subscribe(self, netns_inode: int, *, netns: str | None = None) -> Subscription:
+        """An EventSource for the watcher of namespace ``netns_inode``; ``netns`` (a path
+        to it, e.g. /proc/self/fd/N) is where its UDP destroy socket is opened."""
+        if self.failed is not None:
+            raise SourceUnavailable(self.failed, hint="polling instead")
+        notes: list[str] = []
+        watch: D.DestroyWatch | None = None
+        if self._destroy and netns is not None:
+            from sockmap.nat import nssock
+
+            try:
+                watch = D.DestroyWatch(nssock.open_netlink(netns, NETLINK_SOCK_DIAG, D.GROUPS))
+            except SockmapError as e:
+                notes.append(f"no UDP destroy notices ({e.message}): UDP closes are found "
+                             f"by the rescan")
+        sub = Subscription(self, netns_inode, watch, tuple(notes))
+        with self.lock:
+            self._subs.setdefault(netns_inode, []).append(sub)
+            self._src.watch = frozenset(self._subs)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self.lock:
+            subs = self._subs.get(sub.netns_inode, [])
+            if sub in subs:
+                subs.remove(sub)
+            if not subs:
+                self._subs.pop(sub.netns_inode, None)
+            self._src.watch = frozenset(self._subs)
+
+    def _foreign(self, ns: int, tid: int, tgid: int | None) -> None:
+        self.unknown += 1
+        if self.on_unknown is not None and ns != self._own:
+            try:
+                self.on_unknown(ns, tgid if tgid is not None else tid)
+            except Exception:  # the hub's thread must go on
+                log.exception("on_unknown failed")
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError), open("/proc/thread-self/comm", "w") as f:
+            f.write("portwatch-hub")
+        checked = time.monotonic()
+        while True:
+            try:
+                wake = self._src.wait(HUB_TICK_S, self._stop_r)
+                problem = None
+                if wake.timeout or time.monotonic() - checked >= HUB_TICK_S:
+                    # at least once a tick, however busy: one event switched off while
+                    # the others keep coming is seen too
+                    checked = time.monotonic()
+                    problem = self._src.problem()
+            except SourceUnavailable as e:
+                wake, problem = Wake(timeout=True), str(e)
+            except Exception as e:  # never a silent death: every subscriber polls
+                log.exception("listener event hub failed")
+                wake, problem = Wake(timeout=True), f"internal error: {e!r}"
+            if wake.stopped:
+                return
+            if problem:
+                self._fail(problem)
+                return
+            if wake.timeout:
+                continue
+            self._fan_out(wake.hints)
+
+    def _fan_out(self, h: H.Hints) -> None:
+        if not (h.hints or h.lost or h.problems):
+            return
+        self.reads += 1
+        with self.lock:
+            for ns, part in route(h, frozenset(self._subs)).items():
+                for sub in self._subs.get(ns, ()):
+                    sub._push(part)
+
+    def _fail(self, problem: str) -> None:
+        self.failed = problem
+        log.warning("listener events: %s; every netns guest's watch polls from now on",
+                    problem)
+        with self.lock:
+            subs = [s for v in self._subs.values() for s in v]
+        for s in subs:
+            s._poke()
+
+    def close(self) -> None:
+        """Stop the thread and remove the instance (~50 ms: call it off the event loop)."""
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        self._thread.join(10)
+        self._src.close()
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._stop_r = self._stop_w = -1
