@@ -248,7 +248,8 @@ def report(res: dict[str, Any]) -> str:
         f"{c['attach_ms']['p99']:.0f} ms | {c['attach_ms']['trials']} |",
         f"| `sockmap guest detach` (CLI) | {c['detach_ms']['p50']:.0f} ms | "
         f"{c['detach_ms']['p99']:.0f} ms | {c['detach_ms']['trials']} |",
-        f"| `[[attach]]` listen() → host port answers (1 s scan) | {dis['p50']:.0f} ms | "
+        "| `[[attach]]` listen() → host port answers (listener event; 1 s safety scan) | "
+        f"{dis['p50']:.0f} ms | "
         f"{dis['p99']:.0f} ms | {dis['trials']} (missed {res['discovery']['missed']}) |",
         "",
     ])

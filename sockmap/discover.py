@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sockmap.daemon")
 
+AGAIN_MAX = 64  # processes of one busy namespace remembered for a read right after
 SCAN_S = 1.0  # the safety scan's default period (only while [[attach]] rules exist)
 SCAN_MAX = 4096  # processes of unwatched namespaces read per scan, at most
 SEEN_MAX = 4096  # (namespace, process) pairs consider() remembers, at most
@@ -99,7 +100,9 @@ class Discovery:
         self.d = d
         self.rules: tuple[A.AttachRule, ...] = d.cfg.attach
         self.own_ino = nsid.own().ino
-        self._busy: set[int] = set()  # namespaces being adopted now
+        self._busy: set[int] = set()  # namespaces being read or adopted now
+        self._adopting: dict[int, bool] = {}  # of those, the ones a rule matched
+        self._again: dict[int, set[int]] = {}  # busy namespace -> processes to read after
         self._wake = asyncio.Event()
         self._seen: dict[tuple[int, int], float] = {}  # (ino, tgid) -> when considered
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,7 +130,16 @@ class Discovery:
 
     def consider(self, tgid: int, netns_inode: int) -> None:
         """A process listened in a namespace nobody watches (on the event loop)."""
-        if not self.rules or netns_inode == self.own_ino or netns_inode in self._skip():
+        if not self.rules or netns_inode == self.own_ino:
+            return
+        if netns_inode in self._busy and not self._adopting.get(netns_inode):
+            # another process of it is being read (e.g. `ip` binding its netlink socket
+            # just before the server's listen): read this one right after, not a scan later
+            again = self._again.setdefault(netns_inode, set())
+            if len(again) < AGAIN_MAX:
+                again.add(tgid)
+            return
+        if netns_inode in self._skip():
             return
         now = time.monotonic()
         if now - self._seen.get((netns_inode, tgid), -SCAN_S) < SCAN_S:  # default: 1 s
@@ -145,9 +157,13 @@ class Discovery:
             c = await asyncio.to_thread(candidate, tgid)
             rule = A.first_match(self.rules, c) if c is not None else None
             if rule is not None and c is not None:
+                self._adopting[ino] = True
                 await self._adopt(rule, c, ino, via="a listener event")
         finally:
             self._busy.discard(ino)
+            self._adopting.pop(ino, None)
+            for again in sorted(self._again.pop(ino, ())):
+                self.consider(again, ino)  # adopted meanwhile: skipped there
 
     async def run(self) -> None:
         """The safety scan (a deliberate, documented rescan): every SCAN_S while rules
@@ -165,10 +181,12 @@ class Discovery:
                     if ino in self._skip():
                         continue
                     self._busy.add(ino)
+                    self._adopting[ino] = True
                     try:
                         await self._adopt(rule, c, ino, via="the safety scan")
                     finally:
                         self._busy.discard(ino)
+                        self._adopting.pop(ino, None)
             await asyncio.sleep(self.scan_s)
 
     async def _adopt(self, rule: A.AttachRule, c: A.Candidate, ino: int, *, via: str) -> None:

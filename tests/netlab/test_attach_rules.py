@@ -153,10 +153,9 @@ import asyncio, os, sys
 from pathlib import Path
 from sockmap import daemon, discover, logs
 from sockmap.conflicts.attach import AttachRule
-discover.SCAN_S = 3600.0
 logs.setup("info")
 async def main():
-    cfg = daemon.Config(run_dir=Path(sys.argv[1]), path="relay",
+    cfg = daemon.Config(run_dir=Path(sys.argv[1]), path="relay", attach_scan_s=3600.0,
                         attach=(AttachRule(process="smkbox*", origin="t.toml:1"),))
     d = daemon.Daemon(cfg)
     await d.startup()
@@ -164,7 +163,13 @@ async def main():
     await asyncio.sleep(0.5)  # its one scan is done
     print("ready", flush=True)
     while line := await asyncio.to_thread(sys.stdin.readline):
-        pid = int(line)
+        pids = [int(w) for w in line.split()]
+        if len(pids) > 1:  # events of several processes of one namespace, back to back
+            for pid in pids:
+                d.discovery.consider(pid, os.stat(f"/proc/{pid}/ns/net").st_ino)
+            print("considered", *pids, flush=True)
+            continue
+        pid = pids[0]
         ino = os.stat(f"/proc/{pid}/ns/net").st_ino
         # the hub's thread calls on_unknown(ino, tgid); a second event: still one guest
         await asyncio.to_thread(d.discovery.on_unknown, ino, pid)
@@ -235,3 +240,33 @@ def test_attach_scan_out_of_range_is_a_clear_error(lab: netlab.Lab, tmp_path: Pa
     r = lab.host.run([PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(tmp_path / "run"),
                       "--path", "relay", "--attach-scan", "0"], check=False, timeout=30)
     assert r.returncode == 2 and "--attach-scan" in r.stderr, r.stderr
+
+
+def test_a_second_process_considered_while_the_first_is_read_is_not_lost(
+        lab: netlab.Lab, tmp_path: Path) -> None:
+    """`ip` binding its netlink socket, then the server's listen: two events of one
+    namespace back to back. The second arrives while the first process is being read; it
+    is read right after (before: dropped until the safety scan, an hour away here)."""
+    run = tmp_path / "run"
+    with (tmp_path / "daemon.log").open("w") as log:
+        d = lab.host.popen([PY, "-u", "-c", CONSIDER_DAEMON, str(run)], stdin=subprocess.PIPE,
+                           stderr=log)
+    assert d.stdin is not None and d.stdout is not None
+    netlab.wait_for_line(d.stdout, "ready", timeout=15)
+    daemon = Daemon(lab=lab, run_dir=run, log=tmp_path / "daemon.log", proc=d)
+    try:  # the shell stays (comm "sh": no rule matches it), its child serves
+        box = lab.host.popen(["unshare", "--net", "sh", "-c", 'ip link set lo up && "$0" -u '
+                              '-c "$1" tcp 127.0.0.1 4002; :', PY, NAMED_SERVER])
+        assert box.stdout is not None
+        netlab.wait_for_line(box.stdout, "ready", timeout=10)
+        kids = Path(f"/proc/{box.pid}/task/{box.pid}/children").read_text().split()
+        assert len(kids) == 1, kids
+        d.stdin.write(f"{box.pid} {kids[0]}\n")
+        d.stdin.flush()
+        netlab.wait_for_line(d.stdout, "considered", timeout=10)
+        ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 4002, within=5)
+        assert ok and a == "hi 127.0.0.1", a + daemon.log_text()
+        assert found(daemon) == [(f"smkbox-web-{kids[0]}", "found")], daemon.log_text()
+    finally:
+        d.stdin.close()
+        assert d.wait(15) == 0, daemon.log_text()
