@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -156,7 +157,7 @@ from sockmap.conflicts.attach import AttachRule
 logs.setup("info")
 async def main():
     cfg = daemon.Config(run_dir=Path(sys.argv[1]), path="relay", attach_scan_s=3600.0,
-                        attach=(AttachRule(process="smkbox*", origin="t.toml:1"),))
+                        attach=(AttachRule(process=sys.argv[2] + "*", origin="t.toml:1"),))
     d = daemon.Daemon(cfg)
     await d.startup()
     run = asyncio.create_task(d.run())
@@ -181,18 +182,28 @@ async def main():
 asyncio.run(main())
 """
 
-NAMED_SERVER = "open('/proc/self/comm', 'w').write('smkbox-web')\n" + SERVER
+# this run's own process name (comm: at most 15 characters), so a parallel run's boxes
+# never match this run's rule
+BOX = f"sb{os.getpid()}"
+NAMED_SERVER = f"open('/proc/self/comm', 'w').write('{BOX}-web')\n" + SERVER
+
+
+def consider_daemon(lab: netlab.Lab, tmp_path: Path) -> tuple[subprocess.Popen[str], Daemon]:
+    """CONSIDER_DAEMON started and ready (its scan an hour away): the process, and the
+    fixture's view of it."""
+    run = tmp_path / "run"
+    with (tmp_path / "daemon.log").open("w") as log:
+        d = lab.host.popen([PY, "-u", "-c", CONSIDER_DAEMON, str(run), BOX], stdin=subprocess.PIPE,
+                           stderr=log)
+    assert d.stdout is not None
+    netlab.wait_for_line(d.stdout, "ready", timeout=15)
+    return d, Daemon(lab=lab, run_dir=run, log=tmp_path / "daemon.log", proc=d)
 
 
 def test_consider_adopts_a_matching_listener_at_once(lab: netlab.Lab, tmp_path: Path) -> None:
     """The entry point for the kernel event hub: consider(tgid, netns inode)."""
-    run = tmp_path / "run"
-    with (tmp_path / "daemon.log").open("w") as log:
-        d = lab.host.popen([PY, "-u", "-c", CONSIDER_DAEMON, str(run)], stdin=subprocess.PIPE,
-                           stderr=log)
+    d, daemon = consider_daemon(lab, tmp_path)
     assert d.stdin is not None and d.stdout is not None
-    netlab.wait_for_line(d.stdout, "ready", timeout=15)
-    daemon = Daemon(lab=lab, run_dir=run, log=tmp_path / "daemon.log", proc=d)
     try:
         plain = boxed(lab, None, 4001)  # comm "python": no rule matches it
         box = lab.host.popen(["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" '
@@ -207,7 +218,7 @@ def test_consider_adopts_a_matching_listener_at_once(lab: netlab.Lab, tmp_path: 
         ok, dt, a = probe(lab.host, "open", "tcp", "127.0.0.1", 4000, t0=t0, within=5)
         print(f"\nconsider() -> host port answers: {dt * 1000:.0f} ms")
         assert ok and a == "hi 127.0.0.1", a + daemon.log_text()
-        assert found(daemon) == [(f"smkbox-web-{box.pid}", "found")], daemon.log_text()
+        assert found(daemon) == [(f"{BOX}-web-{box.pid}", "found")], daemon.log_text()
         assert not probe(lab.host, "open", "tcp", "127.0.0.1", 4001, within=0.5)[0]
     finally:
         d.stdin.close()
@@ -247,13 +258,9 @@ def test_a_second_process_considered_while_the_first_is_read_is_not_lost(
     """`ip` binding its netlink socket, then the server's listen: two events of one
     namespace back to back. The second arrives while the first process is being read; it
     is read right after (before: dropped until the safety scan, an hour away here)."""
-    run = tmp_path / "run"
-    with (tmp_path / "daemon.log").open("w") as log:
-        d = lab.host.popen([PY, "-u", "-c", CONSIDER_DAEMON, str(run)], stdin=subprocess.PIPE,
-                           stderr=log)
+    d, daemon = consider_daemon(lab, tmp_path)
     assert d.stdin is not None and d.stdout is not None
-    netlab.wait_for_line(d.stdout, "ready", timeout=15)
-    daemon = Daemon(lab=lab, run_dir=run, log=tmp_path / "daemon.log", proc=d)
+    child = 0
     try:  # the shell stays (comm "sh": no rule matches it), its child serves
         box = lab.host.popen(["unshare", "--net", "sh", "-c", 'ip link set lo up && "$0" -u '
                               '-c "$1" tcp 127.0.0.1 4002; :', PY, NAMED_SERVER])
@@ -261,12 +268,16 @@ def test_a_second_process_considered_while_the_first_is_read_is_not_lost(
         netlab.wait_for_line(box.stdout, "ready", timeout=10)
         kids = Path(f"/proc/{box.pid}/task/{box.pid}/children").read_text().split()
         assert len(kids) == 1, kids
+        child = int(kids[0])  # not the lab's: killed below, by pid
         d.stdin.write(f"{box.pid} {kids[0]}\n")
         d.stdin.flush()
         netlab.wait_for_line(d.stdout, "considered", timeout=10)
         ok, _, a = probe(lab.host, "open", "tcp", "127.0.0.1", 4002, within=5)
         assert ok and a == "hi 127.0.0.1", a + daemon.log_text()
-        assert found(daemon) == [(f"smkbox-web-{kids[0]}", "found")], daemon.log_text()
+        assert found(daemon) == [(f"{BOX}-web-{child}", "found")], daemon.log_text()
     finally:
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         d.stdin.close()
         assert d.wait(15) == 0, daemon.log_text()
