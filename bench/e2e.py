@@ -269,17 +269,18 @@ forwarder: {res.get('path', 'relay')}; mappings by path after the trials: {res.g
 | daemon restart → ready line | {rest['ready_s']:.2f} s | |
 | daemon restart → all {rest['ports']} mappings back | {rest['restore_s']:.2f} s | |
 
-Path measured: guest listen() → agent tick (sockstat's inuse counters every 30 ms, in C;
-a sock_diag dump when they move) → Added frame → daemon replan (host scan in a thread,
-rules.plan) → bind → host connect → proxy → guest NIC → the server's first byte back.
-Restore: the new daemon starts the guest's agent again (agents die with their daemon), the
-agent sends one snapshot, one plan opens every mapping.
+Path measured (the default `--netns-watch daemon`: no agent process for a netns guest):
+guest listen() → the kernel's `sock:inet_sock_set_state` event in the daemon's tracefs
+instance (its event hub; polling where tracefs cannot be had) → a sock_diag dump of that
+guest's namespace by its watch thread → the registry → daemon replan (host scan in a
+thread, rules.plan) → bind (and, on the kernel path, the map entry) → host connect → proxy
+or kernel → guest NIC → the server's first byte back. Restore: the new daemon watches the
+guest again from its namespace, one snapshot, one plan opens every mapping.
 
 Idle CPU is each thread's scheduler runtime (/proc/PID/task/TID/schedstat, exact ns) over the
-window. Where it goes: every wake-up costs this VM ~70 µs even in C, ~150-300 µs through
-Python. The agent's tick thread wakes 33 times a second (C: ~90 µs each, Python only on a
-change or for the 0.5 s full dump); agent and daemon event loops each wake ~3.8 times a
-second for heartbeats (the agent's every 300 ms, the daemon's every 2 s).
+window ("agent" is 0 here: there is none for a netns guest; its row stays for
+`--netns-watch agent`). Every wake-up costs this VM ~70 µs even in C, ~150-300 µs through
+Python.
 """
 
 
