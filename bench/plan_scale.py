@@ -3,7 +3,10 @@
 ``conflicts.rules.plan`` (pure) over G guests x P listeners, the way the daemon calls it
 on every change (with the current mappings), in two shapes: the same P ports in every
 guest (the first guest's are forwarded, the rest are G-1 conflicts each: what
-``bench.scale`` builds) and distinct ports (no conflict). CPU time of this process
+``bench.scale`` builds) and distinct ports (no conflict); each shape three ways: from
+nothing (the per-guest memo cleared: what every replan cost before it), with nothing
+changed, and with one listener added in one guest (a new GuestState for that guest only,
+as the registry gives: the replan a guest's ``listen()`` costs). CPU time of this process
 (``time.process_time``), the minimum of ``--runs``: on a shared machine the wall clock
 says more about the neighbours than about the plan.
 """
@@ -16,7 +19,9 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
+from sockmap.conflicts import rules as R
 from sockmap.conflicts.rules import GuestState, plan
 from sockmap.portwatch.records import Listener
 
@@ -29,12 +34,25 @@ def guests_of(n: int, ports: int, port_of: Callable[[int, int], int]) -> tuple[G
                  for i in range(n))
 
 
-def cpu_ms(guests: tuple[GuestState, ...], runs: int) -> float:
+def cpu_ms(guests: tuple[GuestState, ...], runs: int, how: str) -> float:
+    """One replan's CPU ms: ``how`` "fresh" (memo cleared), "same" (nothing changed) or
+    "one" (one listener more in guest ``run % G``)."""
     cur = tuple(plan(guests=guests).mappings)
     best = float("inf")
-    for _ in range(runs):
+    for run in range(runs):
+        now = guests
+        if how == "one":
+            i = run % len(guests)
+            g = guests[i]
+            extra = Listener(proto="tcp", family=4, addr="0.0.0.0", port=40000 + run,
+                             inode=10**9 + run)
+            now = (*guests[:i], replace(g, listeners=(*g.listeners, extra)), *guests[i + 1:])
+            plan(guests=guests, current=cur)  # the memo holds the state before
+        elif how == "fresh":
+            R._WANTS_MEMO.clear()
+            R._SORTED_MEMO.clear()
         t = time.process_time()
-        plan(guests=guests, current=cur)
+        plan(guests=now, current=cur)
         best = min(best, time.process_time() - t)
     return 1000 * best
 
@@ -47,9 +65,11 @@ def main() -> int:
     a = ap.parse_args()
     same = guests_of(a.guests, a.ports, lambda i, k: 20000 + k)
     distinct = guests_of(a.guests, a.ports, lambda i, k: 1000 + i * a.ports + k)
-    print(json.dumps({"guests": a.guests, "ports": a.ports, "load": os.getloadavg(),
-                      "replan_cpu_ms_same_ports": cpu_ms(same, a.runs),
-                      "replan_cpu_ms_distinct_ports": cpu_ms(distinct, a.runs)}, indent=2))
+    out: dict[str, object] = {"guests": a.guests, "ports": a.ports, "load": os.getloadavg()}
+    for shape, guests in (("same_ports", same), ("distinct_ports", distinct)):
+        for how in ("fresh", "same", "one"):
+            out[f"replan_cpu_ms_{shape}_{how}"] = cpu_ms(guests, a.runs, how)
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -15,9 +15,11 @@ keyed in a thread (the loop keeps the GIL only between switch intervals), as an 
 large frames are decoded in one.
 
 The namespace is held open by the watch (an fd and the sockets), so an ``ip netns del``
-does not end it: every ``NS_CHECK_S`` the watch stats ``/run/netns/NAME`` (one stat, the
-deliberate check) and, when the file is gone or names another namespace, closes the
-guest's session (its mappings close at the next plan), logs it once and ends.
+does not end it: every ``NS_CHECK_S`` the watch's namespace is checked (one stat of
+``/run/netns/NAME``, the deliberate check) and, when the file is gone or names another
+namespace, the watch closes the guest's session (its mappings close at the next plan),
+logs it once and ends. The checks of every watch run on one shared timer (``NsChecks``,
+one per event loop): 64 guests cost one wake-up per ``NS_CHECK_S``, not 64.
 
 An attached namespace (``guest attach``, an ``[[attach]]`` rule) has no file of sockmap's:
 its ``nsid.Holder`` holds the fd, and every ``NS_CHECK_S`` the watch asks it whether a
@@ -40,7 +42,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from sockmap import protocol as p
@@ -64,6 +67,88 @@ FIRST_ADDRS_S = 1.0  # the first snapshot waits this long for the first addresse
 
 class NamespaceGone(Exception):
     """The guest's namespace file is gone or names another namespace."""
+
+
+# a watch's check: raises NamespaceGone, or returns None (the namespace is there), or what to
+# call and await for the answer (a holder's /proc scan, in a thread)
+Slow = Callable[[], Awaitable[None]]
+Check = Callable[[], Slow | None]
+
+
+class NsChecks:
+    """One timer for the namespace checks of every watch on one event loop: every
+    ``period`` each registered check runs (a stat each); a check that raises
+    (``NamespaceGone``, at once or from what it returned to await) sets that exception on
+    its watch's future and is dropped. The timer runs only while a check is registered."""
+
+    def __init__(self, period: float = NS_CHECK_S) -> None:
+        self.period = period
+        self.ticks = 0  # timer wake-ups (what a guest more must not multiply)
+        self._checks: dict[asyncio.Future[None], Check] = {}
+        self._slow: dict[asyncio.Future[None], asyncio.Task[None]] = {}  # awaiting answers
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, check: Check) -> asyncio.Future[None]:
+        """Register ``check``; the future fails with NamespaceGone when it does (cancel it,
+        or ``remove`` it, when the watch ends)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._checks[fut] = check
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="netns-checks")
+        return fut
+
+    def remove(self, fut: asyncio.Future[None]) -> None:
+        self._checks.pop(fut, None)
+        if (slow := self._slow.pop(fut, None)) is not None:
+            slow.cancel()
+        if not fut.done():
+            fut.cancel()
+        elif not fut.cancelled():
+            fut.exception()  # retrieved: the watch ended by its pump meanwhile
+        if not self._checks and self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while self._checks:
+            await asyncio.sleep(self.period)
+            self.ticks += 1
+            for fut, check in list(self._checks.items()):
+                if fut.done() or fut in self._slow:
+                    continue
+                try:
+                    answer = check()
+                except Exception as e:  # NamespaceGone; anything else ends that watch too
+                    self._gone(fut, e)
+                    continue
+                if answer is not None:
+                    self._slow[fut] = asyncio.create_task(self._await(fut, answer))
+
+    async def _await(self, fut: asyncio.Future[None], answer: Slow) -> None:
+        try:
+            await answer()
+        except Exception as e:
+            self._gone(fut, e)
+        finally:
+            self._slow.pop(fut, None)
+
+    def _gone(self, fut: asyncio.Future[None], e: Exception) -> None:
+        self._checks.pop(fut, None)
+        if not fut.done():
+            fut.set_exception(e)
+
+
+_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, NsChecks] = (
+    weakref.WeakKeyDictionary())
+
+
+def shared_checks() -> NsChecks:
+    """The running loop's one NsChecks."""
+    loop = asyncio.get_running_loop()
+    checks = _SHARED.get(loop)
+    if checks is None:
+        checks = _SHARED[loop] = NsChecks()
+    return checks
 
 
 def _build(msg_of: type[p.Snapshot] | type[p.Added], listeners: tuple[Listener, ...],
@@ -92,11 +177,13 @@ class NetnsWatch:
                  udp_ephemeral: bool, interval: float | None = None,
                  holder: nsid.Holder | None = None,
                  on_gone: Callable[[str], None] | None = None,
-                 hub: EventHub | None = None, poll_note: str = "events off") -> None:
+                 hub: EventHub | None = None, poll_note: str = "events off",
+                 checks: NsChecks | None = None) -> None:
         self.name, self.path = name, netns
         self.holder, self.on_gone = holder, on_gone  # an attached namespace: see above
         self.sessions, self.udp_ephemeral, self.interval = sessions, udp_ephemeral, interval
         self.hub, self.poll_note = hub, poll_note  # no hub: why ("tracefs unavailable: ...")
+        self.checks = checks  # None: the loop's shared NsChecks
         self.task: asyncio.Task[None] | None = None
         self.starts = 0
         self._w: Watcher | None = None
@@ -140,10 +227,28 @@ class NetnsWatch:
         if now != ino:
             raise NamespaceGone(f"{self.path} now names another network namespace")
 
-    async def _check_holder(self, holder: nsid.Holder) -> None:
-        if holder.alive() or await asyncio.to_thread(holder.rescan):
-            return
-        raise NamespaceGone(f"network namespace {holder.ns} has no process and no mount left")
+    def _check_holder(self, holder: nsid.Holder) -> Slow | None:
+        """None while a process or a mount holds the namespace (one stat); when the last
+        holder left, what to await: a /proc scan in a thread, NamespaceGone if nobody."""
+        if holder.alive():
+            return None
+
+        async def rescan() -> None:
+            if not await asyncio.to_thread(holder.rescan):
+                raise NamespaceGone(
+                    f"network namespace {holder.ns} has no process and no mount left")
+
+        return rescan
+
+    def _checker(self, ino: int) -> Check:
+        holder = self.holder
+        if holder is not None:
+            return lambda: self._check_holder(holder)
+
+        def check() -> None:
+            self._check(ino)
+
+        return check
 
     async def _watch(self) -> None:
         if self.holder is not None:
@@ -193,17 +298,20 @@ class NetnsWatch:
         await self._apply(session, p.Snapshot, snap, nics)
         log.info("guest %s: watched by the daemon (%s), %d listeners", self.name, self.mode,
                  len(snap))
+        checker = self._checker(ino)
+        if (slow := checker()) is not None:  # at once, then on the shared timer
+            await slow()
+        checks = self.checks or shared_checks()
+        gone = checks.add(checker)
         pump = asyncio.create_task(self._pump(w, session, nics))
         try:
-            while not pump.done():
-                if self.holder is not None:
-                    await self._check_holder(self.holder)
-                else:
-                    self._check(ino)
-                await asyncio.wait([pump], timeout=NS_CHECK_S)
+            await asyncio.wait([pump, gone], return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                gone.result()  # raises NamespaceGone
             pump.result()
             raise SockmapError("the listener watcher ended", hint="it restarts")
         finally:
+            checks.remove(gone)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump

@@ -148,6 +148,7 @@ class Planner:
         self._unforwarded: dict[MappingKey, tuple[tuple[PortMapping, ...], str]] = {}
         self._blocked: dict[HostEndpoint, float] = {}  # bind failed: endpoint -> retry at
         self._logged: set[str] = set()
+        self._conflicts_logged: dict[int, object] = {}  # id -> the last plan's conflicts
         self._bind_failed: set[MappingKey] = set()
         self._dirty = asyncio.Event()
         self._want_gen = 0
@@ -285,12 +286,19 @@ class Planner:
         self._unforwarded = {k: v for k, v in self._unforwarded.items()
                              if k in desired and k not in self._open}
         self._update_shares()
-        for c in pl.conflicts:
-            self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; {c.resolution}")
+        logged = self._conflicts_logged  # the last plan's, by identity: logged already
+        now_ids: dict[int, object] = {}
+        for c in pl.conflicts:  # (plan() hands back the very records of unchanged losses)
+            if id(c) not in logged:
+                self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; "
+                              f"{c.resolution}")
+            now_ids[id(c)] = c  # (the record held: its id is not reused meanwhile)
+        self._conflicts_logged = now_ids
         # first-report times: kept only for wanted mappings not open yet
-        wanted = {(m.guest, str(m.proto), m.guest_port) for m in pl.mappings}
-        wanted -= {(k.guest, str(k.proto), k.port) for k in self._open}
-        self._first_seen = {k: t for k, t in self._first_seen.items() if k in wanted}
+        if self._first_seen:
+            wanted = {(m.guest, str(m.proto), m.guest_port) for m in pl.mappings}
+            wanted -= {(k.guest, str(k.proto), k.port) for k in self._open}
+            self._first_seen = {k: t for k, t in self._first_seen.items() if k in wanted}
         if self._blocked and self._retry is None:
             def again() -> None:
                 self._retry = None

@@ -24,6 +24,22 @@ def _order(li: Listener) -> tuple[str, int, int, str]:
     return (li.proto, li.port, li.family, li.addr)
 
 
+# per guest name: its listeners as reported at the last plan, and sorted: the same objects
+# again (nothing changed) are not sorted again
+_SORTED: dict[str, tuple[tuple[Listener, ...], tuple[Listener, ...]]] = {}
+SORTED_SPARE = 256  # names beyond the plan's own kept before the memo is pruned
+
+
+def _sorted(g: GuestState) -> tuple[Listener, ...]:
+    last = _SORTED.get(g.name)
+    if (last is not None and len(last[0]) == len(g.listeners)
+            and all(a is b for a, b in zip(last[0], g.listeners, strict=True))):
+        return last[1]
+    out = tuple(sorted(g.listeners, key=_order))
+    _SORTED[g.name] = (g.listeners, out)
+    return out
+
+
 def cap_listeners(guests: Sequence[GuestState], max_listeners: int
                   ) -> tuple[tuple[GuestState, ...], tuple[Skipped, ...], tuple[Conflict, ...]]:
     """(the guests with at most ``max_listeners`` listeners each, sorted; the listeners past
@@ -32,9 +48,9 @@ def cap_listeners(guests: Sequence[GuestState], max_listeners: int
     skipped: list[Skipped] = []
     conflicts: list[Conflict] = []
     for g in guests:
-        lst = sorted(g.listeners, key=_order)
+        lst = _sorted(g)
         if len(lst) <= max_listeners:
-            out.append(replace(g, listeners=tuple(lst)))
+            out.append(replace(g, listeners=lst))
             continue
         kept, rest = lst[:max_listeners], lst[max_listeners:]
         out.append(replace(g, listeners=tuple(kept)))
@@ -54,4 +70,8 @@ def cap_listeners(guests: Sequence[GuestState], max_listeners: int
             fix="raise --max-listeners (or [daemon] max_listeners_per_guest), or find out "
                 "why the guest listens on so many ports",
         ))
+    if len(_SORTED) > len(guests) + SORTED_SPARE:  # guests gone: forget them
+        names = {g.name for g in guests}
+        for name in [n for n in _SORTED if n not in names]:
+            _SORTED.pop(name, None)
     return tuple(out), tuple(skipped), tuple(conflicts)

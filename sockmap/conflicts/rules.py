@@ -446,6 +446,17 @@ class PortMapping:
     process: str = field(default="", compare=False)
     label: str = field(default="", compare=False)  # its rule's
     names: tuple[str, ...] = field(default=(), compare=False)  # its rule's extra names
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        """The dataclass hash of the compared fields, computed once: a replan puts the
+        same few thousand mappings in sets and dicts several times over."""
+        h = self._hash
+        if not h:
+            h = hash((self.guest, self.proto, self.host_addr, self.host_port,
+                      self.guest_addr, self.guest_port, self.upstream, self.path)) or 1
+            object.__setattr__(self, "_hash", h)
+        return h
 
     @property
     def host_endpoint(self) -> HostEndpoint:
@@ -504,6 +515,8 @@ class Plan:
 def shared_with(pl: Plan) -> dict[tuple[str, Proto, int], tuple[PortMapping, ...]]:
     """The shared mappings by the holder's (guest, proto, guest port): whose relay routes
     to whom (pure)."""
+    if not pl.shared:
+        return {}
     holder = {m.host_endpoint: m for m in pl.mappings}
     out: dict[tuple[str, Proto, int], list[PortMapping]] = {}
     for m in pl.shared:
@@ -511,6 +524,9 @@ def shared_with(pl: Plan) -> dict[tuple[str, Proto, int], tuple[PortMapping, ...
         if h is not None:
             out.setdefault((h.guest, h.proto, h.guest_port), []).append(m)
     return {k: tuple(v) for k, v in out.items()}
+
+
+_Lost = tuple[tuple[Conflict, ...], tuple[Skipped, ...]]  # a loss's records
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # identity: one object per guest port
@@ -526,14 +542,26 @@ class _Want:
     policy: Policy | None = None  # from its first listener's rule; None: the Policies
     path: ForwardPath | None = None  # from its first listener's rule
     rule: Rule | None = None  # its first listener's rule (label, names)
+    # its mappings by host port, made once (``_mappings``): a want reused from the last
+    # plan gives the very PortMapping objects it gave then
+    made: dict[int, tuple[PortMapping, ...]] = field(default_factory=dict, repr=False)
+    # {0: (key, (conflicts, skipped))}: its last loss (``_outcome``), reused for the same key
+    outcome: dict[int, tuple[tuple[object, ...], _Lost]] = field(default_factory=dict,
+                                                                 repr=False)
+    # made once: (guest, proto, guest port), and its host endpoints on its own host port
+    ident: tuple[str, Proto, int] = field(init=False, repr=False)
+    eps: tuple[HostEndpoint, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        li = self.listener
+        object.__setattr__(self, "ident", (self.guest, li.proto, li.port))
+        port = self.host_port or li.port
+        object.__setattr__(self, "eps", tuple((li.proto, b.host_addr, port)
+                                              for _, b in self.bindings))
 
     @property
     def port(self) -> int:
         return self.host_port or self.listener.port
-
-    @property
-    def ident(self) -> tuple[str, Proto, int]:
-        return (self.guest, self.listener.proto, self.listener.port)
 
     @property
     def listeners(self) -> tuple[Listener, ...]:
@@ -544,73 +572,131 @@ def _mapping_ident(m: PortMapping) -> tuple[str, Proto, int]:
     return (m.guest, m.proto, m.guest_port)
 
 
+# per guest name: (its state, the rules, its wants, its skipped) at the last plan
+_WantsMemo = tuple[GuestState, tuple[Rule, ...], tuple[_Want, ...], tuple[Skipped, ...]]
+_WANTS_MEMO: dict[str, _WantsMemo] = {}
+WANTS_MEMO_SPARE = 256  # names beyond the plan's own kept before the memo is pruned
+
+
+def _same_state(a: GuestState, b: GuestState) -> bool:
+    """Whether ``a`` and ``b`` are the same guest state, listeners compared by identity
+    (a Listener's equality ignores its owner, which the wants carry into mappings)."""
+    return (a.name == b.name and a.addrs == b.addrs and a.refused == b.refused
+            and a.udp_relay == b.udp_relay and len(a.listeners) == len(b.listeners)
+            and all(x is y for x, y in zip(a.listeners, b.listeners, strict=True)))
+
+
 def _wants(guests: Sequence[GuestState],
            rules: Sequence[Rule] = ()) -> tuple[list[_Want], list[Skipped]]:
     """Per guest port, one want with the host addresses of all its listeners (one socket
     per family: 127.0.0.1 -> the IPv4 one, ::1 -> the IPv6 one); every listener left out
-    is in the skipped list with its reason."""
+    is in the skipped list with its reason. A guest's wants depend on its state and the
+    rules only: a guest whose state is the very one of the last plan (the registry hands
+    back the same Listener objects while nothing changed) reuses that plan's (immutable)
+    wants and skipped, so a replan re-decides only the guests that changed."""
     wants: list[_Want] = []
     skipped: list[Skipped] = []
+    rules_t = tuple(rules)
+    names: set[str] = set()
     for g in guests:
-        seen: dict[HostEndpoint, Listener] = {}  # host endpoint -> the listener it forwards
-        unit: dict[tuple[Proto, int], int] = {}  # (proto, guest port) -> index in wants
-        unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
-        for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
-                                                          li.addr)):
-            d = decide(li, g.addrs, g.refused, udp_relay=g.udp_relay)
-            rule = match_rule(rules, g.name, li)
-            if rule is not None and rule.action == "ignore":
-                skipped.append(Skipped(guest=g.name, listener=li,
-                                       reason=f"ignored by {rule.where}"))
-                continue
-            hport = li.port if rule is None else rule.host_port_for(li.port)
-            if hport is None:
-                skipped.append(Skipped(guest=g.name, listener=li, reason=(
-                    f"{rule.where if rule else 'a rule'} gives host port "
-                    f"{li.port}{(rule.host_port_offset if rule else 0):+d}, outside 1-65535")))
-                continue
-            match d:
-                case NotForwarded():
-                    skipped.append(Skipped(guest=g.name, listener=li, reason=d.reason))
-                case Forwarded():
-                    i = unit.get((li.proto, li.port))
-                    if i is not None and wants[i].port != hport:
-                        first = wants[i].listener
-                        skipped.append(Skipped(guest=g.name, listener=li, reason=(
-                            f"this guest's {endpoint(first.addr, first.port)} is forwarded "
-                            f"on host port {wants[i].port}, and the rules give this "
-                            f"listener host port {hport}: one guest port has one host port")))
-                        continue
-                    # One guest, one host endpoint: a second listener of the same guest
-                    # (UDP 0.0.0.0:53 next to 10.0.0.2:53) adds nothing.
-                    # A rule's cross-family host address (::1 on the 0.0.0.0 socket) goes
-                    # to the other family's socket of the port when there is one.
-                    all_bs = apply_rule(rule, d.bindings)
-                    w = wants[i] if i is not None else None
-                    bs = tuple(b for b in all_bs if _free_for(
-                        seen.get((li.proto, b.host_addr, hport)), li, b, w))
-                    seen.update({(li.proto, b.host_addr, hport): li for b in bs})
-                    if bs and i is not None and w is not None:  # the other family's socket
-                        wants[i], gone = _join(w, li, bs)
-                        skipped.extend(Skipped(guest=g.name, listener=o, reason=(
-                            f"its host addresses went to this guest's "
-                            f"{endpoint(li.addr, li.port)}, the socket of their family"))
-                            for o in gone)
-                    elif bs:
-                        unit[(li.proto, li.port)] = len(wants)
-                        wants.append(_Want(g.name, li, tuple((li, b) for b in bs),
-                                           host_port=hport,
-                                           policy=None if rule is None else rule.policy,
-                                           path=None if rule is None else rule.path,
-                                           rule=rule))
-                    elif all_bs:  # say so: `ls --all` shows it (a second server is unreachable)
-                        first = seen[(li.proto, all_bs[0].host_addr, hport)]
-                        skipped.append(Skipped(guest=g.name, listener=li, reason=(
-                            f"host {li.proto} port {hport} already forwards this guest's "
-                            f"{endpoint(first.addr, first.port)}")))
-                case _:
-                    assert_never(d)
+        memo = _WANTS_MEMO.get(g.name) if g.name not in names else None
+        names.add(g.name)  # a name twice in one plan: distinct wants, as without a memo
+        if memo is not None and memo[1] == rules_t and _same_state(memo[0], g):
+            ws, sk = memo[2], memo[3]
+        else:
+            ws, sk = _guest_wants(g, rules_t)
+            if memo is not None and memo[1] == rules_t:
+                ws = _reuse(memo[2], ws)
+            _WANTS_MEMO[g.name] = (g, rules_t, ws, sk)
+        wants.extend(ws)
+        skipped.extend(sk)
+    if len(_WANTS_MEMO) > len(names) + WANTS_MEMO_SPARE:  # guests gone: forget them
+        for name in [n for n in _WANTS_MEMO if n not in names]:
+            _WANTS_MEMO.pop(name, None)
     return wants, skipped
+
+
+def _reuse(old: tuple[_Want, ...], new: tuple[_Want, ...]) -> tuple[_Want, ...]:
+    """``new`` with each want equal to one of ``old`` (same listener objects, bindings, host
+    port and rule) replaced by that old object: a guest's change re-makes only the mappings
+    and records of the units it changed."""
+    by_ident = {w.ident: w for w in old}
+    out: list[_Want] = []
+    for w in new:
+        o = by_ident.get(w.ident)
+        same = (o is not None and o.listener is w.listener and o.host_port == w.host_port
+                and o.rule == w.rule and o.policy == w.policy and o.path == w.path
+                and len(o.bindings) == len(w.bindings)
+                and all(a[0] is b[0] and a[1] == b[1]
+                        for a, b in zip(o.bindings, w.bindings, strict=True)))
+        out.append(o if same and o is not None else w)
+    return tuple(out)
+
+
+def _guest_wants(g: GuestState, rules: Sequence[Rule]
+                 ) -> tuple[tuple[_Want, ...], tuple[Skipped, ...]]:
+    """One guest's wants and skipped listeners (``_wants``'s work for one guest)."""
+    wants: list[_Want] = []
+    skipped: list[Skipped] = []
+    seen: dict[HostEndpoint, Listener] = {}  # host endpoint -> the listener it forwards
+    unit: dict[tuple[Proto, int], int] = {}  # (proto, guest port) -> index in wants
+    unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
+    for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
+                                                      li.addr)):
+        d = decide(li, g.addrs, g.refused, udp_relay=g.udp_relay)
+        rule = match_rule(rules, g.name, li)
+        if rule is not None and rule.action == "ignore":
+            skipped.append(Skipped(guest=g.name, listener=li,
+                                   reason=f"ignored by {rule.where}"))
+            continue
+        hport = li.port if rule is None else rule.host_port_for(li.port)
+        if hport is None:
+            skipped.append(Skipped(guest=g.name, listener=li, reason=(
+                f"{rule.where if rule else 'a rule'} gives host port "
+                f"{li.port}{(rule.host_port_offset if rule else 0):+d}, outside 1-65535")))
+            continue
+        match d:
+            case NotForwarded():
+                skipped.append(Skipped(guest=g.name, listener=li, reason=d.reason))
+            case Forwarded():
+                i = unit.get((li.proto, li.port))
+                if i is not None and wants[i].port != hport:
+                    first = wants[i].listener
+                    skipped.append(Skipped(guest=g.name, listener=li, reason=(
+                        f"this guest's {endpoint(first.addr, first.port)} is forwarded "
+                        f"on host port {wants[i].port}, and the rules give this "
+                        f"listener host port {hport}: one guest port has one host port")))
+                    continue
+                # One guest, one host endpoint: a second listener of the same guest
+                # (UDP 0.0.0.0:53 next to 10.0.0.2:53) adds nothing.
+                # A rule's cross-family host address (::1 on the 0.0.0.0 socket) goes
+                # to the other family's socket of the port when there is one.
+                all_bs = apply_rule(rule, d.bindings)
+                w = wants[i] if i is not None else None
+                bs = tuple(b for b in all_bs if _free_for(
+                    seen.get((li.proto, b.host_addr, hport)), li, b, w))
+                seen.update({(li.proto, b.host_addr, hport): li for b in bs})
+                if bs and i is not None and w is not None:  # the other family's socket
+                    wants[i], gone = _join(w, li, bs)
+                    skipped.extend(Skipped(guest=g.name, listener=o, reason=(
+                        f"its host addresses went to this guest's "
+                        f"{endpoint(li.addr, li.port)}, the socket of their family"))
+                        for o in gone)
+                elif bs:
+                    unit[(li.proto, li.port)] = len(wants)
+                    wants.append(_Want(g.name, li, tuple((li, b) for b in bs),
+                                       host_port=hport,
+                                       policy=None if rule is None else rule.policy,
+                                       path=None if rule is None else rule.path,
+                                       rule=rule))
+                elif all_bs:  # say so: `ls --all` shows it (a second server is unreachable)
+                    first = seen[(li.proto, all_bs[0].host_addr, hport)]
+                    skipped.append(Skipped(guest=g.name, listener=li, reason=(
+                        f"host {li.proto} port {hport} already forwards this guest's "
+                        f"{endpoint(first.addr, first.port)}")))
+            case _:
+                assert_never(d)
+    return tuple(wants), tuple(skipped)
 
 
 def _native(li: Listener, b: Binding) -> bool:
@@ -697,9 +783,11 @@ def plan(
     blocked_set = set(blocked)
 
     wants, skipped = _wants(guests, rules)
-    mapped_now = {_mapping_ident(m) for m in cur}
-    order = sorted(range(len(wants)), key=lambda i: (wants[i].ident not in mapped_now, i))
     cur_port = {_mapping_ident(m): m.host_port for m in cur}
+    mapped_now = cur_port.keys()
+    # the mapped wants first, then the rest, each in registry order
+    order = ([i for i, w in enumerate(wants) if w.ident in mapped_now]
+             + [i for i, w in enumerate(wants) if w.ident not in mapped_now])
 
     taken: dict[HostEndpoint, _Want] = {}
     hint: dict[tuple[Proto, int], int] = {}  # last remap result per wanted port
@@ -724,8 +812,8 @@ def plan(
     # see below), by registry order: a remapped mapping, planned before it, must not move
     # back onto them, or the plan after would move it again
     tw_claims: dict[HostEndpoint, int] = {}
-    for i, w in enumerate(wants):
-        weps = [(w.listener.proto, b.host_addr, w.port) for _, b in w.bindings]
+    for i, w in enumerate(wants if blocked_set else ()):
+        weps = w.eps
         if w.ident not in mapped_now and any(e in blocked_set for e in weps):
             for e in weps:
                 if e not in blocked_set:
@@ -735,13 +823,13 @@ def plan(
         w = wants[i]
         li = w.listener
         proto, port = li.proto, w.port
-        eps = [(proto, b.host_addr, port) for _, b in w.bindings]
+        eps = w.eps
         rivals = list(dict.fromkeys(taken[e] for e in eps if e in taken))
         if cur_port.get(w.ident, port) != port:  # remapped now: may it move back?
             rivals += [wants[tw_claims[e]] for e in eps if e not in taken
                        and tw_claims.get(e, i) < i]
             rivals = list(dict.fromkeys(rivals))
-        holding = list(dict.fromkeys(h for e in eps for h in held(*e)))
+        holding = list(dict.fromkeys(h for e in eps for h in held(*e))) if by_port else []
         tw = [e for e in eps if e in blocked_set] if not holding else []
 
         if not rivals and not holding and not tw:
@@ -783,39 +871,18 @@ def plan(
                 did = f"not forwarded: host port {port} cannot be shared ({why}; policy share)"
             else:
                 did = f"not forwarded (policy fail); host port {port} left to its holder"
-            me = _guest_party(w, receives=did)
-            for r in rivals:
-                winner = _guest_party(r, receives=f"keeps host port {port}")
-                conflicts.append(Conflict(
-                    kind="guests_collide", proto=proto, port=port, parties=(winner, me),
-                    summary=f"guests {r.guest} and {w.guest} both listen on {proto} port "
-                            f"{port}; {r.guest} was first and keeps host port {port}",
-                    resolution=f"{w.guest}: {did}",
-                    fix=(f"run one guest's server on another port, or set policy remap for "
-                         f"port {port}") if pol != "remap" else
-                        "run one guest's server on another port to keep host port numbers "
-                        "equal to guest ports",
-                ))
-            if holding:
-                hp = tuple(_host_party(h, port, own_named.get(h)) for h in holding)
-                names = ", ".join(_who(p) for p in hp)
-                conflicts.append(Conflict(
-                    kind="host_port_in_use", proto=proto, port=port, parties=(me, *hp),
-                    summary=f"{w.guest} listens on {endpoint(li.addr, li.port)} but {proto} "
-                            f"port {port} on host localhost is held by {names}",
-                    resolution=did,
-                    fix=_host_fix(pol, names, port) if not all(h in own_named for h in holding)
-                    else f"give {names} another port (--agent-listen, --metrics), or set "
-                         f"policy remap for port {port}",
-                ))
-            if lost:  # in `ls --all` too, with the conflict that keeps it out
-                whose = [f"guest {r.guest} has it" for r in rivals]
-                if holding:
-                    whose.append("held on the host by " + ", ".join(
-                        _who(party_of(h, side="host")) for h in holding))
-                skipped.extend(Skipped(guest=w.guest, listener=x, reason=(
-                    f"host {proto} port {port}: {'; '.join(whose)}; {did} (`sockmap "
-                    "conflicts` explains)")) for x in w.listeners)
+            # the same rivals again (both wants reused from the last plan, no host holder,
+            # not remap: the records depend on nothing else): the last plan's records
+            key = (pol, did, *rivals) if not holding and pol != "remap" else None
+            last = w.outcome.get(0)
+            if key is not None and last is not None and last[0] == key:
+                cs, sk = last[1]
+            else:
+                cs, sk = _outcome(w, rivals, holding, own_named, pol, did, lost)
+                if key is not None:
+                    w.outcome[0] = (key, (cs, sk))  # one: the last (rivals change)
+            conflicts.extend(cs)
+            skipped.extend(sk)
         else:
             retry.extend(tw)
             pending.extend(_mappings(w, port))
@@ -840,21 +907,21 @@ def plan(
             ))
 
     want_ids = {w.ident for w in wants}
-    desired_set = set(desired)
+    desired_set = set(desired)  # (a PortMapping keeps its hash: most are last plan's)
     cur_set = set(cur)
+    gone = [m for m in cur if m not in desired_set]
+    desired_ids = {_mapping_ident(d) for d in desired} if gone else set()
     closes: list[Command] = [
         CloseMapping(mapping=m, reason="replaced" if _mapping_ident(m) in want_ids
-                     and any(_mapping_ident(d) == _mapping_ident(m) for d in desired)
+                     and _mapping_ident(m) in desired_ids
                      else "guest listener gone or not forwardable now")
-        for m in cur if m not in desired_set
+        for m in gone
     ]
     opens: list[Command] = [OpenMapping(mapping=m) for m in desired if m not in cur_set]
-    conflicts.sort(key=lambda c: (c.port, c.proto, c.kind,
-                                  tuple((p.side, p.guest or "") for p in c.parties)))
     return Plan(
         commands=tuple(closes + opens),
         mappings=tuple(desired),
-        conflicts=tuple(conflicts),
+        conflicts=_sorted_conflicts(conflicts),
         retry=tuple(dict.fromkeys(retry)),
         waiting=tuple(dict.fromkeys(waiting)),
         skipped=tuple(skipped),
@@ -862,6 +929,68 @@ def plan(
         remapped=tuple(remapped),
         shared=tuple(shared),
     )
+
+
+# the last plan's conflicts as found and as sorted: the same records again (every loss
+# reused) are not sorted again
+_SORTED_MEMO: list[tuple[tuple[Conflict, ...], tuple[Conflict, ...]]] = []
+
+
+def _sorted_conflicts(found: list[Conflict]) -> tuple[Conflict, ...]:
+    """``found`` sorted by port, proto, kind and parties (a stable sort)."""
+    last = _SORTED_MEMO[-1] if _SORTED_MEMO else None
+    if (last is not None and len(last[0]) == len(found)
+            and all(a is b for a, b in zip(last[0], found, strict=True))):
+        return last[1]
+    out = tuple(sorted(found, key=lambda c: (c.port, c.proto, c.kind,
+                                             tuple((p.side, p.guest or "") for p in c.parties))))
+    _SORTED_MEMO[:] = [(tuple(found), out)]
+    return out
+
+
+def _outcome(w: _Want, rivals: list[_Want], holding: list[Listener],
+             own_named: Mapping[Listener, str], pol: Policy, did: str, lost: bool
+             ) -> tuple[tuple[Conflict, ...], tuple[Skipped, ...]]:
+    """The conflict records and skipped listeners of ``w`` losing host port ``w.port`` to
+    ``rivals`` (guests) and ``holding`` (host sockets), having done ``did`` (pure)."""
+    li = w.listener
+    proto, port = li.proto, w.port
+    conflicts: list[Conflict] = []
+    skipped: list[Skipped] = []
+    me = _guest_party(w, receives=did)
+    for r in rivals:
+        winner = _guest_party(r, receives=f"keeps host port {port}")
+        conflicts.append(Conflict(
+            kind="guests_collide", proto=proto, port=port, parties=(winner, me),
+            summary=f"guests {r.guest} and {w.guest} both listen on {proto} port "
+                    f"{port}; {r.guest} was first and keeps host port {port}",
+            resolution=f"{w.guest}: {did}",
+            fix=(f"run one guest's server on another port, or set policy remap for "
+                 f"port {port}") if pol != "remap" else
+                "run one guest's server on another port to keep host port numbers "
+                "equal to guest ports",
+        ))
+    if holding:
+        hp = tuple(_host_party(h, port, own_named.get(h)) for h in holding)
+        names = ", ".join(_who(p) for p in hp)
+        conflicts.append(Conflict(
+            kind="host_port_in_use", proto=proto, port=port, parties=(me, *hp),
+            summary=f"{w.guest} listens on {endpoint(li.addr, li.port)} but {proto} "
+                    f"port {port} on host localhost is held by {names}",
+            resolution=did,
+            fix=_host_fix(pol, names, port) if not all(h in own_named for h in holding)
+            else f"give {names} another port (--agent-listen, --metrics), or set "
+                 f"policy remap for port {port}",
+        ))
+    if lost:  # in `ls --all` too, with the conflict that keeps it out
+        whose = [f"guest {r.guest} has it" for r in rivals]
+        if holding:
+            whose.append("held on the host by " + ", ".join(
+                _who(party_of(h, side="host")) for h in holding))
+        skipped.extend(Skipped(guest=w.guest, listener=x, reason=(
+            f"host {proto} port {port}: {'; '.join(whose)}; {did} (`sockmap "
+            "conflicts` explains)")) for x in w.listeners)
+    return tuple(conflicts), tuple(skipped)
 
 
 def _own_label(h: Listener, labels: Mapping[HostEndpoint, str]) -> str:
@@ -897,16 +1026,25 @@ def _host_fix(pol: Policy, names: str, port: int) -> str:
             assert_never(pol)
 
 
-def _mappings(w: _Want, port: int) -> list[PortMapping]:
+def _mappings(w: _Want, port: int) -> tuple[PortMapping, ...]:
     """w's mappings (one per host address, each to its own listener) on host port
-    ``port``."""
-    return [PortMapping(
+    ``port`` (made once per want and port: immutable)."""
+    made = w.made.get(port)
+    if made is None:
+        if len(w.made) >= 8:  # remap moved it around: keep the few recent
+            w.made.clear()
+        made = w.made[port] = _make_mappings(w, port)
+    return made
+
+
+def _make_mappings(w: _Want, port: int) -> tuple[PortMapping, ...]:
+    return tuple(PortMapping(
         guest=w.guest, proto=li.proto, host_addr=b.host_addr, host_port=port,
         guest_addr=li.addr, guest_port=li.port, upstream=b.upstream, path=w.path,
         pid=None if li.owner is None else li.owner.pid,
         process="" if li.owner is None else li.owner.comm,
         label=w.rule.label if w.rule else "", names=w.rule.names if w.rule else (),
-    ) for li, b in w.bindings]
+    ) for li, b in w.bindings)
 
 
 def _take(w: _Want, port: int, taken: dict[HostEndpoint, _Want],

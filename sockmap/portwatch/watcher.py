@@ -33,10 +33,13 @@ namespace's TCP LISTEN transitions and listen()/bind() exits, sock_diag's UDP de
 group for this one): the thread sleeps in ``select`` until an event from this namespace
 (``hints.concerns``) or a UDP close of a reported endpoint, dumps at once, and otherwise
 only rescans every ``rescan`` seconds (jittered; the safety net for an overflowed trace
-buffer, which also dumps at once when announced). ``mode`` says which runs ("events" or
-"poll"); where the events cannot be had (no CAP_SYS_ADMIN, no tracefs) it polls, and if
-they stop mid-run (the instance switched off or removed) that is reported once and the
-poll takes over.
+buffer, which also dumps at once when announced). A rescan is gated by the sockstat
+counters as the poll is: it dumps only when they moved since the last dump (any change of
+listeners moves them), and every ``full_rescan``-th rescan dumps whatever they say (a
+close and an open no event told of, with equal counts); idle, a rescan is two preads.
+``mode`` says which runs ("events" or "poll"); where the events cannot be had (no
+CAP_SYS_ADMIN, no tracefs) it polls, and if they stop mid-run (the instance switched off
+or removed) that is reported once and the poll takes over.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = {"diag": 0.030, "proc": 0.100}
 DEFAULT_FULL_EVERY = 0.5  # gate on: dump at least this often even if the counters are equal
 DEFAULT_RESCAN = 2.0  # events on: the safety rescan, jittered by +-25%
+DEFAULT_FULL_RESCAN = 5  # events on: every 5th rescan dumps even if the counters are equal
 
 
 class Gate(Protocol):
@@ -104,6 +108,7 @@ class Watcher:
         native_tick: bool = True,
         events: str = "off",
         rescan: float = DEFAULT_RESCAN,
+        full_rescan: int = DEFAULT_FULL_RESCAN,
         events_opener: Callable[[], EventSource] = ListenerEvents,
         netns: str | None = None,
     ) -> None:
@@ -126,6 +131,9 @@ class Watcher:
         if not 0.05 <= rescan <= 3600:
             raise SourceUnavailable(f"rescan interval {rescan}s is out of range",
                                     hint="give between 50 ms and 1 hour")
+        if not 1 <= full_rescan <= 1000:
+            raise SourceUnavailable(f"full rescan every {full_rescan} rescans is out of range",
+                                    hint="give between 1 (every rescan dumps) and 1000")
         self._ns = netns
         if netns is not None:  # watched from outside: every socket and fd opened inside it
             from sockmap.portwatch import nsopen
@@ -136,12 +144,14 @@ class Watcher:
                 gate_opener = nsopen.gate_opener(netns)
         self._want_events = events
         self._rescan = rescan
+        self._full_rescan = full_rescan
         self._events_opener = events_opener
         self._events: EventSource | None = None
         self._mode_note = "events off"  # why the mode is what it is (for logs, ready lines)
         self._netns = 0  # this namespace's inode, for the events' filter
         self._wake_r = self._wake_w = -1  # the stop pipe of the events' select
         self.rescans = 0  # events mode: safety rescans done
+        self.rescans_skipped = 0  # of which the counters said nothing moved (no dump)
         self.event_dumps = 0  # events mode: dumps an event asked for
         self._want = source
         self._use_gate = gate
@@ -446,7 +456,10 @@ class Watcher:
                     self._report("events", f"{problem}; polling from now on")
                     return
                 self.rescans += 1
-                self._poll_once(force=True)
+                before = self.reads
+                self._poll_once(force=self.rescans % self._full_rescan == 0, rescan=True)
+                if self.reads == before:
+                    self.rescans_skipped += 1
                 deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
                 continue
             h = wake.hints
@@ -516,8 +529,10 @@ class Watcher:
             self._report("sockstat", f"{_why(e)}; every poll dumps from now on")
             return None
 
-    def _poll_once(self, *, force: bool = False) -> None:
-        """One tick: dump unless the gate's counters say nothing moved (``force``: dump)."""
+    def _poll_once(self, *, force: bool = False, rescan: bool = False) -> None:
+        """One tick: dump unless the gate's counters say nothing moved (``force``: dump;
+        ``rescan``: an events-mode rescan, gated by the counters alone, not ``full_every``).
+        A forced dump reads the counters too: the next gated one compares with them."""
         self._polls += 1
         if self._src is None:
             self._switch(None)
@@ -525,10 +540,11 @@ class Watcher:
                 return
         src = self._src
         # counters first, dump second: a change racing the dump moves them past what we keep
-        counts = None if force else self._read_counts()
+        counts = self._read_counts() if not force or self._events is not None else None
         now = time.monotonic()
-        if (counts is not None and (counts is self._counts or counts == self._counts)
-                and now < self._next_full):
+        if (not force and counts is not None
+                and (counts is self._counts or counts == self._counts)
+                and (rescan or now < self._next_full)):
             return  # ("is": the gate hands back the very object while its key is unchanged)
         self.reads += 1
         try:
