@@ -215,12 +215,11 @@ class Daemon:
     def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
         """The planner's rows (``direction`` "forward", and the guest's ``watch_mode``:
         "events", "poll", or "agent": a VM's or an agent's own report), then the reverse
-        forwards'."""
+        forwards'. What they show is taken now, on the loop; the planner's rows are made
+        as the iterator is read, in any thread (the control server reads it in one)."""
         modes = {n: w.mode.split(" ", 1)[0] for n, w in self._watches.items()}
-        for r in self.planner.iter_rows(not_forwarded=not_forwarded):
-            yield {**r, "direction": "forward",
-                   "watch_mode": modes.get(str(r.get("guest", "")), "agent") or "agent"}
-        yield from self.reverse.rows()
+        return _ls_rows(self.planner.iter_rows(not_forwarded=not_forwarded), modes,
+                        list(self.reverse.rows()))
 
     def listener_watch(self) -> dict[str, object]:
         """The netns guests' listener watch: mode, why, guests per mode (nswatch)."""
@@ -660,6 +659,14 @@ class Daemon:
         await self.wait_planned(self.request_replan())
         log.info("reloaded %s: %d rules, %d mappings", path, len(fc.rules),
                  self.planner.open_count)
+
+
+def _ls_rows(forward: Iterator[dict[str, Any]], modes: dict[str, str],
+             reverse: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for r in forward:
+        yield {**r, "direction": "forward",
+               "watch_mode": modes.get(str(r.get("guest", "")), "agent") or "agent"}
+    yield from reverse
 
 
 async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
