@@ -5,7 +5,8 @@ and the optional Prometheus endpoint (a minimal HTTP/1.0 GET /metrics, loopback 
 ``ls`` and ``conflicts`` answers are streamed (sockmap.control): rows are made and written
 STREAM_BATCH at a time, draining and yielding to the event loop between batches, so an
 answer of 100,000 rows holds neither the loop nor a line limit. ``ls`` rows are made and
-JSON-encoded in a thread, a batch per hop (what they show is taken on the loop when the
+JSON-encoded in a thread of the server's own pool (not the loop's default executor, busy
+with a burst's work), a batch per hop (what they show is taken on the loop when the
 request comes: ``Planner.iter_rows``), so the loop only writes them."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,9 @@ class ControlServer:
     def __init__(self, d: Daemon, *, own_netns: int | None) -> None:
         self.d = d
         self.own_netns = own_netns
+        # answers' threads of their own: an `ls` does not queue behind a burst's planning
+        # and message building in the loop's default executor
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sockmap-answer")
 
     async def conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control request: one line in, one line out."""
@@ -66,7 +71,7 @@ class ControlServer:
                     return
                 answer = await self.dispatch(req)
                 if isinstance(answer, Streamed):
-                    await self._stream(writer, answer)
+                    await self._stream(writer, answer, self.pool)
                 else:
                     writer.write(control.ok(answer))
             except SockmapError as e:
@@ -82,13 +87,15 @@ class ControlServer:
             self.d.conns.discard(task)
 
     @staticmethod
-    async def _stream(writer: asyncio.StreamWriter, s: Streamed) -> None:
+    async def _stream(writer: asyncio.StreamWriter, s: Streamed,
+                      pool: Executor | None = None) -> None:
         writer.write(control.stream_head(s.result, s.key))
         items = iter(s.items)
         count = 0
+        loop = asyncio.get_running_loop()
         while True:
             if s.offload:  # made and encoded in a thread: the loop only writes
-                line, n = await asyncio.to_thread(_next_batch, items)
+                line, n = await loop.run_in_executor(pool, _next_batch, items)
             else:
                 line, n = _next_batch(items)
             if not n:

@@ -53,7 +53,7 @@ def rows(table: list[MappingRow], groups: dict[MappingKey, tuple[PortMapping, ..
     inp = RowsInput(table=lambda: tuple(table), plan=None, pending=lambda: {}, shown=groups,
                     open=dict(groups), shares={}, share={}, waiting_since={},
                     unforwarded={}, kernel=None, kconns=KernelConns(), cache=cache)
-    return list(forward_rows(inp))
+    return [{**r, "age_s": None} for r in forward_rows(inp)]  # age_s: the clock's
 
 
 def test_cached_rows_are_the_rows_made_afresh_and_follow_every_change() -> None:
