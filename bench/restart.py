@@ -62,9 +62,11 @@ sys.stdin.read()
 """
 
 
-def start(lab: netlab.Lab, run: Path, log: Path) -> subprocess.Popen[str]:
+def start(lab: netlab.Lab, run: Path, log: Path, profile: Path | None = None
+          ) -> subprocess.Popen[str]:
+    prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     with log.open("a") as out:
-        return lab.host.popen([PY, "-m", "sockmap.cli", "daemon", "--run-dir", str(run),
+        return lab.host.popen([PY, *prof, "-m", "sockmap.cli", "daemon", "--run-dir", str(run),
                                "--path", "relay", "--log-level",
                                "info" if os.environ.get("BENCH_LOG") else "warning"],
                               stderr=out, cwd=ROOT)
@@ -78,7 +80,7 @@ def _status(run: Path) -> dict[str, Any] | None:
         return None  # not listening yet
 
 
-def run(guests: int, ports: int) -> dict[str, Any]:
+def run(guests: int, ports: int, profile: Path | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"guests": guests, "ports": ports, "load_before": os.getloadavg()}
     want = guests * ports
     with netlab.Lab(outside=False) as lab, tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +116,7 @@ def run(guests: int, ports: int) -> dict[str, Any]:
             d.send_signal(signal.SIGTERM)
             d.wait(60)
             t0 = time.monotonic()
-            d = start(lab, run_dir, log)
+            d = start(lab, run_dir, log, profile)
             assert d.stdout is not None
             netlab.wait_for_line(d.stdout, "sockmap daemon ready", 30)
             res["ready_s"] = time.monotonic() - t0
@@ -180,8 +182,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--guests", type=int, default=64)
     ap.add_argument("--ports", type=int, default=100)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="run the restarted daemon under cProfile (its event loop's thread) "
+                         "into this file")
     a = ap.parse_args()
-    res = run(a.guests, a.ports)
+    res = run(a.guests, a.ports, a.profile)
     print(json.dumps(res, indent=2))
     print(report(res))
     return 0

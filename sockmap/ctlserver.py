@@ -4,14 +4,19 @@ and the optional Prometheus endpoint (a minimal HTTP/1.0 GET /metrics, loopback 
 
 ``ls`` and ``conflicts`` answers are streamed (sockmap.control): rows are made and written
 STREAM_BATCH at a time, draining and yielding to the event loop between batches, so an
-answer of 100,000 rows holds neither the loop nor a line limit."""
+answer of 100,000 rows holds neither the loop nor a line limit. ``ls`` rows are made and
+JSON-encoded in a thread of the server's own pool (not the loop's default executor, busy
+with a burst's work), a batch per hop (what they show is taken on the loop when the
+request comes: ``Planner.iter_rows``), so the loop only writes them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +38,16 @@ class Streamed:
     result: object
     key: str
     items: Iterable[Any]
+    offload: bool = False  # items made and encoded in a thread (thread-safe iterator)
 
 
 class ControlServer:
     def __init__(self, d: Daemon, *, own_netns: int | None) -> None:
         self.d = d
         self.own_netns = own_netns
+        # answers' threads of their own: an `ls` does not queue behind a burst's planning
+        # and message building in the loop's default executor
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sockmap-answer")
 
     async def conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control request: one line in, one line out."""
@@ -62,7 +71,7 @@ class ControlServer:
                     return
                 answer = await self.dispatch(req)
                 if isinstance(answer, Streamed):
-                    await self._stream(writer, answer)
+                    await self._stream(writer, answer, self.pool)
                 else:
                     writer.write(control.ok(answer))
             except SockmapError as e:
@@ -78,22 +87,26 @@ class ControlServer:
             self.d.conns.discard(task)
 
     @staticmethod
-    async def _stream(writer: asyncio.StreamWriter, s: Streamed) -> None:
+    async def _stream(writer: asyncio.StreamWriter, s: Streamed,
+                      pool: Executor | None = None) -> None:
         writer.write(control.stream_head(s.result, s.key))
-        batch: list[Any] = []
+        items = iter(s.items)
         count = 0
-        for item in s.items:
-            batch.append(item)
-            if len(batch) >= control.STREAM_BATCH:
-                writer.write(control.stream_batch(batch))
-                count += len(batch)
-                batch = []
-                async with asyncio.timeout(30):  # a client that stopped reading
-                    await writer.drain()
-                await asyncio.sleep(0)  # let the loop serve others between batches
-        if batch:
-            writer.write(control.stream_batch(batch))
-            count += len(batch)
+        loop = asyncio.get_running_loop()
+        while True:
+            if s.offload:  # made and encoded in a thread: the loop only writes
+                line, n = await loop.run_in_executor(pool, _next_batch, items)
+            else:
+                line, n = _next_batch(items)
+            if not n:
+                break
+            writer.write(line)
+            count += n
+            if n < control.STREAM_BATCH:
+                break
+            async with asyncio.timeout(30):  # a client that stopped reading
+                await writer.drain()
+            await asyncio.sleep(0)  # let the loop serve others between batches
         writer.write(control.stream_end(count))
 
     async def dispatch(self, req: control.Request) -> object:
@@ -101,7 +114,7 @@ class ControlServer:
         match req.op:
             case "ls":
                 await d.refresh_kernel()
-                return Streamed(result=[], key="",
+                return Streamed(result=[], key="", offload=True,
                                 items=d.iter_rows(not_forwarded=req.args.get("all") is True))
             case "status":
                 return d.status()
@@ -165,6 +178,12 @@ class ControlServer:
         finally:
             writer.close()
             self.d.conns.discard(task)
+
+
+def _next_batch(items: Iterator[Any]) -> tuple[bytes, int]:
+    """The next line of up to STREAM_BATCH items, and how many it has (0: none left)."""
+    batch = list(itertools.islice(items, control.STREAM_BATCH))
+    return (control.stream_batch(batch) if batch else b""), len(batch)
 
 
 def _reverse(req: control.Request) -> list[str]:

@@ -81,6 +81,7 @@ log = logging.getLogger("sockmap.daemon")
 
 READY_LINE = "sockmap daemon ready"
 STORED_PER_LIMIT = 32  # a guest's listeners held at most: this many times max_listeners
+RESTORE_HOLD_S = 1.0  # the first plan waits this long at most for re-adopted guests
 SWITCH_INTERVAL_S = 0.001  # GIL hand-over: a planning/decoding thread yields this often
 
 
@@ -215,12 +216,11 @@ class Daemon:
     def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
         """The planner's rows (``direction`` "forward", and the guest's ``watch_mode``:
         "events", "poll", or "agent": a VM's or an agent's own report), then the reverse
-        forwards'."""
+        forwards'. What they show is taken now, on the loop; the planner's rows are made
+        as the iterator is read, in any thread (the control server reads it in one)."""
         modes = {n: w.mode.split(" ", 1)[0] for n, w in self._watches.items()}
-        for r in self.planner.iter_rows(not_forwarded=not_forwarded):
-            yield {**r, "direction": "forward",
-                   "watch_mode": modes.get(str(r.get("guest", "")), "agent") or "agent"}
-        yield from self.reverse.rows()
+        return _ls_rows(self.planner.iter_rows(not_forwarded=not_forwarded), modes,
+                        list(self.reverse.rows()))
 
     def listener_watch(self) -> dict[str, object]:
         """The netns guests' listener watch: mode, why, guests per mode (nswatch)."""
@@ -363,7 +363,6 @@ class Daemon:
             return
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
-            replanner = tg.create_task(self.planner.replanner(), name="replanner")
             reverse = tg.create_task(self.reverse.run(self._reverse_inputs), name="reverse")
             host_watch = tg.create_task(self.planner.host_watch(), name="host-watch")
             try:
@@ -371,11 +370,14 @@ class Daemon:
             except SockmapError as e:
                 log.error("guest records: %s", e)
                 records = []
+            restored: dict[str, asyncio.Event] = {}
             for rec in records:
                 self.registry.assign(rec.name, assigned_of(rec))
                 self.registry.set_record(rec.name, (rec.guest_addr4, rec.guest_addr6))
                 if self.cfg.start_agents and (NETNS_DIR / rec.netns).exists():
                     write_token(self.cfg.run_dir, rec.name, keep=True)
+                    restored[rec.name] = self.agents.synced.setdefault(rec.name,
+                                                                       asyncio.Event())
                     self._start_agent(rec.name, rec.netns)
                     try:  # its recorded --reverse options, and the matching rules
                         self.reverse_guest(rec.name, NETNS_DIR / rec.netns, (
@@ -383,6 +385,8 @@ class Daemon:
                             record=False)
                     except SockmapError as e:
                         log.error("guest %s: %s", rec.name, e)
+            await self._restored(restored)
+            replanner = tg.create_task(self.planner.replanner(), name="replanner")
             await self.attachments.restore()
             discovery = tg.create_task(self.discovery.run(), name="discovery")
             await self._stop.wait()
@@ -423,6 +427,20 @@ class Daemon:
         log.info("stopped")
 
     # -- agents we start, or our own watch of a netns guest --------------------------------
+    async def _restored(self, synced: dict[str, asyncio.Event]) -> None:
+        """Before the first plan: the re-adopted guests' first snapshots, for up to
+        RESTORE_HOLD_S, so that plan forwards them all (one plan and one host scan of
+        6,400 listeners at a restart of 64 x 100, not one per few guests synced)."""
+        try:
+            if synced:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RESTORE_HOLD_S):
+                        await asyncio.gather(*(ev.wait() for ev in synced.values()))
+        finally:
+            for name, ev in synced.items():
+                if self.agents.synced.get(name) is ev:
+                    del self.agents.synced[name]
+
     def _start_agent(self, name: str, netns: str) -> None:
         assert self._tg is not None
         if name in self._watches or name in self._supervisors:
@@ -660,6 +678,14 @@ class Daemon:
         await self.wait_planned(self.request_replan())
         log.info("reloaded %s: %d rules, %d mappings", path, len(fc.rules),
                  self.planner.open_count)
+
+
+def _ls_rows(forward: Iterator[dict[str, Any]], modes: dict[str, str],
+             reverse: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for r in forward:
+        yield {**r, "direction": "forward",
+               "watch_mode": modes.get(str(r.get("guest", "")), "agent") or "agent"}
+    yield from reverse
 
 
 async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:

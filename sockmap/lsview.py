@@ -24,6 +24,7 @@ Row = dict[str, Any]
 COLUMNS = ("GUEST", "DIR", "LABEL", "PROTO", "HOST", "GUEST ADDR", "PROCESS", "STATE", "PATH",
            "CONN", "IN", "OUT", "AGE")
 RIGHT = {"CONN", "IN", "OUT", "AGE"}
+PROCESS = COLUMNS.index("PROCESS")
 
 
 def filter_rows(rows: Sequence[Row], *, guest: str | None = None,
@@ -98,15 +99,22 @@ LABEL_CUT = 12  # and a narrower LABEL one
 def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...]:
     """One row's cells. ``pid``: PROCESS as netstat's PID/name (``812/python3``); the
     sockets of one mapping owned by two processes show both (``812+813/socat``)."""
+    plain, with_pid = _cells(r, compact)
+    return (*plain[:PROCESS], with_pid, *plain[PROCESS + 1:]) if pid else plain
+
+
+def _cells(r: Row, compact: bool) -> tuple[tuple[str, ...], str]:
+    """``cells(r, compact=compact)`` and its PROCESS cell with ``pid``: one pass for both."""
     owners = list(dict.fromkeys((t.get("pid"), t.get("process") or "") for t in _targets(r)))
     nums = list(dict.fromkeys(str(n) for n, _ in owners if n is not None))
     names = list(dict.fromkeys(p for _, p in owners if p))
     proc = "+".join(names)
-    who = proc or (f"pid {'+'.join(nums)}" if nums and not pid else "-")
-    if pid:
-        who = f"{'+'.join(nums) or '-'}/{proc or '?'}"
+    who = proc or (f"pid {'+'.join(nums)}" if nums else "-")
+    with_pid = f"{'+'.join(nums) or '-'}/{proc or '?'}"
     if compact and len(who) > PROCESS_CUT:
         who = who[: PROCESS_CUT - 1] + "~"
+    if compact and len(with_pid) > PROCESS_CUT:
+        with_pid = with_pid[: PROCESS_CUT - 1] + "~"
     label = str(r.get("label") or "")
     if compact and len(label) > LABEL_CUT:
         label = label[: LABEL_CUT - 1] + "~"
@@ -118,7 +126,7 @@ def cells(r: Row, *, compact: bool = False, pid: bool = False) -> tuple[str, ...
         str(r.get("state", "?")), str(r.get("path") or "-"), str(r.get("connections", "?")),
         human_bytes(r.get("bytes_in")), human_bytes(r.get("bytes_out")),
         human_age(r.get("age_s")),
-    )
+    ), with_pid
 
 
 NOT_FORWARDED = "not forwarded"
@@ -168,14 +176,17 @@ def _table(rows: Sequence[Row], width: int) -> str:
     # widest first: PID/PROCESS, then the process name alone, then compact, where the
     # protocol moves into GUEST ADDR as docker prints ports ("*:80/tcp"), then without
     # PATH (the column shows only when some mapping takes the kernel path; --json has it)
+    made: dict[bool, list[tuple[tuple[str, ...], str]]] = {}  # each row's cells, per compact
     for compact, pid, path in ((False, True, True), (False, False, True), (True, False, True),
                                (True, False, False)):
         show = [c for c in base if c != "PROTO"] if compact else base
         show = show if path else [c for c in show if c != "PATH"]
         keep = [COLUMNS.index(c) for c in show]
         head = tuple("PID/PROCESS" if pid and c == "PROCESS" else c for c in show)
-        table = [head, *(tuple(cs[i] for i in keep)  # one cells() per row, not per column
-                         for cs in (cells(r, compact=compact, pid=pid) for r in rows))]
+        if compact not in made:  # one _cells() per row and compact, not per column or try
+            made[compact] = [_cells(r, compact) for r in rows]
+        table = [head, *(tuple(with_pid if pid and i == PROCESS else cs[i] for i in keep)
+                         for cs, with_pid in made[compact])]
         widths = [max(len(row[i]) for row in table) for i in range(len(show))]
         if sum(widths) + len(widths) - 1 <= width:
             break

@@ -1,5 +1,5 @@
 """Replanning: what the registry and the host say, through ``conflicts.rules.plan``, applied
-to the proxy's MappingTable; and the rows ``sockmap ls`` shows.
+to the proxy's MappingTable; and what the rows ``sockmap ls`` shows are made of (lsrows).
 
 Every mapping decision comes from ``plan()``; the planner only groups its per-host-address
 PortMappings into one MappingSpec per (guest, proto, guest port), one ``Target`` per host
@@ -11,7 +11,8 @@ connector of that family from the daemon). What it cannot open is an ``ls --all`
 ``request_replan`` marks the state dirty; one replanner task plans again (coalescing
 requests) and ``wait_planned(gen)`` waits until a plan that saw request ``gen`` is applied.
 The event loop only copies the registry's state (immutable records, C-level copies) and
-applies the commands, yielding every APPLY_BATCH of them; the deciding (the per-guest
+applies the commands, yielding every APPLY_BATCH of them (from OFFLOAD_OPENS opens up, as at
+a restart, each batch's host sockets are bound in a thread first); the deciding (the per-guest
 listener limit, ``conflicts.limits``, then ``plan()`` and the grouping) runs in a thread, so
 a guest reporting 100,000 listeners holds the loop for no more than a few milliseconds.
 A bind that fails with EADDRINUSE (TIME_WAIT) blocks that host endpoint and is retried every
@@ -52,21 +53,21 @@ from sockmap.conflicts.rules import (
 from sockmap.errors import SockmapError
 from sockmap.hostscan import HostScan
 from sockmap.kernelsync import sync_kernel
+from sockmap.lsrows import RowsCache, RowsInput, forward_rows
 from sockmap.portwatch import Listener, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
-from sockmap.proxy.bpfprog import KernelStats
-from sockmap.proxy.conndiag import Tally
 from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.share import Route, ShareConnector, ShareRoutes
+from sockmap.proxy.table import Bound, bind
 from sockmap.registry import Registry
-from sockmap.rows import first_fields, planned_target, skipped_row, target_row
 
 log = logging.getLogger("sockmap.daemon")
 
 RelayConnector = Callable[[str, int], Connector]  # (guest, family) -> a connector
 APPLY_BATCH = 64  # mapping opens/closes between two yields to the event loop
+OFFLOAD_OPENS = 256  # from this many opens in one plan, host sockets are bound in a thread
 
 
 def group_mappings(mappings: tuple[PortMapping, ...]) -> dict[MappingKey, tuple[PortMapping, ...]]:
@@ -112,6 +113,29 @@ def bind_free(ep: HostEndpoint) -> bool:
         except OSError as e:
             return e.errno != errno.EADDRINUSE
     return True
+
+
+def _bind_all(opens: list[tuple[MappingKey, tuple[PortMapping, ...]]]
+              ) -> list[Bound | SockmapError | None]:
+    """Each group's host sockets, bound (or why not), from the group alone: its proto,
+    host addresses and host port are all binding needs (any thread)."""
+    out: list[Bound | SockmapError | None] = []
+    for key, group in opens:
+        try:
+            out.append(bind(MappingSpec(guest=key.guest, proto=key.proto,
+                                        host_addrs=tuple(m.host_addr for m in group),
+                                        host_port=group[0].host_port, target_port=key.port)))
+        except SockmapError as e:
+            out.append(e)
+        except OSError as e:  # out of fds: this mapping is not opened, nothing leaks
+            out.append(SockmapError(f"cannot make host sockets for {key}: {e.strerror}",
+                                    hint="raise RLIMIT_NOFILE or forward fewer ports"))
+    return out
+
+
+def _close_bound(bound: Bound) -> None:
+    for s in bound[0]:
+        s.close()
 
 
 class Planner:
@@ -165,6 +189,7 @@ class Planner:
         # policy share: the holders' connectors, and who shares each (from the last plan)
         self._share: dict[MappingKey, ShareConnector] = {}
         self._shares: dict[MappingKey, tuple[PortMapping, ...]] = {}
+        self._rows_cache = RowsCache()  # `ls`: each mapping's static row parts
 
     @property
     def open_count(self) -> int:
@@ -277,12 +302,8 @@ class Planner:
             have = self._open.get(key)
             if have is not None and (have != desired.get(key) or key in regrow):
                 await self._close(key)
-        for i, key in enumerate(touched):
-            want = desired.get(key)
-            if want is not None and self._open.get(key) != want:
-                self._open_group(key, want)
-            if i % APPLY_BATCH == APPLY_BATCH - 1:
-                await asyncio.sleep(0)  # many opens: let the loop serve others between
+        await self._open_groups([(k, w) for k in touched
+                                 if (w := desired.get(k)) is not None and self._open.get(k) != w])
         self._unforwarded = {k: v for k, v in self._unforwarded.items()
                              if k in desired and k not in self._open}
         self._update_shares()
@@ -385,11 +406,35 @@ class Planner:
                                   else LOOPBACK6, port=key.port, via="relay"))
         return tuple(targets), connectors
 
-    def _open_group(self, key: MappingKey, group: tuple[PortMapping, ...]) -> None:
+    async def _open_groups(self, opens: list[tuple[MappingKey, tuple[PortMapping, ...]]]
+                           ) -> None:
+        """Open ``opens``, APPLY_BATCH at a time, yielding to the loop between batches; from
+        OFFLOAD_OPENS up (a restart: 6,400 at once) each batch's host sockets are made and
+        bound in a thread (~40 % of an open's cost), then served from the loop."""
+        for i in range(0, len(opens), APPLY_BATCH):
+            chunk = opens[i:i + APPLY_BATCH]
+            if len(opens) < OFFLOAD_OPENS:
+                bound: list[Bound | SockmapError | None] = [None] * len(chunk)
+            else:
+                bound = await asyncio.to_thread(_bind_all, chunk)
+            for (key, want), b in zip(chunk, bound, strict=True):
+                if self._open.get(key) != want:
+                    self._open_group(key, want, b)
+                elif b is not None and not isinstance(b, SockmapError):
+                    _close_bound(b)
+            if i + APPLY_BATCH < len(opens):
+                await asyncio.sleep(0)  # many opens: let the loop serve others between
+
+    def _open_group(self, key: MappingKey, group: tuple[PortMapping, ...],
+                    bound: Bound | SockmapError | None = None) -> None:
+        """Open one group; ``bound``: its host sockets made beforehand (``_bind_all``), or
+        why they could not be."""
         assert self.table is not None
         self._unforwarded.pop(key, None)
         found = self._targets(key, group)
         if isinstance(found, str):  # tried again at every replan: logged once
+            if bound is not None and not isinstance(bound, SockmapError):
+                _close_bound(bound)
             self.log_once(f"{key}: {found}; not forwarded")
             self._unforwarded[key] = (group, found)  # `ls --all` shows it
             return
@@ -406,7 +451,9 @@ class Planner:
                                                owners=owners, port=spec.host_port))
             connectors = {t.host_addr: share for t in targets}
         try:
-            opened = self.table.open(spec, connectors=connectors)
+            if isinstance(bound, SockmapError):
+                raise bound
+            opened = self.table.open(spec, connectors=connectors, bound=bound)
         except SockmapError as e:
             cause = e.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
@@ -452,85 +499,16 @@ class Planner:
         return list(self.iter_rows(not_forwarded=not_forwarded))
 
     def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
-        """One row per open or draining mapping (state ``remapped`` when policy remap put
-        it on another host port), then one per mapping waiting for its host port (state
-        ``waiting``: policy wait, or TIME_WAIT); with ``not_forwarded``, then one per guest
-        listener not forwarded (state ``not forwarded``, ``reason``: a rule, an address the
-        host cannot reach, a host port this guest already forwards, a conflict it lost, or
-        a mapping that could not open). A row's ``targets`` has one entry per host address:
-        its upstream, path, and the guest listener and process behind it; the row's own
-        ``guest_addr``, ``target_addr``, ``via``, ``pid``, ``process`` are its first's."""
+        """The ``ls`` rows (``lsrows.forward_rows``) of what there is now: taken at the
+        call, on the loop; the rows are made as the iterator is read, in any thread."""
         if self.table is None:
-            return
-        now = time.time()
+            return iter(())
         pl = self.last_plan
-        moved = {(m.guest, m.proto, m.guest_port, m.host_port)
-                 for m in (pl.remapped if pl is not None else ())}
-        for r in self.table.snapshot():
-            key = MappingKey(guest=r.guest, proto=r.proto, port=r.target_port)
-            by_addr = {m.host_addr: m for m in self._shown.get(key, ())}
-            targets = [target_row(t, by_addr.get(t.host_addr)) for t in r.targets]
-            label = next(iter(self._shown.get(key, ())[:1]), None)  # the rule's label, names
-            kernel = (self.kernel is not None and str(r.state) == "open"
-                      and self.kernel.has(key))
-            ks = self.kernel.counts(key) if kernel and self.kernel else KernelStats()
-            kconn, kdgram = ks.connects, ks.datagrams
-            kt = self.kconns.get(key) if kernel else Tally()
-            row: dict[str, Any] = {
-                "guest": r.guest, "proto": str(r.proto), "host_addr": r.host_addrs[0],
-                "host_addrs": list(r.host_addrs), "host_port": r.host_port,
-                **first_fields(targets), "guest_port": r.target_port,
-                "label": label.label if label else "",
-                "names": list(label.names) if label else [],
-                "state": "remapped" if str(r.state) == "open" and (
-                    r.guest, str(r.proto), r.target_port, r.host_port) in moved
-                    else str(r.state),
-                "path": "kernel" if kernel else "relay",
-                "connections": r.connections + kt.open,
-                "connections_total": r.connections_total + kconn,
-                "bytes_in": r.bytes_in + kt.bytes_in, "bytes_out": r.bytes_out + kt.bytes_out,
-                "errors": r.errors, "dropped": r.dropped,
-                "kernel_connects": kconn, "kernel_datagrams": kdgram,
-                "kernel_connections": kt.open, "kernel_bytes_in": kt.bytes_in,
-                "kernel_bytes_out": kt.bytes_out,
-                "kernel_closed": self.kconns.stats(key).closed if kernel else 0,
-                "relay_connections_total": r.connections_total,
-                "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
-                "targets": targets,
-            }
-            conn = self._share.get(key)
-            if conn is not None:  # a shared port's counters (metrics: sockmap_share_*)
-                row["share"] = conn.stats.as_dict()
-            if conn is not None and conn.routes.members and row["state"] != "draining":
-                row["names"] = [f"{key.guest}.localhost", *row["names"]]  # a shared port's
-                row["shared_by"] = [m.guest for m in conn.routes.members]
-            yield row
-        yield from sharing.rows(self._share, self._open, self._shares)
-        pending = group_mappings(pl.pending if pl is not None else ())
-        for key, group in pending.items():
-            if key in self._open:
-                continue
-            first = group[0]
-            since = self._waiting_since.get(key, now)
-            targets = [target_row(planned_target(m), m) for m in group]
-            yield {
-                "guest": key.guest, "proto": str(key.proto), "host_addr": first.host_addr,
-                "host_addrs": [m.host_addr for m in group], "host_port": first.host_port,
-                **first_fields(targets), "guest_port": key.port, "state": "waiting",
-                "label": first.label, "names": list(first.names),
-                "connections": 0, "connections_total": 0, "bytes_in": 0, "bytes_out": 0,
-                "errors": 0, "dropped": 0, "since": since,
-                "age_s": round(max(0.0, now - since), 3), "targets": targets, "path": "",
-            }
-        if not not_forwarded:
-            return
-        for s in (pl.skipped if pl is not None else ()):
-            li = s.listener
-            yield skipped_row(s.guest, str(li.proto), li.addr, li.port,
-                              li.owner.pid if li.owner else None,
-                              li.owner.comm if li.owner else "", s.reason)
-        for key, (group, why) in self._unforwarded.items():
-            for m in dict.fromkeys((m.guest_addr, m.pid, m.process) for m in group):
-                yield skipped_row(key.guest, str(key.proto), m[0], key.port, m[1], m[2],
-                                  f"could not open: {why}")
-
+        inp = RowsInput(
+            table=self.table.snapshot_later(), plan=pl,
+            pending=lambda: group_mappings(pl.pending if pl is not None else ()),
+            shown=dict(self._shown), open=dict(self._open), shares=dict(self._shares),
+            share=dict(self._share), waiting_since=dict(self._waiting_since),
+            unforwarded=dict(self._unforwarded), kernel=self.kernel, kconns=self.kconns,
+            cache=self._rows_cache)
+        return forward_rows(inp, not_forwarded=not_forwarded)

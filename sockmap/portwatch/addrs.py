@@ -12,7 +12,8 @@ spellings of IPv4 addresses (6to4, Teredo, NAT64...: ``sockmap.addrs``), which t
 
 For another namespace (``netns``, the daemon watching a netns guest) the subscription is a
 raw rtnetlink socket made inside it (``sockmap.nat.nssock``) and each dump runs in a
-thread that joined it: nothing runs in the guest.
+thread that joined it, on a plain NETLINK_ROUTE socket (``dump_addrs_raw``, ``rtdump``:
+no ``IPRoute`` per guest): nothing runs in the guest.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Collection, Iterable, Mapping
 
 from sockmap.addrs import embedded_v4, parse
+from sockmap.portwatch import rtdump
 from sockmap.portwatch.records import AddressesChanged
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,21 @@ def addr_events(
         for name in sorted(old.keys() | new.keys())
         if old.get(name, ()) != new.get(name, ()) or (name not in old)
     ]
+
+
+def dump_addrs_raw(nics: Collection[str] | None = None) -> NicAddrs:
+    """``dump_addrs`` without pyroute2 (``rtdump``): a NETLINK_ROUTE socket of the calling
+    thread's namespace, one link and one address dump; ~0.3 ms, against the ~10 ms of
+    Python an ``IPRoute`` costs to make."""
+    links: dict[int, str] = {}
+    found: list[tuple[int, str, int]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.settimeout(5.0)
+        for seq, kind in ((1, rtdump.RTM_GETLINK), (2, rtdump.RTM_GETADDR)):
+            s.send(rtdump.request(kind, seq))
+            while not rtdump.parse(s.recv(1 << 16), seq, links, found):
+                pass
+    return nic_addrs(rtdump.rows(links, found), links.values(), nics)
 
 
 def dump_addrs(nics: Collection[str] | None = None) -> NicAddrs:
@@ -140,7 +158,7 @@ class AddressWatcher:
             changed.set()
 
         def dump() -> NicAddrs:
-            return nssock.in_netns(netns, lambda: dump_addrs(nics))
+            return nssock.in_netns(netns, lambda: dump_addrs_raw(nics))
 
         try:
             loop.add_reader(sock.fileno(), readable)

@@ -237,6 +237,38 @@ class Watcher:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         if self._ns is None:
+            self._open_all()
+        else:  # another namespace: each socket a thread's setns away, and the first dump
+            # with its owners; in a thread, so many watches start side by side (a daemon
+            # re-adopting 64 guests) and none holds the loop (its results come back with
+            # call_soon_threadsafe, queued before this await returns)
+            opening = asyncio.ensure_future(asyncio.to_thread(self._open_all))
+            try:
+                await asyncio.shield(opening)
+            except asyncio.CancelledError:  # the thread runs on: close what it opens
+                opening.add_done_callback(self._close_opened)
+                raise
+        self._started = True
+        log.info("listener source %s; %s", self.source, self._mode_note)
+        gate = self._gate
+        if self._want_native and isinstance(gate, SockstatGate) and NativeTick.available():
+            try:
+                self._native, self._native_on = NativeTick(*gate.fds), True
+            except (OSError, ValueError) as e:
+                log.info("C tick unavailable (%s); ticking in Python", e)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll_thread, name="portwatch-poll",
+                                        daemon=True)
+        self._thread.start()
+        if self._addrs is not None:
+            self._tasks.append(asyncio.create_task(self._addr_loop(), name="portwatch-addrs"))
+        for t in self._tasks:
+            t.add_done_callback(self._task_done)
+        return self
+
+    def _open_all(self) -> None:
+        """The sources, the gate, the events, and the first dump (any thread)."""
+        if self._ns is None:
             self._port_range = local_port_range()
         else:
             from sockmap.portwatch import nsopen
@@ -258,23 +290,13 @@ class Watcher:
             self._close_source()
             self._close_gate()
             raise
-        self._started = True
-        log.info("listener source %s; %s", self.source, self._mode_note)
-        gate = self._gate
-        if self._want_native and isinstance(gate, SockstatGate) and NativeTick.available():
-            try:
-                self._native, self._native_on = NativeTick(*gate.fds), True
-            except (OSError, ValueError) as e:
-                log.info("C tick unavailable (%s); ticking in Python", e)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll_thread, name="portwatch-poll",
-                                        daemon=True)
-        self._thread.start()
-        if self._addrs is not None:
-            self._tasks.append(asyncio.create_task(self._addr_loop(), name="portwatch-addrs"))
-        for t in self._tasks:
-            t.add_done_callback(self._task_done)
-        return self
+
+    def _close_opened(self, opening: asyncio.Future[None]) -> None:
+        """A start cancelled while its thread opened: close what that thread opened."""
+        if not opening.cancelled() and opening.exception() is None:
+            self._close_events()
+            self._close_source()
+            self._close_gate()
 
     def _open_first(self) -> None:
         """The first source. A forced one ("diag"/"proc") that fails is the caller's error;

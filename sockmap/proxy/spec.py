@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+from sockmap.addrs import parse
 from sockmap.errors import SockmapError
 
 
@@ -118,13 +119,12 @@ def _check_port(what: str, port: int, *, allow_zero: bool) -> None:
 
 
 def _check_addr(what: str, addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
+    ip = parse(addr) if isinstance(addr, str) else None  # cached: every open checks 4
+    if ip is None:
         raise SockmapError(
             f"{what} {addr!r} is not an IP address",
             hint="give a literal IPv4 or IPv6 address such as 127.0.0.1 or ::1",
-        ) from None
+        )
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
         raise SockmapError(
             f"{what} {addr!r} has a scope id", hint="scoped addresses are not supported"
@@ -187,4 +187,7 @@ def validate(spec: MappingSpec) -> MappingSpec:
 
 
 def is_ipv6(addr: str) -> bool:
-    return ipaddress.ip_address(addr).version == 6
+    ip = parse(addr)
+    if ip is None:
+        raise ValueError(f"{addr!r} is not an IP address")
+    return ip.version == 6

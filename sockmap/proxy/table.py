@@ -9,8 +9,9 @@ rest. Rows are frozen snapshots for the daemon and ``sockmap ls``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
@@ -38,6 +39,22 @@ class _Mapping:
         return row(self.spec, self.host_port, self.state, self.counters, self.since)
 
 
+Bound = tuple[list[socket.socket], int]  # a mapping's host sockets and its host port
+
+
+def bind(spec: MappingSpec) -> Bound:
+    """``spec``'s host sockets, bound (TCP: listening), for ``MappingTable.open(bound=)``:
+    its host side only (proto, host addresses, port; ``open`` checks the whole spec), in
+    any thread (no loop). Raises SockmapError as ``open`` would."""
+    match spec.proto:
+        case Proto.TCP:
+            return bind_tcp(spec)
+        case Proto.UDP:
+            return bind_udp(spec)
+        case _:
+            assert_never(spec.proto)
+
+
 class MappingTable:
     """Every forward this process runs. One OPEN mapping per key; draining ones linger."""
 
@@ -47,23 +64,31 @@ class MappingTable:
         self._draining: set[_Mapping] = set()
 
     def open(self, spec: MappingSpec, *, connector: Connector | None = None,
-             connectors: Mapping[str, Connector] | None = None) -> MappingRow:
+             connectors: Mapping[str, Connector] | None = None,
+             bound: Bound | None = None) -> MappingRow:
         """Bind the host addresses and start relaying; raise SockmapError if it cannot.
         A TCP connection to host address A goes through ``connectors[A]``, else
-        ``connector``, else the table's (a ``relay`` target needs one of the first two)."""
-        validate(spec)
+        ``connector``, else the table's (a ``relay`` target needs one of the first two).
+        ``bound``: the host sockets ``bind(spec)`` made (in a thread), taken over (closed
+        if the mapping cannot open)."""
+        try:
+            validate(spec)
+            if spec.key in self._open:
+                raise SockmapError(
+                    f"{spec.key} is already forwarded",
+                    hint="close the existing mapping first",
+                )
+        except SockmapError:
+            for s in bound[0] if bound is not None else ():
+                s.close()
+            raise
         per = connectors or {}
         chosen = [per.get(t.host_addr, connector or self._connector) for t in spec.host_targets]
-        if spec.key in self._open:
-            raise SockmapError(
-                f"{spec.key} is already forwarded",
-                hint="close the existing mapping first",
-            )
         counters = Counters()
         relay: TcpListener | UdpRelay
         match spec.proto:
             case Proto.TCP:
-                socks, port = bind_tcp(spec)
+                socks, port = bound or bind_tcp(spec)
                 try:
                     relay = TcpListener(spec, socks, counters, chosen)
                 except SockmapError:
@@ -71,7 +96,7 @@ class MappingTable:
                         s.close()
                     raise
             case Proto.UDP:
-                socks, port = bind_udp(spec)
+                socks, port = bound or bind_udp(spec)
                 try:
                     relay = UdpRelay(spec, socks, counters,
                                      [per.get(t.host_addr) for t in spec.host_targets])
@@ -139,8 +164,17 @@ class MappingTable:
         return None if m is None else m.row()
 
     def snapshot(self) -> tuple[MappingRow, ...]:
-        rows = [m.row() for m in self._open.values()] + [m.row() for m in self._draining]
-        return tuple(sorted(rows, key=lambda r: (r.guest, r.proto, r.target_port, r.state)))
+        return self.snapshot_later()()
+
+    def snapshot_later(self) -> Callable[[], tuple[MappingRow, ...]]:
+        """``snapshot`` of the mappings there are now, their rows made when it is called
+        (in any thread: the counters as of then). Taking it copies two references each."""
+        ms = [*self._open.values(), *self._draining]
+
+        def rows() -> tuple[MappingRow, ...]:
+            return tuple(sorted((m.row() for m in ms),
+                                key=lambda r: (r.guest, r.proto, r.target_port, r.state)))
+        return rows
 
     async def aclose(self) -> None:
         """Close every mapping without draining (shutdown)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import socket
 import struct
@@ -14,6 +15,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from sockmap import planner
+from sockmap.conflicts.rules import Nic, PortMapping
 from sockmap.errors import SockmapError
 from sockmap.proxy import (
     MappingKey,
@@ -24,6 +27,7 @@ from sockmap.proxy import (
     Proto,
     tcp_connector,
 )
+from sockmap.proxy.table import bind
 
 pytestmark = pytest.mark.netlab
 
@@ -304,3 +308,33 @@ async def test_udp_flows_expire_when_idle_and_free_their_sockets() -> None:
     task.cancel()
     server.close()
     await asyncio.sleep(0)  # let the transports' close callbacks run before the loop ends
+
+
+async def test_sockets_bound_beforehand_are_taken_over_or_closed(echo_port: int) -> None:
+    """``bind`` (what the planner runs in a thread for a plan of many opens), then
+    ``open(bound=)``: the mapping relays on those very sockets; one that cannot open
+    closes them; a port in use is the error ``open`` gives, with its errno for the retry."""
+    t = MappingTable()
+    s = spec(0, echo_port, addrs=("127.0.0.1", "::1"))
+    bound = bind(s)
+    row = t.open(s, bound=bound)
+    assert row.host_port == bound[1] and row.host_port != 0
+    assert await roundtrip(row.host_port) == b"hi"
+    assert await roundtrip(row.host_port, "::1") == b"hi"
+    again = bind(spec(0, echo_port))
+    with pytest.raises(SockmapError, match="already forwarded"):
+        t.open(spec(0, echo_port), bound=again)
+    assert [x.fileno() for x in again[0]] == [-1]  # closed, not leaked
+    other, port = free_port_pair()
+    key = MappingKey(guest="t", proto=Proto.TCP, port=port)
+    group = tuple(PortMapping(guest="t", proto="tcp", host_addr=a, host_port=port,
+                              guest_addr="0.0.0.0", guest_port=port,
+                              upstream=Nic(addr="127.0.0.1")) for a in ("127.0.0.1", "::1"))
+    (err,) = planner._bind_all([(key, group)])
+    assert isinstance(err, SockmapError) and "in use" in err.message
+    assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.EADDRINUSE
+    probe = socket.socket()  # nothing half-done: 127.0.0.1:port was released
+    probe.bind(("127.0.0.1", port))
+    probe.close()
+    other.close()
+    await t.aclose()
