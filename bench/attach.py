@@ -14,7 +14,9 @@ are always relays with the upstream socket made inside it). Figures:
   afterwards); per trial a fresh `unshare --net` sandbox in that cgroup listens at a random
   moment and stamps CLOCK_MONOTONIC after listen(); a host prober polls 127.0.0.1:PORT every
   millisecond. listen() -> first answered host connect, p50/p99 (the sandbox is killed after
-  each trial: its guest goes within 1 s).
+  each trial: its guest goes within 1 s). The daemon learns of the listen from the kernel
+  listener-event hub (``on_unknown`` -> ``Discovery.consider``); the 1 s scan is the
+  fallback.
 
 Bounded: about a minute and a half on 2 shared cores; the load average is recorded.
 """
@@ -248,8 +250,7 @@ def report(res: dict[str, Any]) -> str:
         f"{c['attach_ms']['p99']:.0f} ms | {c['attach_ms']['trials']} |",
         f"| `sockmap guest detach` (CLI) | {c['detach_ms']['p50']:.0f} ms | "
         f"{c['detach_ms']['p99']:.0f} ms | {c['detach_ms']['trials']} |",
-        "| `[[attach]]` listen() → host port answers (listener event; 1 s safety scan) | "
-        f"{dis['p50']:.0f} ms | "
+        f"| `[[attach]]` listen() → host port answers | {dis['p50']:.0f} ms | "
         f"{dis['p99']:.0f} ms | {dis['trials']} (missed {res['discovery']['missed']}) |",
         "",
     ])

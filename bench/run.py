@@ -15,7 +15,11 @@ once per round, rounds interleaved, ratios taken within a round, then median and
 over rounds; detection latency (listen() in the guest → host connect answered) in several
 runs; idle CPU of daemon+agent and of pasta, side by side in the same windows, with 10 and
 1,000 guest listeners forwarded; relay memory per idle connection at 10,000 connections
-(or what RLIMIT_NOFILE allows). Bounded: about 5 minutes on 2 shared cores.
+(or what RLIMIT_NOFILE allows). Then, in the same run, the namespace figures: an attached
+namespace's forward (loopback-only server) beside direct and ``[[attach]]`` discovery
+(bench/attach.py), and a reverse forward beside direct and pasta -T (bench/reverse.py),
+each in its own lab (``--no-namespaces`` skips them). Bounded: about 8 minutes on 2
+shared cores.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import netlab
-from bench import e2e, proxy
+from bench import attach, e2e, proxy, reverse
 from bench.portwatch import cpu_ns
 from sockmap import __version__, control
 
@@ -341,6 +345,24 @@ def report(r: Run, *, took: float, load: tuple[float, ...], load_after: tuple[fl
     return "\n".join(lines) + "\n", headline
 
 
+def namespaces(rounds: int, seconds: float) -> str:
+    """The attached-namespace and reverse-forward sections of this run (each its own lab,
+    after the peers' lab is gone)."""
+    lines = ["", "## Attached namespace and reverse forward (this run; bench/attach.py, "
+             "bench/reverse.py)", ""]
+    step = time.monotonic()
+    try:
+        lines += [attach.report(attach.run(rounds, 20))]
+    except SystemExit as e:  # no cgroup v2 here: the rest of the run stands
+        lines += [f"attached namespace: not measured ({e})", ""]
+    print(f"attached namespace: {time.monotonic() - step:.0f} s", flush=True)
+    step = time.monotonic()
+    lines += ["Reverse forwards (a guest's client on its own 127.0.0.1 → the host's loopback "
+              "service):", "", reverse.table(reverse.run(rounds, seconds)), ""]
+    print(f"reverse: {time.monotonic() - step:.0f} s", flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     ap.add_argument("--rounds", type=int, default=5)
@@ -351,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-windows", type=int, default=3)
     ap.add_argument("--idle-s", type=float, default=4.0)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--no-namespaces", action="store_true",
+                    help="skip the attached-namespace and reverse-forward figures")
     a = ap.parse_args(argv)
     missing = [t for t in ("iperf3", "socat", "pasta", "gcc") if not shutil.which(t)]
     if missing:
@@ -390,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             e2e.enter_netns(f"/proc/self/fd/{home}")
             os.close(home)
+    if not a.no_namespaces:
+        text += namespaces(a.rounds, a.seconds)
     a.out.write_text(text)
     print(text)
     print(f"wrote {a.out}; total wall time {time.monotonic() - t0:.0f} s")

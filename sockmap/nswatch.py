@@ -28,9 +28,12 @@ last holder left). Nobody: the watch ends, ``on_gone`` tells the daemon, which f
 guest and closes the fd, so the kernel frees the namespace.
 
 ``loopback_connector``: the relay's upstream socket for a guest server bound to its
-loopback only, TCP or UDP (one per UDP flow), made inside the guest's namespace with the fd
-the watch holds, so the guest's server is reached directly and sees its peer as 127.0.0.1
-(or ::1) with an ephemeral port of the guest's.
+loopback only, TCP or UDP (one per UDP flow), made inside the guest's namespace, so the
+guest's server is reached directly and sees its peer as 127.0.0.1 (or ::1) with an
+ephemeral port of the guest's. The sockets come from the watch's ``nssock.SocketMaker``
+(one thread inside the namespace, started on the first connection, spares made ahead),
+which ends with the watch: a detach, a forget, the namespace's death, a restart of the
+watch or the daemon's stop leave no thread of the daemon in it.
 """
 
 from __future__ import annotations
@@ -188,6 +191,7 @@ class NetnsWatch:
         self.starts = 0
         self._w: Watcher | None = None
         self.ns_fd: int | None = None  # held while a watch runs: the connector uses it
+        self._maker: nssock.SocketMaker | None = None  # made on first use, ends with the watch
         self.gone = False  # the namespace went away: the watch ended for good
 
     @property
@@ -199,6 +203,20 @@ class NetnsWatch:
             return ""
         note = w.mode_note if w.mode == "events" or self.hub is not None else self.poll_note
         return f"{w.mode} ({note})"
+
+    def maker(self) -> nssock.SocketMaker | None:
+        """The running watch's socket maker of the namespace (started on the first call),
+        or None while no watch runs."""
+        if self.ns_fd is None:
+            return None
+        if self._maker is None:
+            self._maker = nssock.SocketMaker(self.ns_fd)  # dups the fd: ours to close
+        return self._maker
+
+    def _close_maker(self) -> None:
+        m, self._maker = self._maker, None
+        if m is not None:
+            m.close()
 
     async def run(self) -> None:
         delay = 0.1
@@ -278,6 +296,7 @@ class NetnsWatch:
         finally:
             self._w = None
             self.ns_fd = None
+            self._close_maker()
             self.sessions.close_local(self.name, session)
             os.close(fd)
 
@@ -351,6 +370,7 @@ class NetnsWatch:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        self._close_maker()  # idempotent: the watch's end closed it already
 
 
 def loopback_connector(watch: NetnsWatch, family: int,
@@ -361,13 +381,10 @@ def loopback_connector(watch: NetnsWatch, family: int,
     host = "127.0.0.1" if family == 4 else "::1"
 
     async def connect(spec: MappingSpec) -> socket.socket:
-        if watch.ns_fd is None:
+        maker = watch.maker()
+        if maker is None:
             raise ConnectionRefusedError(f"guest {watch.name} is not watched now")
-        fd = os.dup(watch.ns_fd)  # ours: the watch may close its own meanwhile
-        try:
-            s = await asyncio.to_thread(nssock.open_socket, fd, fam, kind)
-        finally:
-            os.close(fd)
+        s = await maker.socket(fam, kind)
         try:
             s.setblocking(False)
             await asyncio.get_running_loop().sock_connect(s, (host, spec.target_port))

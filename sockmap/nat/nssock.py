@@ -9,17 +9,29 @@ over rtnetlink, or connect to a guest's loopback.
     with open_netlink("/run/netns/g1", NETLINK_SOCK_DIAG) as s:
         src = DiagSource(sock=s)        # the guest's listeners, from the host process
 
+``SocketMaker``: for sockets made often (a relay's upstream, per connection or UDP flow),
+one long-lived thread per namespace that stays inside it and serves requests from a bounded
+queue, each answered on the asking event loop (a failed one gets its error), with a few
+spare sockets of each kind already asked for made ahead, so most requests cost no thread
+hop at all. A short thread per socket (``open_socket``) cost ~0.3 ms each
+(docs/benchmarks.md). ``close()`` ends the thread (and the spares): then no thread of this
+process is in that namespace any more, so the maker never keeps a dead namespace alive.
+
 ``netns``: a path (``/run/netns/NAME``, ``/proc/PID/ns/net``) or an open fd of one.
 Needs CAP_SYS_ADMIN (setns). Errors are SockmapError saying what to do.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import ctypes
 import os
+import queue
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from sockmap.errors import SockmapError
@@ -142,3 +154,194 @@ def open_netlink(netns: NetnsRef, protocol: int, groups: int = 0) -> socket.sock
                              ) from None
         return s
     return in_netns(netns, make)
+
+
+SockKind = tuple[int, int, int]  # (family, type, proto)
+_Sock = socket.socket  # SocketMaker.socket shadows the module in the class body
+MAKER_QUEUE = 256  # pending requests per namespace; past it a request is refused at once
+MAKER_SPARE = 2  # sockets of each kind made ahead (only kinds asked for at least once)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Ask:
+    kind: SockKind
+    loop: asyncio.AbstractEventLoop | None  # None: only refill the spares of ``kind``
+    fut: asyncio.Future[socket.socket] | None
+
+
+def _make(kind: SockKind, label: str) -> socket.socket:
+    family, type_, proto = kind
+    try:
+        return socket.socket(family, type_ | socket.SOCK_CLOEXEC, proto)
+    except OSError as e:
+        raise NetnsError(f"cannot make a socket in {label}: {e.strerror}",
+                         hint="check the family is enabled in that namespace") from None
+
+
+def _deliver(fut: asyncio.Future[socket.socket], sock: socket.socket | None,
+             err: BaseException | None) -> None:
+    """On the asking loop: the answer, unless the asker gave up (then the socket closes)."""
+    if fut.done():
+        if sock is not None:
+            sock.close()
+    elif sock is not None:
+        fut.set_result(sock)
+    else:
+        assert err is not None
+        fut.set_exception(err)
+
+
+class SocketMaker:
+    """Makes sockets of one namespace in one long-lived thread that stays inside it.
+
+    Started on the first ``socket()``; ``close()`` ends it (idempotent, returns at once
+    when the thread is idle; waits at most ``join_s``). ``socket()`` is for one event loop
+    and never blocks it: a spare is handed over at once, else the request is queued
+    (bounded: past ``queue_size`` pending it fails at once) and awaited. The queue also
+    carries refills, one per spare taken, so it never holds more than ``queue_size`` plus
+    ``spare`` per kind."""
+
+    def __init__(self, netns: NetnsRef, *, queue_size: int = MAKER_QUEUE,
+                 spare: int = MAKER_SPARE, join_s: float = 1.0) -> None:
+        self.label = _label(netns)
+        fd, own = _open_ns(netns)
+        self._fd: int | None = fd if own else os.dup(fd)  # ours: closed once entered
+        self._q: queue.Queue[_Ask | None] = queue.Queue()
+        self._queue_size, self._spare, self._join_s = queue_size, spare, join_s
+        self._pending = 0  # requests asked and not answered yet (loop side)
+        self._spares: dict[SockKind, collections.deque[socket.socket]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._failed: NetnsError | None = None  # the namespace could not be entered
+        self.made = 0  # sockets handed out or kept as spares (the thread counts them)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def socket(self, family: int, type: int, proto: int = 0) -> socket.socket:
+        """A new socket of the namespace (close-on-exec, blocking as made)."""
+        if self._stop.is_set():
+            raise NetnsError(f"the socket maker of {self.label} is closed",
+                             hint="the namespace's watch ended; it restarts or is gone")
+        if self._failed is not None:
+            raise self._failed
+        kind = (family, type, proto)
+        spares = self._spares.get(kind)
+        if spares:
+            try:
+                s = spares.popleft()
+            except IndexError:  # the thread's drain took it meanwhile
+                pass
+            else:
+                self._q.put(_Ask(kind=kind, loop=None, fut=None))  # make another ahead
+                return s
+        if self._pending >= self._queue_size:
+            raise NetnsError(f"{self._pending} sockets of {self.label} are pending already",
+                             hint="too many new connections at once; retry")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[socket.socket] = loop.create_future()
+        self._pending += 1
+        try:
+            self._start()
+            self._q.put(_Ask(kind=kind, loop=loop, fut=fut))
+            return await fut
+        finally:
+            self._pending -= 1
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"nssock {self.label}",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        try:
+            _setns(fd)
+        except OSError as e:
+            self._failed = NetnsError(f"cannot enter network namespace {self.label}: "
+                                      f"{e.strerror}",
+                                      hint="needs CAP_SYS_ADMIN; give a network namespace file")
+        finally:
+            os.close(fd)  # inside now: this thread is the namespace's only reference here
+        try:
+            while (ask := self._q.get()) is not None:  # close() puts None after stopping
+                try:
+                    if self._stop.is_set():
+                        self._refuse(ask)
+                    else:
+                        self._serve(ask)
+                except BaseException as e:  # never leave an asker waiting
+                    if ask.fut is not None and ask.loop is not None:
+                        self._answer(ask.loop, ask.fut, None, e)
+        finally:
+            self._drain()
+
+    def _serve(self, ask: _Ask) -> None:
+        sock: socket.socket | None = None
+        err: BaseException | None = self._failed
+        if err is None:
+            try:
+                sock = _make(ask.kind, self.label)
+            except NetnsError as e:
+                err = e
+        spares = self._spares.setdefault(ask.kind, collections.deque())
+        if ask.fut is None or ask.loop is None:  # a refill
+            if sock is not None:
+                if len(spares) < self._spare:
+                    spares.append(sock)
+                    self.made += 1
+                else:  # topped up meanwhile
+                    sock.close()
+            return
+        self.made += sock is not None
+        self._answer(ask.loop, ask.fut, sock, err)
+        # this kind is used: keep spares of it (a failure here is only fewer spares)
+        while sock is not None and len(spares) < self._spare and not self._stop.is_set():
+            try:
+                spares.append(_make(ask.kind, self.label))
+            except NetnsError:
+                break
+            self.made += 1
+
+    def _answer(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[_Sock],
+                sock: _Sock | None, err: BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(_deliver, fut, sock, err)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            if sock is not None:
+                sock.close()
+
+    def _refuse(self, ask: _Ask) -> None:
+        if ask.fut is not None and ask.loop is not None:
+            self._answer(ask.loop, ask.fut, None, NetnsError(
+                f"the socket maker of {self.label} is closed",
+                hint="the namespace's watch ended; it restarts or is gone"))
+
+    def _drain(self) -> None:
+        """The thread's end: spares closed, requests still queued told it is closed."""
+        for spares in list(self._spares.values()):
+            while spares:
+                spares.popleft().close()
+        while True:
+            try:
+                ask = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if ask is not None:
+                self._refuse(ask)
+
+    def close(self) -> None:
+        """End the thread and close the spares. Nothing of the namespace is held after."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._q.put(None)
+        t = self._thread
+        if t is not None:
+            t.join(self._join_s)
+        elif self._fd is not None:  # never started
+            os.close(self._fd)
+            self._fd = None

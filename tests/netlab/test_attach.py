@@ -86,6 +86,24 @@ def ns_fds(pid: int) -> set[str]:
     return out
 
 
+def ns_tasks(pid: int, ino: int) -> int:
+    """How many of ``pid``'s threads are inside network namespace ``ino`` (each holds it)."""
+    n = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # ended meanwhile
+            n += os.readlink(task / "ns" / "net") == f"net:[{ino}]"
+    return n
+
+
+def ns_tasks_end(pid: int, ino: int, within: float = 1.0) -> int:
+    """``ns_tasks`` once it is 0 or ``within`` seconds passed (a joined thread's exit is
+    seen in /proc a moment later; polled every 10 ms, bounded)."""
+    deadline = time.monotonic() + within
+    while (n := ns_tasks(pid, ino)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return n
+
+
 def guest_list(d: Daemon) -> list[dict[str, Any]]:
     r = d.cli("guest", "list", "--json")
     assert r.returncode == 0, r.stderr
@@ -107,6 +125,7 @@ def test_attach_by_pid_forwards_and_ends_with_the_namespace(lab: netlab.Lab,
     assert [(x["guest"], x["guest_port"]) for x in rows] == [("box1", 3200)], rows
     ino = os.stat(f"/proc/{box.pid}/ns/net").st_ino
     assert f"net:[{ino}]" in ns_fds(daemon.proc.pid)  # held while attached
+    assert ns_tasks(daemon.proc.pid, ino) == 1  # the socket maker: one thread, stays inside
     dt, t_end = refused_after(lab, 3200, lambda: (box.kill(), box.wait()))
     gone = record_gone(daemon, "box1", t_end)
     print(f"\nlast process gone -> host port refused: {dt * 1000:.0f} ms, guest gone: "
@@ -117,6 +136,7 @@ def test_attach_by_pid_forwards_and_ends_with_the_namespace(lab: netlab.Lab,
     while f"net:[{ino}]" in ns_fds(daemon.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.02)  # bounded: the fd goes right after the replan
     assert f"net:[{ino}]" not in ns_fds(daemon.proc.pid), "the daemon keeps it alive"
+    assert ns_tasks_end(daemon.proc.pid, ino) == 0, "a thread of the daemon keeps it alive"
     assert "box1" not in [g["name"] for g in daemon.request("status")["guests"]]
     assert json.loads(daemon.cli("ls", "--json").stdout) == []
 
@@ -131,8 +151,11 @@ def test_attach_by_path_detach_changes_nothing_inside(lab: netlab.Lab, daemon: D
     r = daemon.cli("guest", "delete", "c1")  # never deletes what sockmap did not make
     assert r.returncode == 2 and "guest detach c1" in r.stderr, r.stderr
     links = ns.ip("-j", "addr")
+    ino = os.stat(f"/run/netns/{ns.name}").st_ino
+    assert ns_tasks(daemon.proc.pid, ino) == 1  # the socket maker of the relay's upstreams
     r = daemon.cli("guest", "detach", "c1")
     assert r.returncode == 0, r.stderr
+    assert ns_tasks_end(daemon.proc.pid, ino) == 0  # detached: the maker thread ended
     assert probe(lab.host, "refused", "tcp", "127.0.0.1", 3300, within=1.0)[0]
     assert srv.poll() is None and ns.ip("-j", "addr") == links  # its server and links stay
     ok, _, a = probe(ns, "open", "tcp", "127.0.0.1", 3300)

@@ -4,12 +4,15 @@ untouched, clear errors for what is not a namespace."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import select
 import socket
 import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -109,6 +112,99 @@ def test_many_threads_many_namespaces_at_once(lab: netlab.Lab) -> None:
     for t in threads:
         t.join(30)
     assert set(out) == {g.ns.name for g in guests}
+
+
+ECHO = r"""
+import socket, threading
+t = socket.socket(); t.bind(("127.0.0.1", 7311)); t.listen(64)
+print("ready", flush=True)
+def one(c):
+    with c:
+        c.sendall(c.recv(100).upper())
+while True:
+    threading.Thread(target=one, args=(t.accept()[0],), daemon=True).start()
+"""
+
+
+def _tasks_in(ino: int) -> int:
+    """How many of this process's threads are inside network namespace ``ino``."""
+    n = 0
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            n += os.readlink(f"/proc/self/task/{task}/ns/net") == f"net:[{ino}]"
+    return n
+
+
+def test_socket_maker_one_thread_inside_until_closed(lab: netlab.Lab) -> None:
+    g = lab.add_guest()
+    path = f"/run/netns/{g.ns.name}"
+    srv = g.ns.python(ECHO)
+    netlab.wait_for_line(srv.stdout, "ready")  # type: ignore[arg-type]
+    ino = os.stat(path).st_ino
+    threads = threading.active_count()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        m = nssock.SocketMaker(path)
+        assert not m.running and _tasks_in(ino) == 0  # started on first use only
+        try:
+            for i in range(20):  # each reaches the guest's 127.0.0.1-only server
+                s = await m.socket(socket.AF_INET, socket.SOCK_STREAM)
+                with s:
+                    s.setblocking(False)
+                    await loop.sock_connect(s, ("127.0.0.1", 7311))
+                    await loop.sock_sendall(s, b"hi%d" % i)
+                    assert await loop.sock_recv(s, 100) == b"HI%d" % i
+            assert _tasks_in(ino) == 1 and m.running  # one thread for all of them
+            assert 20 <= m.made <= 20 + nssock.MAKER_SPARE
+            assert _ns_ino() != ino  # the loop's thread never moved
+            # a request that fails gets its error; the maker goes on
+            with pytest.raises(nssock.NetnsError, match="cannot make a socket in"):
+                await m.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_UDP)
+            with await m.socket(socket.AF_INET6, socket.SOCK_DGRAM) as u:
+                u.bind(("::1", 0))
+
+            # bounded: past queue_size pending requests the next fail at once
+            small = nssock.SocketMaker(path, queue_size=3, spare=0)
+            try:
+                got = await asyncio.gather(
+                    *(small.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5)),
+                    return_exceptions=True)
+                socks = [x for x in got if isinstance(x, socket.socket)]
+                busy = [x for x in got if isinstance(x, nssock.NetnsError)]
+                assert len(socks) == 3 and len(busy) == 2, got
+                assert "pending already" in str(busy[0])
+                for x in socks:
+                    x.close()
+            finally:
+                small.close()
+        finally:
+            m.close()
+        assert not m.running  # joined; the kernel reaps the task a moment later:
+        deadline = time.monotonic() + 1.0
+        while _tasks_in(ino) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # bounded
+        assert _tasks_in(ino) == 0  # closed: nothing of ours inside
+        with pytest.raises(nssock.NetnsError, match="closed"):
+            await m.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    asyncio.run(main())
+    assert threading.active_count() == threads
+
+
+def test_socket_maker_errors() -> None:
+    with pytest.raises(nssock.NetnsError, match=r"cannot open network namespace"):
+        nssock.SocketMaker("/run/netns/smk-does-not-exist")
+    m = nssock.SocketMaker("/proc/self/ns/mnt")  # not a network namespace
+    try:
+        with pytest.raises(nssock.NetnsError, match="cannot enter network namespace"):
+            asyncio.run(m.socket(socket.AF_INET, socket.SOCK_STREAM))
+    finally:
+        m.close()
+    assert not m.running
+    never = nssock.SocketMaker("/proc/self/ns/net")
+    never.close()  # never started: its fd closes, no thread
+    assert not never.running
 
 
 def test_errors_say_what_to_do() -> None:
