@@ -363,6 +363,20 @@ def namespaces(rounds: int, seconds: float) -> str:
     return "\n".join(lines)
 
 
+KEEP_MARK = "<!-- make bench keeps everything below this line -->"
+
+
+def kept_sections(out: Path) -> str:
+    """What ``out`` has from KEEP_MARK on (the sections other benches wrote), to append
+    after this run's own; "" when there is no such file or mark."""
+    try:
+        old = out.read_text()
+    except FileNotFoundError:
+        return ""
+    at = old.find(KEEP_MARK)
+    return "" if at < 0 else "\n" + old[at:]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     ap.add_argument("--rounds", type=int, default=5)
@@ -416,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             os.close(home)
     if not a.no_namespaces:
         text += namespaces(a.rounds, a.seconds)
-    a.out.write_text(text)
+    a.out.write_text(text + kept_sections(a.out))
     print(text)
     print(f"wrote {a.out}; total wall time {time.monotonic() - t0:.0f} s")
     return 0
