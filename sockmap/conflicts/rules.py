@@ -15,13 +15,15 @@ does about it. The daemon, ``ls`` and ``conflicts`` import these; nothing else d
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import functools
 import ipaddress
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, assert_never
+from typing import Any, Literal, assert_never
 
 from sockmap import addrs as A
 from sockmap.conflicts.records import Conflict, Party, endpoint, party_of
@@ -586,16 +588,18 @@ def _same_state(a: GuestState, b: GuestState) -> bool:
             and all(x is y for x, y in zip(a.listeners, b.listeners, strict=True)))
 
 
-def _wants(guests: Sequence[GuestState],
-           rules: Sequence[Rule] = ()) -> tuple[list[_Want], list[Skipped]]:
-    """Per guest port, one want with the host addresses of all its listeners (one socket
-    per family: 127.0.0.1 -> the IPv4 one, ::1 -> the IPv6 one); every listener left out
-    is in the skipped list with its reason. A guest's wants depend on its state and the
-    rules only: a guest whose state is the very one of the last plan (the registry hands
-    back the same Listener objects while nothing changed) reuses that plan's (immutable)
-    wants and skipped, so a replan re-decides only the guests that changed."""
-    wants: list[_Want] = []
-    skipped: list[Skipped] = []
+_GuestWants = tuple[str, tuple[_Want, ...], tuple[Skipped, ...]]
+
+
+def _wants(guests: Sequence[GuestState], rules: Sequence[Rule] = ()) -> list[_GuestWants]:
+    """Per guest (in order): its name, its wants (per guest port, one want with the host
+    addresses of all its listeners: one socket per family, 127.0.0.1 -> the IPv4 one, ::1
+    -> the IPv6 one) and its skipped listeners, each with its reason. A guest's wants
+    depend on its state and the rules only: a guest whose state is the very one of the last
+    plan (the registry hands back the same Listener objects while nothing changed) reuses
+    that plan's (immutable) wants and skipped, the very tuples, so a replan re-decides only
+    the guests that changed (and the assignment sees which did by identity)."""
+    out: list[_GuestWants] = []
     rules_t = tuple(rules)
     names: set[str] = set()
     for g in guests:
@@ -608,12 +612,11 @@ def _wants(guests: Sequence[GuestState],
             if memo is not None and memo[1] == rules_t:
                 ws = _reuse(memo[2], ws)
             _WANTS_MEMO[g.name] = (g, rules_t, ws, sk)
-        wants.extend(ws)
-        skipped.extend(sk)
+        out.append((g.name, ws, sk))
     if len(_WANTS_MEMO) > len(names) + WANTS_MEMO_SPARE:  # guests gone: forget them
         for name in [n for n in _WANTS_MEMO if n not in names]:
             _WANTS_MEMO.pop(name, None)
-    return wants, skipped
+    return out
 
 
 def _reuse(old: tuple[_Want, ...], new: tuple[_Want, ...]) -> tuple[_Want, ...]:
@@ -763,41 +766,77 @@ def plan(
     decide()'s reason, a host endpoint this guest already forwards, a conflict it lost) is
     in ``skipped`` with its reason; those waiting for their host port are in ``pending``.
     ``rules``: the rules file (first match wins): ignore, host port, host address, policy.
+
+    The host port (proto, port) is the unit of every decision but remap's search for
+    another port: while no want reaches policy remap with a rival, each host port is
+    decided alone (``_assign`` over its wants), remembered, and decided again only when
+    its wants, current mappings, host holders or blocked endpoints change, so a change in
+    one guest costs its own host ports; the plan lists each host port's share in the
+    order (port, proto). A remap makes ports depend on each other: then the whole plan is
+    made in one pass over every want, in registry order (``_plan_whole``).
     """
     cur = tuple(current)
-    mine = {m.host_endpoint for m in cur}
-
-    def ours(h: Listener) -> bool:
-        if own_pid is not None and h.owner is not None:
-            return h.owner.pid == own_pid
-        return (h.proto, h.addr, h.port) in mine  # owner unknown: trust the endpoint
-
     hosts = tuple(host_listeners)
-    own_named: dict[Listener, str] = {  # the daemon's own sockets other than its mappings
-        h: _own_label(h, own_labels or {}) for h in hosts
-        if ours(h) and (h.proto, h.addr, h.port) not in mine}
-    holders = [h for h in hosts if not ours(h) or h in own_named]
-    by_port: dict[tuple[Proto, int], list[Listener]] = {}
-    for h in holders:
-        by_port.setdefault((h.proto, h.port), []).append(h)
-    blocked_set = set(blocked)
+    rules_t = tuple(rules)
+    labels = dict(own_labels or {})
+    blocked_set = frozenset(blocked)
+    per_guest = _wants(guests, rules_t)
+    params = (policies, own_pid, rules_t, labels)
+    memo = _GROUPS[0] if _GROUPS else None
+    if memo is None or memo.params != params:
+        memo = _Groups(params, own_pid, labels)
+        _GROUPS[:] = [memo]
+    ok = memo.update(per_guest, cur, hosts, blocked_set)
+    if ok is None:  # the guests' order changed: start again from nothing
+        memo = _GROUPS[0] = _Groups(params, own_pid, labels)
+        ok = memo.update(per_guest, cur, hosts, blocked_set)
+    if not ok:  # a guest name twice, a guest port on two host ports: the whole plan
+        _GROUPS.clear()
+        return _plan_whole(per_guest, cur, hosts, blocked_set, policies, own_pid, labels)[0]
+    if not memo.whole:
+        pl = memo.plan(per_guest, policies)
+        if pl is not None:
+            return pl
+    pl, remap = _plan_whole(per_guest, cur, hosts, blocked_set, policies, own_pid, labels)
+    memo.whole = remap
+    memo.stale = True
+    if remap:
+        return pl
+    by_ports = memo.plan(per_guest, policies)  # no remap after all: by host port
+    assert by_ports is not None
+    return by_ports
 
-    wants, skipped = _wants(guests, rules)
-    cur_port = {_mapping_ident(m): m.host_port for m in cur}
-    mapped_now = cur_port.keys()
-    # the mapped wants first, then the rest, each in registry order
-    order = ([i for i, w in enumerate(wants) if w.ident in mapped_now]
-             + [i for i, w in enumerate(wants) if w.ident not in mapped_now])
 
+_Ident = tuple[str, Proto, int]  # (guest, proto, guest port): a want, a proxy key
+_Group = tuple[int, Proto]  # (host port, proto): the unit of a decision, in conflict order
+_Rank = tuple[int, int]  # a want's place in registry order: (guest's, want's in its guest)
+
+
+@dataclass(slots=True)
+class _Found:
+    """What ``_assign`` found, in its order."""
+
+    desired: list[PortMapping] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+    retry: list[HostEndpoint] = field(default_factory=list)
+    waiting: list[HostEndpoint] = field(default_factory=list)
+    pending: list[PortMapping] = field(default_factory=list)
+    remapped: list[PortMapping] = field(default_factory=list)
+    shared: list[PortMapping] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    remap: bool = False  # a want reached policy remap with a rival or a holder
+
+
+def _assign(items: Sequence[tuple[_Want, _Rank]], *, cur_port: Mapping[_Ident, int],
+            by_port: Mapping[tuple[Proto, int], Sequence[Listener]],
+            blocked: frozenset[HostEndpoint], policies: Policies,
+            own_named: Mapping[Listener, str], found: _Found, alone: bool) -> None:
+    """Decide ``items`` (wants with their registry rank, the mapped ones first, then the
+    rest, each in registry order) into ``found``. ``alone``: the items are one host port's
+    (the rest of the plan unknown): stop at the first want that reaches policy remap
+    (``found.remap``), whose search needs every port."""
     taken: dict[HostEndpoint, _Want] = {}
     hint: dict[tuple[Proto, int], int] = {}  # last remap result per wanted port
-    desired: list[PortMapping] = []
-    conflicts: list[Conflict] = []
-    retry: list[HostEndpoint] = []
-    waiting: list[HostEndpoint] = []
-    pending: list[PortMapping] = []
-    remapped: list[PortMapping] = []
-    shared: list[PortMapping] = []
 
     def held(proto: Proto, addr: str, port: int) -> tuple[Listener, ...]:
         return host_holders(proto, addr, port, by_port.get((proto, port), ()))
@@ -805,46 +844,49 @@ def plan(
     def free(w: _Want, port: int) -> bool:
         p = w.listener.proto
         return all((p, b.host_addr, port) not in taken
-                   and (p, b.host_addr, port) not in blocked_set
+                   and (p, b.host_addr, port) not in blocked
                    and not held(p, b.host_addr, port) for _, b in w.bindings)
 
     # endpoints an unmapped want waits on while TIME_WAIT blocks part of it (it keeps them:
     # see below), by registry order: a remapped mapping, planned before it, must not move
     # back onto them, or the plan after would move it again
-    tw_claims: dict[HostEndpoint, int] = {}
-    for i, w in enumerate(wants if blocked_set else ()):
+    tw_claims: dict[HostEndpoint, tuple[_Rank, _Want]] = {}
+    for w, r in items if blocked else ():
         weps = w.eps
-        if w.ident not in mapped_now and any(e in blocked_set for e in weps):
+        if w.ident not in cur_port and any(e in blocked for e in weps):
             for e in weps:
-                if e not in blocked_set:
-                    tw_claims.setdefault(e, i)
+                c = tw_claims.get(e)
+                if e not in blocked and (c is None or r < c[0]):
+                    tw_claims[e] = (r, w)
 
-    for i in order:
-        w = wants[i]
+    for w, r in items:
         li = w.listener
         proto, port = li.proto, w.port
         eps = w.eps
         rivals = list(dict.fromkeys(taken[e] for e in eps if e in taken))
         if cur_port.get(w.ident, port) != port:  # remapped now: may it move back?
-            rivals += [wants[tw_claims[e]] for e in eps if e not in taken
-                       and tw_claims.get(e, i) < i]
+            rivals += [c[1] for e in eps if e not in taken
+                       and (c := tw_claims.get(e)) is not None and c[0] < r]
             rivals = list(dict.fromkeys(rivals))
         holding = list(dict.fromkeys(h for e in eps for h in held(*e))) if by_port else []
-        tw = [e for e in eps if e in blocked_set] if not holding else []
+        tw = [e for e in eps if e in blocked] if not holding else []
 
         if not rivals and not holding and not tw:
-            _take(w, port, taken, desired)
+            _take(w, port, taken, found.desired)
             continue
 
         pol = w.policy or policies.policy_for(w.guest, proto, li.port)
         if (pol == "share" and proto == "tcp" and len(rivals) == 1 and not holding
                 and all(e in taken for e in eps)):
             # one guest's socket holds every endpoint: its relay routes by name
-            shared.extend(_mappings(w, port))
+            found.shared.extend(_mappings(w, port))
             continue
         if rivals or holding:
             lost = pol == "fail"
             if pol == "remap":
+                found.remap = True
+                if alone:
+                    return
                 q = cur_port.get(w.ident)
                 if q is None or q == port or not free(w, q):
                     # ports only get taken during one plan, so a later search for the same
@@ -853,15 +895,15 @@ def plan(
                     if q is not None:
                         hint[(proto, port)] = q
                 if q is not None:
-                    _take(w, q, taken, desired)
-                    remapped.extend(_mappings(w, q))
+                    _take(w, q, taken, found.desired)
+                    found.remapped.extend(_mappings(w, q))
                     did = (f"forwarded on host port {q} instead of {port} (policy remap)")
                 else:
                     lost = True
                     did = "not forwarded: no free host port to remap to (policy remap)"
             elif pol == "wait":
-                waiting.extend(eps)
-                pending.extend(_mappings(w, port))
+                found.waiting.extend(eps)
+                found.pending.extend(_mappings(w, port))
                 did = (f"waiting: host port {port} is forwarded as soon as it is free "
                        "(policy wait)")
             elif pol == "share":
@@ -881,54 +923,372 @@ def plan(
                 cs, sk = _outcome(w, rivals, holding, own_named, pol, did, lost)
                 if key is not None:
                     w.outcome[0] = (key, (cs, sk))  # one: the last (rivals change)
-            conflicts.extend(cs)
-            skipped.extend(sk)
+            found.conflicts.extend(cs)
+            found.skipped.extend(sk)
         else:
-            retry.extend(tw)
-            pending.extend(_mappings(w, port))
+            found.retry.extend(tw)
+            found.pending.extend(_mappings(w, port))
             # it keeps its place on the endpoints that are free: a later want neither
             # remaps onto them nor takes them (the next plan, with that one mapped, would
             # make this want its rival: an unstable plan)
             for e in eps:
-                if e not in blocked_set:
+                if e not in blocked:
                     taken.setdefault(e, w)
-            nobody = tuple(Party(side="host", guest=None, addr=e[1], port=port,
-                                 receives="held by closed connections in TIME_WAIT; no "
-                                          "process listens") for e in tw)
-            conflicts.append(Conflict(
-                kind="time_wait", proto=proto, port=port,
-                parties=(_guest_party(w, receives="waits for the port"), *nobody),
-                summary=f"host {proto} port {port} cannot be bound (EADDRINUSE) and no "
-                        "socket listens there: closed connections in TIME_WAIT hold it",
-                resolution="retrying until the TIME_WAIT sockets expire (at most 60 s), "
-                           "whatever the policy",
-                fix=f"wait, or move the server out of the ephemeral range "
-                    f"(net.ipv4.ip_local_port_range) so clients never take port {port}",
-            ))
+            found.conflicts.append(_time_wait(w, tw))
 
+
+def _time_wait(w: _Want, tw: list[HostEndpoint]) -> Conflict:
+    proto, port = w.listener.proto, w.port
+    nobody = tuple(Party(side="host", guest=None, addr=e[1], port=port,
+                         receives="held by closed connections in TIME_WAIT; no "
+                                  "process listens") for e in tw)
+    return Conflict(
+        kind="time_wait", proto=proto, port=port,
+        parties=(_guest_party(w, receives="waits for the port"), *nobody),
+        summary=f"host {proto} port {port} cannot be bound (EADDRINUSE) and no "
+                "socket listens there: closed connections in TIME_WAIT hold it",
+        resolution="retrying until the TIME_WAIT sockets expire (at most 60 s), "
+                   "whatever the policy",
+        fix=f"wait, or move the server out of the ephemeral range "
+            f"(net.ipv4.ip_local_port_range) so clients never take port {port}",
+    )
+
+
+def _holders(hosts: tuple[Listener, ...], mine: Container[HostEndpoint], own_pid: int | None,
+             labels: Mapping[HostEndpoint, str]
+             ) -> tuple[list[Listener], dict[Listener, str]]:
+    """The host sockets that hold their ports (not the daemon's mappings), and the daemon's
+    own among them (its agent listener, its metrics endpoint) by label."""
+    def ours(h: Listener) -> bool:
+        if own_pid is not None and h.owner is not None:
+            return h.owner.pid == own_pid
+        return (h.proto, h.addr, h.port) in mine  # owner unknown: trust the endpoint
+
+    own_named: dict[Listener, str] = {  # the daemon's own sockets other than its mappings
+        h: _own_label(h, labels) for h in hosts
+        if ours(h) and (h.proto, h.addr, h.port) not in mine}
+    return [h for h in hosts if not ours(h) or h in own_named], own_named
+
+
+def _plan_whole(per_guest: list[_GuestWants], cur: tuple[PortMapping, ...],
+                hosts: tuple[Listener, ...], blocked: frozenset[HostEndpoint],
+                policies: Policies, own_pid: int | None, labels: Mapping[HostEndpoint, str]
+                ) -> tuple[Plan, bool]:
+    """The plan in one pass over every want (the mapped ones first, then the rest, each in
+    registry order), and whether a want reached policy remap."""
+    wants = [w for _, ws, _ in per_guest for w in ws]
+    skipped = [s for _, _, sk in per_guest for s in sk]
+    mine = {m.host_endpoint for m in cur}
+    holders, own_named = _holders(hosts, mine, own_pid, labels)
+    by_port: dict[tuple[Proto, int], list[Listener]] = {}
+    for h in holders:
+        by_port.setdefault((h.proto, h.port), []).append(h)
+    cur_port = {_mapping_ident(m): m.host_port for m in cur}
+    order = ([(w, (0, i)) for i, w in enumerate(wants) if w.ident in cur_port]
+             + [(w, (0, i)) for i, w in enumerate(wants) if w.ident not in cur_port])
+    f = _Found()
+    _assign(order, cur_port=cur_port, by_port=by_port, blocked=blocked, policies=policies,
+            own_named=own_named, found=f, alone=False)
     want_ids = {w.ident for w in wants}
-    desired_set = set(desired)  # (a PortMapping keeps its hash: most are last plan's)
+    desired_set = set(f.desired)  # (a PortMapping keeps its hash: most are last plan's)
     cur_set = set(cur)
     gone = [m for m in cur if m not in desired_set]
-    desired_ids = {_mapping_ident(d) for d in desired} if gone else set()
+    desired_ids = {_mapping_ident(d) for d in f.desired} if gone else set()
     closes: list[Command] = [
-        CloseMapping(mapping=m, reason="replaced" if _mapping_ident(m) in want_ids
-                     and _mapping_ident(m) in desired_ids
-                     else "guest listener gone or not forwardable now")
+        CloseMapping(mapping=m, reason=_close_reason(_mapping_ident(m) in want_ids
+                                                     and _mapping_ident(m) in desired_ids))
         for m in gone
     ]
-    opens: list[Command] = [OpenMapping(mapping=m) for m in desired if m not in cur_set]
+    opens: list[Command] = [OpenMapping(mapping=m) for m in f.desired if m not in cur_set]
     return Plan(
         commands=tuple(closes + opens),
-        mappings=tuple(desired),
-        conflicts=_sorted_conflicts(conflicts),
-        retry=tuple(dict.fromkeys(retry)),
-        waiting=tuple(dict.fromkeys(waiting)),
-        skipped=tuple(skipped),
-        pending=tuple(pending),
-        remapped=tuple(remapped),
-        shared=tuple(shared),
-    )
+        mappings=tuple(f.desired),
+        conflicts=_sorted_conflicts(f.conflicts),
+        retry=tuple(dict.fromkeys(f.retry)),
+        waiting=tuple(dict.fromkeys(f.waiting)),
+        skipped=tuple(skipped + f.skipped),
+        pending=tuple(f.pending),
+        remapped=tuple(f.remapped),
+        shared=tuple(f.shared),
+    ), f.remap
+
+
+def _close_reason(replaced: bool) -> str:
+    return "replaced" if replaced else "guest listener gone or not forwardable now"
+
+
+def _conflict_key(c: Conflict) -> tuple[object, ...]:
+    return (c.port, c.proto, c.kind, tuple((p.side, p.guest or "") for p in c.parties))
+
+
+def _mapping_order(m: PortMapping) -> tuple[object, ...]:
+    return (m.guest, m.guest_port, m.host_addr, m.guest_addr)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Part:
+    """One host port's share of the plan, decided alone (no want of it reached remap)."""
+
+    desired: tuple[PortMapping, ...]
+    conflicts: tuple[Conflict, ...]  # sorted
+    retry: tuple[HostEndpoint, ...]
+    waiting: tuple[HostEndpoint, ...]
+    pending: tuple[PortMapping, ...]
+    shared: tuple[PortMapping, ...]
+    skipped: tuple[Skipped, ...]  # the wants that lost
+    closes: tuple[PortMapping, ...]  # its current mappings not desired
+    opens: tuple[PortMapping, ...]  # its desired mappings not current
+    desired_ids: frozenset[_Ident]
+
+
+_FIELDS = ("desired", "conflicts", "retry", "waiting", "pending", "shared", "skipped",
+           "closes", "opens")
+
+
+class _Groups:
+    """The last plans' inputs by host port (each host port's wants, current mappings, host
+    holders), kept up to date from what changed, and each host port's ``_Part``; the plan's
+    fields are those parts joined in (port, proto) order, joined again only where a part
+    changed. One per process (``_GROUPS``): the daemon plans one set of guests; another
+    caller's inputs only make the next plan start from nothing."""
+
+    def __init__(self, params: tuple[object, ...], own_pid: int | None,
+                 labels: Mapping[HostEndpoint, str]) -> None:
+        self.params = params  # policies, own pid, rules, own labels: any change, a new memo
+        self.own_pid, self.labels = own_pid, labels
+        self.whole = False  # the last plan reached remap: made whole
+        self.stale = True  # the parts are to be made again, all of them
+        self.dirty: set[_Group] = set()
+        self.seq: dict[str, int] = {}  # a guest's rank (registry order), by name
+        self.next_seq = 0
+        self.ws: dict[str, tuple[_Want, ...]] = {}  # each guest's wants
+        self.rank: dict[_Want, _Rank] = {}
+        self.want_of: dict[_Ident, _Want] = {}
+        self.members: dict[_Group, dict[_Want, None]] = {}
+        self.cur: dict[int, PortMapping] = {}  # the current mappings by id (held: ids kept)
+        self.cur_group: dict[_Group, dict[int, PortMapping]] = {}
+        self.cur_ident: dict[_Ident, dict[int, PortMapping]] = {}
+        self.mine: dict[HostEndpoint, int] = {}  # current mappings' host endpoints, counted
+        self.holders: dict[_Group, tuple[tuple[Any, ...], ...]] = {}
+        self.own_named: dict[Listener, str] = {}
+        self.blocked: frozenset[HostEndpoint] = frozenset()
+        self.parts: dict[_Group, _Part] = {}
+        self.fparts: dict[str, dict[_Group, tuple[Any, ...]]] = {f: {} for f in _FIELDS}
+        self.fkeys: dict[str, list[_Group]] = {f: [] for f in _FIELDS}  # sorted
+        self.flat: dict[str, tuple[Any, ...]] = {f: () for f in _FIELDS}
+
+    # -- what changed ---------------------------------------------------------------------
+    def update(self, per_guest: list[_GuestWants], cur: tuple[PortMapping, ...],
+               hosts: tuple[Listener, ...], blocked: frozenset[HostEndpoint]) -> bool | None:
+        """Take this plan's inputs; the host ports they change are ``dirty``. False: inputs
+        the parts cannot describe (a guest name twice, a guest port mapped on two host
+        ports, a mapping twice); None: the guests' order changed (start again)."""
+        names = [n for n, _, _ in per_guest]
+        if len(set(names)) != len(names):
+            return False
+        last = -1
+        for n in names:
+            s = self.seq.get(n)
+            if s is None:
+                s = self.seq[n] = self.next_seq
+                self.next_seq += 1
+            if s <= last:
+                return None
+            last = s
+        present = set(names)
+        for n in [n for n in self.ws if n not in present]:
+            self._set_wants(n, ())
+            del self.ws[n]
+            self.seq.pop(n, None)
+        for n, ws, _ in per_guest:
+            if self.ws.get(n) is not ws:
+                self._set_wants(n, ws)
+                self.ws[n] = ws
+        now = dict(zip(map(id, cur), cur, strict=True))
+        if len(now) != len(cur):
+            return False
+        if now.keys() != self.cur.keys():
+            old = self.cur
+            for k in old.keys() - now.keys():
+                self._cur_remove(old[k])
+            for k in now.keys() - old.keys():
+                if not self._cur_add(now[k]):
+                    return False
+            self.cur = now
+        self._set_holders(hosts)
+        if blocked != self.blocked:
+            self.dirty.update((e[2], e[0]) for e in blocked ^ self.blocked)
+            self.blocked = blocked
+        return True
+
+    def _set_wants(self, name: str, ws: tuple[_Want, ...]) -> None:
+        old = self.ws.get(name, ())
+        keep = set(ws)
+        for w in old:
+            if w not in keep:
+                g = (w.port, w.listener.proto)
+                mem = self.members[g]
+                del mem[w]
+                if not mem:
+                    del self.members[g]
+                del self.rank[w]
+                if self.want_of.get(w.ident) is w:
+                    del self.want_of[w.ident]
+                self.dirty.add(g)
+        s = self.seq.get(name, 0)
+        for i, w in enumerate(ws):
+            if self.rank.get(w) is None:
+                g = (w.port, w.listener.proto)
+                self.members.setdefault(g, {})[w] = None
+                self.want_of[w.ident] = w
+                self.dirty.add(g)
+            self.rank[w] = (s, i)  # (its place in its guest may move: the order stays)
+
+    def _cur_touch(self, m: PortMapping) -> None:
+        self.dirty.add((m.host_port, m.proto))
+        w = self.want_of.get(_mapping_ident(m))
+        if w is not None:
+            self.dirty.add((w.port, w.listener.proto))
+
+    def _cur_remove(self, m: PortMapping) -> None:
+        g, ident, k = (m.host_port, m.proto), _mapping_ident(m), id(m)
+        by_g, by_i = self.cur_group[g], self.cur_ident[ident]
+        del by_g[k], by_i[k]
+        if not by_g:
+            del self.cur_group[g]
+        if not by_i:
+            del self.cur_ident[ident]
+        ep = m.host_endpoint
+        self.mine[ep] -= 1
+        if not self.mine[ep]:
+            del self.mine[ep]
+        self._cur_touch(m)
+
+    def _cur_add(self, m: PortMapping) -> bool:
+        ident = _mapping_ident(m)
+        others = self.cur_ident.setdefault(ident, {})
+        if any(o.host_port != m.host_port for o in others.values()):
+            return False
+        others[id(m)] = m
+        self.cur_group.setdefault((m.host_port, m.proto), {})[id(m)] = m
+        ep = m.host_endpoint
+        self.mine[ep] = self.mine.get(ep, 0) + 1
+        self._cur_touch(m)
+        return True
+
+    def _set_holders(self, hosts: tuple[Listener, ...]) -> None:
+        holders, own_named = _holders(hosts, self.mine, self.own_pid, self.labels)
+        by: dict[_Group, list[tuple[Any, ...]]] = {}
+        for h in holders:
+            by.setdefault((h.port, h.proto), []).append((h, h.owner, h.sockets,
+                                                         own_named.get(h)))
+        new = {g: tuple(v) for g, v in by.items()}
+        if new != self.holders:
+            self.dirty.update(g for g in new.keys() | self.holders.keys()
+                              if new.get(g) != self.holders.get(g))
+            self.holders = new
+        self.own_named = own_named
+
+    # -- the plan -------------------------------------------------------------------------
+    def plan(self, per_guest: list[_GuestWants], policies: Policies) -> Plan | None:
+        """The plan by host port (None: a want reached remap; the parts are stale)."""
+        todo = (self.members.keys() | self.cur_group.keys() | self.parts.keys()
+                if self.stale else self.dirty)
+        made: dict[_Group, _Part | None] = {}
+        for g in todo:
+            if g not in self.members and g not in self.cur_group:
+                made[g] = None
+                continue
+            part = self._part(g, policies)
+            if part is None:
+                self.stale = True
+                return None
+            made[g] = part
+        self.stale = False
+        self.dirty = set()
+        self._join(made)
+        flat = self.flat
+        closes = [CloseMapping(mapping=m, reason=_close_reason(self._replaced(m)))
+                  for m in flat["closes"]]
+        opens = [OpenMapping(mapping=m) for m in flat["opens"]]
+        return Plan(
+            commands=(*closes, *opens),
+            mappings=flat["desired"],
+            conflicts=flat["conflicts"],
+            retry=flat["retry"],
+            waiting=flat["waiting"],
+            skipped=(*itertools.chain.from_iterable(sk for _, _, sk in per_guest),
+                     *flat["skipped"]),
+            pending=flat["pending"],
+            shared=flat["shared"],
+        )
+
+    def _replaced(self, m: PortMapping) -> bool:
+        """Whether a closed mapping's guest port is forwarded again (on another port)."""
+        w = self.want_of.get(_mapping_ident(m))
+        if w is None:
+            return False
+        part = self.parts.get((w.port, w.listener.proto))
+        return part is not None and w.ident in part.desired_ids
+
+    def _part(self, g: _Group, policies: Policies) -> _Part | None:
+        port, proto = g
+        cur_ident, rank = self.cur_ident, self.rank
+        ws = sorted(self.members.get(g, {}), key=lambda w: (w.ident not in cur_ident, rank[w]))
+        cur_port = {w.ident: next(iter(cur_ident[w.ident].values())).host_port
+                    for w in ws if w.ident in cur_ident}
+        held = self.holders.get(g, ())
+        f = _Found()
+        _assign([(w, rank[w]) for w in ws], cur_port=cur_port,
+                by_port={(proto, port): [h[0] for h in held]} if held else {},
+                blocked=self.blocked, policies=policies, own_named=self.own_named,
+                found=f, alone=True)
+        if f.remap:
+            return None
+        cur = tuple(self.cur_group.get(g, {}).values())
+        desired_set, cur_set = set(f.desired), set(cur)
+        return _Part(
+            desired=tuple(f.desired),
+            conflicts=tuple(sorted(f.conflicts, key=_conflict_key)),
+            retry=tuple(dict.fromkeys(f.retry)), waiting=tuple(dict.fromkeys(f.waiting)),
+            pending=tuple(f.pending), shared=tuple(f.shared), skipped=tuple(f.skipped),
+            closes=tuple(sorted((m for m in cur if m not in desired_set), key=_mapping_order)),
+            opens=tuple(m for m in f.desired if m not in cur_set),
+            desired_ids=frozenset(_mapping_ident(m) for m in f.desired))
+
+    def _join(self, made: dict[_Group, _Part | None]) -> None:
+        """The parts ``made`` in place of the old ones, and each field joined again where
+        one of its parts changed (from the parts, in (port, proto) order: C loops)."""
+        for name in _FIELDS:
+            fparts, fkeys = self.fparts[name], self.fkeys[name]
+            changed = False
+            for g, part in made.items():
+                val: tuple[Any, ...] = getattr(part, name) if part is not None else ()
+                had = fparts.get(g)
+                if had is None and not val:
+                    continue
+                if had is not None and len(had) == len(val) and all(map(operator.is_, had,
+                                                                        val)):
+                    continue
+                changed = True
+                if not val:
+                    del fparts[g]
+                    fkeys.pop(bisect.bisect_left(fkeys, g))
+                else:
+                    if had is None:
+                        bisect.insort(fkeys, g)
+                    fparts[g] = val
+            if changed:
+                self.flat[name] = tuple(itertools.chain.from_iterable(
+                    map(fparts.__getitem__, fkeys)))
+        for g, part in made.items():
+            if part is None:
+                self.parts.pop(g, None)
+            else:
+                self.parts[g] = part
+
+
+_GROUPS: list[_Groups] = []  # the last plan's, for the next (one)
 
 
 # the last plan's conflicts as found and as sorted: the same records again (every loss
@@ -942,8 +1302,7 @@ def _sorted_conflicts(found: list[Conflict]) -> tuple[Conflict, ...]:
     if (last is not None and len(last[0]) == len(found)
             and all(a is b for a, b in zip(last[0], found, strict=True))):
         return last[1]
-    out = tuple(sorted(found, key=lambda c: (c.port, c.proto, c.kind,
-                                             tuple((p.side, p.guest or "") for p in c.parties))))
+    out = tuple(sorted(found, key=_conflict_key))
     _SORTED_MEMO[:] = [(tuple(found), out)]
     return out
 
