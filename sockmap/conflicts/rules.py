@@ -583,9 +583,11 @@ WANTS_MEMO_SPARE = 256  # names beyond the plan's own kept before the memo is pr
 def _same_state(a: GuestState, b: GuestState) -> bool:
     """Whether ``a`` and ``b`` are the same guest state, listeners compared by identity
     (a Listener's equality ignores its owner, which the wants carry into mappings)."""
-    return (a.name == b.name and a.addrs == b.addrs and a.refused == b.refused
-            and a.udp_relay == b.udp_relay and len(a.listeners) == len(b.listeners)
-            and all(x is y for x, y in zip(a.listeners, b.listeners, strict=True)))
+    return a is b or (a.name == b.name and a.addrs == b.addrs and a.refused == b.refused
+                      and a.udp_relay == b.udp_relay and (
+                          a.listeners is b.listeners
+                          or (len(a.listeners) == len(b.listeners)
+                              and all(map(operator.is_, a.listeners, b.listeners)))))
 
 
 _GuestWants = tuple[str, tuple[_Want, ...], tuple[Skipped, ...]]
@@ -800,6 +802,7 @@ def plan(
     pl, remap = _plan_whole(per_guest, cur, hosts, blocked_set, policies, own_pid, labels)
     memo.whole = remap
     memo.stale = True
+    memo.last_mappings = None
     if remap:
         return pl
     by_ports = memo.plan(per_guest, policies)  # no remap after all: by host port
@@ -1066,6 +1069,9 @@ class _Groups:
         self.want_of: dict[_Ident, _Want] = {}
         self.members: dict[_Group, dict[_Want, None]] = {}
         self.cur: dict[int, PortMapping] = {}  # the current mappings by id (held: ids kept)
+        self.cur_t: tuple[PortMapping, ...] = ()  # the last current given
+        self.last_mappings: tuple[PortMapping, ...] | None = None  # the last plan's
+        self.last_made: tuple[_Group, ...] = ()  # the host ports it decided
         self.cur_group: dict[_Group, dict[int, PortMapping]] = {}
         self.cur_ident: dict[_Ident, dict[int, PortMapping]] = {}
         self.mine: dict[HostEndpoint, int] = {}  # current mappings' host endpoints, counted
@@ -1104,6 +1110,36 @@ class _Groups:
             if self.ws.get(n) is not ws:
                 self._set_wants(n, ws)
                 self.ws[n] = ws
+        if cur is not self.cur_t:
+            if cur is self.last_mappings:  # the last plan's, applied: its changed ports
+                self._applied()
+            elif not self._set_current(cur):
+                return False
+            self.cur_t = cur
+        self._set_holders(hosts)
+        if blocked != self.blocked:
+            self.dirty.update((e[2], e[0]) for e in blocked ^ self.blocked)
+            self.blocked = blocked
+        return True
+
+    def _applied(self) -> None:
+        """The current mappings are the last plan's (the very tuple): each host port
+        decided at the last plan now has its desired mappings, every other is as it was."""
+        for g in self.last_made:
+            part = self.parts.get(g)
+            want = part.desired if part is not None else ()
+            have = self.cur_group.get(g, {})
+            keep = set(map(id, want))
+            for k, m in [(k, m) for k, m in have.items() if k not in keep]:
+                del self.cur[k]
+                self._cur_remove(m)
+            for m in want:
+                if id(m) not in have:
+                    self.cur[id(m)] = m
+                    self._cur_add(m)
+
+    def _set_current(self, cur: tuple[PortMapping, ...]) -> bool:
+        """Any other current mappings: compared with the last by identity."""
         now = dict(zip(map(id, cur), cur, strict=True))
         if len(now) != len(cur):
             return False
@@ -1115,10 +1151,6 @@ class _Groups:
                 if not self._cur_add(now[k]):
                     return False
             self.cur = now
-        self._set_holders(hosts)
-        if blocked != self.blocked:
-            self.dirty.update((e[2], e[0]) for e in blocked ^ self.blocked)
-            self.blocked = blocked
         return True
 
     def _set_wants(self, name: str, ws: tuple[_Want, ...]) -> None:
@@ -1208,6 +1240,7 @@ class _Groups:
         self.dirty = set()
         self._join(made)
         flat = self.flat
+        self.last_mappings, self.last_made = flat["desired"], tuple(made)
         closes = [CloseMapping(mapping=m, reason=_close_reason(self._replaced(m)))
                   for m in flat["closes"]]
         opens = [OpenMapping(mapping=m) for m in flat["opens"]]
