@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import socket
@@ -167,6 +168,9 @@ class Planner:
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
         self._open: dict[MappingKey, tuple[PortMapping, ...]] = {}
+        self._applied: Plan | None = None  # the plan whose mappings _open is (_current)
+        self._grouped: tuple[tuple[PortMapping, ...], dict[MappingKey, tuple[PortMapping, ...]]] \
+            | None = None  # the last plan's mappings and their groups
         self._shown: dict[MappingKey, tuple[PortMapping, ...]] = {}  # for draining rows
         # wanted by the plan but not opened, and why (not TIME_WAIT): for `ls --all`
         self._unforwarded: dict[MappingKey, tuple[tuple[PortMapping, ...], str]] = {}
@@ -277,14 +281,16 @@ class Planner:
                     del self._blocked[e]
                 else:
                     self._blocked[e] = now + self.retry_s
-        current = tuple(m for ms in self._open.values() for m in ms)
+        current = self._current()
         pl, desired = await asyncio.to_thread(
             self._decide, self.registry.raw_states(), host, current, tuple(self._blocked),
             self.policies, self.rules, dict(self.own_sockets))
-        self.last_plan = pl
-        self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
-                                if c.kind == "host_port_in_use")
-        self._watch_keys = watch_keys(host, self._watch)
+        last, self.last_plan = self.last_plan, pl
+        self._applied = None  # until every change is made
+        if last is None or pl.conflicts is not last.conflicts:  # (the same records: as was)
+            self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
+                                    if c.kind == "host_port_in_use")
+        self._watch_keys = watch_keys(host, self._watch) if self._watch else frozenset()
         if self._watch:
             self._watch_ev.set()
         waiting = {MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
@@ -304,27 +310,41 @@ class Planner:
                 await self._close(key)
         await self._open_groups([(k, w) for k in touched
                                  if (w := desired.get(k)) is not None and self._open.get(k) != w])
+        # every key the plan changed is as it wants: what is open is the plan's mappings
+        # (the keys it did not touch were already), the next plan's ``current`` (_current)
+        self._applied = pl if all(self._open.get(k) == desired.get(k) for k in touched) \
+            else None
         self._unforwarded = {k: v for k, v in self._unforwarded.items()
                              if k in desired and k not in self._open}
         self._update_shares()
-        logged = self._conflicts_logged  # the last plan's, by identity: logged already
-        now_ids: dict[int, object] = {}
-        for c in pl.conflicts:  # (plan() hands back the very records of unchanged losses)
-            if id(c) not in logged:
-                self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; "
-                              f"{c.resolution}")
-            now_ids[id(c)] = c  # (the record held: its id is not reused meanwhile)
-        self._conflicts_logged = now_ids
+        if last is None or pl.conflicts is not last.conflicts:
+            logged = self._conflicts_logged  # the last plan's, by identity: logged already
+            now_ids: dict[int, object] = {}
+            for c in pl.conflicts:  # (plan() hands back the very records of unchanged losses)
+                if id(c) not in logged:
+                    self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; "
+                                  f"{c.resolution}")
+                now_ids[id(c)] = c  # (the record held: its id is not reused meanwhile)
+            self._conflicts_logged = now_ids
         # first-report times: kept only for wanted mappings not open yet
         if self._first_seen:
-            wanted = {(m.guest, str(m.proto), m.guest_port) for m in pl.mappings}
-            wanted -= {(k.guest, str(k.proto), k.port) for k in self._open}
-            self._first_seen = {k: t for k, t in self._first_seen.items() if k in wanted}
+            self._first_seen = {
+                k: t for k, t in self._first_seen.items()
+                if (key := MappingKey(guest=k[0], proto=Proto(k[1]), port=k[2])) in desired
+                and key not in self._open}
         if self._blocked and self._retry is None:
             def again() -> None:
                 self._retry = None
                 self.request_replan()
             self._retry = asyncio.get_running_loop().call_later(self.retry_s, again)
+
+    def _current(self) -> tuple[PortMapping, ...]:
+        """What is open, for plan(): the last plan's very mappings when it was applied as
+        it is (plan() then takes that plan's changes only, not a pass over every mapping),
+        else the open groups joined."""
+        if self._applied is not None and self._applied is self.last_plan:
+            return self._applied.mappings
+        return tuple(itertools.chain.from_iterable(self._open.values()))
 
     def _decide(self, guests: tuple[GuestState, ...], host: list[Listener],
                 current: tuple[PortMapping, ...], blocked: tuple[HostEndpoint, ...],
@@ -340,7 +360,10 @@ class Planner:
                   own_pid=os.getpid(), policies=policies, rules=rules, own_labels=own_labels)
         if over:
             pl = replace(pl, skipped=pl.skipped + over, conflicts=too_many + pl.conflicts)
-        return pl, group_mappings(pl.mappings)
+        grouped = self._grouped
+        if grouped is None or grouped[0] is not pl.mappings:  # (unchanged: the same tuple)
+            grouped = self._grouped = (pl.mappings, group_mappings(pl.mappings))
+        return pl, grouped[1]
 
     async def host_watch(self) -> None:
         """The deliberate host poll: while a conflict waits on a host holder, read the host's

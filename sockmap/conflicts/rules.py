@@ -1071,7 +1071,7 @@ class _Groups:
         self.cur: dict[int, PortMapping] = {}  # the current mappings by id (held: ids kept)
         self.cur_t: tuple[PortMapping, ...] = ()  # the last current given
         self.last_mappings: tuple[PortMapping, ...] | None = None  # the last plan's
-        self.last_made: tuple[_Group, ...] = ()  # the host ports it decided
+        self.last_made: tuple[_Group, ...] = ()  # the host ports it changes
         self.cur_group: dict[_Group, dict[int, PortMapping]] = {}
         self.cur_ident: dict[_Ident, dict[int, PortMapping]] = {}
         self.mine: dict[HostEndpoint, int] = {}  # current mappings' host endpoints, counted
@@ -1240,7 +1240,10 @@ class _Groups:
         self.dirty = set()
         self._join(made)
         flat = self.flat
-        self.last_mappings, self.last_made = flat["desired"], tuple(made)
+        # the host ports the plan changes: those it decided, and any other whose current
+        # mappings it still finds different from its desired (a mapping that did not open)
+        self.last_mappings = flat["desired"]
+        self.last_made = (*made, *self.fkeys["opens"], *self.fkeys["closes"])
         closes = [CloseMapping(mapping=m, reason=_close_reason(self._replaced(m)))
                   for m in flat["closes"]]
         opens = [OpenMapping(mapping=m) for m in flat["opens"]]

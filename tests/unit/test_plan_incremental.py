@@ -73,8 +73,8 @@ def _fresh_memos() -> Iterable[None]:
     _clear()
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(op, max_size=30), st.sampled_from(POLICIES), st.sampled_from(RULES),
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op, min_size=4, max_size=40), st.sampled_from(POLICIES), st.sampled_from(RULES),
        st.sampled_from((100, 2)))
 def test_the_plan_by_host_port_is_the_plan_from_nothing_and_the_whole_plan(
         ops: list[tuple[object, ...]], policies: Policies, rules: tuple[Rule, ...],
