@@ -1,6 +1,6 @@
 """What one replan costs at scale: ``python -m bench.plan_scale`` prints JSON.
 
-``conflicts.rules.plan`` (pure) over G guests x P listeners, the way the daemon calls it
+``conflicts.plan.plan`` (pure) over G guests x P listeners, the way the daemon calls it
 on every change (with the current mappings), in two shapes: the same P ports in every
 guest (the first guest's are forwarded, the rest are G-1 conflicts each: what
 ``bench.scale`` builds) and distinct ports (no conflict); each shape three ways: from
@@ -23,8 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from sockmap.conflicts import rules as R
-from sockmap.conflicts.rules import GuestState, plan
+from sockmap.conflicts.byport import _GROUPS
+from sockmap.conflicts.mappings import GuestState
+from sockmap.conflicts.plan import _SORTED_MEMO, plan
+from sockmap.conflicts.wants import _WANTS_MEMO
 from sockmap.portwatch.records import Listener
 
 
@@ -55,9 +57,9 @@ def cpu_ms(guests: tuple[GuestState, ...], runs: int, how: str) -> float:
             now = (*guests[:i], replace(g, listeners=g.listeners[1:]), *guests[i + 1:])
         plan(guests=guests, current=cur)  # the memo holds the state before
         if how == "fresh":
-            R._WANTS_MEMO.clear()
-            R._SORTED_MEMO.clear()
-            R._GROUPS.clear()
+            _WANTS_MEMO.clear()
+            _SORTED_MEMO.clear()
+            _GROUPS.clear()
         t = time.process_time()
         plan(guests=now, current=cur)
         best = min(best, time.process_time() - t)

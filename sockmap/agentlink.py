@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, assert_never
 
 from sockmap import protocol as p
-from sockmap.conflicts.rules import relay_target
+from sockmap.conflicts.decide import relay_target
 from sockmap.errors import SockmapError
 from sockmap.portwatch import (
     AddressesChanged,

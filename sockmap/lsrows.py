@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sockmap import sharing
-from sockmap.conflicts.rules import Plan, PortMapping
+from sockmap.conflicts.mappings import Plan, PortMapping
 from sockmap.proxy import MappingKey, Target
 from sockmap.proxy.bpfprog import KernelStats
 from sockmap.proxy.conndiag import Tally

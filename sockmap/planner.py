@@ -1,4 +1,4 @@
-"""Replanning: what the registry and the host say, through ``conflicts.rules.plan``, applied
+"""Replanning: what the registry and the host say, through ``conflicts.plan.plan``, applied
 to the proxy's MappingTable; and what the rows ``sockmap ls`` shows are made of (lsrows).
 
 Every mapping decision comes from ``plan()``; the planner only groups its per-host-address
@@ -35,22 +35,12 @@ from dataclasses import replace
 from typing import Any
 
 from sockmap import metrics, sharing
+from sockmap.conflicts.decide import LOOPBACK4, LOOPBACK6, Nic, Relay
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
+from sockmap.conflicts.mappings import GuestState, HostEndpoint, Plan, PortMapping, shared_with
+from sockmap.conflicts.plan import plan
 from sockmap.conflicts.reverse import without_own
-from sockmap.conflicts.rules import (
-    LOOPBACK4,
-    LOOPBACK6,
-    GuestState,
-    HostEndpoint,
-    Nic,
-    Plan,
-    Policies,
-    PortMapping,
-    Relay,
-    Rule,
-    plan,
-    shared_with,
-)
+from sockmap.conflicts.rules import Policies, Rule
 from sockmap.errors import SockmapError
 from sockmap.hostscan import HostScan
 from sockmap.kernelsync import sync_kernel
@@ -155,7 +145,7 @@ class Planner:
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
         # UDP to a guest's loopback: upstream sockets made in its namespace (netns guests
-        # the daemon watches; conflicts.rules lets only those through)
+        # the daemon watches; conflicts.decide lets only those through)
         self.udp_relay_connector: RelayConnector | None = None
         self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
         self.kconns = KernelConns()  # its connections and bytes, from sock_diag

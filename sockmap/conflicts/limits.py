@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Final
 
+from sockmap.conflicts.mappings import GuestState, Skipped
 from sockmap.conflicts.records import Conflict, Party
-from sockmap.conflicts.rules import GuestState, Skipped
 from sockmap.portwatch.records import Listener
 
 DEFAULT_MAX_LISTENERS: Final = 4096

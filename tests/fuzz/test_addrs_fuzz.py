@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from sockmap import addrs as A
 from sockmap import planner
 from sockmap import protocol as p
-from sockmap.conflicts.rules import Nic, decide, nic_addr, plan, relay_target
+from sockmap.conflicts.decide import Nic, decide, nic_addr, relay_target
+from sockmap.conflicts.plan import plan
 from sockmap.portwatch.records import Listener
 from sockmap.registry import Assigned, Registry
 

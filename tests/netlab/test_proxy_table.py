@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from sockmap import planner
-from sockmap.conflicts.rules import Nic, PortMapping
+from sockmap.conflicts.decide import Nic
+from sockmap.conflicts.mappings import PortMapping
 from sockmap.errors import SockmapError
 from sockmap.proxy import (
     MappingKey,

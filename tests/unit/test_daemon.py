@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from sockmap import agentlink, daemon, planner
 from sockmap import protocol as p
-from sockmap.conflicts.rules import Nic, PortMapping, Relay, plan
+from sockmap.conflicts.decide import Nic, Relay
+from sockmap.conflicts.mappings import PortMapping
+from sockmap.conflicts.plan import plan
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import (
     AddressesChanged,

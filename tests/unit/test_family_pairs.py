@@ -13,15 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockmap import lsview, planner
-from sockmap.conflicts.rules import (
-    GuestState,
-    Nic,
-    Policies,
-    PortMapping,
-    Relay,
-    Rule,
-    plan,
-)
+from sockmap.conflicts.decide import Nic, Relay
+from sockmap.conflicts.mappings import GuestState, PortMapping
+from sockmap.conflicts.plan import plan
+from sockmap.conflicts.rules import Policies, Rule
 from sockmap.portwatch.records import Listener, Owner, Proto
 from sockmap.proxy import MappingKey, MappingSpec, MappingTable, Target
 from sockmap.proxy import Proto as PProto

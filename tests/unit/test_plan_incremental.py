@@ -15,9 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockmap.conflicts import rules as R
+from sockmap.conflicts.byport import _GROUPS
 from sockmap.conflicts.limits import cap_listeners
-from sockmap.conflicts.rules import GuestState, Policies, PolicyRule, Rule, plan
+from sockmap.conflicts.mappings import CloseMapping, GuestState, PortMapping
+from sockmap.conflicts.plan import _SORTED_MEMO, _plan_whole, plan
+from sockmap.conflicts.rules import Policies, PolicyRule, Rule
+from sockmap.conflicts.wants import _WANTS_MEMO, _wants
 from sockmap.portwatch.records import Listener, Owner
 
 PORTS = (80, 443, 5000, 5001, 8080, 8081)
@@ -57,9 +60,9 @@ RULES: tuple[tuple[Rule, ...], ...] = (
 
 
 def _clear() -> None:
-    R._WANTS_MEMO.clear()
-    R._SORTED_MEMO.clear()
-    R._GROUPS.clear()
+    _WANTS_MEMO.clear()
+    _SORTED_MEMO.clear()
+    _GROUPS.clear()
 
 
 def _bag(xs: Iterable[object]) -> list[str]:
@@ -84,7 +87,7 @@ def test_the_plan_by_host_port_is_the_plan_from_nothing_and_the_whole_plan(
     order = list(NAMES)
     host: dict[int, Listener] = {}
     blocked: set[tuple[str, str, int]] = set()
-    current: tuple[R.PortMapping, ...] = ()
+    current: tuple[PortMapping, ...] = ()
     inode = 1
     for o in ops:
         match o:
@@ -129,18 +132,18 @@ def test_the_plan_by_host_port_is_the_plan_from_nothing_and_the_whole_plan(
                     policies=policies, rules=rules, own_pid=1, blocked=tuple(blocked),
                     own_labels={("tcp", "127.0.0.1", 8081): "sockmap's metrics endpoint"})
         kept = plan(**args)  # type: ignore[arg-type]
-        saved = (dict(R._WANTS_MEMO), list(R._SORTED_MEMO), list(R._GROUPS))
+        saved = (dict(_WANTS_MEMO), list(_SORTED_MEMO), list(_GROUPS))
         _clear()
         fresh = plan(**args)  # type: ignore[arg-type]
         assert repr(kept) == repr(fresh)
         _clear()
-        per_guest = R._wants(capped, rules)
-        whole, _ = R._plan_whole(per_guest, current, tuple(host.values()),
+        per_guest = _wants(capped, rules)
+        whole, _ = _plan_whole(per_guest, current, tuple(host.values()),
                                  frozenset(blocked), policies, 1, args["own_labels"])  # type: ignore[arg-type]
         _clear()  # the memos as the kept plan left them: the next plan builds on them
-        R._WANTS_MEMO.update(saved[0])
-        R._SORTED_MEMO[:] = saved[1]
-        R._GROUPS[:] = saved[2]
+        _WANTS_MEMO.update(saved[0])
+        _SORTED_MEMO[:] = saved[1]
+        _GROUPS[:] = saved[2]
         for name in ("commands", "mappings", "conflicts", "retry", "waiting", "skipped",
                      "pending", "remapped", "shared"):
             assert _bag(getattr(kept, name)) == _bag(getattr(whole, name)), name
@@ -162,7 +165,7 @@ def test_one_new_listener_decides_its_own_host_port_only() -> None:
     gs = _guests(4, (80, 443))
     first = plan(guests=gs)
     first = plan(guests=gs, current=first.mappings)  # applied: the steady state
-    memo = R._GROUPS[0]
+    memo = _GROUPS[0]
     parts = dict(memo.parts)
     more = (gs[0], gs[1], replace(gs[2], listeners=(*gs[2].listeners, _tcp(9000, 77))),
             gs[3])
@@ -199,12 +202,12 @@ def test_remap_makes_the_whole_plan_and_back() -> None:
     pol = Policies(rules=(PolicyRule(policy="remap", guest="g1"),))
     first = plan(guests=gs, policies=pol)
     assert [m.host_port for m in first.mappings] == [8080, 8081]
-    assert R._GROUPS[0].whole and first.remapped
+    assert _GROUPS[0].whole and first.remapped
     gone = plan(guests=(replace(gs[0], listeners=()), gs[1]), policies=pol,
                 current=first.mappings)
-    assert not R._GROUPS[0].whole  # by host port again
+    assert not _GROUPS[0].whole  # by host port again
     assert [(m.guest, m.host_port) for m in gone.mappings] == [("g1", 8080)]
-    assert [c.reason for c in gone.commands if isinstance(c, R.CloseMapping)] == [
+    assert [c.reason for c in gone.commands if isinstance(c, CloseMapping)] == [
         "guest listener gone or not forwardable now", "replaced"]
 
 
@@ -212,7 +215,7 @@ def test_share_is_decided_by_host_port() -> None:
     gs = _guests(3, (80,))
     pol = Policies(default="share")
     pl = plan(guests=gs, policies=pol)
-    assert not R._GROUPS[0].whole
+    assert not _GROUPS[0].whole
     assert [m.guest for m in pl.mappings] == ["g0"]
     assert [m.guest for m in pl.shared] == ["g1", "g2"]
 
