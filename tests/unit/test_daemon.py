@@ -10,9 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockmap import agentlink, daemon, planner
 from sockmap import protocol as p
+from sockmap.agent import link as agentlink
 from sockmap.conflicts.rules import Nic, PortMapping, Relay, plan
+from sockmap.daemon import planner
+from sockmap.daemon import service as daemon
+from sockmap.daemon.registry import Registry, usable_addrs
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import (
     AddressesChanged,
@@ -22,7 +25,6 @@ from sockmap.portwatch.records import (
     SourceError,
 )
 from sockmap.proxy import MappingKey, Proto
-from sockmap.registry import Registry, usable_addrs
 
 G4, G6 = "172.31.0.2", "fd53:6f63:6b6d::2"
 

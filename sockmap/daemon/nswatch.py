@@ -50,8 +50,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from sockmap import protocol as p
-from sockmap.agentlink import Nics, batch
-from sockmap.agents import AgentSessions
+from sockmap.agent.link import Nics, batch
+from sockmap.daemon.agents import AgentSessions
+from sockmap.daemon.registry import ListenerKey
 from sockmap.errors import SockmapError
 from sockmap.nat import nsid, nssock
 from sockmap.portwatch import Listener, SourceUnavailable, Watcher
@@ -59,7 +60,6 @@ from sockmap.portwatch.events import EventSource, ListenerEvents
 from sockmap.portwatch.hub import EventHub
 from sockmap.portwatch.records import AddressesChanged, Event
 from sockmap.proxy import Connector, MappingSpec
-from sockmap.registry import ListenerKey
 
 log = logging.getLogger("sockmap.daemon")
 

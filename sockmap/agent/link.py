@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, assert_never
 
 from sockmap import protocol as p
+from sockmap.agent.signals import until_signal
 from sockmap.conflicts.rules import relay_target
 from sockmap.errors import SockmapError
 from sockmap.portwatch import (
@@ -45,7 +46,6 @@ from sockmap.portwatch import (
     SourceError,
     Watcher,
 )
-from sockmap.signals import until_signal
 
 log = logging.getLogger("sockmap.agent")
 
