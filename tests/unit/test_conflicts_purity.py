@@ -9,7 +9,7 @@ import pytest
 
 import sockmap
 
-PURE = ["protocol.py", "addrs.py", "daemon/registry.py", "conflicts/records.py",
+PURE = ["protocol.py", "addrs.py", "reports.py", "daemon/registry.py", "conflicts/records.py",
         "conflicts/rules.py", "conflicts/flat.py", "conflicts/report.py", "proxy/bpfasm.py",
         "proxy/bpfprog.py",
         "daemon/rows.py", "proxy/spec.py", "proxy/conndiag.py", "conflicts/attach.py"]
