@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sockmap import addrs as A
-from sockmap import planner
 from sockmap import protocol as p
 from sockmap.conflicts.decide import Nic, decide, nic_addr, relay_target
 from sockmap.conflicts.plan import plan
+from sockmap.daemon import planner
+from sockmap.daemon.registry import Assigned, Registry
 from sockmap.portwatch.records import Listener
-from sockmap.registry import Assigned, Registry
 
 V4 = ipaddress.IPv4Address
 

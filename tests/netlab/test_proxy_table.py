@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sockmap import planner
 from sockmap.conflicts.decide import Nic
 from sockmap.conflicts.mappings import PortMapping
+from sockmap.daemon import planner
 from sockmap.errors import SockmapError
 from sockmap.proxy import (
     MappingKey,

@@ -11,8 +11,8 @@ from hypothesis import strategies as st_
 
 from sockmap.conflicts.decide import Nic, Relay
 from sockmap.conflicts.mappings import PortMapping
+from sockmap.daemon.kernelsync import kernel_entries
 from sockmap.errors import SockmapError
-from sockmap.kernelsync import kernel_entries
 from sockmap.proxy import bpfasm as a
 from sockmap.proxy import bpfprog
 from sockmap.proxy.kernel import cgroup2_root, prog_name

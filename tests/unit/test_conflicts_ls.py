@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sockmap import lsview
+from sockmap.cli import lsview
 from sockmap.conflicts.mappings import GuestState
 from sockmap.conflicts.plan import plan
 from sockmap.conflicts.rules import Policies
-from sockmap.daemon import Config, Daemon
+from sockmap.daemon.service import Config, Daemon
 from sockmap.portwatch.records import Listener, Owner
 from sockmap.proxy import MappingTable
 

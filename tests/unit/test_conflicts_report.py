@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sockmap import cli
+from sockmap.cli import main as cli
 from sockmap.conflicts import flat, report
 from sockmap.conflicts.mappings import GuestState
 from sockmap.conflicts.plan import plan

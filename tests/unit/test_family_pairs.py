@@ -12,15 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockmap import lsview, planner
+from sockmap.cli import lsview
 from sockmap.conflicts.decide import Nic, Relay
 from sockmap.conflicts.mappings import GuestState, PortMapping
 from sockmap.conflicts.plan import plan
 from sockmap.conflicts.rules import Policies, Rule
+from sockmap.daemon import planner
+from sockmap.daemon.registry import Registry
 from sockmap.portwatch.records import Listener, Owner, Proto
 from sockmap.proxy import MappingKey, MappingSpec, MappingTable, Target
 from sockmap.proxy import Proto as PProto
-from sockmap.registry import Registry
 
 G4, G6 = "172.31.0.2", "fd53:6f63:6b6d::2"
 

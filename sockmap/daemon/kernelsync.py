@@ -11,10 +11,10 @@ import ipaddress
 
 from sockmap.conflicts.decide import Nic
 from sockmap.conflicts.mappings import PortMapping
+from sockmap.daemon.registry import Registry
 from sockmap.proxy import MappingKey
 from sockmap.proxy.bpfprog import FwdEntry
 from sockmap.proxy.kernel import KernelPath
-from sockmap.registry import Registry
 
 
 def kernel_entries(group: tuple[PortMapping, ...], host_port: int,
