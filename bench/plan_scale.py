@@ -26,7 +26,7 @@ from dataclasses import replace
 from sockmap.conflicts.byport import _GROUPS
 from sockmap.conflicts.mappings import GuestState
 from sockmap.conflicts.plan import _SORTED_MEMO, plan
-from sockmap.conflicts.wants import _WANTS_MEMO
+from sockmap.conflicts.wants import _UNITS, _WANTS_MEMO
 from sockmap.portwatch.records import Listener
 
 
@@ -58,6 +58,7 @@ def cpu_ms(guests: tuple[GuestState, ...], runs: int, how: str) -> float:
         plan(guests=guests, current=cur)  # the memo holds the state before
         if how == "fresh":
             _WANTS_MEMO.clear()
+            _UNITS.clear()
             _SORTED_MEMO.clear()
             _GROUPS.clear()
         t = time.process_time()

@@ -7,6 +7,7 @@ wants, so a replan re-decides only the guests that changed.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ def _wants(guests: Sequence[GuestState], rules: Sequence[Rule] = ()) -> list[_Gu
     if len(_WANTS_MEMO) > len(names) + WANTS_MEMO_SPARE:  # guests gone: forget them
         for name in [n for n in _WANTS_MEMO if n not in names]:
             _WANTS_MEMO.pop(name, None)
+            _UNITS.pop(name, None)
     return out
 
 
@@ -129,16 +131,54 @@ def _reuse(old: tuple[_Want, ...], new: tuple[_Want, ...]) -> tuple[_Want, ...]:
     return tuple(out)
 
 
+# per guest name, per (proto, guest port): the unit's listeners, the guest's addresses and
+# the rules at the last plan, and what they gave (wants, skipped, host endpoints claimed)
+_UnitMemo = tuple[tuple[Listener, ...], tuple[object, ...],
+                  tuple[tuple[_Want, ...], tuple[Skipped, ...], tuple[HostEndpoint, ...]]]
+_UNITS: dict[str, dict[tuple[Proto, int], _UnitMemo]] = {}
+
+
 def _guest_wants(g: GuestState, rules: Sequence[Rule]
                  ) -> tuple[tuple[_Want, ...], tuple[Skipped, ...]]:
-    """One guest's wants and skipped listeners (``_wants``'s work for one guest)."""
+    """One guest's wants and skipped listeners (``_wants``'s work for one guest), made per
+    guest port (proto, port): a unit whose listeners (the very objects), the guest's
+    addresses and the rules are those of the last plan gives its last wants. Units are
+    independent unless two claim one host endpoint (rules that put two guest ports on one
+    host port): then the guest's listeners are decided in one pass, in order."""
+    unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
+    ordered = sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family, li.addr))
+    ctx = (g.addrs, g.refused, g.udp_relay, tuple(rules))
+    last = _UNITS.get(g.name, {})
+    memo: dict[tuple[Proto, int], _UnitMemo] = {}
+    parts = []
+    claimed = 0
+    for (proto, port), grp in itertools.groupby(ordered, key=lambda li: (li.proto, li.port)):
+        lis = tuple(grp)
+        m = last.get((proto, port))
+        if (m is None or m[1] != ctx or len(m[0]) != len(lis)
+                or not all(map(operator.is_, m[0], lis))):
+            m = (lis, ctx, _decide_listeners(g, rules, lis))
+        memo[(proto, port)] = m
+        parts.append(m[2])
+        claimed += len(m[2][2])
+    _UNITS[g.name] = memo
+    if len({e for p in parts for e in p[2]}) != claimed:  # units share a host endpoint
+        ws, sk, _ = _decide_listeners(g, rules, ordered)
+        return ws, sk
+    return (tuple(itertools.chain.from_iterable(p[0] for p in parts)),
+            tuple(itertools.chain.from_iterable(p[1] for p in parts)))
+
+
+def _decide_listeners(g: GuestState, rules: Sequence[Rule], ordered: Sequence[Listener]
+                      ) -> tuple[tuple[_Want, ...], tuple[Skipped, ...],
+                                 tuple[HostEndpoint, ...]]:
+    """The wants and skipped listeners of ``ordered`` (listeners of ``g`` by proto, port,
+    family, address), and the host endpoints they claimed."""
     wants: list[_Want] = []
     skipped: list[Skipped] = []
     seen: dict[HostEndpoint, Listener] = {}  # host endpoint -> the listener it forwards
     unit: dict[tuple[Proto, int], int] = {}  # (proto, guest port) -> index in wants
-    unique = {li.key: li for li in sorted(g.listeners, key=lambda li: li.inode)}
-    for li in sorted(unique.values(), key=lambda li: (li.proto, li.port, li.family,
-                                                      li.addr)):
+    for li in ordered:
         d = decide(li, g.addrs, g.refused, udp_relay=g.udp_relay)
         rule = match_rule(rules, g.name, li)
         if rule is not None and rule.action == "ignore":
@@ -192,7 +232,7 @@ def _guest_wants(g: GuestState, rules: Sequence[Rule]
                         f"{endpoint(first.addr, first.port)}")))
             case _:
                 assert_never(d)
-    return tuple(wants), tuple(skipped)
+    return tuple(wants), tuple(skipped), tuple(seen)
 
 
 def _native(li: Listener, b: Binding) -> bool:

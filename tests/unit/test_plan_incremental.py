@@ -20,7 +20,7 @@ from sockmap.conflicts.limits import cap_listeners
 from sockmap.conflicts.mappings import CloseMapping, GuestState, PortMapping
 from sockmap.conflicts.plan import _SORTED_MEMO, _plan_whole, plan
 from sockmap.conflicts.rules import Policies, PolicyRule, Rule
-from sockmap.conflicts.wants import _WANTS_MEMO, _wants
+from sockmap.conflicts.wants import _UNITS, _WANTS_MEMO, _wants
 from sockmap.portwatch.records import Listener, Owner
 
 PORTS = (80, 443, 5000, 5001, 8080, 8081)
@@ -61,6 +61,7 @@ RULES: tuple[tuple[Rule, ...], ...] = (
 
 def _clear() -> None:
     _WANTS_MEMO.clear()
+    _UNITS.clear()
     _SORTED_MEMO.clear()
     _GROUPS.clear()
 
@@ -132,7 +133,7 @@ def test_the_plan_by_host_port_is_the_plan_from_nothing_and_the_whole_plan(
                     policies=policies, rules=rules, own_pid=1, blocked=tuple(blocked),
                     own_labels={("tcp", "127.0.0.1", 8081): "sockmap's metrics endpoint"})
         kept = plan(**args)  # type: ignore[arg-type]
-        saved = (dict(_WANTS_MEMO), list(_SORTED_MEMO), list(_GROUPS))
+        saved = (dict(_WANTS_MEMO), list(_SORTED_MEMO), list(_GROUPS), dict(_UNITS))
         _clear()
         fresh = plan(**args)  # type: ignore[arg-type]
         assert repr(kept) == repr(fresh)
@@ -144,6 +145,7 @@ def test_the_plan_by_host_port_is_the_plan_from_nothing_and_the_whole_plan(
         _WANTS_MEMO.update(saved[0])
         _SORTED_MEMO[:] = saved[1]
         _GROUPS[:] = saved[2]
+        _UNITS.update(saved[3])
         for name in ("commands", "mappings", "conflicts", "retry", "waiting", "skipped",
                      "pending", "remapped", "shared"):
             assert _bag(getattr(kept, name)) == _bag(getattr(whole, name)), name
@@ -225,3 +227,21 @@ def test_guests_out_of_order_start_again() -> None:
     plan(guests=gs)
     pl = plan(guests=(gs[2], gs[0], gs[1]))
     assert [m.guest for m in pl.mappings] == ["g2"]
+
+
+def test_a_guest_port_changed_remakes_its_own_wants_only() -> None:
+    (g,) = _guests(1, (80, 443, 8080))
+    per = _wants((g,))
+    more = replace(g, listeners=(*g.listeners, _tcp(9000, 5)))
+    (_, ws, _), = _wants((more,))
+    assert [w.port for w in ws] == [80, 443, 8080, 9000]
+    assert all(a is b for a, b in zip(per[0][1], ws[:3], strict=False))
+
+
+def test_two_guest_ports_on_one_host_port_are_decided_in_one_pass() -> None:
+    (g,) = _guests(1, (8080, 8081))
+    rules = (Rule(ports=((8081, 8081),), host_port=8080),)
+    ((_, ws, sk),) = _wants((g,), rules)
+    assert [w.listener.port for w in ws] == [8080]
+    assert [s.listener.port for s in sk] == [8081]
+    assert "already forwards this guest's 0.0.0.0:8080" in sk[0].reason

@@ -13,7 +13,7 @@ from sockmap.conflicts.limits import cap_listeners
 from sockmap.conflicts.mappings import GuestState, Plan, PortMapping
 from sockmap.conflicts.plan import _SORTED_MEMO, plan
 from sockmap.conflicts.rules import Policies, PolicyRule, Rule
-from sockmap.conflicts.wants import _WANTS_MEMO, WANTS_MEMO_SPARE
+from sockmap.conflicts.wants import _UNITS, _WANTS_MEMO, WANTS_MEMO_SPARE
 from sockmap.portwatch.records import Listener, Owner
 
 PORTS = (80, 443, 5000, 5001, 8080)
@@ -83,6 +83,7 @@ def test_plan_with_the_memo_is_the_plan_from_nothing(ops: list[tuple[object, ...
                     policies=policies, rules=rules, own_pid=1)
         with_memo = plan(**args)
         _WANTS_MEMO.clear()
+        _UNITS.clear()
         _SORTED_MEMO.clear()
         _GROUPS.clear()
         fresh = plan(**args)
