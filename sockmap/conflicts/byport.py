@@ -12,6 +12,7 @@ import itertools
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from sockmap.conflicts.assign import (
@@ -53,6 +54,14 @@ class _Part:
     closes: tuple[PortMapping, ...]  # its current mappings not desired
     opens: tuple[PortMapping, ...]  # its desired mappings not current
     desired_ids: frozenset[_Ident]
+    groups: tuple[tuple[_Ident, tuple[PortMapping, ...]], ...]  # desired by key, in order
+
+
+def _grouped(desired: list[PortMapping]) -> tuple[tuple[_Ident, tuple[PortMapping, ...]], ...]:
+    out: dict[_Ident, list[PortMapping]] = {}
+    for m in desired:
+        out.setdefault(_mapping_ident(m), []).append(m)
+    return tuple((k, tuple(v)) for k, v in out.items())
 
 
 _FIELDS = ("desired", "conflicts", "retry", "waiting", "pending", "shared", "skipped",
@@ -90,6 +99,8 @@ class _Groups:
         self.own_named: dict[Listener, str] = {}
         self.blocked: frozenset[HostEndpoint] = frozenset()
         self.parts: dict[_Group, _Part] = {}
+        self.by_key: dict[_Ident, tuple[PortMapping, ...]] = {}  # the parts' groups
+        self.by_key_view: Mapping[_Ident, tuple[PortMapping, ...]] = {}  # a copy, handed out
         self.fparts: dict[str, dict[_Group, tuple[Any, ...]]] = {f: {} for f in _FIELDS}
         self.fkeys: dict[str, list[_Group]] = {f: [] for f in _FIELDS}  # sorted
         self.flat: dict[str, tuple[Any, ...]] = {f: () for f in _FIELDS}
@@ -250,6 +261,8 @@ class _Groups:
         self.stale = False
         self.dirty = set()
         self._join(made)
+        if made:  # (a copy: the plan handed out stays as it was)
+            self.by_key_view = MappingProxyType(dict(self.by_key))
         flat = self.flat
         # the host ports the plan changes: those it decided, and any other whose current
         # mappings it still finds different from its desired (a mapping that did not open)
@@ -268,6 +281,7 @@ class _Groups:
                      *flat["skipped"]),
             pending=flat["pending"],
             shared=flat["shared"],
+            by_key=self.by_key_view,
         )
 
     def _replaced(self, m: PortMapping) -> bool:
@@ -301,7 +315,8 @@ class _Groups:
             pending=tuple(f.pending), shared=tuple(f.shared), skipped=tuple(f.skipped),
             closes=tuple(sorted((m for m in cur if m not in desired_set), key=_mapping_order)),
             opens=tuple(m for m in f.desired if m not in cur_set),
-            desired_ids=frozenset(_mapping_ident(m) for m in f.desired))
+            desired_ids=frozenset(_mapping_ident(m) for m in f.desired),
+            groups=_grouped(f.desired))
 
     def _join(self, made: dict[_Group, _Part | None]) -> None:
         """The parts ``made`` in place of the old ones, and each field joined again where
@@ -328,11 +343,17 @@ class _Groups:
             if changed:
                 self.flat[name] = tuple(itertools.chain.from_iterable(
                     map(fparts.__getitem__, fkeys)))
+        by_key = self.by_key
         for g, part in made.items():
+            old = self.parts.get(g)
+            if old is not None:
+                for ident, _ in old.groups:
+                    del by_key[ident]
             if part is None:
                 self.parts.pop(g, None)
             else:
                 self.parts[g] = part
+                by_key.update(part.groups)
 
 
 _GROUPS: list[_Groups] = []  # the last plan's, for the next (one)

@@ -6,6 +6,7 @@ out (``Skipped``) and the ``Plan`` itself; ``shared_with`` reads policy share's 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sockmap.conflicts.decide import Upstream
@@ -107,6 +108,21 @@ class Plan:
     pending: tuple[PortMapping, ...] = ()
     remapped: tuple[PortMapping, ...] = ()
     shared: tuple[PortMapping, ...] = ()
+    # ``mappings`` by (guest, proto, guest port), in their order, when the plan kept them so
+    # (the plan by host port does: a change regroups its own); None: ``groups_of`` groups
+    by_key: Mapping[tuple[str, Proto, int], tuple[PortMapping, ...]] | None = field(
+        default=None, compare=False, repr=False)
+
+
+def groups_of(pl: Plan) -> Mapping[tuple[str, Proto, int], tuple[PortMapping, ...]]:
+    """``pl.mappings`` grouped by (guest, proto, guest port) (the proxy's key), each group in
+    the plan's order (pure)."""
+    if pl.by_key is not None:
+        return pl.by_key
+    out: dict[tuple[str, Proto, int], list[PortMapping]] = {}
+    for m in pl.mappings:
+        out.setdefault((m.guest, m.proto, m.guest_port), []).append(m)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def shared_with(pl: Plan) -> dict[tuple[str, Proto, int], tuple[PortMapping, ...]]:

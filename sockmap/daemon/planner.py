@@ -27,12 +27,19 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
-from sockmap.conflicts.mappings import GuestState, HostEndpoint, Plan, PortMapping, shared_with
+from sockmap.conflicts.mappings import (
+    GuestState,
+    HostEndpoint,
+    Plan,
+    PortMapping,
+    groups_of,
+    shared_with,
+)
 from sockmap.conflicts.plan import plan
 from sockmap.conflicts.reverse import without_own
 from sockmap.conflicts.rules import Policies, Rule
@@ -44,12 +51,21 @@ from sockmap.daemon.registry import Registry
 from sockmap.errors import SockmapError
 from sockmap.portwatch import Listener, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
+from sockmap.portwatch.records import Proto as ListenerProto
 from sockmap.proxy import MappingKey, MappingTable, Proto
 from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.share import ShareConnector
 
 log = logging.getLogger("sockmap.daemon")
+
+
+Groups = Mapping[tuple[str, ListenerProto, int], tuple[PortMapping, ...]]  # by plan ident
+
+
+def _ident(key: MappingKey) -> tuple[str, ListenerProto, int]:
+    """A proxy key as the plan's groups name it (guest, proto, guest port)."""
+    return (key.guest, cast(ListenerProto, str(key.proto)), key.port)
 
 
 def watch_keys(listeners: list[Listener], watched: frozenset[tuple[str, int]]
@@ -91,7 +107,8 @@ class Planner(Applier):
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
         self._open: dict[MappingKey, tuple[PortMapping, ...]] = {}
         self._applied: Plan | None = None  # the plan whose mappings _open is (_current)
-        self._grouped: tuple[tuple[PortMapping, ...], dict[MappingKey, tuple[PortMapping, ...]]] \
+        self._grouped: tuple[tuple[PortMapping, ...],
+                             Groups] \
             | None = None  # the last plan's mappings and their groups
         self._shown: dict[MappingKey, tuple[PortMapping, ...]] = {}  # for draining rows
         # wanted by the plan but not opened, and why (not TIME_WAIT): for `ls --all`
@@ -223,16 +240,17 @@ class Planner(Applier):
         touched += [k for k in regrow if k not in touched]
         for key in touched:  # _close yields to the loop each time
             have = self._open.get(key)
-            if have is not None and (have != desired.get(key) or key in regrow):
+            if have is not None and (have != desired.get(_ident(key)) or key in regrow):
                 await self._close(key)
         await self._open_groups([(k, w) for k in touched
-                                 if (w := desired.get(k)) is not None and self._open.get(k) != w])
+                                 if (w := desired.get(_ident(k))) is not None
+                                 and self._open.get(k) != w])
         # every key the plan changed is as it wants: what is open is the plan's mappings
         # (the keys it did not touch were already), the next plan's ``current`` (_current)
-        self._applied = pl if all(self._open.get(k) == desired.get(k) for k in touched) \
+        self._applied = pl if all(self._open.get(k) == desired.get(_ident(k)) for k in touched) \
             else None
         self._unforwarded = {k: v for k, v in self._unforwarded.items()
-                             if k in desired and k not in self._open}
+                             if _ident(k) in desired and k not in self._open}
         self._update_shares()
         if last is None or pl.conflicts is not last.conflicts:
             logged = self._conflicts_logged  # the last plan's, by identity: logged already
@@ -247,8 +265,8 @@ class Planner(Applier):
         if self._first_seen:
             self._first_seen = {
                 k: t for k, t in self._first_seen.items()
-                if (key := MappingKey(guest=k[0], proto=Proto(k[1]), port=k[2])) in desired
-                and key not in self._open}
+                if k in desired
+                and MappingKey(guest=k[0], proto=Proto(k[1]), port=k[2]) not in self._open}
         if self._blocked and self._retry is None:
             def again() -> None:
                 self._retry = None
@@ -267,8 +285,9 @@ class Planner(Applier):
                 current: tuple[PortMapping, ...], blocked: tuple[HostEndpoint, ...],
                 policies: Policies, rules: tuple[Rule, ...],
                 own_labels: dict[HostEndpoint, str]
-                ) -> tuple[Plan, dict[MappingKey, tuple[PortMapping, ...]]]:
-        """The plan and its groups, from immutable inputs (runs in a thread)."""
+                ) -> tuple[Plan, Groups]:
+        """The plan and its mappings by (guest, proto, guest port), from immutable inputs
+        (runs in a thread)."""
         if own := self.reverse_own():
             guests = tuple(replace(g, listeners=without_own(g.listeners, g.name, own))
                            for g in guests)
@@ -277,9 +296,11 @@ class Planner(Applier):
                   own_pid=os.getpid(), policies=policies, rules=rules, own_labels=own_labels)
         if over:
             pl = replace(pl, skipped=pl.skipped + over, conflicts=too_many + pl.conflicts)
+        if pl.by_key is not None:  # kept by the plan (a change regroups its own)
+            return pl, pl.by_key
         grouped = self._grouped
         if grouped is None or grouped[0] is not pl.mappings:  # (unchanged: the same tuple)
-            grouped = self._grouped = (pl.mappings, group_mappings(pl.mappings))
+            grouped = self._grouped = (pl.mappings, groups_of(pl))
         return pl, grouped[1]
 
     async def host_watch(self) -> None:

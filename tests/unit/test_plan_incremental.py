@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from sockmap.conflicts.byport import _GROUPS
 from sockmap.conflicts.limits import cap_listeners
-from sockmap.conflicts.mappings import CloseMapping, GuestState, PortMapping
+from sockmap.conflicts.mappings import CloseMapping, GuestState, PortMapping, groups_of
 from sockmap.conflicts.plan import _SORTED_MEMO, _plan_whole, plan
 from sockmap.conflicts.rules import Policies, PolicyRule, Rule
 from sockmap.conflicts.wants import _UNITS, _WANTS_MEMO, _wants
@@ -137,6 +137,10 @@ def test_the_plan_by_host_port_is_the_plan_from_nothing_and_the_whole_plan(
         _clear()
         fresh = plan(**args)  # type: ignore[arg-type]
         assert repr(kept) == repr(fresh)
+        grouped = groups_of(replace(kept, by_key=None))  # the mappings grouped anew
+        assert dict(groups_of(kept)) == grouped  # (the keys in any order)
+        assert all(a is b for k in grouped for a, b in zip(groups_of(kept)[k], grouped[k],
+                                                           strict=True))
         _clear()
         per_guest = _wants(capped, rules)
         whole, _ = _plan_whole(per_guest, current, tuple(host.values()),
