@@ -9,7 +9,8 @@ import pytest
 
 import sockmap
 
-PURE = ["protocol.py", "addrs.py", "registry.py", "conflicts/records.py", "conflicts/rules.py",
+PURE = ["protocol/__init__.py", "protocol/checks.py", "protocol/messages.py", "protocol/codec.py",
+        "addrs.py", "registry.py", "conflicts/records.py", "conflicts/rules.py",
         "conflicts/flat.py", "conflicts/report.py", "proxy/bpfasm.py", "proxy/bpfprog.py",
         "rows.py", "proxy/spec.py", "proxy/conndiag.py", "conflicts/attach.py"]
 FORBIDDEN = {"asyncio", "socket", "subprocess", "pyroute2", "os", "select", "selectors",
