@@ -195,6 +195,16 @@ class NetnsWatch:
         self.gone = False  # the namespace went away: the watch ended for good
 
     @property
+    def dumps(self) -> dict[str, int]:
+        """The running watch's events-mode dumps by cause (``Watcher.dumps``)."""
+        return dict(self._w.dumps) if self._w is not None else {}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """The running watch's looks the counters spared, by cause."""
+        return dict(self._w.skipped) if self._w is not None else {}
+
+    @property
     def mode(self) -> str:
         """The watch's mode now and why: "events (from tracefs instance ...)" or "poll
         (...)"; "" while no watch runs."""
@@ -419,13 +429,23 @@ def watch_summary(hub: EventHub | None, note: str,
     """What ``status``, ``ls`` and /metrics say of the netns guests' watch: the mode the
     daemon chose ("events" or "poll"), why, and how many guests run each mode now."""
     modes: dict[str, int] = {}
+    dumps: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     for w in watches:
         m = w.mode.split(" ", 1)[0]
         if m:
             modes[m] = modes.get(m, 0) + 1
+        for name, n in w.dumps.items():
+            dumps[name] = dumps.get(name, 0) + n
+        for name, n in w.skipped.items():
+            skipped[name] = skipped.get(name, 0) + n
     if hub is not None and hub.failed is not None:
         note = f"polling: {hub.failed}"
     return {"mode": "events" if hub is not None and hub.failed is None else "poll",
             "note": note, "guests": modes,
             "events_lost": hub.lost if hub is not None else 0,
-            "events_foreign": hub.unknown if hub is not None else 0}
+            "events_foreign": hub.unknown if hub is not None else 0,
+            "events_routed": dict(hub.routed) if hub is not None else {},
+            # every guest's watch since it started, by cause (``Watcher.dumps``): the dumps
+            # done and the looks the sockstat counters spared
+            "dumps": dumps, "dumps_skipped": skipped}

@@ -199,6 +199,11 @@ class EventHub:
         self.failed: str | None = None  # why the events stopped (every subscriber polls)
         self.unknown = 0  # lines of namespaces nobody subscribed to
         self.reads = 0  # hub wake-ups with something to route
+        # hints read, by where they went: "placed" (a subscribed namespace's), "broadcast"
+        # (to every subscriber: a gone thread's close, a listen/bind of an unknown
+        # process), "dropped" (a gone process's listen/bind); lines dropped unparsed as
+        # other namespaces' are ``unknown``
+        self.routed: dict[str, int] = {"placed": 0, "broadcast": 0, "dropped": 0}
         self._src = ListenerEvents(buffer_kb=buffer_kb, destroy=False, mount=mount,
                                    ns_of=ns_of, watch=frozenset(),
                                    on_foreign=self._foreign)
@@ -289,6 +294,12 @@ class EventHub:
         if not (h.hints or h.lost or h.problems):
             return
         self.reads += 1
+        r = self.routed
+        for hint in h.hints:
+            key = ("placed" if hint.netns is not None
+                   else "dropped" if hint.process_gone and hint.what != "unlisten"
+                   else "broadcast")
+            r[key] += 1
         with self.lock:
             for ns, part in route(h, frozenset(self._subs)).items():
                 for sub in self._subs.get(ns, ()):

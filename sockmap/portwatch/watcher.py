@@ -45,6 +45,7 @@ or removed) that is reported once and the poll takes over.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -153,6 +154,10 @@ class Watcher:
         self.rescans = 0  # events mode: safety rescans done
         self.rescans_skipped = 0  # of which the counters said nothing moved (no dump)
         self.event_dumps = 0  # events mode: dumps an event asked for
+        # events mode, by cause ("here", "lost", "gone_close", "unplaced", "destroy",
+        # "rescan", "rescan_full"): dumps done, and looks the counters spared ("skipped")
+        self.dumps: collections.Counter[str] = collections.Counter()
+        self.skipped: collections.Counter[str] = collections.Counter()
         self._want = source
         self._use_gate = gate
         self._full_every = full_every
@@ -478,10 +483,15 @@ class Watcher:
                     self._report("events", f"{problem}; polling from now on")
                     return
                 self.rescans += 1
+                full = self.rescans % self._full_rescan == 0
+                why = "rescan_full" if full else "rescan"
                 before = self.reads
-                self._poll_once(force=self.rescans % self._full_rescan == 0, rescan=True)
+                self._poll_once(force=full, rescan=True)
                 if self.reads == before:
                     self.rescans_skipped += 1
+                    self.skipped[why] += 1
+                else:
+                    self.dumps[why] += 1
                 deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
                 continue
             h = wake.hints
@@ -491,10 +501,13 @@ class Watcher:
                                        f"{h.problems[0]}")
             if h.lost:
                 log.info("trace buffer overflowed (%d events lost): rescanning", h.lost)
-            if (H.concerns(h, netns=self._netns, tcp_ports=self._tcp_ports)
-                    or wake.destroy_lost
-                    or H.destroyed_concerns(wake.destroyed, self._snap)):
+            cause: str | None = H.cause(h, netns=self._netns, tcp_ports=self._tcp_ports)
+            if cause is None and (wake.destroy_lost
+                                  or H.destroyed_concerns(wake.destroyed, self._snap)):
+                cause = "destroy"
+            if cause is not None:
                 self.event_dumps += 1
+                self.dumps[cause] += 1
                 self._poll_once(force=True)
 
     def _tcp_ports(self) -> frozenset[int]:
