@@ -45,6 +45,9 @@ class Wake:
     hints: H.Hints = field(default_factory=H.Hints)
     destroyed: tuple[Listener, ...] = ()  # UDP sockets freed in the source's namespace
     destroy_lost: bool = False  # destroy notices were lost or not understood
+    # a rescan the source timed is due (``rescans``): "gated" (dump if the counters moved
+    # since the last dump) or "full" (dump); "" none
+    rescan: Literal["", "gated", "full"] = ""
 
 
 class EventSource(Protocol):

@@ -27,6 +27,15 @@ watcher with a source of its own):
 - the instance switched off, removed or unreadable: every subscriber's next ``wait``
   times out and its ``problem()`` says why, so each watcher polls from then on.
 
+A hint every subscriber gets (a gone thread's close of a port it reports, a listen or bind
+of an unknown process) is looked into only where the namespace's sockstat counters moved
+since its last dump (the watcher's ``GATED_CAUSES``): a busy host's exiting processes cost
+one dump, in the namespace that lost the listener, not one per guest.
+
+Safety rescans: a watcher that calls ``Subscription.share_rescan`` has its rescan timed by
+the hub's thread (``rescans``): each round reads that namespace's counters and wakes the
+watcher only when they moved or its full rescan is due; idle, no watcher thread wakes.
+
 UDP closes: each subscription has its own sock_diag destroy socket opened inside its
 namespace (the destroy groups are per namespace), read by the subscriber's own thread.
 
@@ -54,6 +63,7 @@ from sockmap.portwatch.diag import NETLINK_SOCK_DIAG
 from sockmap.portwatch.errors import SourceUnavailable
 from sockmap.portwatch.events import ListenerEvents, Wake, netns_of
 from sockmap.portwatch.records import Listener
+from sockmap.portwatch.rescans import CountsProbe, Rescan, RescanState
 
 log = logging.getLogger(__name__)
 HUB_TICK_S = 1.0  # the hub thread's select timeout: how soon a switched-off instance is seen
@@ -106,6 +116,7 @@ class Subscription:
         self.wakeups = 0
         self.lost = 0  # events the kernel overwrote, as this subscriber was told
         self.closed = False
+        self.rescan: RescanState | None = None  # the hub times its rescans (share_rescan)
 
     @property
     def instance_name(self) -> str:
@@ -116,6 +127,34 @@ class Subscription:
         if len(self._pending) == 1:
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._w, b"x")
+
+    def share_rescan(self, fds: tuple[int, int] | None, period: float, full_every: int
+                     ) -> None:
+        """Let the hub's thread time this watcher's safety rescan (``rescans``): ``fds``
+        the namespace's open sockstat files (None: no counters, every round wakes it);
+        from then on ``wait`` returns a ``Wake`` with ``rescan`` set when one is due."""
+        probe = CountsProbe(*fds) if fds is not None else None
+        st = RescanState(period=period, full_every=full_every, probe=probe)
+        st.key = probe.key() if probe is not None else None  # as of the watcher's dump
+        st.schedule(time.monotonic())
+        with self._hub.lock:
+            if self.closed:
+                st.close()
+                return
+            self.rescan = st
+        self._hub._retime(st.due)
+
+    def doubt(self) -> None:
+        """The watcher skipped a look on equal counters: make the next round a full one
+        (a change balanced by another in the counters is caught within a period)."""
+        with self._hub.lock:
+            if self.rescan is not None:
+                self.rescan.doubt = True
+
+    def _rescan_due(self, what: Rescan) -> None:  # the hub's thread, under its lock
+        assert self.rescan is not None
+        if self.rescan.post(what):
+            self._poke()
 
     def _poke(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -149,14 +188,18 @@ class Subscription:
         if self._destroy is not None and self._destroy.fileno() in ready:
             destroyed, destroy_lost = self._destroy.read()
         parts: list[H.Hints] = []
+        rescan: Rescan = ""
         if self._r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._r, 4096)
             with self._hub.lock:
                 parts, self._pending = self._pending, []
+                if self.rescan is not None:
+                    rescan = self.rescan.take()
         h = merge(parts) if parts else H.Hints()
         self.lost += h.lost
-        return Wake(hints=h, destroyed=tuple(destroyed), destroy_lost=destroy_lost)
+        return Wake(hints=h, destroyed=tuple(destroyed), destroy_lost=destroy_lost,
+                    rescan=rescan)
 
     def _hold(self) -> float:
         """How long to wait before looking (0: at once). A token bucket: ``DUMP_BURST``
@@ -176,6 +219,10 @@ class Subscription:
             return
         self.closed = True
         self._hub.unsubscribe(self)
+        with self._hub.lock:
+            st, self.rescan = self.rescan, None
+        if st is not None:
+            st.close()
         if self._destroy is not None:
             self._destroy.close()
             self._destroy = None
@@ -209,6 +256,8 @@ class EventHub:
                                    on_foreign=self._foreign)
         self.notes = self._src.notes
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._next_round = float("inf")  # the earliest subscriber's rescan round
+        self.rounds = 0  # rescan rounds run (each reads the due subscribers' counters)
         self._thread = threading.Thread(target=self._run, name="portwatch-hub", daemon=True)
         self._thread.start()
 
@@ -269,7 +318,9 @@ class EventHub:
         checked = time.monotonic()
         while True:
             try:
-                wake = self._src.wait(HUB_TICK_S, self._stop_r)
+                wake = self._src.wait(
+                    min(HUB_TICK_S, max(0.0, self._next_round - time.monotonic())),
+                    self._stop_r)
                 problem = None
                 if wake.timeout or time.monotonic() - checked >= HUB_TICK_S:
                     # at least once a tick, however busy: one event switched off while
@@ -286,9 +337,31 @@ class EventHub:
             if problem:
                 self._fail(problem)
                 return
-            if wake.timeout:
-                continue
-            self._fan_out(wake.hints)
+            if not wake.timeout:
+                self._fan_out(wake.hints)
+            if time.monotonic() >= self._next_round:
+                self._rounds()
+
+    def _retime(self, due: float) -> None:
+        with self.lock:
+            self._next_round = min(self._next_round, due)
+
+    def _rounds(self) -> None:
+        """The rescan round of every subscriber due (``rescans``): its counters read, and
+        it is woken only if they moved or its full rescan is due."""
+        now = time.monotonic()
+        nxt = float("inf")
+        with self.lock:
+            for subs in self._subs.values():
+                for sub in subs:
+                    st = sub.rescan
+                    if st is None:
+                        continue
+                    if st.due <= now:
+                        sub._rescan_due(st.round(now))
+                    nxt = min(nxt, st.due)
+            self._next_round = nxt
+            self.rounds += 1
 
     def _fan_out(self, h: H.Hints) -> None:
         if not (h.hints or h.lost or h.problems):

@@ -37,6 +37,10 @@ buffer, which also dumps at once when announced). A rescan is gated by the socks
 counters as the poll is: it dumps only when they moved since the last dump (any change of
 listeners moves them), and every ``full_rescan``-th rescan dumps whatever they say (a
 close and an open no event told of, with equal counts); idle, a rescan is two preads.
+A source that times the rescans itself (the hub: ``rescans``) does those reads from its
+own thread and wakes this one only when they moved. A hint every namespace was sent (a
+gone thread's: ``GATED_CAUSES``) is gated by the counters too; a look they spared makes
+the next rescan a full one.
 ``mode`` says which runs ("events" or "poll"); where the events cannot be had (no
 CAP_SYS_ADMIN, no tracefs) it polls, and if they stop mid-run (the instance switched off
 or removed) that is reported once and the poll takes over.
@@ -71,6 +75,7 @@ from sockmap.portwatch.records import (
     ListenerRemoved,
     SourceError,
 )
+from sockmap.portwatch.rescans import RescanState
 from sockmap.portwatch.sockstat import SockCounts
 from sockmap.portwatch.sources import Raw, SockstatGate, Source, local_port_range, open_source
 from sockmap.portwatch.tick import NativeTick
@@ -80,6 +85,10 @@ DEFAULT_INTERVAL = {"diag": 0.030, "proc": 0.100}
 DEFAULT_FULL_EVERY = 0.5  # gate on: dump at least this often even if the counters are equal
 DEFAULT_RESCAN = 2.0  # events on: the safety rescan, jittered by +-25%
 DEFAULT_FULL_RESCAN = 5  # events on: every 5th rescan dumps even if the counters are equal
+# events on, a source timing the rescans (the hub): this thread's own timer, in case it stops
+SHARED_RESCAN_BACKSTOP = 60.0
+# hints every namespace was sent (a gone thread's): looked into only if the counters moved
+GATED_CAUSES = frozenset({"gone_close", "unplaced"})
 
 
 class Gate(Protocol):
@@ -151,8 +160,9 @@ class Watcher:
         self._mode_note = "events off"  # why the mode is what it is (for logs, ready lines)
         self._netns = 0  # this namespace's inode, for the events' filter
         self._wake_r = self._wake_w = -1  # the stop pipe of the events' select
-        self.rescans = 0  # events mode: safety rescans done
-        self.rescans_skipped = 0  # of which the counters said nothing moved (no dump)
+        self._own_rescans = 0  # events mode: safety rescans this thread did
+        self._skipped_rescans = 0  # of which the counters said nothing moved (no dump)
+        self._quiet_before = 0  # rescans the shared timer spared, of a source now closed
         self.event_dumps = 0  # events mode: dumps an event asked for
         # events mode, by cause ("here", "lost", "gone_close", "unplaced", "destroy",
         # "rescan", "rescan_full"): dumps done, and looks the counters spared ("skipped")
@@ -368,6 +378,7 @@ class Watcher:
 
     def _close_events(self) -> None:
         if self._events is not None:
+            self._quiet_before = self._quiet_rounds()
             self._events.close()
             self._events = None
         for fd in (self._wake_r, self._wake_w):
@@ -461,11 +472,18 @@ class Watcher:
     def _watch_events(self) -> None:
         """Events mode: dump when an event concerns this namespace, and every ``rescan``
         (jittered) anyway; return when stopped, or (reported once) when the events stopped
-        coming, for the poll to take over."""
+        coming, for the poll to take over. A source that times the rescans itself (the
+        hub's ``Subscription.share_rescan``) wakes this thread only for those that may
+        find something."""
         src = self._events
         assert src is not None
         mono, stopped = time.monotonic, self._stop.is_set
-        deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
+        share = getattr(src, "share_rescan", None)
+        if share is not None:
+            share(self._gate.fds if isinstance(self._gate, SockstatGate) else None,
+                  self._rescan, self._full_rescan)
+        period = self._rescan if share is None else SHARED_RESCAN_BACKSTOP
+        deadline = mono() + period * random.uniform(0.75, 1.25)
         told = False
         while not stopped():
             try:
@@ -478,21 +496,13 @@ class Watcher:
             if wake.timeout:
                 if problem:
                     self._mode_note = f"polling: {problem}"
+                    self._quiet_before = self._quiet_rounds()
                     src.close()
                     self._events = None  # the fds stay until aclose: it may write the pipe
                     self._report("events", f"{problem}; polling from now on")
                     return
-                self.rescans += 1
-                full = self.rescans % self._full_rescan == 0
-                why = "rescan_full" if full else "rescan"
-                before = self.reads
-                self._poll_once(force=full, rescan=True)
-                if self.reads == before:
-                    self.rescans_skipped += 1
-                    self.skipped[why] += 1
-                else:
-                    self.dumps[why] += 1
-                deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
+                self._rescan_now(self._own_rescans + 1)
+                deadline = mono() + period * random.uniform(0.75, 1.25)
                 continue
             h = wake.hints
             if h.problems and not told:
@@ -505,10 +515,62 @@ class Watcher:
             if cause is None and (wake.destroy_lost
                                   or H.destroyed_concerns(wake.destroyed, self._snap)):
                 cause = "destroy"
-            if cause is not None:
+            if cause in GATED_CAUSES:
+                # a hint every namespace got (a gone thread's): this one's counters did
+                # not move since the last dump, so no listener came or went here, unless
+                # another socket moved them back (then the next full rescan finds it)
+                before = self.reads
+                self._poll_once(rescan=True)
+                if self.reads == before:
+                    self.skipped[str(cause)] += 1
+                    doubt = getattr(src, "doubt", None)
+                    if doubt is not None:
+                        doubt()
+                else:
+                    self.dumps[str(cause)] += 1
+                cause = None
+            elif cause is not None:
                 self.event_dumps += 1
                 self.dumps[cause] += 1
                 self._poll_once(force=True)
+            if wake.rescan and cause is None:
+                self._rescan_now(full=wake.rescan == "full")
+
+    def _rescan_now(self, n: int = 0, *, full: bool | None = None) -> None:
+        """One safety rescan: ``full`` dumps whatever the counters say; None: this
+        watcher's own timer's ``n``-th, full every ``full_rescan``-th."""
+        self._own_rescans += 1
+        if full is None:
+            full = n % self._full_rescan == 0
+        why = "rescan_full" if full else "rescan"
+        before = self.reads
+        self._poll_once(force=full, rescan=True)
+        if self.reads == before:
+            self._skipped_rescans += 1
+            self.skipped[why] += 1
+        else:
+            self.dumps[why] += 1
+
+    @property
+    def rescans(self) -> int:
+        """Events mode: safety rescans done, those the source's shared timer spared this
+        thread (its counters had not moved) included."""
+        return self._own_rescans + self._quiet_rounds()
+
+    @property
+    def rescans_woken(self) -> int:
+        """Of ``rescans``, those that woke this thread (its own timer's, or a shared
+        round's that found the counters moved or a full rescan due)."""
+        return self._own_rescans
+
+    @property
+    def rescans_skipped(self) -> int:
+        """Of ``rescans``, those that did not dump (the counters said nothing moved)."""
+        return self._skipped_rescans + self._quiet_rounds()
+
+    def _quiet_rounds(self) -> int:
+        st = getattr(self._events, "rescan", None)
+        return st.quiet if isinstance(st, RescanState) else self._quiet_before
 
     def _tcp_ports(self) -> frozenset[int]:
         return frozenset(s.port for s in self._snap.values() if s.proto == "tcp")
