@@ -33,7 +33,9 @@ from sockmap.portwatch.trace import EventsLost, SockStateChanged, SyscallExited,
 
 TCP_CLOSE = 7
 
-What = Literal["listen", "unlisten", "bind", "listened"]
+# "seen": a line of a watched namespace, not parsed (the reader places it by its thread
+# alone: whatever it says, that namespace is dumped)
+What = Literal["listen", "unlisten", "bind", "listened", "seen"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

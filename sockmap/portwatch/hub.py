@@ -27,10 +27,15 @@ watcher with a source of its own):
 - the instance switched off, removed or unreadable: every subscriber's next ``wait``
   times out and its ``problem()`` says why, so each watcher polls from then on.
 
-A hint every subscriber gets (a gone thread's close of a port it reports, a listen or bind
-of an unknown process) is looked into only where the namespace's sockstat counters moved
-since its last dump (the watcher's ``GATED_CAUSES``): a busy host's exiting processes cost
-one dump, in the namespace that lost the listener, not one per guest.
+Before a subscriber is woken, ``hints.cause`` decides for it in the hub's thread (with the
+TCP ports its watcher reports, ``Subscription.reported``): a hint that would not make it
+dump does not wake it. A hint every subscriber was sent (``GATED``: a gone thread's close
+of a port it reports, a listen or bind of an unknown process) wakes it only if its
+namespace's sockstat counters moved since its last dump (``Subscription.dumped``): a busy
+host's exiting processes cost one dump, in the namespace that lost the listener, not one
+wake-up per guest. A close the counters spared makes that subscriber's next rescan full
+(a close balanced by another socket's open in the counters is found within a period); a
+listen they spared is left to the regular full rescan.
 
 Safety rescans: a watcher that calls ``Subscription.share_rescan`` has its rescan timed by
 the hub's thread (``rescans``): each round reads that namespace's counters and wakes the
@@ -64,11 +69,14 @@ from sockmap.portwatch.errors import SourceUnavailable
 from sockmap.portwatch.events import ListenerEvents, Wake, netns_of
 from sockmap.portwatch.records import Listener
 from sockmap.portwatch.rescans import CountsProbe, Rescan, RescanState
+from sockmap.portwatch.sockstat import SockCounts
 
 log = logging.getLogger(__name__)
 HUB_TICK_S = 1.0  # the hub thread's select timeout: how soon a switched-off instance is seen
 HUB_BUFFER_KB = 512  # per cpu: one buffer for every guest (a LOST line rescans them all)
 DUMPS_PER_S, DUMP_BURST = 40.0, 8.0  # a subscriber's wake-ups: a burst at once, then paced
+# hints every subscriber was sent that are passed on only where the counters moved
+GATED = frozenset({"gone_close", "unplaced"})
 
 
 def merge(parts: list[H.Hints]) -> H.Hints:
@@ -117,6 +125,10 @@ class Subscription:
         self.lost = 0  # events the kernel overwrote, as this subscriber was told
         self.closed = False
         self.rescan: RescanState | None = None  # the hub times its rescans (share_rescan)
+        # what the watcher reports (``reported``, ``dumped``): what the hub's gate uses
+        self.tcp_ports: frozenset[int] = frozenset()
+        self._dumped: SockCounts | None = None
+        self.spared = 0  # hints of everyone's not passed on: its counters had not moved
 
     @property
     def instance_name(self) -> str:
@@ -135,7 +147,7 @@ class Subscription:
         from then on ``wait`` returns a ``Wake`` with ``rescan`` set when one is due."""
         probe = CountsProbe(*fds) if fds is not None else None
         st = RescanState(period=period, full_every=full_every, probe=probe)
-        st.key = probe.key() if probe is not None else None  # as of the watcher's dump
+        st.dumped = self._dumped
         st.schedule(time.monotonic())
         with self._hub.lock:
             if self.closed:
@@ -143,6 +155,34 @@ class Subscription:
                 return
             self.rescan = st
         self._hub._retime(st.due)
+
+    def reported(self, tcp_ports: frozenset[int]) -> None:
+        """The TCP ports the watcher reports now (whether a gone thread's close concerns
+        it is decided in the hub's thread, without waking it)."""
+        self.tcp_ports = tcp_ports
+
+    def dumped(self, counts: SockCounts | None) -> None:
+        """The counters the watcher read just before its last dump."""
+        with self._hub.lock:
+            self._dumped = counts
+            if self.rescan is not None:
+                self.rescan.dumped = counts
+
+    def _gate(self, part: H.Hints) -> bool:  # the hub's thread, under its lock
+        """Whether to pass ``part`` on: what ``hints.cause`` says for this watcher, and
+        for a hint every namespace was sent (``GATED``) whether its counters moved since
+        its last dump; a close of a port it reports that the counters spared makes its
+        next rescan a full one."""
+        why = H.cause(part, netns=self.netns_inode, tcp_ports=lambda: self.tcp_ports)
+        if why is None:
+            return False
+        st = self.rescan
+        if why not in GATED or st is None or st.probe is None or st.moved():
+            return True
+        self.spared += 1
+        if why == "gone_close":
+            st.doubt = True
+        return False
 
     def doubt(self) -> None:
         """The watcher skipped a look on equal counters: make the next round a full one
@@ -376,7 +416,8 @@ class EventHub:
         with self.lock:
             for ns, part in route(h, frozenset(self._subs)).items():
                 for sub in self._subs.get(ns, ()):
-                    sub._push(part)
+                    if sub._gate(part):
+                        sub._push(part)
 
     def _fail(self, problem: str) -> None:
         self.failed = problem

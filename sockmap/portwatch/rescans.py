@@ -5,10 +5,10 @@ rescan is due (every ``full_every``-th round, or the round after the watcher dou
 skip). An idle guest's watch thread then never wakes: 64 guests cost one thread's wake-up
 per round, not 64 (each ~70 µs plus the interpreter's).
 
-Why a round need not wake a watcher whose counters did not move since the previous round:
-the watcher's own gated rescan dumps only when the counters differ from those of its last
-dump; if they differ now, they moved at some round since that dump, and that round woke it
-(a wake-up is never dropped: ``RescanState.take`` keeps the strongest one pending).
+A round compares the counters with those the watcher read just before its last dump
+(``Subscription.dumped`` tells them), which is what the watcher's own gated rescan
+compares with: a round that does not wake it is one whose rescan would not have dumped.
+A wake-up is never dropped: ``RescanState.post`` keeps the strongest one pending.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ class CountsProbe:
             return None
         return sockstat.inuse_key(v4, v6)
 
+    def counts(self) -> sockstat.SockCounts | None:
+        """The counters now (None: unreadable, or not the kernel's layout)."""
+        key = self.key()
+        return sockstat.key_counts(key, self._fd6 >= 0) if key is not None else None
+
     def close(self) -> None:
         for fd in (self._fd4, self._fd6):
             if fd >= 0:
@@ -60,7 +65,7 @@ class RescanState:
     due: float = 0.0
     rounds: int = 0
     quiet: int = 0  # rounds that did not wake it (its counters had not moved)
-    key: sockstat.InuseKey | None = None
+    dumped: sockstat.SockCounts | None = None  # read just before the watcher's last dump
     doubt: bool = False  # the watcher skipped a look on equal counts: the next round is full
     pending: Rescan = ""
 
@@ -71,9 +76,7 @@ class RescanState:
         """The round at ``now`` (it is due): what to tell the watcher ("": nothing)."""
         self.rounds += 1
         self.schedule(now)
-        key = self.probe.key() if self.probe is not None else None
-        moved = key is None or key != self.key
-        self.key = key
+        moved = self.moved()
         if self.doubt or self.rounds % self.full_every == 0:
             self.doubt = False
             return "full"
@@ -81,6 +84,12 @@ class RescanState:
             return "gated"
         self.quiet += 1
         return ""
+
+    def moved(self) -> bool:
+        """Whether the counters differ from those of the watcher's last dump (or cannot
+        be compared): a look may find something."""
+        counts = self.probe.counts() if self.probe is not None else None
+        return counts is None or counts != self.dumped
 
     def post(self, what: Rescan) -> bool:
         """Keep ``what`` pending (the strongest of what was not taken yet); True if the

@@ -5,13 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from sockmap.portwatch.rescans import CountsProbe, RescanState
+from sockmap.portwatch.sockstat import SockCounts
+
+
+def _c(tcp: int) -> SockCounts:
+    return SockCounts(tcp=tcp, udp=0, tcp6=0, udp6=0)
 
 
 class FakeProbe:
     def __init__(self) -> None:
-        self.value: Any = ((b"TCP", b"1"),)
+        self.value: Any = _c(1)
 
-    def key(self) -> Any:
+    def counts(self) -> Any:
         return self.value
 
     def close(self) -> None:
@@ -21,7 +26,7 @@ class FakeProbe:
 def _state(full_every: int = 5) -> tuple[RescanState, FakeProbe]:
     probe = FakeProbe()
     st = RescanState(period=2.0, full_every=full_every, probe=probe)  # type: ignore[arg-type]
-    st.key = probe.key()
+    st.dumped = probe.counts()  # as the watcher read them before its dump
     return st, probe
 
 
@@ -34,9 +39,14 @@ def test_quiet_rounds_wake_nobody_until_the_full_one() -> None:
 
 def test_moved_counters_wake_gated_and_a_doubt_makes_the_next_round_full() -> None:
     st, probe = _state(full_every=1000)
-    probe.value = ((b"TCP", b"2"),)
+    probe.value = _c(2)
     assert st.round(1.0) == "gated"
-    assert st.round(2.0) == ""  # moved since the last round only
+    assert st.round(2.0) == "gated"  # still not what the last dump read: woken again
+    st.dumped = _c(2)  # the watcher dumped
+    assert st.round(2.5) == ""
+    probe.value = _c(1)  # moved back (a listener opened and dumped, then closed): woken
+    assert st.round(2.7) == "gated"
+    st.dumped = _c(1)
     st.doubt = True
     assert st.round(3.0) == "full" and not st.doubt
     probe.value = None  # unreadable: wake it (its own read reports why)
@@ -65,6 +75,6 @@ def test_probe_reads_its_own_copies(tmp_path: Any) -> None:
     probe = CountsProbe(fd4, fd6)
     os.close(fd4)
     os.close(fd6)  # the watcher closed its own: the probe still reads
-    assert probe.key() == ((b"TCP", b"3"), (b"UDP", b"1"), (b"TCP6", b"2"), (b"UDP6", b"0"))
+    assert probe.counts() == SockCounts(tcp=3, udp=1, tcp6=2, udp6=0)
     probe.close()
-    assert probe.key() is None
+    assert probe.counts() is None
