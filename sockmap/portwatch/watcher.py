@@ -186,6 +186,7 @@ class Watcher:
         # events, then (only if the poll thread died) the error that ends the iteration
         self._queue: asyncio.Queue[Event | SockmapError] = asyncio.Queue()
         self._snap: diff.Snapshot = {}  # the poll thread's
+        self._seen: dict[diff.Key, Listener] = {}  # diff.snapshot's: what each rep came from
         self._delivered: diff.Snapshot = {}  # the event loop's: matches the events queued
         self._raw: Raw | None = None
         self._src: Source | None = None
@@ -684,7 +685,7 @@ class Watcher:
     def _apply(self, sockets: list[Listener]) -> None:
         if not self._udp_ephemeral:
             sockets = diff.drop_udp_ephemeral(sockets, self._port_range)
-        new = diff.snapshot(sockets, self._snap)
+        new = diff.snapshot(sockets, self._snap, self._seen)
         if self._owners is not None:
             owners = self._owners.resolve(s.inode for s in new.values())
             for key, s in new.items():
