@@ -29,8 +29,9 @@ import pytest
 import netlab
 from sockmap.portwatch import ListenerAdded, ListenerRemoved, Watcher, nsopen
 from sockmap.portwatch.events import netns_of
-from sockmap.portwatch.hub import EventHub, Subscription
+from sockmap.portwatch.hub import EventHub
 from sockmap.portwatch.sockstat import SockCounts
+from sockmap.portwatch.subscription import Subscription
 from tests.netlab.test_portwatch_events import Sockets
 
 pytestmark = pytest.mark.netlab
