@@ -115,8 +115,16 @@ class NetnsWatch:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """The running watch's looks the counters spared, by cause."""
-        return dict(self._w.skipped) if self._w is not None else {}
+        """The running watch's looks the counters spared, by cause; "rescan_quiet": the
+        hub's rounds that did not wake it, "hub_gate": the hints the hub did not pass on
+        (its counters had not moved)."""
+        w = self._w
+        if w is None:
+            return {}
+        out = dict(w.skipped)
+        out["rescan_quiet"] = w.rescans - w.rescans_woken
+        out["hub_gate"] = getattr(w.events_source, "spared", 0)
+        return out
 
     @property
     def mode(self) -> str:
