@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from typing import Any
 import pytest
 
 import netlab
-from sockmap.portwatch import ListenerAdded, ListenerRemoved, Watcher, nsopen
+from sockmap.portwatch import ListenerAdded, Watcher, nsopen
 from sockmap.portwatch.events import netns_of
 from sockmap.portwatch.hub import EventHub
 from sockmap.portwatch.sockstat import SockCounts
@@ -187,7 +188,6 @@ def test_idle_rounds_wake_no_watcher_thread(lab: netlab.Lab) -> None:
 def test_a_close_told_to_everyone_dumps_only_where_the_counters_moved(
         lab: netlab.Lab) -> None:
     g, other = lab.add_guest(), lab.add_guest()
-    key = ("tcp", 4, "0.0.0.0", 5821)
     hidden: set[int] = set()  # pids whose namespace ns_of does not tell (as if exited)
 
     def ns_of(tid: int) -> int | None:
@@ -197,11 +197,9 @@ def test_a_close_told_to_everyone_dumps_only_where_the_counters_moved(
         hub = await asyncio.to_thread(EventHub, ns_of=ns_of)
         gs = await asyncio.to_thread(Sockets, g.ns)
         os_ = await asyncio.to_thread(Sockets, other.ns)
+        ws: list[Watcher] = []
         try:
             hidden.update({gs.proc.pid, os_.proc.pid})  # before any event of theirs
-            for s in (gs, os_):
-                await asyncio.to_thread(s.do, "open", key)
-            ws = []
             for n in (g, other):
                 path = f"/run/netns/{n.ns.name}"
                 ino = os.stat(path).st_ino
@@ -211,25 +209,35 @@ def test_a_close_told_to_everyone_dumps_only_where_the_counters_moved(
             for w in ws:
                 await w.__aenter__()
             wg, wo = ws
-            try:
-                assert all(key in {li.key for li in w.snapshot()} for w in ws)
-                sub = wo.events_source
-                assert isinstance(sub, Subscription)
+            sub = wo.events_source
+            assert isinstance(sub, Subscription)
+            # a busy machine can put another cause in the same read (an overflow, a
+            # stray event of ``other``): then the close was looked into for that; try again
+            for attempt in range(5):
+                key = ("tcp", 4, "0.0.0.0", 5821 + attempt)
+                for s in (gs, os_):
+                    await asyncio.to_thread(s.do, "open", key)
+                await _until(lambda key=key: all(key in {li.key for li in w.snapshot()}
+                                                 for w in ws))
+                spared, closes = sub.spared, wg.dumps["gone_close"]
                 await asyncio.to_thread(gs.do, "close", key)  # g's, by a "gone" thread
-                async with asyncio.timeout(10):
-                    async for ev in wg:
-                        if isinstance(ev, ListenerRemoved) and ev.listener.key == key:
-                            break
-                await _until(lambda: wg.dumps["gone_close"] >= 1)
-                await _until(lambda: sub.spared >= 1)  # not woken: its counters stood still
-                assert wo.dumps["gone_close"] == 0 and wo.skipped["gone_close"] == 0
+                await _until(lambda key=key: key not in {li.key for li in wg.snapshot()})
+                await _until(lambda c=closes: wg.dumps["gone_close"] > c)
+                # the one that did not lose it is never woken for it: its counters stood
+                assert wo.dumps["gone_close"] == 0 and wo.skipped["gone_close"] == 0, (
+                    wo.dumps, wo.skipped)
                 assert key in {li.key for li in wo.snapshot()}
-                # the close it was spared makes its next round a full one
-                await _until(lambda: wo.dumps["rescan_full"] >= 1)
-            finally:
-                for w in ws:
-                    await w.aclose()
+                with contextlib.suppress(TimeoutError):
+                    await _until(lambda n=spared: sub.spared > n, timeout=3)
+                if sub.spared > spared:
+                    break
+            else:
+                raise AssertionError(f"never spared: {wo.dumps} {wo.skipped}")
+            # the close it was spared makes its next round a full one
+            await _until(lambda: wo.dumps["rescan_full"] >= 1)
         finally:
+            for w in ws:
+                await w.aclose()
             for s in (gs, os_):
                 s.proc.kill()
                 s.proc.wait()
