@@ -58,7 +58,8 @@ from sockmap.daemon.ctlserver import ControlServer
 from sockmap.daemon.discover import Discovery, own_candidate
 from sockmap.daemon.eventbus import EventBus, View, view
 from sockmap.daemon.flatwatch import FlatWatch
-from sockmap.daemon.nswatch import NetnsWatch, loopback_connector, open_hub, watch_summary
+from sockmap.daemon.nshub import open_hub, watch_summary
+from sockmap.daemon.nswatch import NetnsWatch, loopback_connector
 from sockmap.daemon.peercred import netns_of
 from sockmap.daemon.planner import Planner
 from sockmap.daemon.registry import Assigned, Registry
@@ -175,7 +176,7 @@ class Daemon:
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
         self.attachments = Attachments(self)  # adopted namespaces (guest attach, [[attach]])
         self.discovery = Discovery(self)  # [[attach]] rules: consider(tgid, ino), the scan
-        self.hub: EventHub | None = None  # their one listener-event source (nswatch.open_hub)
+        self.hub: EventHub | None = None  # their one listener-event source (nshub.open_hub)
         self._hub_note = "polling: --netns-watch agent"
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
