@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import ipaddress
 import logging
 import os
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockmap import config, control
+from sockmap import config, configfile, control
 from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
@@ -58,7 +59,8 @@ from sockmap.daemon.ctlserver import ControlServer
 from sockmap.daemon.discover import Discovery, own_candidate
 from sockmap.daemon.eventbus import EventBus, View, view
 from sockmap.daemon.flatwatch import FlatWatch
-from sockmap.daemon.nswatch import NetnsWatch, loopback_connector, open_hub, watch_summary
+from sockmap.daemon.nshub import open_hub, watch_summary
+from sockmap.daemon.nswatch import NetnsWatch, loopback_connector
 from sockmap.daemon.peercred import netns_of
 from sockmap.daemon.planner import Planner
 from sockmap.daemon.registry import Assigned, Registry
@@ -80,6 +82,7 @@ from sockmap.portwatch.hub import EventHub
 from sockmap.proxy import Connector, MappingSpec, MappingTable
 from sockmap.proxy.kernel import KernelPath
 
+SHUTDOWN_STACKS_S = 5.0  # a shutdown still running after this: thread stacks to stderr
 log = logging.getLogger("sockmap.daemon")
 
 READY_LINE = "sockmap daemon ready"
@@ -174,7 +177,7 @@ class Daemon:
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
         self.attachments = Attachments(self)  # adopted namespaces (guest attach, [[attach]])
         self.discovery = Discovery(self)  # [[attach]] rules: consider(tgid, ino), the scan
-        self.hub: EventHub | None = None  # their one listener-event source (nswatch.open_hub)
+        self.hub: EventHub | None = None  # their one listener-event source (nshub.open_hub)
         self._hub_note = "polling: --netns-watch agent"
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
@@ -657,7 +660,7 @@ class Daemon:
                         "FILE or write /etc/sockmap/sockmap.toml)")
             return
         try:
-            fc = await asyncio.to_thread(config.load, path)
+            fc = await asyncio.to_thread(configfile.load, path)
             attach_rules.refuse_own(fc.attach, own_candidate())
         except SockmapError as e:
             self._reloads["error"] += 1
@@ -707,6 +710,9 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
         await d.run()
     finally:
         sdnotify.notify("STOPPING=1")
+        # a shutdown that hangs (a thread that does not return holds asyncio.run's exit)
+        # says where: every thread's stack on stderr after SHUTDOWN_STACKS_S
+        faulthandler.dump_traceback_later(SHUTDOWN_STACKS_S, exit=False)
         await d.shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -718,5 +724,8 @@ def main(cfg: Config) -> int:
         sdnotify.notify(f"READY=1\nSTATUS=forwarding; control socket "
                         f"{control.socket_path(cfg.run_dir)}\nMAINPID={os.getpid()}")
 
-    asyncio.run(serve(cfg, ready))
+    try:
+        asyncio.run(serve(cfg, ready))  # its end waits for the executors' threads
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     return 0
