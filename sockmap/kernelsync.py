@@ -42,9 +42,7 @@ def sync_kernel(kernel: KernelPath, registry: Registry, key: MappingKey,
         return "relay", ""
     # only an address no other guest also has: a guest that puts another's address on its
     # NIC gets no rewrite to it (and, while both claim it, neither does)
-    others = {a for g in registry.states() if g.name != key.guest for a in g.addrs}
-    mine = tuple(a for a in registry.addrs_of(key.guest) if a not in others)
-    entries = kernel_entries(group, host_port, mine)
+    entries = kernel_entries(group, host_port, registry.exclusive_addrs(key.guest))
     if not entries:
         kernel.remove(key)
         return "relay", ""
