@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -85,7 +84,7 @@ def nic_target(group: tuple[PortMapping, ...]) -> str | None:
     """The upstream address of a group: its IPv4 NIC target first (a dual-stack listener
     takes IPv4 too), else its IPv6 one; None when only the relay can reach it (pure)."""
     addrs = [m.upstream.addr for m in group if isinstance(m.upstream, Nic)]
-    addrs.sort(key=lambda a: ipaddress.ip_address(a).version)
+    addrs.sort(key=lambda a: ":" in a)  # IPv4 first (plan()'s NIC addresses are plain)
     return addrs[0] if addrs else None
 
 
@@ -190,6 +189,7 @@ class Planner:
         self._share: dict[MappingKey, ShareConnector] = {}
         self._shares: dict[MappingKey, tuple[PortMapping, ...]] = {}
         self._rows_cache = RowsCache()  # `ls`: each mapping's static row parts
+        self._stamps: dict[str, float] = {}  # the last replan's steps (its log line)
 
     @property
     def open_count(self) -> int:
@@ -263,10 +263,22 @@ class Planner:
         return host, own
 
     async def _replan(self) -> None:
+        t0 = time.perf_counter()
+        opened = len(self._open)
+        await self._replan_steps()
+        took = time.perf_counter() - t0
+        if took > 0.1:  # (a restart's one plan of thousands: where its time went)
+            log.info("replan took %.0f ms (%s): %d mappings open, %+d", took * 1000,
+                     ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self._stamps.items()),
+                     len(self._open), len(self._open) - opened)
+
+    async def _replan_steps(self) -> None:
+        stamp = self._stamp()
         # the host's own addresses, which no guest gets: only VM guests could claim them (a
         # netns guest only has addresses in the networks the daemon assigned it)
         host, own_addrs = await asyncio.to_thread(self._scan_host,
                                                   self.registry.has_vm_guests())
+        stamp("host scan")
         if own_addrs is not None:
             self.registry.set_host_addrs(own_addrs)
         self.last_host = host
@@ -281,6 +293,7 @@ class Planner:
         pl, desired = await asyncio.to_thread(
             self._decide, self.registry.raw_states(), host, current, tuple(self._blocked),
             self.policies, self.rules, dict(self.own_sockets))
+        stamp("plan")
         self.last_plan = pl
         self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
                                 if c.kind == "host_port_in_use")
@@ -302,8 +315,10 @@ class Planner:
             have = self._open.get(key)
             if have is not None and (have != desired.get(key) or key in regrow):
                 await self._close(key)
+        stamp("closes")
         await self._open_groups([(k, w) for k in touched
                                  if (w := desired.get(k)) is not None and self._open.get(k) != w])
+        stamp("opens")
         self._unforwarded = {k: v for k, v in self._unforwarded.items()
                              if k in desired and k not in self._open}
         self._update_shares()
@@ -325,6 +340,17 @@ class Planner:
                 self._retry = None
                 self.request_replan()
             self._retry = asyncio.get_running_loop().call_later(self.retry_s, again)
+
+    def _stamp(self) -> Callable[[str], None]:
+        """A fresh ``_stamps``: each call records the time since the previous one."""
+        self._stamps = {}
+        last = [time.perf_counter()]
+
+        def stamp(what: str) -> None:
+            now = time.perf_counter()
+            self._stamps[what] = now - last[0]
+            last[0] = now
+        return stamp
 
     def _decide(self, guests: tuple[GuestState, ...], host: list[Listener],
                 current: tuple[PortMapping, ...], blocked: tuple[HostEndpoint, ...],
@@ -410,7 +436,10 @@ class Planner:
                            ) -> None:
         """Open ``opens``, APPLY_BATCH at a time, yielding to the loop between batches; from
         OFFLOAD_OPENS up (a restart: 6,400 at once) each batch's host sockets are made and
-        bound in a thread (~40 % of an open's cost), then served from the loop."""
+        bound in a thread (~40 % of an open's cost), then served from the loop; those
+        opens log one line for all (one each at debug: 6,400 lines cost ~0.5 s)."""
+        bulk = len(opens) >= OFFLOAD_OPENS
+        before = len(self._open)
         for i in range(0, len(opens), APPLY_BATCH):
             chunk = opens[i:i + APPLY_BATCH]
             if len(opens) < OFFLOAD_OPENS:
@@ -419,14 +448,18 @@ class Planner:
                 bound = await asyncio.to_thread(_bind_all, chunk)
             for (key, want), b in zip(chunk, bound, strict=True):
                 if self._open.get(key) != want:
-                    self._open_group(key, want, b)
+                    self._open_group(key, want, b, quiet=bulk)
                 elif b is not None and not isinstance(b, SockmapError):
                     _close_bound(b)
             if i + APPLY_BATCH < len(opens):
                 await asyncio.sleep(0)  # many opens: let the loop serve others between
+        if bulk:
+            log.info("forwarding %d more mappings (of %d wanted at once; `sockmap ls` lists "
+                     "them)", len(self._open) - before, len(opens))
 
     def _open_group(self, key: MappingKey, group: tuple[PortMapping, ...],
-                    bound: Bound | SockmapError | None = None) -> None:
+                    bound: Bound | SockmapError | None = None, *, quiet: bool = False
+                    ) -> None:
         """Open one group; ``bound``: its host sockets made beforehand (``_bind_all``), or
         why they could not be."""
         assert self.table is not None
@@ -479,9 +512,11 @@ class Planner:
             path, why = sync_kernel(self.kernel, self.registry, key, group, opened.host_port)
             if why:
                 self.log_once(f"{key}: {why}; this mapping runs on the relay")
-        log.info("forwarding %s on host port %d (%s): %s", key, spec.host_port, path,
-                 ", ".join(f"{t.host_addr} -> {t.addr}" + (" (relay)" if t.via == "relay"
-                                                           else "") for t in targets))
+        level = logging.DEBUG if quiet else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "forwarding %s on host port %d (%s): %s", key, spec.host_port,
+                    path, ", ".join(f"{t.host_addr} -> {t.addr}" + (
+                        " (relay)" if t.via == "relay" else "") for t in targets))
 
     def _update_shares(self) -> None:
         """Give each holder's ShareConnector the guests that share its port now."""

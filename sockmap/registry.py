@@ -335,9 +335,9 @@ class Registry:
                     for a in set(self.vouched(g.name).usable):
                         held[a] = held.get(a, 0) + 1
             self._held = held
-        g = self._guests.get(name)
+        me = self._guests.get(name)
         mine = self.addrs_of(name)
-        own = 1 if g is not None and g.session is not None and g.synced else 0
+        own = 1 if me is not None and me.session is not None and me.synced else 0
         return tuple(a for a in mine if held.get(a, 0) - own <= 0)
 
     def raw_states(self) -> tuple[GuestState, ...]:

@@ -17,7 +17,6 @@ it). The links close with the daemon's process, so a ``kill -9`` leaves nothing 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 from collections import deque
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from sockmap import addrs
 from sockmap.errors import SockmapError
 from sockmap.proxy import bpfasm, bpfprog, bpfsys
 from sockmap.proxy.bpfprog import FwdEntry, KernelStats
@@ -90,6 +90,7 @@ class KernelPath:
         # free slots, reused oldest-freed first: a closed mapping's connections still open
         # add their bytes to its slot when they close, as late as possible someone else's
         self._free = deque(range(max_entries))
+        self._used: set[int] = set()  # slots that ever counted: zeroed when reused
         self.fwd: bpfsys.Map | None = None
         self.stats: bpfsys.Map | None = None
 
@@ -160,9 +161,11 @@ class KernelPath:
             index = old.index
         written: list[bytes] = []
         try:
-            if old is None:  # a fresh slot starts from zero
+            if old is None and index in self._used:  # a reused slot starts from zero
                 self.stats.update(index.to_bytes(4, "little"),
                                   bytes(bpfprog.STATS_VALUE_SIZE))
+            # (a never-used one is zero already: the array map is created zeroed, and a
+            # restart's 6,400 opens make one syscall each, not two)
             for e in entries:
                 k = bpfprog.fwd_key(e.proto, e.host_addr, e.host_port)
                 mine = old is not None and k in old.keys  # else another mapping's: refused
@@ -181,10 +184,11 @@ class KernelPath:
             return ("the kernel map is full" if full else
                     f"the kernel map refused an update ({err.strerror})")
         keys = tuple(written)
+        self._used.add(index)
         for k in old.keys if old is not None else ():
             if k not in keys:
                 self.fwd.delete(k)
-        tcp = frozenset((str(ipaddress.ip_address(e.guest_addr)), e.guest_port)
+        tcp = frozenset((str(addrs.parse(e.guest_addr) or e.guest_addr), e.guest_port)
                         for e in entries if e.proto == "tcp")
         self._slots[key] = _Slot(index=index, keys=keys, tcp=tcp)
         return None
