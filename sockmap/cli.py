@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup", metavar="DIR",
                    help="cgroup v2 directory the kernel path's hooks attach to (default: the "
                         "v2 root from /proc/self/mountinfo)")
-    p.add_argument("--kernel-map-size", type=int, default=4096, metavar="N",
-                   help=argparse.SUPPRESS)  # tests: a small map
+    p.add_argument("--kernel-map-size", type=int, default=None, metavar="N",
+                   help=argparse.SUPPRESS)  # tests: a small map (default: the daemon's)
     p.add_argument("--netns-watch", choices=["daemon", "agent"], default="daemon",
                    help="netns guests: the daemon watches them itself (default), or starts a "
                         "sockmap agent in each (the old way)")
@@ -399,7 +399,9 @@ def _daemon(args: argparse.Namespace) -> int:
                                         udp_ephemeral=bool(fc.udp_ephemeral),
                                         max_listeners=max_listeners,
                                         path=args.path or fc.forwarder or "kernel",
-                                        cgroup=cgroup, kernel_map_size=args.kernel_map_size,
+                                        cgroup=cgroup,
+                                        **({} if args.kernel_map_size is None else
+                                           {"kernel_map_size": args.kernel_map_size}),
                                         netns_watch=args.netns_watch,
                                         reverse_rules=fc.reverse,
                                         netns_events=args.netns_events,

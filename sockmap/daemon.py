@@ -64,7 +64,7 @@ from sockmap.planner import Planner
 from sockmap.portwatch import Listener
 from sockmap.portwatch.hub import EventHub
 from sockmap.proxy import Connector, MappingSpec, MappingTable
-from sockmap.proxy.kernel import KernelPath
+from sockmap.proxy.kernel import KERNEL_MAP_SIZE, KernelPath
 from sockmap.registry import Assigned, Registry
 from sockmap.reverse import ReverseForwarder
 from sockmap.reverseopts import load_options, remove_options, save_options
@@ -107,7 +107,8 @@ class Config:
     udp_ephemeral: bool = False  # agents we start also report UDP on ephemeral ports
     path: str = "kernel"  # "kernel": the BPF hooks where they load, else the relay; "relay"
     cgroup: Path | None = None  # the kernel path's cgroup v2 dir (None: the v2 root)
-    kernel_map_size: int = 4096  # host endpoints the kernel map holds; the rest: relay
+    kernel_map_size: int = KERNEL_MAP_SIZE  # host endpoints the kernel map holds; the rest:
+    # the relay
     netns_watch: str = "daemon"  # netns guests: "daemon" watches them itself (nswatch);
     # "agent" starts a `sockmap agent` in each (the old way: the supervisor's tests)
     reverse_rules: tuple[ReverseRule, ...] = ()  # the rules file's [[reverse]] at start

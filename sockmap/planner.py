@@ -510,8 +510,9 @@ class Planner:
         path = "relay"
         if self.kernel is not None and share is None:  # a shared port is routed by the relay
             path, why = sync_kernel(self.kernel, self.registry, key, group, opened.host_port)
-            if why:
-                self.log_once(f"{key}: {why}; this mapping runs on the relay")
+            if why:  # a full map: said once, not once per mapping past it (thousands)
+                self.log_once(f"{why}; mappings past it run on the relay" if "full" in why
+                              else f"{key}: {why}; this mapping runs on the relay")
         level = logging.DEBUG if quiet else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "forwarding %s on host port %d (%s): %s", key, spec.host_port,

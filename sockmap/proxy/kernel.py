@@ -8,7 +8,7 @@ process on its bytes. The relay keeps listening on the host endpoints (the claim
 program's bind gets EADDRINUSE, and clients the hooks leave alone reach the guest through
 it). The links close with the daemon's process, so a ``kill -9`` leaves nothing attached.
 
-    kp = KernelPath.start(cgroup=None, max_entries=4096)  # SockmapError where it cannot
+    kp = KernelPath.start(cgroup=None)  # SockmapError where it cannot
     kp.set(key, entries)   # False (and nothing changed) when the map cannot take them
     kp.remove(key); kp.counts(key) -> KernelStats (connects, closed bytes, ...); kp.close()
     kp.tcp_targets() -> {(guest addr, guest port): key}  (sockmap.proxy.kernelconns)
@@ -32,6 +32,8 @@ from sockmap.proxy.spec import MappingKey
 
 log = logging.getLogger("sockmap.proxy")
 
+KERNEL_MAP_SIZE = 16384  # host endpoints in the map by default: 64 guests x 100 ports and
+# more (~3 MiB of kernel memory with the counters); past it a mapping runs on the relay
 REVNAT_ENTRIES = 65536
 CONNS_ENTRIES = 65536  # redirected TCP sockets whose close is counted (LRU beyond)
 _Obj = TypeVar("_Obj", bpfsys.Map, bpfsys.Program, bpfsys.Link)
@@ -95,7 +97,7 @@ class KernelPath:
         self.stats: bpfsys.Map | None = None
 
     @classmethod
-    def start(cls, *, cgroup: Path | None, max_entries: int = 4096,
+    def start(cls, *, cgroup: Path | None, max_entries: int = KERNEL_MAP_SIZE,
               hooks: tuple[str, ...] = bpfprog.HOOKS) -> KernelPath:
         """Load and attach every hook (``hooks``: a subset, for bench/kernel_close.py), or
         raise SockmapError (nothing left behind)."""
