@@ -19,11 +19,11 @@ import pytest
 
 import netlab
 from sockmap import protocol as p
-from sockmap.agents import AgentSessions
+from sockmap.daemon.agents import AgentSessions
+from sockmap.daemon.nswatch import NetnsWatch
+from sockmap.daemon.registry import Registry
 from sockmap.nat import nssock
-from sockmap.nswatch import NetnsWatch
 from sockmap.portwatch import Watcher, addrs
-from sockmap.registry import Registry
 from tests.netlab.e2e_fixtures import serve
 
 pytestmark = pytest.mark.netlab

@@ -8,10 +8,10 @@ to what. ``sync_kernel`` writes them through ``KernelPath``.
 from __future__ import annotations
 
 from sockmap.conflicts.rules import Nic, PortMapping
+from sockmap.daemon.registry import Registry
 from sockmap.proxy import MappingKey
 from sockmap.proxy.bpfprog import FwdEntry
 from sockmap.proxy.kernel import KernelPath
-from sockmap.registry import Registry
 
 
 def kernel_entries(group: tuple[PortMapping, ...], host_port: int,
