@@ -8,7 +8,8 @@ from pathlib import Path
 from sockmap.cli import lsview
 from sockmap.conflicts import rules
 from sockmap.conflicts.rules import GuestState, Policies
-from sockmap.daemon.service import Config, Daemon
+from sockmap.daemon.service import Daemon
+from sockmap.daemon.settings import Config
 from sockmap.portwatch.records import Listener, Owner
 from sockmap.proxy import MappingTable
 
