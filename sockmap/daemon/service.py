@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sockmap import config, control
+from sockmap import config, configfile, control
 from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts.rules import Plan, Rule
 from sockmap.daemon import sdnotify
@@ -343,7 +343,7 @@ class Daemon(Views):
                         "FILE or write /etc/sockmap/sockmap.toml)")
             return
         try:
-            fc = await asyncio.to_thread(config.load, path)
+            fc = await asyncio.to_thread(configfile.load, path)
             attach_rules.refuse_own(fc.attach, own_candidate())
         except SockmapError as e:
             self._reloads["error"] += 1

@@ -1,5 +1,6 @@
-"""The daemon's settings: ``Config``, frozen, built by the CLI (no I/O: the rules file is
-loaded already), and the pure parsing and formatting of its endpoints (``--agent-listen``).
+"""The daemon's settings: ``Config``, frozen, built by the CLI (the rules file is loaded
+already), and the parsing and formatting of its endpoints (``--agent-listen``); nothing
+here reads or writes anything.
 """
 
 from __future__ import annotations
