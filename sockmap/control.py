@@ -96,6 +96,11 @@ def stream_batch(items: list[Any]) -> bytes:
     return json.dumps(items, separators=(",", ":")).encode() + b"\n"
 
 
+def stream_batch_encoded(texts: list[str]) -> bytes:
+    """``stream_batch`` of items that are JSON texts already."""
+    return f"[{','.join(texts)}]\n".encode()
+
+
 def stream_end(count: int) -> bytes:
     return json.dumps({"end": count}).encode() + b"\n"
 

@@ -7,7 +7,8 @@ STREAM_BATCH at a time, draining and yielding to the event loop between batches,
 answer of 100,000 rows holds neither the loop nor a line limit. ``ls`` rows are made and
 JSON-encoded in a thread of the server's own pool (not the loop's default executor, busy
 with a burst's work), a batch per hop (what they show is taken on the loop when the
-request comes: ``Planner.iter_rows``), so the loop only writes them."""
+request comes: ``Planner.iter_encoded_rows``; each mapping's static parts are encoded once
+and kept), so the loop only writes them."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Streamed:
     key: str
     items: Iterable[Any]
     offload: bool = False  # items made and encoded in a thread (thread-safe iterator)
+    encoded: bool = False  # items are JSON texts already (lsrows.encoded_rows)
 
 
 class ControlServer:
@@ -95,9 +97,9 @@ class ControlServer:
         loop = asyncio.get_running_loop()
         while True:
             if s.offload:  # made and encoded in a thread: the loop only writes
-                line, n = await loop.run_in_executor(pool, _next_batch, items)
+                line, n = await loop.run_in_executor(pool, _next_batch, items, s.encoded)
             else:
-                line, n = _next_batch(items)
+                line, n = _next_batch(items, s.encoded)
             if not n:
                 break
             writer.write(line)
@@ -114,8 +116,9 @@ class ControlServer:
         match req.op:
             case "ls":
                 await d.refresh_kernel()
-                return Streamed(result=[], key="", offload=True,
-                                items=d.iter_rows(not_forwarded=req.args.get("all") is True))
+                return Streamed(result=[], key="", offload=True, encoded=True,
+                                items=d.iter_encoded_rows(
+                                    not_forwarded=req.args.get("all") is True))
             case "status":
                 return d.status()
             case "conflicts":
@@ -180,10 +183,14 @@ class ControlServer:
             self.d.conns.discard(task)
 
 
-def _next_batch(items: Iterator[Any]) -> tuple[bytes, int]:
-    """The next line of up to STREAM_BATCH items, and how many it has (0: none left)."""
+def _next_batch(items: Iterator[Any], encoded: bool = False) -> tuple[bytes, int]:
+    """The next line of up to STREAM_BATCH items, and how many it has (0: none left);
+    ``encoded``: the items are JSON texts."""
     batch = list(itertools.islice(items, control.STREAM_BATCH))
-    return (control.stream_batch(batch) if batch else b""), len(batch)
+    if not batch:
+        return b"", 0
+    line = control.stream_batch_encoded(batch) if encoded else control.stream_batch(batch)
+    return line, len(batch)
 
 
 def _reverse(req: control.Request) -> list[str]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import resource
@@ -221,6 +222,13 @@ class Daemon:
         modes = {n: w.mode.split(" ", 1)[0] for n, w in self._watches.items()}
         return _ls_rows(self.planner.iter_rows(not_forwarded=not_forwarded), modes,
                         list(self.reverse.rows()))
+
+    def iter_encoded_rows(self, *, not_forwarded: bool = False) -> Iterator[str]:
+        """``iter_rows`` as JSON texts (what the control stream sends, lsrows.encoded_rows):
+        the same rows, keys and order."""
+        modes = {n: w.mode.split(" ", 1)[0] for n, w in self._watches.items()}
+        return _ls_texts(self.planner.iter_encoded_rows(not_forwarded=not_forwarded), modes,
+                         list(self.reverse.rows()))
 
     def listener_watch(self) -> dict[str, object]:
         """The netns guests' listener watch: mode, why, guests per mode (nswatch)."""
@@ -686,6 +694,20 @@ def _ls_rows(forward: Iterator[dict[str, Any]], modes: dict[str, str],
         yield {**r, "direction": "forward",
                "watch_mode": modes.get(str(r.get("guest", "")), "agent") or "agent"}
     yield from reverse
+
+
+def _ls_texts(forward: Iterator[tuple[str, str]], modes: dict[str, str],
+              reverse: list[dict[str, Any]]) -> Iterator[str]:
+    """``_ls_rows`` over JSON texts: the two keys joined onto each row's text."""
+    tails: dict[str, str] = {}
+    for guest, text in forward:
+        tail = tails.get(guest)
+        if tail is None:
+            mode = json.dumps(modes.get(guest, "agent") or "agent")
+            tail = tails[guest] = f',"direction":"forward","watch_mode":{mode}}}'
+        yield text[:-1] + tail
+    for r in reverse:
+        yield json.dumps(r, separators=(",", ":"))
 
 
 async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:

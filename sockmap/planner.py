@@ -53,7 +53,7 @@ from sockmap.conflicts.rules import (
 from sockmap.errors import SockmapError
 from sockmap.hostscan import HostScan
 from sockmap.kernelsync import sync_kernel
-from sockmap.lsrows import RowsCache, RowsInput, forward_rows
+from sockmap.lsrows import RowsCache, RowsInput, encoded_rows, forward_rows
 from sockmap.portwatch import Listener, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
@@ -501,14 +501,23 @@ class Planner:
     def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
         """The ``ls`` rows (``lsrows.forward_rows``) of what there is now: taken at the
         call, on the loop; the rows are made as the iterator is read, in any thread."""
+        inp = self._rows_input()
+        return iter(()) if inp is None else forward_rows(inp, not_forwarded=not_forwarded)
+
+    def iter_encoded_rows(self, *, not_forwarded: bool = False) -> Iterator[tuple[str, str]]:
+        """``iter_rows`` as (guest, JSON text) (``lsrows.encoded_rows``: what the control
+        stream sends; each mapping's static parts encoded once, cached)."""
+        inp = self._rows_input()
+        return iter(()) if inp is None else encoded_rows(inp, not_forwarded=not_forwarded)
+
+    def _rows_input(self) -> RowsInput | None:
         if self.table is None:
-            return iter(())
+            return None
         pl = self.last_plan
-        inp = RowsInput(
+        return RowsInput(
             table=self.table.snapshot_later(), plan=pl,
             pending=lambda: group_mappings(pl.pending if pl is not None else ()),
             shown=dict(self._shown), open=dict(self._open), shares=dict(self._shares),
             share=dict(self._share), waiting_since=dict(self._waiting_since),
             unforwarded=dict(self._unforwarded), kernel=self.kernel, kconns=self.kconns,
             cache=self._rows_cache)
-        return forward_rows(inp, not_forwarded=not_forwarded)

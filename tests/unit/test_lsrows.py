@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,8 @@ from typing import Any
 from sockmap import control
 from sockmap.conflicts.rules import Nic, PortMapping
 from sockmap.ctlserver import ControlServer, Streamed
-from sockmap.lsrows import RowsCache, RowsInput, forward_rows
+from sockmap.daemon import _ls_rows, _ls_texts
+from sockmap.lsrows import RowsCache, RowsInput, encoded_rows, forward_rows
 from sockmap.proxy import Proto, Target
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.spec import MappingKey
@@ -120,3 +122,57 @@ def test_offloaded_stream_of_nothing_and_of_one_batch() -> None:
         data = asyncio.run(_streamed(Streamed(result=[], key="", offload=True,
                                               items=iter([{"i": i} for i in range(n)]))))
         assert control._answer(io.BytesIO(data), "ls") == [{"i": i} for i in range(n)]
+
+
+def texts(table: list[MappingRow], groups: dict[MappingKey, tuple[PortMapping, ...]],
+          cache: RowsCache) -> list[tuple[str, str]]:
+    inp = RowsInput(table=lambda: tuple(table), plan=None, pending=lambda: {}, shown=groups,
+                    open=dict(groups), shares={}, share={}, waiting_since={},
+                    unforwarded={}, kernel=None, kconns=KernelConns(), cache=cache)
+    return list(encoded_rows(inp))
+
+
+def _no_age(r: dict[str, Any]) -> dict[str, Any]:
+    return {**r, "age_s": None}
+
+
+def test_encoded_rows_are_the_rows_in_the_streams_encoding() -> None:
+    cache = RowsCache()
+    groups = {key(p): shown(p, pid=10 + p, label="é\"x" if p == 81 else "")
+              for p in (80, 81, 82)}
+    table = [mrow(80), mrow(81, conns=2**40), mrow(82)]
+    for _ in range(2):  # made afresh, then from the cache
+        got = texts(table, groups, cache)
+        assert [g for g, _ in got] == ["a", "a", "a"]
+        decoded = [json.loads(t) for _, t in got]
+        assert [list(r) for r in decoded] == [KEYS] * 3  # the --json keys, in their order
+        assert [_no_age(r) for r in decoded] == rows(table, groups, RowsCache())
+        # byte for byte what json.dumps makes of the row (the control stream's encoding)
+        assert all(t == json.dumps(r, separators=(",", ":")) for (_, t), r
+                   in zip(got, decoded, strict=True))
+    assert decoded[1]["connections"] == 2**40 and decoded[1]["label"] == "é\"x"
+
+
+def test_daemon_texts_are_its_rows() -> None:
+    cache = RowsCache()
+    groups = {key(p): shown(p, pid=1) for p in (80, 81)}
+    table = [mrow(80), mrow(81)]
+    reverse = [{"direction": "reverse", "guest": "b", "host_port": 9}]
+    inp = RowsInput(table=lambda: tuple(table), plan=None, pending=lambda: {},
+                    shown=groups, open=dict(groups), shares={}, share={}, waiting_since={},
+                    unforwarded={}, kernel=None, kconns=KernelConns(), cache=cache)
+    as_dicts = list(_ls_rows(forward_rows(inp), {"a": "events"}, reverse))
+    as_texts = [json.loads(t) for t in _ls_texts(encoded_rows(inp), {"a": "events"}, reverse)]
+    assert [list(r) for r in as_texts] == [list(r) for r in as_dicts]
+    assert [_no_age(r) for r in as_texts] == [_no_age(r) for r in as_dicts]
+    assert as_texts[0]["watch_mode"] == "events" and as_texts[-1] == reverse[0]
+
+
+def test_a_stream_of_encoded_items_is_the_stream_of_the_items() -> None:
+    n = control.STREAM_BATCH + 3
+    items = [{"i": i, "s": "x\n"} for i in range(n)]
+    enc = [json.dumps(i, separators=(",", ":")) for i in items]
+    got = asyncio.run(_streamed(Streamed(result=[], key="", offload=True, encoded=True,
+                                         items=iter(enc))))
+    assert got == asyncio.run(_streamed(Streamed(result=[], key="", items=iter(items))))
+    assert control._answer(io.BytesIO(got), "ls") == items
