@@ -19,10 +19,36 @@ DEFAULT_RUN_DIR = "/run/sockmap"
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 
 Handler = Callable[[argparse.Namespace], int]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a cost of each start)
+if TYPE_CHECKING:
+    Subs = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, the width found as it finds it (shutil.get_terminal_size: $COLUMNS, else
+    the terminal's, else 80; less 2) without importing shutil (and with it bz2 and lzma)
+    for each parser made, a cost of every start."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        out = sys.__stdout__
+        return (os.get_terminal_size(out.fileno()).columns or 80) if out else 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 def _common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = argparse.ArgumentParser(add_help=False, formatter_class=Formatter)
     p.add_argument(
         "--run-dir",
         type=Path,
@@ -39,7 +65,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _sub(
-    subs: argparse._SubParsersAction[argparse.ArgumentParser],
+    subs: Subs,
     name: str,
     handler: Handler,
     help_: str,
@@ -51,31 +77,40 @@ def _sub(
         help=help_,
         description=help_,
         epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=Formatter,
     )
     p.set_defaults(handler=handler)
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only`` (a command's name) that command's parser
+    alone is built in full, the others only listed (every command starts this way: building
+    the full tree of ~80 options was a cost of each start)."""
     parser = argparse.ArgumentParser(
         prog="sockmap",
         description="Forward guest listeners to host localhost; explain every port conflict.",
         epilog="examples:\n  sockmap daemon &\n  sockmap guest create dev1\n"
                "  sockmap guest exec dev1 -- python3 -m http.server 8000\n"
                "  sockmap ls\n\n`sockmap COMMAND --help` shows each command's options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"sockmap {__version__}")
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add in COMMANDS.items():
+        if only is None or only == name:
+            add(subs)
+        else:  # listed in `sockmap --help` as it is, built when it is the command
+            subs.add_parser(name, help=HELP[name], formatter_class=Formatter)
+    return parser
 
-    # guest ------------------------------------------------------------------------------
-    guest = subs.add_parser("guest", help="create, delete, list NAT'd netns guests, or run in "
-                            "one; attach namespaces sockmap did not make",
+
+def _add_guest(subs: Subs) -> None:
+    guest = subs.add_parser("guest", help=HELP["guest"],
                             description="NAT'd network-namespace guests, and adopted ones.",
                             epilog="example:\n  sockmap guest create dev1 && sockmap guest "
                                    "exec dev1 -- python3 -m http.server 8000",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=Formatter)
     gsubs = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
     p = _sub(gsubs, "create", _guest_create, "create a NAT'd network-namespace guest",
              "sockmap guest create dev1 --subnet 172.31.9.0/30")
@@ -111,12 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "root's files, as the guest's root can")
     p.set_defaults(takes_command=True)  # everything after "--" is the command (see main)
 
-    # token (VM guests) -------------------------------------------------------------------
-    token = subs.add_parser("token", help="tokens for VM agents",
+
+def _add_token(subs: Subs) -> None:
+    token = subs.add_parser("token", help=HELP["token"],
                             description="Tokens for agents in VMs (they dial --agent-listen).",
                             epilog="example:\n  sockmap token create vm1 --connect "
                                    "192.168.122.1:7070",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=Formatter)
     tsubs = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     p = _sub(tsubs, "create", _token_create,
              "write RUN_DIR/tokens/NAME.token and print the agent command for the VM",
@@ -127,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "host's address on the VM's bridge), for the printed command")
     p.add_argument("--force", action="store_true", help="replace an existing token")
 
-    # agent ------------------------------------------------------------------------------
-    p = _sub(subs, "agent", _agent, "guest agent: watch listeners and report them",
+
+def _add_agent(subs: Subs) -> None:
+    p = _sub(subs, "agent", _agent, HELP["agent"],
              "sockmap agent --connect tcp:192.168.122.1:7070 --name vm1 "
              "--token-file /etc/sockmap/vm1.token")
     p.add_argument("--connect", help="unix:PATH | tcp:HOST:PORT | vsock:CID:PORT")
@@ -149,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rescan-ms", type=float, default=None,
                    help="events mode: the safety rescan period in ms (default 2000)")
 
-    # daemon, ls, conflicts --------------------------------------------------------------
-    p = _sub(subs, "daemon", _daemon, "host daemon (foreground)",
+
+def _add_daemon(subs: Subs) -> None:
+    p = _sub(subs, "daemon", _daemon, HELP["daemon"],
              "sockmap daemon --config /etc/sockmap/sockmap.toml")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="rules file (TOML; default /etc/sockmap/sockmap.toml if it exists); "
@@ -193,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listeners planned per guest; the rest are not forwarded and the "
                         "guest is reported as a conflict (default: the rules file's "
                         "max_listeners_per_guest, else 4096)")
-    p = _sub(subs, "ls", _ls, "list active mappings", "sockmap ls --guest dev1 --port 8000")
+
+
+def _add_ls(subs: Subs) -> None:
+    p = _sub(subs, "ls", _ls, HELP["ls"], "sockmap ls --guest dev1 --port 8000")
+    p.set_defaults(logs=False)  # nothing on its path logs: no logging module to import
     p.add_argument("--json", action="store_true", help="a JSON list of mapping objects")
     p.add_argument("--watch", action="store_true", help="redraw once a second until ^C")
     p.add_argument("--guest", metavar="NAME", help="only this guest's mappings")
@@ -201,8 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "port N")
     p.add_argument("--all", action="store_true",
                    help="also the guest listeners that are not forwarded, and why")
-    p = _sub(subs, "conflicts", _conflicts,
-             "explain port conflicts (exit 0: none, 1: conflicts, 2: error)",
+
+
+def _add_conflicts(subs: Subs) -> None:
+    p = _sub(subs, "conflicts", _conflicts, HELP["conflicts"],
              "sockmap conflicts            # the running daemon's view\n"
              "  sockmap conflicts --flat --json")
     p.add_argument("--json", action="store_true",
@@ -210,19 +254,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flat", action="store_true",
                    help="analyse the network namespace this runs in (no daemon needed)")
 
-    # events, wait -----------------------------------------------------------------------
-    p = _sub(subs, "events", _events,
-             "stream mapping, conflict and guest changes as they happen (until ^C)",
+
+def _add_events(subs: Subs) -> None:
+    p = _sub(subs, "events", _events, HELP["events"],
              "sockmap events --json | jq 'select(.event == \"mapping_opened\")'")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p = _sub(subs, "wait", _wait,
-             "wait until a guest's port accepts on the host (exit 0: it does, 1: timeout, "
-             "2: error)", "sockmap wait dev1:8000 --timeout 30 && curl localhost:8000")
+
+
+def _add_wait(subs: Subs) -> None:
+    p = _sub(subs, "wait", _wait, HELP["wait"],
+             "sockmap wait dev1:8000 --timeout 30 && curl localhost:8000")
     p.add_argument("target", metavar="GUEST:PORT[/udp]",
                    help="the guest and its (guest-side) port; tcp unless /udp")
     p.add_argument("--timeout", type=float, metavar="S", default=None,
                    help="give up after S seconds (exit 1; default: wait forever)")
-    return parser
+
+
+HELP = {  # each command's line in `sockmap --help` (and its parser's help)
+    "guest": "create, delete, list NAT'd netns guests, or run in one; attach namespaces "
+             "sockmap did not make",
+    "token": "tokens for VM agents",
+    "agent": "guest agent: watch listeners and report them",
+    "daemon": "host daemon (foreground)",
+    "ls": "list active mappings",
+    "conflicts": "explain port conflicts (exit 0: none, 1: conflicts, 2: error)",
+    "events": "stream mapping, conflict and guest changes as they happen (until ^C)",
+    "wait": "wait until a guest's port accepts on the host (exit 0: it does, 1: timeout, "
+            "2: error)",
+}
+COMMANDS: dict[str, Callable[[Subs], None]] = {
+    "guest": _add_guest, "token": _add_token, "agent": _add_agent, "daemon": _add_daemon,
+    "ls": _add_ls, "conflicts": _add_conflicts, "events": _add_events, "wait": _add_wait,
+}
 
 
 def _not_built(name: str, issue: int) -> Handler:
@@ -483,20 +546,23 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
     command: list[str] | None = None
     if "--" in words:
         cut = words.index("--")
         words, command = words[:cut], words[cut + 1 :]
+    # the command is the first word that is not an option (the top level takes no values)
+    name = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(name if name in COMMANDS else None)
     args = parser.parse_args(words)
     if getattr(args, "takes_command", False):
         args.cmd = command or []
     elif command is not None:
         parser.error("'--' is only for `sockmap guest exec NAME -- CMD`")
-    from sockmap import logs
+    if getattr(args, "logs", True):
+        from sockmap import logs
 
-    logs.setup(args.log_level)  # one line per event on stderr (journald-friendly)
+        logs.setup(args.log_level)  # one line per event on stderr (journald-friendly)
     try:
         rc: int = args.handler(args)
     except SockmapError as e:

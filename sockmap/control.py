@@ -16,8 +16,10 @@ Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subn
 list in ``conflicts.report.to_json`` form), ``events`` (a subscription: the ok line, then
 one JSON line per change until the client closes; sockmap.eventbus, sockmap.eventclient).
 
-Pure helpers (``parse_request``, ``ok``, ``fail``) and one synchronous client (``request``,
-used by cli.py); the server side lives in the daemon.
+Pure helpers (``ok``, ``fail``, the stream's lines) and one synchronous client
+(``request``, used by the CLI: this module imports no more than it needs, since every
+``sockmap`` command imports it); requests as the daemon reads them are
+``sockmap.ctlrequest``, the server side lives in the daemon.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import errno
 import json
 import os
 import socket
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
 
 from sockmap.errors import SockmapError
+
+TYPE_CHECKING = False  # typing's, without importing typing: the CLI imports this module
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any, Final
 
 SOCKET_NAME: Final = "control.sock"
 MAX_LINE: Final = 1 << 20
@@ -41,12 +45,6 @@ OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts", "even
 
 class DaemonNotRunning(SockmapError):
     """Nobody answers on the control socket."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Request:
-    op: str
-    args: dict[str, Any]
 
 
 def socket_path(run_dir: Path) -> Path:
@@ -62,24 +60,6 @@ def unix_path_problem(path: Path) -> str | None:
     if n <= UNIX_PATH_MAX:
         return None
     return f"its path is {n} bytes, longer than the {UNIX_PATH_MAX} a unix socket takes"
-
-
-def parse_request(line: bytes) -> Request:
-    """A request line -> Request, or SockmapError saying what is wrong with it."""
-    if len(line) > MAX_LINE:
-        raise SockmapError(f"control request longer than {MAX_LINE} bytes")
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError):
-        raise SockmapError("control request is not JSON") from None
-    if not isinstance(obj, dict):
-        raise SockmapError("control request is not a JSON object")
-    op = obj.pop("op", None)
-    if op not in OPS:
-        raise SockmapError(f"unknown control op {str(op)[:40]!r}",
-                           hint=f"known: {', '.join(OPS)}")
-    assert isinstance(op, str)
-    return Request(op=op, args=obj)
 
 
 def ok(result: object) -> bytes:
@@ -108,15 +88,6 @@ def stream_end(count: int) -> bytes:
 def fail(e: SockmapError) -> bytes:
     return json.dumps({"ok": False, "error": e.message, "hint": e.hint},
                       separators=(",", ":")).encode() + b"\n"
-
-
-def arg_str(req: Request, name: str, *, optional: bool = False) -> str | None:
-    v = req.args.get(name)
-    if v is None and optional:
-        return None
-    if not isinstance(v, str):
-        raise SockmapError(f"control op {req.op}: {name} must be a string")
-    return v
 
 
 def not_running(run_dir: Path, why: str) -> DaemonNotRunning:

@@ -21,7 +21,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sockmap import control, metrics
+from sockmap import control, ctlrequest, metrics
 from sockmap.errors import SockmapError
 from sockmap.peercred import netns_of, peer_pid
 
@@ -67,7 +67,7 @@ class ControlServer:
                                 "namespace refused", pid)
                     raise SockmapError("control requests are served only to the host's "
                                        "network namespace", hint="run sockmap on the host")
-                req = control.parse_request(line)
+                req = ctlrequest.parse_request(line)
                 if req.op == "events":  # a subscription: streams until the client goes
                     await self.d.events.serve(reader, writer, control.ok("subscribed"))
                     return
@@ -111,7 +111,7 @@ class ControlServer:
             await asyncio.sleep(0)  # let the loop serve others between batches
         writer.write(control.stream_end(count))
 
-    async def dispatch(self, req: control.Request) -> object:
+    async def dispatch(self, req: ctlrequest.Request) -> object:
         d = self.d
         match req.op:
             case "ls":
@@ -130,25 +130,25 @@ class ControlServer:
                                "makes no guests", hint="run `sockmap daemon` without --flat")
         match req.op:
             case "guest_create":
-                name = control.arg_str(req, "name")
+                name = ctlrequest.arg_str(req, "name")
                 assert name is not None
                 nat = req.args.get("nat", True)
-                return await d.guest_create(name, control.arg_str(req, "subnet",
+                return await d.guest_create(name, ctlrequest.arg_str(req, "subnet",
                                                                   optional=True),
                                             nat=nat is not False, reverse=_reverse(req))
             case "guest_delete":
-                name = control.arg_str(req, "name")
+                name = ctlrequest.arg_str(req, "name")
                 assert name is not None
                 return await d.guest_delete(name)
             case "guest_attach" | "guest_detach":
-                name = control.arg_str(req, "name")
+                name = ctlrequest.arg_str(req, "name")
                 assert name is not None
                 if req.op == "guest_detach":
                     return await d.guest_detach(name)
                 pid = req.args.get("pid")
                 if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
                     raise SockmapError("control op guest_attach: pid must be an integer")
-                return await d.guest_attach(name, pid=pid, path=control.arg_str(
+                return await d.guest_attach(name, pid=pid, path=ctlrequest.arg_str(
                     req, "netns", optional=True), reverse=_reverse(req))
         raise SockmapError(f"unknown control op {req.op!r}")
 
@@ -193,7 +193,7 @@ def _next_batch(items: Iterator[Any], encoded: bool = False) -> tuple[bytes, int
     return line, len(batch)
 
 
-def _reverse(req: control.Request) -> list[str]:
+def _reverse(req: ctlrequest.Request) -> list[str]:
     """A guest op's ``reverse`` argument: the ``--reverse`` texts (checked by the daemon)."""
     reverse = req.args.get("reverse") or []
     if not isinstance(reverse, list) or not all(isinstance(r, str) for r in reverse):

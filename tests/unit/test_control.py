@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockmap import control, lsview
+from sockmap import control, ctlrequest, lsview
 from sockmap.errors import SockmapError
 
 
@@ -23,7 +23,7 @@ from sockmap.errors import SockmapError
      {"name": "dev1", "subnet": None, "nat": True}),
 ])
 def test_parse_request(line: bytes, op: str, args: dict[str, Any]) -> None:
-    req = control.parse_request(line)
+    req = ctlrequest.parse_request(line)
     assert req.op == op and req.args == args
 
 
@@ -31,13 +31,13 @@ def test_parse_request(line: bytes, op: str, args: dict[str, Any]) -> None:
                                   b'{"name":"x"}', b"\xff\xfe"])
 def test_parse_request_refuses(line: bytes) -> None:
     with pytest.raises(SockmapError):
-        control.parse_request(line)
+        ctlrequest.parse_request(line)
 
 
 @given(st.binary(max_size=200))
 def test_parse_request_never_crashes(line: bytes) -> None:
     with contextlib.suppress(SockmapError):
-        control.parse_request(line)
+        ctlrequest.parse_request(line)
 
 
 def test_answers_round_trip() -> None:
