@@ -2,8 +2,9 @@
 
 Daemon side: the rows made from a capture (``lsrows``) and encoded into the control
 stream's lines, first ask (nothing cached) and again (each mapping's encoded static parts
-kept from the last ask); CLI side: the answer's lines parsed (``control``) and the table
-rendered (``lsview``), plain and ``--json``. CPU time of this thread (``time.thread_time``),
+kept from the last ask); CLI side: the answer's lines parsed (``control``) and printed:
+``--json`` (every key; json.dumps indent 2) and plain `ls` (the table view's keys,
+rendered by ``lsview``). CPU time of this thread (``time.thread_time``),
 best of ``--runs``; no sockets, no daemon: the code paths alone. The whole `sockmap ls`
 (interpreter start included) is measured by ``bench.burst`` against a real daemon.
 """
@@ -61,27 +62,33 @@ def _best(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
 def run(n: int, runs: int) -> dict[str, Any]:
     table, groups = _inputs(n)
 
-    def answer(cache: RowsCache) -> bytes:
-        inp = RowsInput(table=lambda: tuple(table), plan=None, pending=lambda: {},
+    def answer(cache: RowsCache, table: bool = False) -> bytes:
+        inp = RowsInput(table=lambda: tuple(table_), plan=None, pending=lambda: {},
                         shown=groups, open=dict(groups), shares={}, share={},
                         waiting_since={}, unforwarded={}, kernel=None, kconns=KernelConns(),
                         cache=cache)
-        texts = list(_ls_texts(encoded_rows(inp), {"burst": "events"}, []))
+        texts = list(_ls_texts(encoded_rows(inp, table=table), {"burst": "events"}, [],
+                               table=table))
         lines = [control.stream_head([], "")]
         lines += [control.stream_batch_encoded(texts[i:i + control.STREAM_BATCH])
                   for i in range(0, len(texts), control.STREAM_BATCH)]
         return b"".join([*lines, control.stream_end(len(texts))])
 
-    first, data = _best(lambda: answer(RowsCache()), runs)
-    warm = RowsCache()
-    answer(warm)
-    again, data = _best(lambda: answer(warm), runs)
-    parse, rows = _best(lambda: control._answer(io.BytesIO(data), "ls"), runs)
-    plain, _ = _best(lambda: lsview.render(rows), runs)
-    as_json, _ = _best(lambda: json.dumps(rows, indent=2), runs)
-    return {"mappings": n, "answer_bytes": len(data), "daemon_first_ms": first,
-            "daemon_again_ms": again, "cli_parse_ms": parse, "cli_render_ms": plain,
-            "cli_json_ms": as_json, "load": os.getloadavg()[0]}
+    table_ = table
+
+    def figures(narrow: bool) -> dict[str, float]:
+        first, data = _best(lambda: answer(RowsCache(), narrow), runs)
+        warm = RowsCache()
+        answer(warm, narrow)
+        again, data = _best(lambda: answer(warm, narrow), runs)
+        parse, rows = _best(lambda: control._answer(io.BytesIO(data), "ls"), runs)
+        shown, _ = _best((lambda: lsview.render(rows)) if narrow
+                         else (lambda: json.dumps(rows, indent=2)), runs)
+        return {"answer_bytes": len(data), "daemon_first_ms": first,
+                "daemon_again_ms": again, "cli_parse_ms": parse, "cli_print_ms": shown}
+
+    return {"mappings": n, "load": os.getloadavg()[0], "json": figures(False),
+            "table": figures(True)}
 
 
 def main() -> int:

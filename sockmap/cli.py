@@ -476,7 +476,9 @@ def _ls(args: argparse.Namespace) -> int:
     from sockmap import control, lsview
 
     def show() -> str:
-        rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10,
+        # plain ls: the table view (only the keys the table shows: less to send and parse)
+        view = {} if args.json else {"view": "table"}
+        rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10, **view,
                                                   **({"all": True} if args.all else {})),
                                   guest=args.guest, port=args.port)
         if args.json:

@@ -10,7 +10,8 @@ then batch lines, each a JSON array of up to STREAM_BATCH items, then ``{"end": 
 ``request`` reassembles them, so callers see one result; every line stays under MAX_LINE,
 and the daemon writes batch by batch (bounded memory, its event loop served in between).
 
-Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subnet, nat),
+Ops (served by sockmap.daemon): ``ls`` (``all``: also what is not forwarded; ``view``
+"table": the rows' LS_TABLE_KEYS only), ``status``, ``guest_create`` (name, subnet, nat),
 ``guest_delete`` (name), ``guest_attach`` (name, pid or netns), ``guest_detach`` (name),
 ``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
 list in ``conflicts.report.to_json`` form), ``events`` (a subscription: the ok line, then
@@ -41,6 +42,26 @@ MAX_LINE: Final = 1 << 20
 STREAM_BATCH: Final = 256  # items per streamed line (an ls row is ~0.5 KiB)
 OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts", "events",
               "guest_attach", "guest_detach")
+
+
+# ``ls`` with ``"view": "table"`` (plain `sockmap ls`): each row has only these keys (the
+# ones ``sockmap.lsview`` shows), its ``targets`` only LS_TABLE_TARGET_KEYS; ``ls --json``
+# asks without a view and gets every key
+LS_TABLE_KEYS: Final = frozenset((
+    "guest", "direction", "label", "proto", "host_addr", "host_addrs", "host_port", "names",
+    "shared_by", "state", "path", "connections", "bytes_in", "bytes_out", "age_s",
+    "guest_addr", "guest_port", "pid", "process", "reason", "targets"))
+LS_TABLE_TARGET_KEYS: Final = frozenset(("guest_addr", "pid", "process"))
+
+
+def table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as the table view has it (LS_TABLE_KEYS; its targets' LS_TABLE_TARGET_KEYS)."""
+    out = {k: v for k, v in row.items() if k in LS_TABLE_KEYS}
+    ts = out.get("targets")
+    if isinstance(ts, list):
+        out["targets"] = [{k: v for k, v in t.items() if k in LS_TABLE_TARGET_KEYS}
+                          if isinstance(t, dict) else t for t in ts]
+    return out
 
 
 class DaemonNotRunning(SockmapError):

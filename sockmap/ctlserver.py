@@ -118,7 +118,8 @@ class ControlServer:
                 await d.refresh_kernel()
                 return Streamed(result=[], key="", offload=True, encoded=True,
                                 items=d.iter_encoded_rows(
-                                    not_forwarded=req.args.get("all") is True))
+                                    not_forwarded=req.args.get("all") is True,
+                                    table=req.args.get("view") == "table"))
             case "status":
                 return d.status()
             case "conflicts":

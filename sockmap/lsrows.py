@@ -19,12 +19,13 @@ Row contents (the keys and their order are the ``ls --json`` contract): see
 from __future__ import annotations
 
 import json
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sockmap import sharing
+from sockmap import control, sharing
 from sockmap.conflicts.rules import Plan, PortMapping
 from sockmap.proxy import MappingKey, Target
 from sockmap.proxy.bpfprog import KernelStats
@@ -48,6 +49,8 @@ class _Static:
     target_rows: list[dict[str, Any]]
     head_json: str  # head's JSON text without its braces (the control stream's encoding)
     targets_json: str  # target_rows' JSON text
+    table_head_json: str  # the same of the table view (control.LS_TABLE_KEYS)
+    table_targets_json: str
 
 
 class RowsCache:
@@ -87,8 +90,11 @@ def _static(r: MappingRow, shown: tuple[PortMapping, ...]) -> _Static:
         "label": label.label if label else "",
         "names": list(label.names) if label else [],
     }
+    table = control.table_row({**head, "targets": targets})
+    table_targets = table.pop("targets")
     return _Static(targets=r.targets, shown=shown, head=head, target_rows=targets,
-                   head_json=_dumps(head)[1:-1], targets_json=_dumps(targets))
+                   head_json=_dumps(head)[1:-1], targets_json=_dumps(targets),
+                   table_head_json=_dumps(table)[1:-1], table_targets_json=_dumps(table_targets))
 
 
 # a mapping row's keys after its head, in order, and their encoding: state and path are
@@ -101,6 +107,9 @@ COUNT_KEYS = ("state", "path", "connections", "connections_total", "bytes_in", "
 _COUNTS_JSON = ",".join(f'"{k}":' + ('"%s"' if k in ("state", "path") else
                                      "%r" if k in ("since", "age_s") else "%d")
                         for k in COUNT_KEYS)
+_TABLE_COUNTS = tuple(i for i, k in enumerate(COUNT_KEYS) if k in control.LS_TABLE_KEYS)
+_TABLE_COUNTS_JSON = ",".join(_COUNTS_JSON.split(",")[i] for i in _TABLE_COUNTS)
+_table_counts = operator.itemgetter(*_TABLE_COUNTS)
 _NO_KSTATS, _NO_TALLY = KernelStats(), Tally()
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -110,10 +119,12 @@ def _dumps(v: object) -> str:
     return _ENCODE(v)
 
 
-def encoded_rows(inp: RowsInput, *, not_forwarded: bool = False) -> Iterator[tuple[str, str]]:
+def encoded_rows(inp: RowsInput, *, not_forwarded: bool = False, table: bool = False
+                 ) -> Iterator[tuple[str, str]]:  # fmt: skip
     """``forward_rows`` as (guest, the row's JSON text in the control stream's encoding):
-    the same keys, order and values; a mapping's static parts are encoded once (cached)."""
-    return _rows(inp, not_forwarded, encode=True)  # type: ignore[return-value]
+    the same keys, order and values (``table``: of the table view, control.table_row); a
+    mapping's static parts are encoded once (cached)."""
+    return _rows(inp, not_forwarded, encode=True, table=table)  # type: ignore[return-value]
 
 
 def forward_rows(inp: RowsInput, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
@@ -128,7 +139,7 @@ def forward_rows(inp: RowsInput, *, not_forwarded: bool = False) -> Iterator[dic
     return _rows(inp, not_forwarded, encode=False)  # type: ignore[return-value]
 
 
-def _rows(inp: RowsInput, not_forwarded: bool, *, encode: bool
+def _rows(inp: RowsInput, not_forwarded: bool, *, encode: bool, table: bool = False
           ) -> Iterator[dict[str, Any] | tuple[str, str]]:  # fmt: skip
     """``forward_rows`` (dicts), or with ``encode`` ``encoded_rows`` (guest, JSON text)."""
     now = time.time()
@@ -159,7 +170,11 @@ def _rows(inp: RowsInput, not_forwarded: bool, *, encode: bool
             kconns.stats(key).closed if in_kernel else 0, r.connections_total,
             float(r.since), round(max(0.0, now - r.since), 3))
         conn = inp.share.get(key)
-        if encode and conn is None:  # the common row: its static parts encoded once
+        if encode and conn is None and table:  # the common row: static parts encoded once
+            yield r.guest, (f"{{{st.table_head_json},{_TABLE_COUNTS_JSON % _table_counts(counts)}"
+                            f',"targets":{st.table_targets_json}}}')
+            continue
+        if encode and conn is None:
             yield r.guest, (f"{{{st.head_json},{_COUNTS_JSON % counts},"
                             f'"targets":{st.targets_json}}}')
             continue
@@ -170,10 +185,13 @@ def _rows(inp: RowsInput, not_forwarded: bool, *, encode: bool
         if conn is not None and conn.routes.members and row["state"] != "draining":
             row["names"] = [f"{key.guest}.localhost", *row["names"]]  # a shared port's
             row["shared_by"] = [m.guest for m in conn.routes.members]
-        yield (r.guest, _dumps(row)) if encode else row
+        yield (r.guest, _dumps(control.table_row(row) if table else row)) if encode else row
     inp.cache.entries = kept  # the mappings there are now
     for row in _rest(inp, not_forwarded, now):
-        yield (str(row["guest"]), _dumps(row)) if encode else row
+        if encode:
+            yield str(row["guest"]), _dumps(control.table_row(row) if table else row)
+        else:
+            yield row
 
 
 def _rest(inp: RowsInput, not_forwarded: bool, now: float) -> Iterator[dict[str, Any]]:

@@ -504,11 +504,13 @@ class Planner:
         inp = self._rows_input()
         return iter(()) if inp is None else forward_rows(inp, not_forwarded=not_forwarded)
 
-    def iter_encoded_rows(self, *, not_forwarded: bool = False) -> Iterator[tuple[str, str]]:
+    def iter_encoded_rows(self, *, not_forwarded: bool = False, table: bool = False
+                          ) -> Iterator[tuple[str, str]]:  # fmt: skip
         """``iter_rows`` as (guest, JSON text) (``lsrows.encoded_rows``: what the control
-        stream sends; each mapping's static parts encoded once, cached)."""
+        stream sends, ``table``: its table view; static parts encoded once, cached)."""
         inp = self._rows_input()
-        return iter(()) if inp is None else encoded_rows(inp, not_forwarded=not_forwarded)
+        return iter(()) if inp is None else encoded_rows(inp, not_forwarded=not_forwarded,
+                                                         table=table)
 
     def _rows_input(self) -> RowsInput | None:
         if self.table is None:

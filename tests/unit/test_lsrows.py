@@ -176,3 +176,20 @@ def test_a_stream_of_encoded_items_is_the_stream_of_the_items() -> None:
                                          items=iter(enc))))
     assert got == asyncio.run(_streamed(Streamed(result=[], key="", items=iter(items))))
     assert control._answer(io.BytesIO(got), "ls") == items
+
+
+def test_the_table_view_is_the_rows_narrowed() -> None:
+    cache = RowsCache()
+    groups = {key(p): shown(p, pid=10 + p) for p in (80, 81)}
+    table = [mrow(80, conns=5), mrow(81)]
+    inp = RowsInput(table=lambda: tuple(table), plan=None, pending=lambda: {},
+                    shown=groups, open=dict(groups), shares={}, share={}, waiting_since={},
+                    unforwarded={}, kernel=None, kconns=KernelConns(), cache=cache)
+    reverse = [{"direction": "reverse", "guest": "b", "host_port": 9, "since": 1.0}]
+    for _ in range(2):  # made afresh, then from the cache
+        whole = [json.loads(t) for t in _ls_texts(encoded_rows(inp), {"a": "poll"}, reverse)]
+        narrow = [json.loads(t) for t in _ls_texts(encoded_rows(inp, table=True),
+                                                   {"a": "poll"}, reverse, table=True)]
+        assert [_no_age(r) for r in narrow] == [_no_age(control.table_row(r)) for r in whole]
+    assert narrow[0]["connections"] == 5 and "kernel_connects" not in narrow[0]
+    assert list(narrow[0]["targets"][0]) == ["guest_addr", "pid", "process"]
