@@ -50,6 +50,36 @@ class ControlServer:
         # answers' threads of their own: an `ls` does not queue behind a burst's planning
         # and message building in the loop's default executor
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sockmap-answer")
+        self._warming: asyncio.Task[None] | None = None
+        self._warm_again = False
+
+    def rows_changed(self) -> None:
+        """After a plan: make the ``ls`` rows' static parts of new mappings (encoded, both
+        views, lsrows.RowsCache) in the answers' pool, so that the next ``ls`` encodes only
+        counters (after a restart: all 6,400 rows' parts made before anyone asks). One pass
+        at a time and at most one every WARM_S: a burst's many plans cost a pass or two."""
+        if self._warming is not None:
+            self._warm_again = True
+            return
+        self._warming = asyncio.get_running_loop().create_task(self._warm())
+        self.d.conns.add(self._warming)  # cancelled at shutdown like a connection
+
+    async def _warm(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._warm_again = False
+                rows = self.d.iter_encoded_rows(not_forwarded=False)  # taken on the loop
+                await loop.run_in_executor(self.pool, _drain, rows)
+                if not self._warm_again:
+                    return
+                await asyncio.sleep(WARM_S)
+        except Exception:
+            log.exception("making the ls rows failed")  # the next `ls` makes them itself
+        finally:
+            if self._warming is asyncio.current_task():
+                self.d.conns.discard(self._warming)
+                self._warming = None
 
     async def conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control request: one line in, one line out."""
@@ -182,6 +212,14 @@ class ControlServer:
         finally:
             writer.close()
             self.d.conns.discard(task)
+
+
+WARM_S = 0.5  # at most one pass over the rows per WARM_S for rows_changed
+
+
+def _drain(items: Iterator[Any]) -> None:
+    for _ in items:
+        pass
 
 
 def _next_batch(items: Iterator[Any], encoded: bool = False) -> tuple[bytes, int]:

@@ -193,3 +193,40 @@ def test_the_table_view_is_the_rows_narrowed() -> None:
         assert [_no_age(r) for r in narrow] == [_no_age(control.table_row(r)) for r in whole]
     assert narrow[0]["connections"] == 5 and "kernel_connects" not in narrow[0]
     assert list(narrow[0]["targets"][0]) == ["guest_addr", "pid", "process"]
+
+
+class _Daemon:
+    """What ControlServer.rows_changed uses of the daemon: the rows, the task set."""
+
+    def __init__(self) -> None:
+        self.conns: set[asyncio.Task[Any]] = set()
+        self.passes: list[int] = []  # the thread each pass made its rows in
+
+    def iter_encoded_rows(self, *, not_forwarded: bool = False) -> Iterator[str]:
+        def rows() -> Iterator[str]:
+            self.passes.append(threading.get_ident())
+            yield from ("{}" for _ in range(3))
+        return rows()
+
+
+def test_rows_are_made_after_plans_coalesced_and_off_the_loop(monkeypatch: Any) -> None:
+    import sockmap.ctlserver as ctlserver
+
+    monkeypatch.setattr(ctlserver, "WARM_S", 0.01)
+    d = _Daemon()
+
+    async def main() -> None:
+        srv = ControlServer(d, own_netns=None)  # type: ignore[arg-type]
+        for _ in range(50):  # a burst's plans
+            srv.rows_changed()
+        while srv._warming is not None:
+            await asyncio.sleep(0.005)
+        assert 1 <= len(d.passes) <= 2 and threading.get_ident() not in d.passes
+        assert not d.conns  # nothing left to cancel
+        srv.rows_changed()  # a later plan: one more pass
+        while srv._warming is not None:
+            await asyncio.sleep(0.005)
+        srv.pool.shutdown()
+
+    asyncio.run(main())
+    assert 2 <= len(d.passes) <= 3
