@@ -52,6 +52,7 @@ class ControlServer:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sockmap-answer")
         self._warming: asyncio.Task[None] | None = None
         self._warm_again = False
+        self._pass: asyncio.Future[None] | None = None  # a rows_changed pass under way
 
     def rows_changed(self) -> None:
         """After a plan: make the ``ls`` rows' static parts of new mappings (encoded, both
@@ -70,7 +71,11 @@ class ControlServer:
             while True:
                 self._warm_again = False
                 rows = self.d.iter_encoded_rows(not_forwarded=False)  # taken on the loop
-                await loop.run_in_executor(self.pool, _drain, rows)
+                self._pass = loop.run_in_executor(self.pool, _drain, rows)
+                try:
+                    await self._pass
+                finally:
+                    self._pass = None
                 if not self._warm_again:
                     return
                 await asyncio.sleep(WARM_S)
@@ -145,6 +150,8 @@ class ControlServer:
         d = self.d
         match req.op:
             case "ls":
+                if self._pass is not None:  # it is making the rows' parts: not twice at once
+                    await asyncio.wait([self._pass], timeout=WAIT_PASS_S)
                 await d.refresh_kernel()
                 return Streamed(result=[], key="", offload=True, encoded=True,
                                 items=d.iter_encoded_rows(
@@ -215,6 +222,7 @@ class ControlServer:
 
 
 WARM_S = 0.5  # at most one pass over the rows per WARM_S for rows_changed
+WAIT_PASS_S = 1.0  # an `ls` waits at most this long for a pass under way
 
 
 def _drain(items: Iterator[Any]) -> None:
