@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sockmap import control, lsview
+from sockmap import control
+from sockmap.cli import lsview
 from sockmap.conflicts.rules import Nic, PortMapping
-from sockmap.daemon import _ls_texts
-from sockmap.lsrows import RowsCache, RowsInput, encoded_rows
+from sockmap.daemon.lsrows import RowsCache, RowsInput, encoded_rows
+from sockmap.daemon.service import _ls_texts
 from sockmap.proxy import Proto, Target
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.spec import MappingKey

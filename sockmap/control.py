@@ -15,12 +15,12 @@ Ops (served by sockmap.daemon): ``ls`` (``all``: also what is not forwarded; ``v
 ``guest_delete`` (name), ``guest_attach`` (name, pid or netns), ``guest_detach`` (name),
 ``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
 list in ``conflicts.report.to_json`` form), ``events`` (a subscription: the ok line, then
-one JSON line per change until the client closes; sockmap.eventbus, sockmap.eventclient).
+one JSON line per change until the client closes; sockmap.daemon.eventbus, sockmap.cli.eventclient).
 
 Pure helpers (``ok``, ``fail``, the stream's lines) and one synchronous client
 (``request``, used by the CLI: this module imports no more than it needs, since every
 ``sockmap`` command imports it); requests as the daemon reads them are
-``sockmap.ctlrequest``, the server side lives in the daemon.
+``sockmap.daemon.ctlrequest``, the server side lives in the daemon.
 """
 
 from __future__ import annotations

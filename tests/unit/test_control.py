@@ -13,7 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockmap import control, ctlrequest, lsview
+from sockmap import control
+from sockmap.cli import lsview
+from sockmap.daemon import ctlrequest
 from sockmap.errors import SockmapError
 
 

@@ -1,4 +1,4 @@
-"""``ls`` rows (sockmap.lsrows) and how the control server streams them: each mapping's
+"""``ls`` rows (sockmap.daemon.lsrows) and how the control server streams them: each mapping's
 static parts are cached from one ``ls`` to the next and rebuilt when its spec or plan
 entries change; the rows are made and encoded off the event loop's thread."""
 
@@ -14,9 +14,9 @@ from typing import Any
 
 from sockmap import control
 from sockmap.conflicts.rules import Nic, PortMapping
-from sockmap.ctlserver import ControlServer, Streamed
-from sockmap.daemon import _ls_rows, _ls_texts
-from sockmap.lsrows import RowsCache, RowsInput, encoded_rows, forward_rows
+from sockmap.daemon.ctlserver import ControlServer, Streamed
+from sockmap.daemon.lsrows import RowsCache, RowsInput, encoded_rows, forward_rows
+from sockmap.daemon.service import _ls_rows, _ls_texts
 from sockmap.proxy import Proto, Target
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.spec import MappingKey
@@ -210,7 +210,7 @@ class _Daemon:
 
 
 def test_rows_are_made_after_plans_coalesced_and_off_the_loop(monkeypatch: Any) -> None:
-    import sockmap.ctlserver as ctlserver
+    import sockmap.daemon.ctlserver as ctlserver
 
     monkeypatch.setattr(ctlserver, "WARM_S", 0.01)
     d = _Daemon()

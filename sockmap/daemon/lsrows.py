@@ -13,7 +13,7 @@ plan entries change, and kept in the ``RowsCache``; an ask then encodes only the
 counters (17 scalars), however many plans a burst made since the last ask.
 
 Row contents (the keys and their order are the ``ls --json`` contract): see
-``forward_rows``; ``sockmap.rows`` has the pure parts shared with other row kinds.
+``forward_rows``; ``sockmap.daemon.rows`` has the pure parts shared with other row kinds.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sockmap import control, sharing
+from sockmap import control
 from sockmap.conflicts.rules import Plan, PortMapping
+from sockmap.daemon import sharing
+from sockmap.daemon.rows import first_fields, planned_target, skipped_row, target_row
 from sockmap.proxy import MappingKey, Target
 from sockmap.proxy.bpfprog import KernelStats
 from sockmap.proxy.conndiag import Tally
@@ -34,7 +36,6 @@ from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.share import ShareConnector
 from sockmap.proxy.stats import MappingRow
-from sockmap.rows import first_fields, planned_target, skipped_row, target_row
 
 Groups = dict[MappingKey, tuple[PortMapping, ...]]
 
