@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockmap import config, control
+from sockmap import config, configfile, control
 from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
@@ -670,7 +670,7 @@ class Daemon:
                         "FILE or write /etc/sockmap/sockmap.toml)")
             return
         try:
-            fc = await asyncio.to_thread(config.load, path)
+            fc = await asyncio.to_thread(configfile.load, path)
             attach_rules.refuse_own(fc.attach, own_candidate())
         except SockmapError as e:
             self._reloads["error"] += 1
