@@ -1,6 +1,7 @@
-"""The control socket's requests as the daemon reads them (pure): a request line parsed
-into a ``Request`` (op and arguments) or a SockmapError saying what is wrong, and the
-typed reading of its arguments. The wire format is ``sockmap.control``'s."""
+"""The control socket's requests as the daemon reads them: a request line parsed into a
+``Request`` (op and arguments) or a SockmapError saying what is wrong, and the typed
+reading of its arguments; no I/O (the wire format and its limits are ``sockmap.control``'s,
+whose client side does the CLI's I/O)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,6 @@ OVERSIZE_ALLOWED: dict[str, str] = {
     "sockmap/portwatch/watcher.py": "q16",
     "sockmap/daemon/service.py": "r16",
     "sockmap/daemon/agents.py": "r16",
-    "sockmap/cli/main.py": "s16",
 }
 
 #: The pure core: parsing, diffing, decisions, records, codecs, rendering. Every module of
