@@ -1,4 +1,4 @@
-"""The host daemon: agents report, ``conflicts.rules.plan`` decides, the proxy forwards.
+"""The host daemon: agents report, ``conflicts.plan.plan`` decides, the proxy forwards.
 
 Shape (uvicorn's): cli.py builds a frozen ``Config`` (no I/O; it has loaded the rules file
 already); ``serve`` installs the signal handlers (SIGTERM, SIGINT: stop; SIGHUP: reload the
@@ -50,8 +50,9 @@ from sockmap import config, configfile, control
 from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
+from sockmap.conflicts.mappings import Plan
 from sockmap.conflicts.reverse import ReverseRule, parse_specs
-from sockmap.conflicts.rules import Plan, Policies, Rule
+from sockmap.conflicts.rules import Policies, Rule
 from sockmap.daemon import metrics, sdnotify
 from sockmap.daemon.agents import AgentSessions
 from sockmap.daemon.attachments import Attachments
@@ -59,7 +60,8 @@ from sockmap.daemon.ctlserver import ControlServer
 from sockmap.daemon.discover import Discovery, own_candidate
 from sockmap.daemon.eventbus import EventBus, View, view
 from sockmap.daemon.flatwatch import FlatWatch
-from sockmap.daemon.nswatch import NetnsWatch, loopback_connector, open_hub, watch_summary
+from sockmap.daemon.nshub import open_hub, watch_summary
+from sockmap.daemon.nswatch import NetnsWatch, loopback_connector
 from sockmap.daemon.peercred import netns_of
 from sockmap.daemon.planner import Planner
 from sockmap.daemon.registry import Assigned, Registry
@@ -176,7 +178,7 @@ class Daemon:
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
         self.attachments = Attachments(self)  # adopted namespaces (guest attach, [[attach]])
         self.discovery = Discovery(self)  # [[attach]] rules: consider(tgid, ino), the scan
-        self.hub: EventHub | None = None  # their one listener-event source (nswatch.open_hub)
+        self.hub: EventHub | None = None  # their one listener-event source (nshub.open_hub)
         self._hub_note = "polling: --netns-watch agent"
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
