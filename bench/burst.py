@@ -8,7 +8,8 @@ it itself). Figures:
   TCP listeners on 0.0.0.0 as fast as they can; meanwhile this process asks the daemon
   `ls` over the control socket every 250 ms (the round trip, p50/p99/max; completion is
   polled with the cheap `status`), runs the
-  `sockmap ls` CLI every ~0.5 s (wall clock, interpreter start included) and samples the
+  `sockmap ls` CLI again ``--cli-every`` s after each run ends (0.25; wall clock,
+  interpreter start included; before and after the burst 20 runs each, p50) and samples the
   daemon's RSS; until `ls` shows min(N, limit) mappings and, past the limit, `conflicts`
   names the guest's ``too_many_listeners``. Reported: time to all forwarded, the ls
   figures, RSS before / peak / after, the conflict's summary;
@@ -122,8 +123,19 @@ def _send(p: subprocess.Popen[str], line: str) -> None:
     p.stdin.flush()
 
 
-def burst(lab: netlab.Lab, g: netlab.Netns, run: Path, pid: int, n: int, limit: int
-          ) -> dict[str, Any]:
+def _cli_ms(lab: netlab.Lab, run: Path, times: int) -> list[float]:
+    """`sockmap ls` through the CLI ``times`` times in a row: ms each, interpreter included."""
+    out = []
+    for _ in range(times):
+        t0 = time.monotonic()
+        r = lab.host.sockmap("ls", "--run-dir", str(run), timeout=60, cwd=ROOT)
+        if r.returncode == 0:
+            out.append((time.monotonic() - t0) * 1000)
+    return out
+
+
+def burst(lab: netlab.Lab, g: netlab.Netns, run: Path, pid: int, n: int, limit: int,
+          cli_every: float = 0.25) -> dict[str, Any]:
     want = min(n, limit)
     procs = [g.popen([PY, "-u", "-c", BURST, str(BASE + i), str(min(PER_PROC, n - i))],
                      stdin=subprocess.PIPE) for i in range(0, n, PER_PROC)]
@@ -131,11 +143,7 @@ def burst(lab: netlab.Lab, g: netlab.Netns, run: Path, pid: int, n: int, limit: 
         assert p.stdout is not None
         netlab.wait_for_line(p.stdout, "ready", 10)
     rss0 = rss_mib(pid)
-    floor = []
-    for _ in range(3):  # the CLI's own cost (interpreter start, imports), before the burst
-        t0 = time.monotonic()
-        lab.host.sockmap("ls", "--run-dir", str(run), timeout=60, cwd=ROOT)
-        floor.append((time.monotonic() - t0) * 1000)
+    floor = _cli_ms(lab, run, 20)  # the CLI's own cost (start, imports), 0 rows, idle
     ls_ms: list[float] = []
     cli_ms: list[float] = []
     rss_peak = [rss0]
@@ -147,7 +155,7 @@ def burst(lab: netlab.Lab, g: netlab.Netns, run: Path, pid: int, n: int, limit: 
             r = lab.host.sockmap("ls", "--run-dir", str(run), timeout=60, cwd=ROOT)
             if r.returncode == 0:
                 cli_ms.append((time.monotonic() - t0) * 1000)
-            stop.wait(0.5)
+            stop.wait(cli_every)
 
     th = threading.Thread(target=cli_loop, daemon=True)
     t_start = time.monotonic()
@@ -175,11 +183,7 @@ def burst(lab: netlab.Lab, g: netlab.Netns, run: Path, pid: int, n: int, limit: 
     th.join(70)
     for p in procs:
         done_at.append(float(_words(p)[1]))
-    settled = []
-    for _ in range(3):  # the same CLI once every mapping is open: its rendering's own cost
-        t0 = time.monotonic()
-        lab.host.sockmap("ls", "--run-dir", str(run), timeout=60, cwd=ROOT)
-        settled.append((time.monotonic() - t0) * 1000)
+    settled = _cli_ms(lab, run, 20)  # once every mapping is open (idle): with all the rows
     t0 = time.monotonic()
     control.request(run, "ls")
     settled_ls = (time.monotonic() - t0) * 1000
@@ -190,7 +194,7 @@ def burst(lab: netlab.Lab, g: netlab.Netns, run: Path, pid: int, n: int, limit: 
            "burst_s": max(done_at) - t_start,
            "all_forwarded_after_burst_s": None if t_all is None else t_all - max(done_at),
            "ls_ms": summary(ls_ms), "cli_ls_ms": summary(cli_ms) if cli_ms else None,
-           "cli_floor_ms": min(floor), "cli_settled_ms": min(settled),
+           "cli_floor_ms": summary(floor), "cli_settled_ms": summary(settled),
            "ls_settled_ms": settled_ls,
            "rss_mib": {"before": rss0, "peak": max(rss_peak), "after": rss1},
            "conflict": conflicts[0]["summary"] if conflicts else None}
@@ -231,7 +235,7 @@ def stale_close(lab: netlab.Lab, g: netlab.Netns, run: Path, trials: int) -> dic
 
 
 def run(n: int, limit: int | None, closes: int, holds: bool,
-        profile: Path | None = None) -> dict[str, Any]:
+        profile: Path | None = None, cli_every: float = 0.25) -> dict[str, Any]:
     res: dict[str, Any] = {"load_before": os.getloadavg()}
     with netlab.Lab(outside=False) as lab, tempfile.TemporaryDirectory() as tmp:
         run_dir, log = Path(tmp) / "run", Path(tmp) / "daemon.log"
@@ -257,7 +261,7 @@ def run(n: int, limit: int | None, closes: int, holds: bool,
             res["stale_close"] = stale_close(lab, g, run_dir, closes)
             before = len(HELD.findall(log.read_text()))
             res["burst"] = burst(lab, g, run_dir, d.pid, n,
-                                 DEFAULT_MAX_LISTENERS if limit is None else limit)
+                                 DEFAULT_MAX_LISTENERS if limit is None else limit, cli_every)
             if holds:
                 held = sorted(((float(m.group(2)) * 1000, m.group(1)[:160]) for m in
                                list(HELD.finditer(log.read_text()))[before:]), reverse=True)
@@ -291,10 +295,11 @@ def report(res: dict[str, Any]) -> str:
         f"{'never' if after is None else f'{after:.2f} s'} |",
         f"| `ls` over the control socket meanwhile (every 250 ms, {ls['trials']}) p50 / p99 / "
         f"max | {ls['p50']:.0f} / {ls['p99']:.0f} / {ls['max']:.0f} ms |",
-        f"| `sockmap ls` CLI meanwhile ({cli.get('trials', 0)}) p50 / max | "
-        f"{cli.get('p50', 0):.0f} / {cli.get('max', 0):.0f} ms (before the burst: "
-        f"{b['cli_floor_ms']:.0f} ms; after, all {b['forwarded']} rows: "
-        f"{b['cli_settled_ms']:.0f} ms, the control round trip alone "
+        f"| `sockmap ls` CLI meanwhile ({cli.get('trials', 0)}) p50 / p99 / max | "
+        f"{cli.get('p50', 0):.0f} / {cli.get('p99', 0):.0f} / {cli.get('max', 0):.0f} ms |",
+        f"| `sockmap ls` CLI idle, p50 of {b['cli_floor_ms']['trials']}: 0 rows / all "
+        f"{b['forwarded']} | {b['cli_floor_ms']['p50']:.0f} / "
+        f"{b['cli_settled_ms']['p50']:.0f} ms (the control round trip alone "
         f"{b['ls_settled_ms']:.0f} ms) |",
         f"| daemon RSS before / peak / after | {rss['before']:.0f} / {rss['peak']:.0f} / "
         f"{rss['after']:.0f} MiB |",
@@ -317,10 +322,12 @@ def main() -> int:
     ap.add_argument("--max-listeners", type=int, default=None)
     ap.add_argument("--closes", type=int, default=100)
     ap.add_argument("--holds", action="store_true")
+    ap.add_argument("--cli-every", type=float, default=0.25, metavar="S",
+                    help="the pause between two `sockmap ls` CLI runs during the burst")
     ap.add_argument("--profile", type=Path, default=None,
                     help="run the daemon under cProfile (its event loop's thread) into this file")
     a = ap.parse_args()
-    res = run(a.listeners, a.max_listeners, a.closes, a.holds, a.profile)
+    res = run(a.listeners, a.max_listeners, a.closes, a.holds, a.profile, a.cli_every)
     print(json.dumps(res, indent=2))
     print(report(res))
     return 0

@@ -10,14 +10,17 @@ then batch lines, each a JSON array of up to STREAM_BATCH items, then ``{"end": 
 ``request`` reassembles them, so callers see one result; every line stays under MAX_LINE,
 and the daemon writes batch by batch (bounded memory, its event loop served in between).
 
-Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subnet, nat),
+Ops (served by sockmap.daemon): ``ls`` (``all``: also what is not forwarded; ``view``
+"table": the rows' LS_TABLE_KEYS only), ``status``, ``guest_create`` (name, subnet, nat),
 ``guest_delete`` (name), ``guest_attach`` (name, pid or netns), ``guest_detach`` (name),
 ``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
 list in ``conflicts.report.to_json`` form), ``events`` (a subscription: the ok line, then
 one JSON line per change until the client closes; sockmap.daemon.eventbus, sockmap.cli.eventclient).
 
-Pure helpers (``parse_request``, ``ok``, ``fail``) and one synchronous client (``request``,
-used by cli.py); the server side lives in the daemon.
+Pure helpers (``ok``, ``fail``, the stream's lines) and one synchronous client
+(``request``, used by the CLI: this module imports no more than it needs, since every
+``sockmap`` command imports it); requests as the daemon reads them are
+``sockmap.daemon.ctlrequest``, the server side lives in the daemon.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import errno
 import json
 import os
 import socket
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
 
 from sockmap.errors import SockmapError
+
+TYPE_CHECKING = False  # typing's, without importing typing: the CLI imports this module
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any, Final
 
 SOCKET_NAME: Final = "control.sock"
 MAX_LINE: Final = 1 << 20
@@ -39,14 +44,28 @@ OPS: Final = ("ls", "status", "guest_create", "guest_delete", "conflicts", "even
               "guest_attach", "guest_detach")
 
 
+# ``ls`` with ``"view": "table"`` (plain `sockmap ls`): each row has only these keys (the
+# ones ``sockmap.lsview`` shows), its ``targets`` only LS_TABLE_TARGET_KEYS; ``ls --json``
+# asks without a view and gets every key
+LS_TABLE_KEYS: Final = frozenset((
+    "guest", "direction", "label", "proto", "host_addr", "host_addrs", "host_port", "names",
+    "shared_by", "state", "path", "connections", "bytes_in", "bytes_out", "age_s",
+    "guest_addr", "guest_port", "pid", "process", "reason", "targets"))
+LS_TABLE_TARGET_KEYS: Final = frozenset(("guest_addr", "pid", "process"))
+
+
+def table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as the table view has it (LS_TABLE_KEYS; its targets' LS_TABLE_TARGET_KEYS)."""
+    out = {k: v for k, v in row.items() if k in LS_TABLE_KEYS}
+    ts = out.get("targets")
+    if isinstance(ts, list):
+        out["targets"] = [{k: v for k, v in t.items() if k in LS_TABLE_TARGET_KEYS}
+                          if isinstance(t, dict) else t for t in ts]
+    return out
+
+
 class DaemonNotRunning(SockmapError):
     """Nobody answers on the control socket."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Request:
-    op: str
-    args: dict[str, Any]
 
 
 def socket_path(run_dir: Path) -> Path:
@@ -64,24 +83,6 @@ def unix_path_problem(path: Path) -> str | None:
     return f"its path is {n} bytes, longer than the {UNIX_PATH_MAX} a unix socket takes"
 
 
-def parse_request(line: bytes) -> Request:
-    """A request line -> Request, or SockmapError saying what is wrong with it."""
-    if len(line) > MAX_LINE:
-        raise SockmapError(f"control request longer than {MAX_LINE} bytes")
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError):
-        raise SockmapError("control request is not JSON") from None
-    if not isinstance(obj, dict):
-        raise SockmapError("control request is not a JSON object")
-    op = obj.pop("op", None)
-    if op not in OPS:
-        raise SockmapError(f"unknown control op {str(op)[:40]!r}",
-                           hint=f"known: {', '.join(OPS)}")
-    assert isinstance(op, str)
-    return Request(op=op, args=obj)
-
-
 def ok(result: object) -> bytes:
     return json.dumps({"ok": True, "result": result}, separators=(",", ":")).encode() + b"\n"
 
@@ -96,6 +97,11 @@ def stream_batch(items: list[Any]) -> bytes:
     return json.dumps(items, separators=(",", ":")).encode() + b"\n"
 
 
+def stream_batch_encoded(texts: list[str]) -> bytes:
+    """``stream_batch`` of items that are JSON texts already."""
+    return f"[{','.join(texts)}]\n".encode()
+
+
 def stream_end(count: int) -> bytes:
     return json.dumps({"end": count}).encode() + b"\n"
 
@@ -103,15 +109,6 @@ def stream_end(count: int) -> bytes:
 def fail(e: SockmapError) -> bytes:
     return json.dumps({"ok": False, "error": e.message, "hint": e.hint},
                       separators=(",", ":")).encode() + b"\n"
-
-
-def arg_str(req: Request, name: str, *, optional: bool = False) -> str | None:
-    v = req.args.get(name)
-    if v is None and optional:
-        return None
-    if not isinstance(v, str):
-        raise SockmapError(f"control op {req.op}: {name} must be a string")
-    return v
 
 
 def not_running(run_dir: Path, why: str) -> DaemonNotRunning:

@@ -2,3 +2,5 @@
 command, print. Only this package exits; each command imports only what it needs, so
 ``sockmap ls`` starts fast.
 """
+
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2  # the exit codes (sockmap.cli.main)

@@ -7,7 +7,8 @@ STREAM_BATCH at a time, draining and yielding to the event loop between batches,
 answer of 100,000 rows holds neither the loop nor a line limit. ``ls`` rows are made and
 JSON-encoded in a thread of the server's own pool (not the loop's default executor, busy
 with a burst's work), a batch per hop (what they show is taken on the loop when the
-request comes: ``Planner.iter_rows``), so the loop only writes them."""
+request comes: ``Planner.iter_encoded_rows``; each mapping's static parts are encoded once
+and kept), so the loop only writes them."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sockmap import control
-from sockmap.daemon import metrics
+from sockmap.daemon import ctlrequest, metrics
 from sockmap.daemon.eventbus import EventBus
 from sockmap.daemon.peercred import netns_of, peer_pid
 from sockmap.daemon.settings import Config
@@ -39,6 +40,7 @@ class Streamed:
     key: str
     items: Iterable[Any]
     offload: bool = False  # items made and encoded in a thread (thread-safe iterator)
+    encoded: bool = False  # items are JSON texts already (lsrows.encoded_rows)
 
 
 class Served(Protocol):
@@ -52,7 +54,8 @@ class Served(Protocol):
 
     async def refresh_kernel(self) -> None: ...
 
-    def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]: ...
+    def iter_encoded_rows(self, *, not_forwarded: bool = False, table: bool = False
+                          ) -> Iterator[str]: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -78,6 +81,41 @@ class ControlServer:
         # answers' threads of their own: an `ls` does not queue behind a burst's planning
         # and message building in the loop's default executor
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sockmap-answer")
+        self._warming: asyncio.Task[None] | None = None
+        self._warm_again = False
+        self._pass: asyncio.Future[None] | None = None  # a rows_changed pass under way
+
+    def rows_changed(self) -> None:
+        """After a plan: make the ``ls`` rows' static parts of new mappings (encoded, both
+        views, lsrows.RowsCache) in the answers' pool, so that the next ``ls`` encodes only
+        counters (after a restart: all 6,400 rows' parts made before anyone asks). One pass
+        at a time and at most one every WARM_S: a burst's many plans cost a pass or two."""
+        if self._warming is not None:
+            self._warm_again = True
+            return
+        self._warming = asyncio.get_running_loop().create_task(self._warm())
+        self.d.conns.add(self._warming)  # cancelled at shutdown like a connection
+
+    async def _warm(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._warm_again = False
+                rows = self.d.iter_encoded_rows(not_forwarded=False)  # taken on the loop
+                self._pass = loop.run_in_executor(self.pool, _drain, rows)
+                try:
+                    await self._pass
+                finally:
+                    self._pass = None
+                if not self._warm_again:
+                    return
+                await asyncio.sleep(WARM_S)
+        except Exception:
+            log.exception("making the ls rows failed")  # the next `ls` makes them itself
+        finally:
+            if self._warming is asyncio.current_task():
+                self.d.conns.discard(self._warming)
+                self._warming = None
 
     async def conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One control request: one line in, one line out."""
@@ -95,7 +133,7 @@ class ControlServer:
                                 "namespace refused", pid)
                     raise SockmapError("control requests are served only to the host's "
                                        "network namespace", hint="run sockmap on the host")
-                req = control.parse_request(line)
+                req = ctlrequest.parse_request(line)
                 if req.op == "events":  # a subscription: streams until the client goes
                     await self.d.events.serve(reader, writer, control.ok("subscribed"))
                     return
@@ -125,9 +163,9 @@ class ControlServer:
         loop = asyncio.get_running_loop()
         while True:
             if s.offload:  # made and encoded in a thread: the loop only writes
-                line, n = await loop.run_in_executor(pool, _next_batch, items)
+                line, n = await loop.run_in_executor(pool, _next_batch, items, s.encoded)
             else:
-                line, n = _next_batch(items)
+                line, n = _next_batch(items, s.encoded)
             if not n:
                 break
             writer.write(line)
@@ -139,13 +177,17 @@ class ControlServer:
             await asyncio.sleep(0)  # let the loop serve others between batches
         writer.write(control.stream_end(count))
 
-    async def dispatch(self, req: control.Request) -> object:
+    async def dispatch(self, req: ctlrequest.Request) -> object:
         d = self.d
         match req.op:
             case "ls":
+                if self._pass is not None:  # it is making the rows' parts: not twice at once
+                    await asyncio.wait([self._pass], timeout=WAIT_PASS_S)
                 await d.refresh_kernel()
-                return Streamed(result=[], key="", offload=True,
-                                items=d.iter_rows(not_forwarded=req.args.get("all") is True))
+                return Streamed(result=[], key="", offload=True, encoded=True,
+                                items=d.iter_encoded_rows(
+                                    not_forwarded=req.args.get("all") is True,
+                                    table=req.args.get("view") == "table"))
             case "status":
                 return d.status()
             case "conflicts":
@@ -157,25 +199,25 @@ class ControlServer:
                                "makes no guests", hint="run `sockmap daemon` without --flat")
         match req.op:
             case "guest_create":
-                name = control.arg_str(req, "name")
+                name = ctlrequest.arg_str(req, "name")
                 assert name is not None
                 nat = req.args.get("nat", True)
-                return await d.guest_create(name, control.arg_str(req, "subnet",
+                return await d.guest_create(name, ctlrequest.arg_str(req, "subnet",
                                                                   optional=True),
                                             nat=nat is not False, reverse=_reverse(req))
             case "guest_delete":
-                name = control.arg_str(req, "name")
+                name = ctlrequest.arg_str(req, "name")
                 assert name is not None
                 return await d.guest_delete(name)
             case "guest_attach" | "guest_detach":
-                name = control.arg_str(req, "name")
+                name = ctlrequest.arg_str(req, "name")
                 assert name is not None
                 if req.op == "guest_detach":
                     return await d.guest_detach(name)
                 pid = req.args.get("pid")
                 if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
                     raise SockmapError("control op guest_attach: pid must be an integer")
-                return await d.guest_attach(name, pid=pid, path=control.arg_str(
+                return await d.guest_attach(name, pid=pid, path=ctlrequest.arg_str(
                     req, "netns", optional=True), reverse=_reverse(req))
         raise SockmapError(f"unknown control op {req.op!r}")
 
@@ -210,13 +252,26 @@ class ControlServer:
             self.d.conns.discard(task)
 
 
-def _next_batch(items: Iterator[Any]) -> tuple[bytes, int]:
-    """The next line of up to STREAM_BATCH items, and how many it has (0: none left)."""
+WARM_S = 0.5  # at most one pass over the rows per WARM_S for rows_changed
+WAIT_PASS_S = 1.0  # an `ls` waits at most this long for a pass under way
+
+
+def _drain(items: Iterator[Any]) -> None:
+    for _ in items:
+        pass
+
+
+def _next_batch(items: Iterator[Any], encoded: bool = False) -> tuple[bytes, int]:
+    """The next line of up to STREAM_BATCH items, and how many it has (0: none left);
+    ``encoded``: the items are JSON texts."""
     batch = list(itertools.islice(items, control.STREAM_BATCH))
-    return (control.stream_batch(batch) if batch else b""), len(batch)
+    if not batch:
+        return b"", 0
+    line = control.stream_batch_encoded(batch) if encoded else control.stream_batch(batch)
+    return line, len(batch)
 
 
-def _reverse(req: control.Request) -> list[str]:
+def _reverse(req: ctlrequest.Request) -> list[str]:
     """A guest op's ``reverse`` argument: the ``--reverse`` texts (checked by the daemon)."""
     reverse = req.args.get("reverse") or []
     if not isinstance(reverse, list) or not all(isinstance(r, str) for r in reverse):

@@ -7,17 +7,25 @@ makes and JSON-encodes an ``ls`` answer in one, STREAM_BATCH rows at a time (409
 ~2.4 MB, held the loop ~160 ms when they were made on it). The counters are read as the
 rows are made (ints the loop updates; a row is a snapshot either way).
 
+``encoded_rows`` yields the same rows as JSON texts, for the control stream: each
+mapping's static parts (its head and targets) are encoded once, when the mapping or its
+plan entries change, and kept in the ``RowsCache``; an ask then encodes only the row's
+counters (17 scalars), however many plans a burst made since the last ask.
+
 Row contents (the keys and their order are the ``ls --json`` contract): see
 ``forward_rows``; ``sockmap.daemon.rows`` has the pure parts shared with other row kinds.
 """
 
 from __future__ import annotations
 
+import json
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sockmap import control
 from sockmap.conflicts.mappings import Plan, PortMapping
 from sockmap.daemon import sharing
 from sockmap.daemon.rows import first_fields, planned_target, skipped_row, target_row
@@ -40,6 +48,10 @@ class _Static:
     shown: tuple[PortMapping, ...]  # and its plan entries (compared by identity)
     head: dict[str, Any]  # the row's keys before "state", in order
     target_rows: list[dict[str, Any]]
+    head_json: str  # head's JSON text without its braces (the control stream's encoding)
+    targets_json: str  # target_rows' JSON text
+    table_head_json: str  # the same of the table view (control.LS_TABLE_KEYS)
+    table_targets_json: str
 
 
 class RowsCache:
@@ -79,7 +91,41 @@ def _static(r: MappingRow, shown: tuple[PortMapping, ...]) -> _Static:
         "label": label.label if label else "",
         "names": list(label.names) if label else [],
     }
-    return _Static(targets=r.targets, shown=shown, head=head, target_rows=targets)
+    table = control.table_row({**head, "targets": targets})
+    table_targets = table.pop("targets")
+    return _Static(targets=r.targets, shown=shown, head=head, target_rows=targets,
+                   head_json=_dumps(head)[1:-1], targets_json=_dumps(targets),
+                   table_head_json=_dumps(table)[1:-1], table_targets_json=_dumps(table_targets))
+
+
+# a mapping row's keys after its head, in order, and their encoding: state and path are
+# words of a fixed set (no escapes), the rest ints, then since and age_s floats (%r of a
+# float is its JSON number, as json.dumps writes it)
+COUNT_KEYS = ("state", "path", "connections", "connections_total", "bytes_in", "bytes_out",
+              "errors", "dropped", "kernel_connects", "kernel_datagrams",
+              "kernel_connections", "kernel_bytes_in", "kernel_bytes_out", "kernel_closed",
+              "relay_connections_total", "since", "age_s")
+_COUNTS_JSON = ",".join(f'"{k}":' + ('"%s"' if k in ("state", "path") else
+                                     "%r" if k in ("since", "age_s") else "%d")
+                        for k in COUNT_KEYS)
+_TABLE_COUNTS = tuple(i for i, k in enumerate(COUNT_KEYS) if k in control.LS_TABLE_KEYS)
+_TABLE_COUNTS_JSON = ",".join(_COUNTS_JSON.split(",")[i] for i in _TABLE_COUNTS)
+_table_counts = operator.itemgetter(*_TABLE_COUNTS)
+_NO_KSTATS, _NO_TALLY = KernelStats(), Tally()
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _dumps(v: object) -> str:
+    """The control stream's JSON encoding (sockmap.control: compact separators)."""
+    return _ENCODE(v)
+
+
+def encoded_rows(inp: RowsInput, *, not_forwarded: bool = False, table: bool = False
+                 ) -> Iterator[tuple[str, str]]:  # fmt: skip
+    """``forward_rows`` as (guest, the row's JSON text in the control stream's encoding):
+    the same keys, order and values (``table``: of the table view, control.table_row); a
+    mapping's static parts are encoded once (cached)."""
+    return _rows(inp, not_forwarded, encode=True, table=table)  # type: ignore[return-value]
 
 
 def forward_rows(inp: RowsInput, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
@@ -91,6 +137,12 @@ def forward_rows(inp: RowsInput, *, not_forwarded: bool = False) -> Iterator[dic
     a mapping that could not open). A row's ``targets`` has one entry per host address:
     its upstream, path, and the guest listener and process behind it; the row's own
     ``guest_addr``, ``target_addr``, ``via``, ``pid``, ``process`` are its first's."""
+    return _rows(inp, not_forwarded, encode=False)  # type: ignore[return-value]
+
+
+def _rows(inp: RowsInput, not_forwarded: bool, *, encode: bool, table: bool = False
+          ) -> Iterator[dict[str, Any] | tuple[str, str]]:  # fmt: skip
+    """``forward_rows`` (dicts), or with ``encode`` ``encoded_rows`` (guest, JSON text)."""
     now = time.time()
     pl, kernel, kconns = inp.plan, inp.kernel, inp.kconns
     moved = {(m.guest, m.proto, m.guest_port, m.host_port)
@@ -106,34 +158,46 @@ def forward_rows(inp: RowsInput, *, not_forwarded: bool = False) -> Iterator[dic
         kept[(key, r.host_port)] = st
         state = str(r.state)
         in_kernel = kernel is not None and state == "open" and kernel.has(key)
-        ks = kernel.counts(key) if in_kernel and kernel else KernelStats()
-        kconn, kdgram = ks.connects, ks.datagrams
-        kt = kconns.get(key) if in_kernel else Tally()
-        row: dict[str, Any] = {
-            **st.head,
-            "state": "remapped" if state == "open" and (
+        ks = kernel.counts(key) if in_kernel and kernel else _NO_KSTATS
+        kconn = ks.connects
+        kt = kconns.get(key) if in_kernel else _NO_TALLY
+        counts = (
+            "remapped" if state == "open" and (
                 r.guest, str(r.proto), r.target_port, r.host_port) in moved else state,
-            "path": "kernel" if in_kernel else "relay",
-            "connections": r.connections + kt.open,
-            "connections_total": r.connections_total + kconn,
-            "bytes_in": r.bytes_in + kt.bytes_in, "bytes_out": r.bytes_out + kt.bytes_out,
-            "errors": r.errors, "dropped": r.dropped,
-            "kernel_connects": kconn, "kernel_datagrams": kdgram,
-            "kernel_connections": kt.open, "kernel_bytes_in": kt.bytes_in,
-            "kernel_bytes_out": kt.bytes_out,
-            "kernel_closed": kconns.stats(key).closed if in_kernel else 0,
-            "relay_connections_total": r.connections_total,
-            "since": r.since, "age_s": round(max(0.0, now - r.since), 3),
-            "targets": st.target_rows,
-        }
+            "kernel" if in_kernel else "relay",
+            r.connections + kt.open, r.connections_total + kconn,
+            r.bytes_in + kt.bytes_in, r.bytes_out + kt.bytes_out, r.errors, r.dropped,
+            kconn, ks.datagrams, kt.open, kt.bytes_in, kt.bytes_out,
+            kconns.stats(key).closed if in_kernel else 0, r.connections_total,
+            float(r.since), round(max(0.0, now - r.since), 3))
         conn = inp.share.get(key)
+        if encode and conn is None and table:  # the common row: static parts encoded once
+            yield r.guest, (f"{{{st.table_head_json},{_TABLE_COUNTS_JSON % _table_counts(counts)}"
+                            f',"targets":{st.table_targets_json}}}')
+            continue
+        if encode and conn is None:
+            yield r.guest, (f"{{{st.head_json},{_COUNTS_JSON % counts},"
+                            f'"targets":{st.targets_json}}}')
+            continue
+        row: dict[str, Any] = {**st.head, **dict(zip(COUNT_KEYS, counts, strict=True)),
+                               "targets": st.target_rows}
         if conn is not None:  # a shared port's counters (metrics: sockmap_share_*)
             row["share"] = conn.stats.as_dict()
         if conn is not None and conn.routes.members and row["state"] != "draining":
             row["names"] = [f"{key.guest}.localhost", *row["names"]]  # a shared port's
             row["shared_by"] = [m.guest for m in conn.routes.members]
-        yield row
+        yield (r.guest, _dumps(control.table_row(row) if table else row)) if encode else row
     inp.cache.entries = kept  # the mappings there are now
+    for row in _rest(inp, not_forwarded, now):
+        if encode:
+            yield str(row["guest"]), _dumps(control.table_row(row) if table else row)
+        else:
+            yield row
+
+
+def _rest(inp: RowsInput, not_forwarded: bool, now: float) -> Iterator[dict[str, Any]]:
+    """The rows after the open and draining mappings': shared, waiting, not forwarded."""
+    pl = inp.plan
     yield from sharing.rows(inp.share, inp.open, inp.shares)
     for key, group in inp.pending().items():
         if key in inp.open:

@@ -46,7 +46,7 @@ from sockmap.conflicts.rules import Policies, Rule
 from sockmap.daemon import metrics
 from sockmap.daemon.applier import Applier, RelayConnector, bind_free, group_mappings
 from sockmap.daemon.hostscan import HostScan
-from sockmap.daemon.lsrows import RowsCache, RowsInput, forward_rows
+from sockmap.daemon.lsrows import RowsCache, RowsInput, encoded_rows, forward_rows
 from sockmap.daemon.registry import Registry
 from sockmap.errors import SockmapError
 from sockmap.portwatch import Listener, scan_listeners
@@ -367,14 +367,25 @@ class Planner(Applier):
     def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]:
         """The ``ls`` rows (``lsrows.forward_rows``) of what there is now: taken at the
         call, on the loop; the rows are made as the iterator is read, in any thread."""
+        inp = self._rows_input()
+        return iter(()) if inp is None else forward_rows(inp, not_forwarded=not_forwarded)
+
+    def iter_encoded_rows(self, *, not_forwarded: bool = False, table: bool = False
+                          ) -> Iterator[tuple[str, str]]:  # fmt: skip
+        """``iter_rows`` as (guest, JSON text) (``lsrows.encoded_rows``: what the control
+        stream sends, ``table``: its table view; static parts encoded once, cached)."""
+        inp = self._rows_input()
+        return iter(()) if inp is None else encoded_rows(inp, not_forwarded=not_forwarded,
+                                                         table=table)
+
+    def _rows_input(self) -> RowsInput | None:
         if self.table is None:
-            return iter(())
+            return None
         pl = self.last_plan
-        inp = RowsInput(
+        return RowsInput(
             table=self.table.snapshot_later(), plan=pl,
             pending=lambda: group_mappings(pl.pending if pl is not None else ()),
             shown=dict(self._shown), open=dict(self._open), shares=dict(self._shares),
             share=dict(self._share), waiting_since=dict(self._waiting_since),
             unforwarded=dict(self._unforwarded), kernel=self.kernel, kconns=self.kconns,
             cache=self._rows_cache)
-        return forward_rows(inp, not_forwarded=not_forwarded)

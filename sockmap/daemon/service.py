@@ -148,9 +148,11 @@ class Daemon(Views):
     # -- reverse forwards -----------------------------------------------------------------
     def _planned(self) -> None:
         """After each replan: publish the changes, reconcile the reverse forwards (the
-        guests' listeners and the host's may have changed)."""
+        guests' listeners and the host's may have changed), have the ``ls`` rows' static
+        parts made (coalesced, off the loop)."""
         self.events.publish()
         self.reverse.kick()  # nothing reverse asked for: no work per replan
+        self.control.rows_changed()  # the next `ls` finds the new mappings' rows encoded
 
     # -- lifecycle ------------------------------------------------------------------------
     def stop(self) -> None:

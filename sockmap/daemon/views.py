@@ -6,10 +6,12 @@ forwards), ``status``, ``conflicts``, the ``events`` view and /metrics. A part o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
+from sockmap import control
 from sockmap.conflicts import report as conflict_report
 from sockmap.daemon import metrics
 from sockmap.daemon.attachments import Attachments
@@ -39,6 +41,15 @@ class Views(GuestOps):
         modes = {n: w.mode.split(" ", 1)[0] for n, w in self._watches.items()}
         return _ls_rows(self.planner.iter_rows(not_forwarded=not_forwarded), modes,
                         list(self.reverse.rows()))
+
+    def iter_encoded_rows(self, *, not_forwarded: bool = False, table: bool = False
+                          ) -> Iterator[str]:  # fmt: skip
+        """``iter_rows`` as JSON texts (what the control stream sends, lsrows.encoded_rows):
+        the same rows, keys and order; ``table``: the table view's (control.table_row)."""
+        modes = {n: w.mode.split(" ", 1)[0] for n, w in self._watches.items()}
+        return _ls_texts(self.planner.iter_encoded_rows(not_forwarded=not_forwarded,
+                                                        table=table), modes,
+                         list(self.reverse.rows()), table=table)
 
     def listener_watch(self) -> dict[str, object]:
         """The netns guests' listener watch: mode, why, guests per mode (nswatch)."""
@@ -117,3 +128,19 @@ def _ls_rows(forward: Iterator[dict[str, Any]], modes: dict[str, str],
         yield {**r, "direction": "forward",
                "watch_mode": modes.get(str(r.get("guest", "")), "agent") or "agent"}
     yield from reverse
+
+
+def _ls_texts(forward: Iterator[tuple[str, str]], modes: dict[str, str],
+              reverse: list[dict[str, Any]], *, table: bool = False) -> Iterator[str]:
+    """``_ls_rows`` over JSON texts: the two keys joined onto each row's text (``table``:
+    the table view's, control.table_row)."""
+    tails: dict[str, str] = {}
+    for guest, text in forward:
+        tail = tails.get(guest)
+        if tail is None:
+            mode = json.dumps(modes.get(guest, "agent") or "agent")
+            tail = tails[guest] = (',"direction":"forward"}' if table else
+                                   f',"direction":"forward","watch_mode":{mode}}}')
+        yield text[:-1] + tail
+    for r in reverse:
+        yield json.dumps(control.table_row(r) if table else r, separators=(",", ":"))

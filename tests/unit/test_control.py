@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from sockmap import control
 from sockmap.cli import lsview
+from sockmap.daemon import ctlrequest
 from sockmap.errors import SockmapError
 
 
@@ -24,7 +25,7 @@ from sockmap.errors import SockmapError
      {"name": "dev1", "subnet": None, "nat": True}),
 ])
 def test_parse_request(line: bytes, op: str, args: dict[str, Any]) -> None:
-    req = control.parse_request(line)
+    req = ctlrequest.parse_request(line)
     assert req.op == op and req.args == args
 
 
@@ -32,13 +33,13 @@ def test_parse_request(line: bytes, op: str, args: dict[str, Any]) -> None:
                                   b'{"name":"x"}', b"\xff\xfe"])
 def test_parse_request_refuses(line: bytes) -> None:
     with pytest.raises(SockmapError):
-        control.parse_request(line)
+        ctlrequest.parse_request(line)
 
 
 @given(st.binary(max_size=200))
 def test_parse_request_never_crashes(line: bytes) -> None:
     with contextlib.suppress(SockmapError):
-        control.parse_request(line)
+        ctlrequest.parse_request(line)
 
 
 def test_answers_round_trip() -> None:
@@ -145,3 +146,41 @@ def test_render_path_column_only_with_paths() -> None:
     head, first, second = text.splitlines()
     assert "PATH" in head and " kernel " in first and " relay " in second
     assert all(len(line) <= 80 for line in text.splitlines()), text
+
+
+_WORD = st.sampled_from(["", "a", "web", "python3", "a-very-long-process-name", "é"])
+_TARGET = st.fixed_dictionaries({
+    "host_addr": st.sampled_from(["127.0.0.1", "::1"]), "target_addr": _WORD,
+    "target_port": st.integers(1, 65535), "via": st.sampled_from(["nic", "relay"]),
+    "guest_addr": st.sampled_from(["0.0.0.0", "::", "10.0.0.2", "::1"]),
+    "pid": st.one_of(st.none(), st.integers(1, 99999)), "process": _WORD})
+_ROW = st.fixed_dictionaries({
+    "guest": _WORD, "proto": st.sampled_from(["tcp", "udp"]),
+    "host_addr": st.sampled_from(["127.0.0.1", "", "198.18.0.1"]),
+    "host_addrs": st.lists(st.sampled_from(["127.0.0.1", "::1", "198.18.0.1"]), max_size=3),
+    "host_port": st.one_of(st.none(), st.integers(1, 65535)),
+    "guest_addr": st.sampled_from(["0.0.0.0", "::"]), "target_addr": _WORD,
+    "via": st.sampled_from(["nic", "relay"]), "pid": st.one_of(st.none(), st.integers(1, 9)),
+    "process": _WORD, "guest_port": st.integers(1, 65535), "label": _WORD,
+    "names": st.lists(_WORD, max_size=2),
+    "state": st.sampled_from(["open", "draining", "remapped", "waiting", "shared",
+                              "not forwarded"]),
+    "path": st.sampled_from(["relay", "kernel", ""]), "connections": st.integers(0, 9),
+    "connections_total": st.integers(0, 9), "bytes_in": st.integers(0, 2**40),
+    "bytes_out": st.integers(0, 2**40), "errors": st.integers(0, 3),
+    "kernel_connects": st.integers(0, 3), "since": st.floats(0, 2e9),
+    "age_s": st.floats(0, 1e7), "targets": st.lists(_TARGET, max_size=3),
+    "direction": st.sampled_from(["forward", "reverse"]), "watch_mode": _WORD,
+    "reason": _WORD}, optional={"shared_by": st.lists(_WORD, max_size=2)})
+
+
+@given(st.lists(_ROW, max_size=6), st.sampled_from([None, "a", "web"]),
+       st.sampled_from([None, 80, 443]))
+def test_the_table_view_renders_as_the_whole_rows_do(rows: list[dict[str, Any]],
+                                                     guest: str | None,
+                                                     port: int | None) -> None:
+    """Plain `sockmap ls` asks for the table view: lsview reads only its keys."""
+    narrow = [control.table_row(r) for r in rows]
+    assert all(set(r) <= control.LS_TABLE_KEYS for r in narrow)
+    assert lsview.render(lsview.filter_rows(narrow, guest=guest, port=port)) == \
+        lsview.render(lsview.filter_rows(rows, guest=guest, port=port))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,8 @@ from sockmap import control
 from sockmap.conflicts.decide import Nic
 from sockmap.conflicts.mappings import PortMapping
 from sockmap.daemon.ctlserver import ControlServer, Streamed
-from sockmap.daemon.lsrows import RowsCache, RowsInput, forward_rows
+from sockmap.daemon.lsrows import RowsCache, RowsInput, encoded_rows, forward_rows
+from sockmap.daemon.views import _ls_rows, _ls_texts
 from sockmap.proxy import Proto, Target
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.spec import MappingKey
@@ -121,3 +123,111 @@ def test_offloaded_stream_of_nothing_and_of_one_batch() -> None:
         data = asyncio.run(_streamed(Streamed(result=[], key="", offload=True,
                                               items=iter([{"i": i} for i in range(n)]))))
         assert control._answer(io.BytesIO(data), "ls") == [{"i": i} for i in range(n)]
+
+
+def texts(table: list[MappingRow], groups: dict[MappingKey, tuple[PortMapping, ...]],
+          cache: RowsCache) -> list[tuple[str, str]]:
+    inp = RowsInput(table=lambda: tuple(table), plan=None, pending=lambda: {}, shown=groups,
+                    open=dict(groups), shares={}, share={}, waiting_since={},
+                    unforwarded={}, kernel=None, kconns=KernelConns(), cache=cache)
+    return list(encoded_rows(inp))
+
+
+def _no_age(r: dict[str, Any]) -> dict[str, Any]:
+    return {**r, "age_s": None}
+
+
+def test_encoded_rows_are_the_rows_in_the_streams_encoding() -> None:
+    cache = RowsCache()
+    groups = {key(p): shown(p, pid=10 + p, label="é\"x" if p == 81 else "")
+              for p in (80, 81, 82)}
+    table = [mrow(80), mrow(81, conns=2**40), mrow(82)]
+    for _ in range(2):  # made afresh, then from the cache
+        got = texts(table, groups, cache)
+        assert [g for g, _ in got] == ["a", "a", "a"]
+        decoded = [json.loads(t) for _, t in got]
+        assert [list(r) for r in decoded] == [KEYS] * 3  # the --json keys, in their order
+        assert [_no_age(r) for r in decoded] == rows(table, groups, RowsCache())
+        # byte for byte what json.dumps makes of the row (the control stream's encoding)
+        assert all(t == json.dumps(r, separators=(",", ":")) for (_, t), r
+                   in zip(got, decoded, strict=True))
+    assert decoded[1]["connections"] == 2**40 and decoded[1]["label"] == "é\"x"
+
+
+def test_daemon_texts_are_its_rows() -> None:
+    cache = RowsCache()
+    groups = {key(p): shown(p, pid=1) for p in (80, 81)}
+    table = [mrow(80), mrow(81)]
+    reverse = [{"direction": "reverse", "guest": "b", "host_port": 9}]
+    inp = RowsInput(table=lambda: tuple(table), plan=None, pending=lambda: {},
+                    shown=groups, open=dict(groups), shares={}, share={}, waiting_since={},
+                    unforwarded={}, kernel=None, kconns=KernelConns(), cache=cache)
+    as_dicts = list(_ls_rows(forward_rows(inp), {"a": "events"}, reverse))
+    as_texts = [json.loads(t) for t in _ls_texts(encoded_rows(inp), {"a": "events"}, reverse)]
+    assert [list(r) for r in as_texts] == [list(r) for r in as_dicts]
+    assert [_no_age(r) for r in as_texts] == [_no_age(r) for r in as_dicts]
+    assert as_texts[0]["watch_mode"] == "events" and as_texts[-1] == reverse[0]
+
+
+def test_a_stream_of_encoded_items_is_the_stream_of_the_items() -> None:
+    n = control.STREAM_BATCH + 3
+    items = [{"i": i, "s": "x\n"} for i in range(n)]
+    enc = [json.dumps(i, separators=(",", ":")) for i in items]
+    got = asyncio.run(_streamed(Streamed(result=[], key="", offload=True, encoded=True,
+                                         items=iter(enc))))
+    assert got == asyncio.run(_streamed(Streamed(result=[], key="", items=iter(items))))
+    assert control._answer(io.BytesIO(got), "ls") == items
+
+
+def test_the_table_view_is_the_rows_narrowed() -> None:
+    cache = RowsCache()
+    groups = {key(p): shown(p, pid=10 + p) for p in (80, 81)}
+    table = [mrow(80, conns=5), mrow(81)]
+    inp = RowsInput(table=lambda: tuple(table), plan=None, pending=lambda: {},
+                    shown=groups, open=dict(groups), shares={}, share={}, waiting_since={},
+                    unforwarded={}, kernel=None, kconns=KernelConns(), cache=cache)
+    reverse = [{"direction": "reverse", "guest": "b", "host_port": 9, "since": 1.0}]
+    for _ in range(2):  # made afresh, then from the cache
+        whole = [json.loads(t) for t in _ls_texts(encoded_rows(inp), {"a": "poll"}, reverse)]
+        narrow = [json.loads(t) for t in _ls_texts(encoded_rows(inp, table=True),
+                                                   {"a": "poll"}, reverse, table=True)]
+        assert [_no_age(r) for r in narrow] == [_no_age(control.table_row(r)) for r in whole]
+    assert narrow[0]["connections"] == 5 and "kernel_connects" not in narrow[0]
+    assert list(narrow[0]["targets"][0]) == ["guest_addr", "pid", "process"]
+
+
+class _Daemon:
+    """What ControlServer.rows_changed uses of the daemon: the rows, the task set."""
+
+    def __init__(self) -> None:
+        self.conns: set[asyncio.Task[Any]] = set()
+        self.passes: list[int] = []  # the thread each pass made its rows in
+
+    def iter_encoded_rows(self, *, not_forwarded: bool = False) -> Iterator[str]:
+        def rows() -> Iterator[str]:
+            self.passes.append(threading.get_ident())
+            yield from ("{}" for _ in range(3))
+        return rows()
+
+
+def test_rows_are_made_after_plans_coalesced_and_off_the_loop(monkeypatch: Any) -> None:
+    import sockmap.daemon.ctlserver as ctlserver
+
+    monkeypatch.setattr(ctlserver, "WARM_S", 0.01)
+    d = _Daemon()
+
+    async def main() -> None:
+        srv = ControlServer(d, own_netns=None)  # type: ignore[arg-type]
+        for _ in range(50):  # a burst's plans
+            srv.rows_changed()
+        while srv._warming is not None:
+            await asyncio.sleep(0.005)
+        assert 1 <= len(d.passes) <= 2 and threading.get_ident() not in d.passes
+        assert not d.conns  # nothing left to cancel
+        srv.rows_changed()  # a later plan: one more pass
+        while srv._warming is not None:
+            await asyncio.sleep(0.005)
+        srv.pool.shutdown()
+
+    asyncio.run(main())
+    assert 2 <= len(d.passes) <= 3

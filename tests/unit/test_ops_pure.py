@@ -129,7 +129,7 @@ def test_every_command_is_covered() -> None:
     """A new subcommand must join COMMANDS (and so get an example)."""
     import argparse
 
-    from sockmap.cli import main as cli
+    from sockmap.cli import parser as cli
 
     def walk(p: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
         out = [prefix]

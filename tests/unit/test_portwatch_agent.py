@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sockmap.agent import main as agent
-from sockmap.cli import main as cli
+from sockmap.cli import parser as cli
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import (
     AddressesChanged,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sockmap.agent.link import read_token
-from sockmap.cli import main as cli
+from sockmap.cli import parser as cli
 from sockmap.cli import tokens
 from sockmap.errors import SockmapError
 
