@@ -114,7 +114,7 @@ print("done", n, flush=True)
 
 RUNNER = r"""
 import asyncio, contextlib, json, signal, sys, time
-from sockmap.agent import event_json
+from sockmap.agent.main import event_json
 from sockmap.portwatch import Watcher
 source, interval_ms, gate = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "on"
 native = sys.argv[4] == "c"

@@ -35,7 +35,8 @@ from typing import Any
 
 import netlab
 from bench.e2e import ROOT, enter_netns
-from sockmap import __version__, eventclient
+from sockmap import __version__
+from sockmap.cli import eventclient
 
 PY = sys.executable
 

@@ -1,7 +1,7 @@
 """`sockmap wait` latency: ``python -m bench.wait`` writes docs/bench-wait.md.
 
 In one hermetic lab: `sockmap daemon` in the lab's host namespace, a guest made through it.
-Per trial, a subscriber (sockmap.eventclient.stream, what `sockmap wait` reads) is
+Per trial, a subscriber (sockmap.cli.eventclient.stream, what `sockmap wait` reads) is
 subscribed and past its ``ready`` line; then a guest process listens on a fresh port. Two
 figures per trial:
 
@@ -33,8 +33,9 @@ from typing import Any
 
 import netlab
 from bench.e2e import LISTENER, ROOT, _line, enter_netns, start_daemon, summary
-from sockmap import __version__, eventclient
-from sockmap.eventbus import matches
+from sockmap import __version__
+from sockmap.cli import eventclient
+from sockmap.daemon.eventbus import matches
 
 PY = sys.executable
 
@@ -125,7 +126,7 @@ def report(res: dict[str, Any]) -> str:
 
 "Forward opening" is the mapping's ``since`` (the host sockets bound and listening, in
 MappingTable.open); the subscriber is told after the rest of that replan (the other
-mappings it opens, the conflict log), the diff of the ``ls`` view (sockmap.eventbus) and
+mappings it opens, the conflict log), the diff of the ``ls`` view (sockmap.daemon.eventbus) and
 one write to the control socket. No polling anywhere on that path; the detection part is
 the agent's (bench-e2e.md).
 

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from sockmap import shadowing
 from sockmap.conflicts import reverse as rev
+from sockmap.conflicts import shadowing
 from sockmap.conflicts.attach import KEYS as ATTACH_KEYS
 from sockmap.conflicts.attach import AttachRule, template_problem
 from sockmap.conflicts.rules import ACTIONS, POLICIES, Action, ForwardPath, Policy, Rule

@@ -14,7 +14,7 @@ Ops (served by sockmap.daemon): ``ls``, ``status``, ``guest_create`` (name, subn
 ``guest_delete`` (name), ``guest_attach`` (name, pid or netns), ``guest_detach`` (name),
 ``conflicts`` (``{"mode": "nat"|"flat", "conflicts": [...]}``, the
 list in ``conflicts.report.to_json`` form), ``events`` (a subscription: the ok line, then
-one JSON line per change until the client closes; sockmap.eventbus, sockmap.eventclient).
+one JSON line per change until the client closes; sockmap.daemon.eventbus, sockmap.cli.eventclient).
 
 Pure helpers (``parse_request``, ``ok``, ``fail``) and one synchronous client (``request``,
 used by cli.py); the server side lives in the daemon.

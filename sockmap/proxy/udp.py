@@ -12,7 +12,7 @@ socket, so N flows would cost N tasks and a flood could queue without bound. Her
 
 A ``relay`` target (a netns guest's server on its loopback only) has a connector instead of
 an address: it makes the flow's upstream socket inside the guest's namespace, connected to
-the guest's loopback (``sockmap.nswatch.loopback_connector``), off the event loop. Until it
+the guest's loopback (``sockmap.daemon.nswatch.loopback_connector``), off the event loop. Until it
 is there the flow holds at most ``PENDING`` datagrams (the rest are dropped and counted);
 a connector that fails ends the flow (counted as an error) and the next datagram tries
 again.

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sockmap import addrs as A
-from sockmap import planner
 from sockmap import protocol as p
 from sockmap.conflicts.rules import Nic, decide, nic_addr, plan, relay_target
+from sockmap.daemon import planner
+from sockmap.daemon.registry import Assigned, Registry
 from sockmap.portwatch.records import Listener
-from sockmap.registry import Assigned, Registry
 
 V4 = ipaddress.IPv4Address
 

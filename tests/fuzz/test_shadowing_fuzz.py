@@ -1,12 +1,12 @@
-"""sockmap.shadowing gives the answers of comparing every pair (the parser's old, quadratic
-check, kept here as the oracle), on rule sets built to cover each other often."""
+"""sockmap.conflicts.shadowing gives the answers of comparing every pair (the parser's old,
+quadratic check, kept here as the oracle), on rule sets built to cover each other often."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockmap import shadowing
+from sockmap.conflicts import shadowing
 from sockmap.conflicts.rules import Rule
 
 

@@ -152,7 +152,9 @@ def test_sighup_keeps_the_old_rules_when_a_new_one_matches_the_daemon(
 CONSIDER_DAEMON = r"""
 import asyncio, os, sys
 from pathlib import Path
-from sockmap import daemon, discover, logs
+from sockmap import logs
+from sockmap.daemon import service as daemon
+from sockmap.daemon import discover
 from sockmap.conflicts.attach import AttachRule
 logs.setup("info")
 async def main():

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import netlab
-from sockmap import lsview
+from sockmap.cli import lsview
 from tests.netlab.e2e_fixtures import Daemon, probe, start_daemon
 
 pytestmark = pytest.mark.netlab

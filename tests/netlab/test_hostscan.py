@@ -1,4 +1,4 @@
-"""sockmap.hostscan in a real namespace: this process's listeners get this process as
+"""sockmap.daemon.hostscan in a real namespace: this process's listeners get this process as
 owner from /proc/self/fd, another process's listener its own owner through the resolver,
 and a second scan walks /proc no more (everything cached)."""
 
@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 import netlab
-from sockmap.hostscan import HostScan, own_socket_inodes
+from sockmap.daemon.hostscan import HostScan, own_socket_inodes
 from sockmap.nat import nssock
 from sockmap.portwatch import Listener
 

@@ -1,4 +1,4 @@
-"""The daemon watches netns guests itself (sockmap.nswatch): no process per guest, a guest
+"""The daemon watches netns guests itself (sockmap.daemon.nswatch): no process per guest, a guest
 server on its loopback only reached with an upstream socket made inside the guest (it sees
 its peer as the guest's own loopback), the namespace deleted behind the daemon's back, and
 a restarted daemon adopting the guests that exist."""

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sockmap import planner
 from sockmap.conflicts.rules import Nic, PortMapping
+from sockmap.daemon import planner
 from sockmap.errors import SockmapError
 from sockmap.proxy import (
     MappingKey,

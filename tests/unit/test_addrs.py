@@ -9,8 +9,8 @@ import pytest
 from sockmap import addrs as A
 from sockmap import protocol as p
 from sockmap.conflicts.rules import Forwarded, Nic, NotForwarded, decide, nic_addr
+from sockmap.daemon.registry import Assigned, Registry, vouch
 from sockmap.portwatch.records import Listener
-from sockmap.registry import Assigned, Registry, vouch
 
 ASSIGNED_A = Assigned.of(subnet4="172.31.0.0/30", prefix6="fd53:6f63:6b6d::/64",
                          host_addr4="172.31.0.1", host_addr6="fd53:6f63:6b6d::1")

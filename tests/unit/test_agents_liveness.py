@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sockmap.agents import AgentSessions, unread_bytes
+from sockmap.daemon.agents import AgentSessions, unread_bytes
 
 
 async def _pair() -> tuple[socket.socket, asyncio.StreamReader, asyncio.StreamWriter]:
@@ -60,8 +60,8 @@ async def test_a_silent_agent_is_still_dead() -> None:
 
 async def test_a_burst_from_one_source_waits_for_a_slot_and_a_flood_is_closed(
         tmp_path: Path) -> None:
-    from sockmap import agents
-    from sockmap.registry import Registry
+    from sockmap.daemon import agents
+    from sockmap.daemon.registry import Registry
 
     s = AgentSessions(registry=Registry(), run_dir=tmp_path, heartbeat_s=0.3,
                       dead_after_s=0.8, hello_timeout_s=0.5, max_stored=10,

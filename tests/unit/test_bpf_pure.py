@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st_
 
 from sockmap.conflicts.rules import Nic, PortMapping, Relay
+from sockmap.daemon.kernelsync import kernel_entries
 from sockmap.errors import SockmapError
-from sockmap.kernelsync import kernel_entries
 from sockmap.proxy import bpfasm as a
 from sockmap.proxy import bpfprog
 from sockmap.proxy.kernel import cgroup2_root, prog_name

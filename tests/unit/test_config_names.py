@@ -97,9 +97,9 @@ def test_dns_names_accepted(labels: list[str]) -> None:
 
 
 def test_ls_rows_and_text_show_the_label(tmp_path: Path) -> None:
-    from sockmap import lsview
+    from sockmap.cli import lsview
     from sockmap.conflicts.rules import Policies
-    from sockmap.daemon import Config, Daemon
+    from sockmap.daemon.service import Config, Daemon
     from sockmap.proxy import MappingTable
 
     d = Daemon(Config(run_dir=tmp_path))
@@ -126,7 +126,7 @@ def test_policy_share_in_rules_and_daemon() -> None:
 
 
 def test_a_long_label_is_cut_to_fit_80_columns() -> None:
-    from sockmap import lsview
+    from sockmap.cli import lsview
 
     row = {"guest": "dev1", "proto": "tcp", "host_addrs": ["127.0.0.1", "::1"],
            "host_port": 8000, "guest_addr": "0.0.0.0", "guest_port": 8000, "pid": 4242,

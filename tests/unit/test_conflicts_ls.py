@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sockmap import lsview
+from sockmap.cli import lsview
 from sockmap.conflicts import rules
 from sockmap.conflicts.rules import GuestState, Policies
-from sockmap.daemon import Config, Daemon
+from sockmap.daemon.service import Config, Daemon
 from sockmap.portwatch.records import Listener, Owner
 from sockmap.proxy import MappingTable
 

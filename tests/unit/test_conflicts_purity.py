@@ -9,9 +9,10 @@ import pytest
 
 import sockmap
 
-PURE = ["protocol.py", "addrs.py", "registry.py", "conflicts/records.py", "conflicts/rules.py",
-        "conflicts/flat.py", "conflicts/report.py", "proxy/bpfasm.py", "proxy/bpfprog.py",
-        "rows.py", "proxy/spec.py", "proxy/conndiag.py", "conflicts/attach.py"]
+PURE = ["protocol.py", "addrs.py", "reports.py", "daemon/registry.py", "conflicts/records.py",
+        "conflicts/rules.py", "conflicts/flat.py", "conflicts/report.py", "proxy/bpfasm.py",
+        "proxy/bpfprog.py",
+        "daemon/rows.py", "proxy/spec.py", "proxy/conndiag.py", "conflicts/attach.py"]
 FORBIDDEN = {"asyncio", "socket", "subprocess", "pyroute2", "os", "select", "selectors",
              "pathlib", "ctypes", "sockmap.portwatch.sources", "sockmap.portwatch.owners"}
 

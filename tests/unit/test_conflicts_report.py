@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sockmap import cli
+from sockmap.cli import main as cli
 from sockmap.conflicts import flat, report, rules
 from sockmap.conflicts.records import KINDS
 from sockmap.portwatch.records import Listener, Owner

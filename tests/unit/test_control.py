@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockmap import control, lsview
+from sockmap import control
+from sockmap.cli import lsview
 from sockmap.errors import SockmapError
 
 

@@ -10,9 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockmap import agentlink, daemon, planner
 from sockmap import protocol as p
+from sockmap import reports
+from sockmap.agent import link as agentlink
 from sockmap.conflicts.rules import Nic, PortMapping, Relay, plan
+from sockmap.daemon import planner
+from sockmap.daemon import service as daemon
+from sockmap.daemon.registry import Registry, usable_addrs
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import (
     AddressesChanged,
@@ -22,7 +26,6 @@ from sockmap.portwatch.records import (
     SourceError,
 )
 from sockmap.proxy import MappingKey, Proto
-from sockmap.registry import Registry, usable_addrs
 
 G4, G6 = "172.31.0.2", "fd53:6f63:6b6d::2"
 
@@ -154,17 +157,17 @@ def test_parse_connect_never_crashes(text: str) -> None:
 
 
 def test_batch_keeps_order_and_groups_runs() -> None:
-    nics = agentlink.Nics()
+    nics = reports.Nics()
     a, b, c = li("0.0.0.0", 1), li("0.0.0.0", 2), li("0.0.0.0", 3)
-    msgs = agentlink.batch([
+    msgs = reports.batch([
         ListenerAdded(listener=a), ListenerAdded(listener=b), ListenerRemoved(listener=a),
         AddressesChanged(ifname="eth0", addrs=(G4, G6)), ListenerAdded(listener=c),
     ], nics)
     assert msgs == [p.Added(listeners=(a, b)), p.Removed(listeners=(a,)),
                     p.Addresses(addrs=(G4, G6), ifname="eth0"), p.Added(listeners=(c,))]
-    agentlink.batch([AddressesChanged(ifname="eth1", addrs=("10.1.1.1",))], nics)
+    reports.batch([AddressesChanged(ifname="eth1", addrs=("10.1.1.1",))], nics)
     assert nics.message() == p.Addresses(addrs=(G4, G6, "10.1.1.1"), ifname="")
-    agentlink.batch([AddressesChanged(ifname="eth0", addrs=())], nics)
+    reports.batch([AddressesChanged(ifname="eth0", addrs=())], nics)
     assert nics.message() == p.Addresses(addrs=("10.1.1.1",), ifname="eth1")
 
 
@@ -173,5 +176,5 @@ def test_batch_sends_no_source_error_and_logs_none(caplog: pytest.LogCaptureFixt
     log it a second time (the VM agent said "sock_diag ..." twice at start)."""
     caplog.set_level(logging.DEBUG)
     ev = SourceError(source="diag", message="sock_diag unavailable: NETLINK_SOCK_DIAG")
-    assert agentlink.batch([ev], agentlink.Nics()) == []
+    assert reports.batch([ev], reports.Nics()) == []
     assert [r.getMessage() for r in caplog.records] == []

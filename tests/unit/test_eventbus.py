@@ -1,4 +1,4 @@
-"""sockmap.eventbus: the pure diff, the target parser, and the bus's bound on a slow
+"""sockmap.daemon.eventbus: the pure diff, the target parser, and the bus's bound on a slow
 subscriber (a real socket pair whose far end never reads)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockmap.eventbus import EventBus, View, diff, initial, matches, parse_target, view
+from sockmap.daemon.eventbus import EventBus, View, diff, initial, matches, parse_target, view
 
 
 def row(guest: str = "g1", port: int = 8000, state: str = "open", host_port: int = 8000,

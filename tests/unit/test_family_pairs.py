@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockmap import lsview, planner
+from sockmap.cli import lsview
 from sockmap.conflicts.rules import (
     GuestState,
     Nic,
@@ -22,10 +22,11 @@ from sockmap.conflicts.rules import (
     Rule,
     plan,
 )
+from sockmap.daemon import planner
+from sockmap.daemon.registry import Registry
 from sockmap.portwatch.records import Listener, Owner, Proto
 from sockmap.proxy import MappingKey, MappingSpec, MappingTable, Target
 from sockmap.proxy import Proto as PProto
-from sockmap.registry import Registry
 
 G4, G6 = "172.31.0.2", "fd53:6f63:6b6d::2"
 

@@ -1,4 +1,4 @@
-"""``ls`` rows (sockmap.lsrows) and how the control server streams them: each mapping's
+"""``ls`` rows (sockmap.daemon.lsrows) and how the control server streams them: each mapping's
 static parts are cached from one ``ls`` to the next and rebuilt when its spec or plan
 entries change; the rows are made and encoded off the event loop's thread."""
 
@@ -13,8 +13,8 @@ from typing import Any
 
 from sockmap import control
 from sockmap.conflicts.rules import Nic, PortMapping
-from sockmap.ctlserver import ControlServer, Streamed
-from sockmap.lsrows import RowsCache, RowsInput, forward_rows
+from sockmap.daemon.ctlserver import ControlServer, Streamed
+from sockmap.daemon.lsrows import RowsCache, RowsInput, forward_rows
 from sockmap.proxy import Proto, Target
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.spec import MappingKey

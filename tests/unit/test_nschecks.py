@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from sockmap.nswatch import NamespaceGone, NsChecks, Slow, shared_checks
+from sockmap.daemon.nswatch import NamespaceGone, NsChecks, Slow, shared_checks
 
 PERIOD = 0.02
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sockmap import logs, metrics, sdnotify
+from sockmap import logs
+from sockmap.daemon import metrics, sdnotify
 
 ROW = {"guest": 'de"v1', "proto": "tcp", "host_port": 8080, "state": "open", "connections": 2,
        "connections_total": 7, "bytes_in": 10, "bytes_out": 2000,
@@ -115,7 +116,7 @@ COMMANDS = [[], ["guest"], ["guest", "create"], ["guest", "delete"], ["guest", "
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "sockmap")
 def test_help_has_an_example(words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    from sockmap import cli
+    from sockmap.cli import main as cli
 
     with pytest.raises(SystemExit) as ei:
         cli.main([*words, "--help"])
@@ -128,7 +129,7 @@ def test_every_command_is_covered() -> None:
     """A new subcommand must join COMMANDS (and so get an example)."""
     import argparse
 
-    from sockmap import cli
+    from sockmap.cli import main as cli
 
     def walk(p: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
         out = [prefix]
@@ -143,7 +144,7 @@ def test_every_command_is_covered() -> None:
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     import sockmap
-    from sockmap import cli
+    from sockmap.cli import main as cli
 
     with pytest.raises(SystemExit) as ei:
         cli.main(["--version"])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sockmap import agent, cli
+from sockmap.agent import main as agent
+from sockmap.cli import main as cli
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import (
     AddressesChanged,

@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockmap import lsview, metrics
+from sockmap.cli import lsview
+from sockmap.daemon import metrics
 from sockmap.portwatch import hints as H
 from sockmap.portwatch.hub import merge, route
 from sockmap.portwatch.trace import EventsLost, SockStateChanged
@@ -88,7 +89,7 @@ def test_ls_header_and_metrics_say_the_mode() -> None:
     text = lsview.header({"listener_watch": poll})
     assert text.startswith("listener watch: poll; polling: cannot open tracefs")
     assert len(text) <= 81 and lsview.header({}) == ""
-    from sockmap.metrics import Histogram
+    from sockmap.daemon.metrics import Histogram
 
     out = metrics.render(rows=[], guests=[], conflicts=[], latency=Histogram(),
                          reloads={}, listener_watch=lw)

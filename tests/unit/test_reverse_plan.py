@@ -223,7 +223,7 @@ def _row(direction: str, **kw: object) -> dict[str, object]:
 
 
 def test_ls_dir_column_only_with_a_reverse_row() -> None:
-    from sockmap import lsview
+    from sockmap.cli import lsview
 
     fwd = _row("forward")
     assert "DIR" not in lsview.render([fwd]) and "forward" not in lsview.render([fwd])
@@ -241,7 +241,7 @@ def test_ls_dir_column_only_with_a_reverse_row() -> None:
 
 # -- the recorded options ------------------------------------------------------------------
 def test_recorded_options(tmp_path: Path) -> None:
-    from sockmap import reverseopts as ro
+    from sockmap.daemon import reverseopts as ro
 
     specs = parse_specs(["5432", "15353:53/udp"])
     ro.save_options(tmp_path, "g1", specs)

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from sockmap import config, shadowing
+from sockmap import config
+from sockmap.conflicts import shadowing
 from sockmap.errors import SockmapError
 
 N = 2000

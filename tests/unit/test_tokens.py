@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sockmap import cli, tokens
-from sockmap.agentlink import read_token
+from sockmap.agent.link import read_token
+from sockmap.cli import main as cli
+from sockmap.cli import tokens
 from sockmap.errors import SockmapError
 
 ROOT = Path(__file__).resolve().parents[2]

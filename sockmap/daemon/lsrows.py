@@ -8,7 +8,7 @@ makes and JSON-encodes an ``ls`` answer in one, STREAM_BATCH rows at a time (409
 rows are made (ints the loop updates; a row is a snapshot either way).
 
 Row contents (the keys and their order are the ``ls --json`` contract): see
-``forward_rows``; ``sockmap.rows`` has the pure parts shared with other row kinds.
+``forward_rows``; ``sockmap.daemon.rows`` has the pure parts shared with other row kinds.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sockmap import sharing
 from sockmap.conflicts.rules import Plan, PortMapping
+from sockmap.daemon import sharing
+from sockmap.daemon.rows import first_fields, planned_target, skipped_row, target_row
 from sockmap.proxy import MappingKey, Target
 from sockmap.proxy.bpfprog import KernelStats
 from sockmap.proxy.conndiag import Tally
@@ -27,7 +28,6 @@ from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.share import ShareConnector
 from sockmap.proxy.stats import MappingRow
-from sockmap.rows import first_fields, planned_target, skipped_row, target_row
 
 Groups = dict[MappingKey, tuple[PortMapping, ...]]
 

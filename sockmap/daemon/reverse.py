@@ -25,7 +25,7 @@ The daemon's own reverse listeners are reported by the guest's watch like any li
 ``own()`` names them so the forward planner leaves them out (their keys are claimed before
 bind, so no report can come first).
 
-The ``--reverse`` options are recorded by ``sockmap.reverseopts`` (RUN_DIR/reverse), so a
+The ``--reverse`` options are recorded by ``sockmap.daemon.reverseopts`` (RUN_DIR/reverse), so a
 daemon restart re-creates them.
 """
 

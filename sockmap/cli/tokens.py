@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sockmap import protocol as p
+from sockmap.daemon.supervisor import TOKENS_DIR, token_path
 from sockmap.errors import SockmapError
-from sockmap.supervisor import TOKENS_DIR, token_path
 
 VM_TOKEN_FILE = "/etc/sockmap/{name}.token"  # where the printed command expects it in the VM
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import ipaddress
 
 from sockmap.conflicts.rules import Nic, PortMapping
+from sockmap.daemon.registry import Registry
 from sockmap.proxy import MappingKey
 from sockmap.proxy.bpfprog import FwdEntry
 from sockmap.proxy.kernel import KernelPath
-from sockmap.registry import Registry
 
 
 def kernel_entries(group: tuple[PortMapping, ...], host_port: int,

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO, assert_never
 
+from sockmap.agent.signals import until_signal
 from sockmap.errors import SockmapError
 from sockmap.portwatch import (
     AddressesChanged,
@@ -37,7 +38,6 @@ from sockmap.portwatch import (
     SourceError,
     Watcher,
 )
-from sockmap.signals import until_signal
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,7 +119,7 @@ async def print_events(cfg: PrintConfig, out: TextIO) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.connect:
-        from sockmap import agentlink
+        from sockmap.agent import link as agentlink
 
         return agentlink.main(args)
     if not args.print_events:
@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
                 hint="give between 1 and 60000",
             )
         interval = args.interval_ms / 1000
-    from sockmap.agentlink import events_args
+    from sockmap.agent.link import events_args
 
     cfg = PrintConfig(source=args.source, interval=interval, udp_ephemeral=args.udp_ephemeral,
                       **events_args(args))

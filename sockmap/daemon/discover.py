@@ -30,7 +30,7 @@ from sockmap.errors import SockmapError
 from sockmap.nat import nsid
 
 if TYPE_CHECKING:
-    from sockmap.daemon import Daemon
+    from sockmap.daemon.service import Daemon
 
 log = logging.getLogger("sockmap.daemon")
 

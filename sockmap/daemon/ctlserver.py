@@ -20,12 +20,13 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sockmap import control, metrics
+from sockmap import control
+from sockmap.daemon import metrics
+from sockmap.daemon.peercred import netns_of, peer_pid
 from sockmap.errors import SockmapError
-from sockmap.peercred import netns_of, peer_pid
 
 if TYPE_CHECKING:
-    from sockmap.daemon import Daemon
+    from sockmap.daemon.service import Daemon
 
 log = logging.getLogger("sockmap.daemon")
 

@@ -8,7 +8,7 @@ tracefs instance for every guest) the watcher runs in events mode: it sleeps unt
 hands it a hint of its namespace, dumps that namespace only, and rescans every ~2 s;
 without a hub (tracefs unavailable, ``--netns-events off``) it polls, and ``mode`` says
 which and why. What it sees becomes the very messages an agent would
-send (``agentlink.batch``), applied through ``AgentSessions.apply``: the same registry
+send (``reports.batch``), applied through ``AgentSessions.apply``: the same registry
 records, per-guest listener limit (past it the watch restarts with backoff, as a
 supervised agent would) and first-snapshot signal. Messages of many listeners are built and
 keyed in a thread (the loop keeps the GIL only between switch intervals), as an agent's
@@ -50,8 +50,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from sockmap import protocol as p
-from sockmap.agentlink import Nics, batch
-from sockmap.agents import AgentSessions
+from sockmap.daemon.agents import AgentSessions
+from sockmap.daemon.registry import ListenerKey
 from sockmap.errors import SockmapError
 from sockmap.nat import nsid, nssock
 from sockmap.portwatch import Listener, SourceUnavailable, Watcher
@@ -59,7 +59,7 @@ from sockmap.portwatch.events import EventSource, ListenerEvents
 from sockmap.portwatch.hub import EventHub
 from sockmap.portwatch.records import AddressesChanged, Event
 from sockmap.proxy import Connector, MappingSpec
-from sockmap.registry import ListenerKey
+from sockmap.reports import Nics, batch
 
 log = logging.getLogger("sockmap.daemon")
 

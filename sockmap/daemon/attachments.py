@@ -22,14 +22,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sockmap.daemon.nswatch import NetnsWatch
+from sockmap.daemon.reverseopts import load_options, remove_options
 from sockmap.errors import SockmapError
 from sockmap.nat import attached, nsid
 from sockmap.nat.plan import check_name
-from sockmap.nswatch import NetnsWatch
-from sockmap.reverseopts import load_options, remove_options
 
 if TYPE_CHECKING:
-    from sockmap.daemon import Daemon
+    from sockmap.daemon.service import Daemon
 
 log = logging.getLogger("sockmap.daemon")
 
@@ -59,8 +59,8 @@ class Attachments:
         return None
 
     def _ns_problem(self, ns: nsid.NsId) -> str | None:
+        from sockmap.daemon.supervisor import NETNS_DIR
         from sockmap.nat import guests
-        from sockmap.supervisor import NETNS_DIR
 
         for name, h in self.holders.items():
             if h.ns == ns:

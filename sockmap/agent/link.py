@@ -34,18 +34,11 @@ from pathlib import Path
 from typing import Any, Literal, assert_never
 
 from sockmap import protocol as p
+from sockmap.agent.signals import until_signal
 from sockmap.conflicts.rules import relay_target
 from sockmap.errors import SockmapError
-from sockmap.portwatch import (
-    AddressesChanged,
-    Event,
-    Listener,
-    ListenerAdded,
-    ListenerRemoved,
-    SourceError,
-    Watcher,
-)
-from sockmap.signals import until_signal
+from sockmap.portwatch import AddressesChanged, Event, Listener, Watcher
+from sockmap.reports import Nics, batch
 
 log = logging.getLogger("sockmap.agent")
 
@@ -141,55 +134,6 @@ class LinkConfig:
     backoff_max: float = 5.0
     connect_timeout: float = 5.0
     first_addrs_timeout: float = 1.0
-
-
-class Nics:
-    """The NIC addresses as the watcher last reported them, per interface."""
-
-    def __init__(self) -> None:
-        self.by_nic: dict[str, tuple[str, ...]] = {}
-
-    def apply(self, ev: AddressesChanged) -> None:
-        if ev.addrs:
-            self.by_nic[ev.ifname] = ev.addrs
-        else:
-            self.by_nic.pop(ev.ifname, None)
-
-    def message(self) -> p.Addresses:
-        addrs = tuple(dict.fromkeys(a for nic in sorted(self.by_nic) for a in self.by_nic[nic]))
-        ifname = next(iter(self.by_nic)) if len(self.by_nic) == 1 else ""
-        return p.Addresses(addrs=addrs[: p.MAX_ADDRS], ifname=ifname[:15])
-
-
-def batch(events: list[Event], nics: Nics) -> list[p.Message]:
-    """Consecutive events of one kind become one message, in order."""
-    out: list[p.Message] = []
-    run: list[ListenerAdded | ListenerRemoved] = []
-
-    def flush() -> None:
-        if not run:
-            return
-        lst = tuple(e.listener for e in run)
-        out.append(p.Added(listeners=lst) if isinstance(run[0], ListenerAdded)
-                   else p.Removed(listeners=lst))
-        run.clear()
-
-    for ev in events:
-        match ev:
-            case ListenerAdded() | ListenerRemoved():
-                if run and type(run[0]) is not type(ev):
-                    flush()
-                run.append(ev)
-            case AddressesChanged():
-                flush()
-                nics.apply(ev)
-                out.append(nics.message())
-            case SourceError():
-                pass  # the watcher logged it when it happened: once is enough
-            case _:
-                assert_never(ev)
-    flush()
-    return out
 
 
 async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

@@ -7,16 +7,17 @@ rules file; the one place), then ``Daemon.startup`` / ``run`` / ``shutdown``.
 guest.
 
 This module is the lifecycle and the wiring; each concern has its own module:
-- sockmap.agents: agent sessions (Hello, token and netns checks, heartbeats, messages into
-  the registry); sockmap.relays: the loopback relay's streams;
-- sockmap.planner: replanning and applying plans to the MappingTable (host watch, TIME_WAIT
-  retry), and the ``ls`` rows; sockmap.flatwatch: flat mode's analysis;
-- sockmap.supervisor: the agents the daemon starts in its guests, and their tokens;
-- sockmap.ctlserver: the control socket's requests and the metrics endpoint;
-- sockmap.eventbus: the ``events`` subscriptions, published after each replan;
-- sockmap.reverse: reverse forwards (a guest reaches a host loopback service), reconciled
-  after each replan; sockmap.reverseopts: their recorded options;
-- sockmap.attachments, sockmap.discover: adopted namespaces (``guest attach``, ``[[attach]]``);
+- sockmap.daemon.agents: agent sessions (Hello, token and netns checks, heartbeats, messages into
+  the registry); sockmap.daemon.relays: the loopback relay's streams;
+- sockmap.daemon.planner: replanning and applying plans to the MappingTable (host watch, TIME_WAIT
+  retry), and the ``ls`` rows; sockmap.daemon.flatwatch: flat mode's analysis;
+- sockmap.daemon.supervisor: the agents the daemon starts in its guests, and their tokens;
+- sockmap.daemon.ctlserver: the control socket's requests and the metrics endpoint;
+- sockmap.daemon.eventbus: the ``events`` subscriptions, published after each replan;
+- sockmap.daemon.reverse: reverse forwards (a guest reaches a host loopback service), reconciled
+  after each replan; sockmap.daemon.reverseopts: their recorded options;
+- sockmap.daemon.attachments, sockmap.daemon.discover: adopted namespaces (``guest attach``,
+  ``[[attach]]``);
 - here: Config, startup (sockets), run, shutdown, guest create/delete, SIGHUP reload, status.
 
 Sockets, all under RUN_DIR:
@@ -43,32 +44,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockmap import config, control, metrics, sdnotify
-from sockmap.agents import AgentSessions
-from sockmap.attachments import Attachments
+from sockmap import config, control
 from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
 from sockmap.conflicts.reverse import ReverseRule, parse_specs
 from sockmap.conflicts.rules import Plan, Policies, Rule
-from sockmap.ctlserver import ControlServer
-from sockmap.discover import Discovery, own_candidate
-from sockmap.errors import SockmapError
-from sockmap.eventbus import EventBus, View, view
-from sockmap.flatwatch import FlatWatch
-from sockmap.nat.nssock import NetnsRef
-from sockmap.nat.plan import GuestRecord
-from sockmap.nswatch import NetnsWatch, loopback_connector, open_hub, watch_summary
-from sockmap.peercred import netns_of
-from sockmap.planner import Planner
-from sockmap.portwatch import Listener
-from sockmap.portwatch.hub import EventHub
-from sockmap.proxy import Connector, MappingSpec, MappingTable
-from sockmap.proxy.kernel import KernelPath
-from sockmap.registry import Assigned, Registry
-from sockmap.reverse import ReverseForwarder
-from sockmap.reverseopts import load_options, remove_options, save_options
-from sockmap.supervisor import (
+from sockmap.daemon import metrics, sdnotify
+from sockmap.daemon.agents import AgentSessions
+from sockmap.daemon.attachments import Attachments
+from sockmap.daemon.ctlserver import ControlServer
+from sockmap.daemon.discover import Discovery, own_candidate
+from sockmap.daemon.eventbus import EventBus, View, view
+from sockmap.daemon.flatwatch import FlatWatch
+from sockmap.daemon.nswatch import NetnsWatch, loopback_connector, open_hub, watch_summary
+from sockmap.daemon.peercred import netns_of
+from sockmap.daemon.planner import Planner
+from sockmap.daemon.registry import Assigned, Registry
+from sockmap.daemon.reverse import ReverseForwarder
+from sockmap.daemon.reverseopts import load_options, remove_options, save_options
+from sockmap.daemon.supervisor import (
     AGENT_SOCKET,
     NETNS_DIR,
     TOKENS_DIR,
@@ -76,6 +71,13 @@ from sockmap.supervisor import (
     token_path,
     write_token,
 )
+from sockmap.errors import SockmapError
+from sockmap.nat.nssock import NetnsRef
+from sockmap.nat.plan import GuestRecord
+from sockmap.portwatch import Listener
+from sockmap.portwatch.hub import EventHub
+from sockmap.proxy import Connector, MappingSpec, MappingTable
+from sockmap.proxy.kernel import KernelPath
 
 log = logging.getLogger("sockmap.daemon")
 

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from sockmap import metrics, sharing
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
 from sockmap.conflicts.reverse import without_own
 from sockmap.conflicts.rules import (
@@ -50,10 +49,12 @@ from sockmap.conflicts.rules import (
     plan,
     shared_with,
 )
+from sockmap.daemon import metrics, sharing
+from sockmap.daemon.hostscan import HostScan
+from sockmap.daemon.kernelsync import sync_kernel
+from sockmap.daemon.lsrows import RowsCache, RowsInput, forward_rows
+from sockmap.daemon.registry import Registry
 from sockmap.errors import SockmapError
-from sockmap.hostscan import HostScan
-from sockmap.kernelsync import sync_kernel
-from sockmap.lsrows import RowsCache, RowsInput, forward_rows
 from sockmap.portwatch import Listener, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
 from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
@@ -61,7 +62,6 @@ from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.kernelconns import KernelConns
 from sockmap.proxy.share import Route, ShareConnector, ShareRoutes
 from sockmap.proxy.table import Bound, bind
-from sockmap.registry import Registry
 
 log = logging.getLogger("sockmap.daemon")
 

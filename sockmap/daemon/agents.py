@@ -33,7 +33,7 @@ timer fired late (the loop was held), the agent gets another ``dead_after_s``. A
 reconnecting agent's session replaces the old one (which is closed) and its Snapshot
 replaces everything it reported.
 
-A Hello followed by RelayResult(ok) is no session but a relay stream (sockmap.relays).
+A Hello followed by RelayResult(ok) is no session but a relay stream (sockmap.daemon.relays).
 After a Snapshot or Addresses of a daemon-made guest, the kernel is asked which addresses
 the guest's netns really has (``ip -j -n NETNS addr``), and only those count.
 """
@@ -58,11 +58,11 @@ from typing import Any
 
 from sockmap import addrs, tools
 from sockmap import protocol as p
-from sockmap.peercred import describe_peer, netns_of, peer_pid
+from sockmap.daemon.peercred import describe_peer, netns_of, peer_pid
+from sockmap.daemon.registry import ListenerKey, Registry
+from sockmap.daemon.relays import RelayBroker
+from sockmap.daemon.supervisor import NETNS_DIR, token_path
 from sockmap.portwatch import Listener
-from sockmap.registry import ListenerKey, Registry
-from sockmap.relays import RelayBroker
-from sockmap.supervisor import NETNS_DIR, token_path
 
 log = logging.getLogger("sockmap.daemon")
 
@@ -152,7 +152,7 @@ class AgentSessions:
         self.relays = RelayBroker(session_writer=self._session_writer,
                                   heartbeat_ms=round(heartbeat_s * 1000))
 
-    # -- the daemon's own watch of a netns guest (sockmap.nswatch): a session, no agent --
+    # -- the daemon's own watch of a netns guest (sockmap.daemon.nswatch): a session, no agent --
     def open_local(self, name: str) -> int:
         """A session for the daemon's own watch of ``name``; it replaces any other."""
         session = next(self._sessions)

@@ -252,7 +252,7 @@ def _guest_create(args: argparse.Namespace) -> int:
                                reverse=[s.text() for s in specs])
         rec = GuestRecord.from_json(data, source="the daemon's answer")
     except control.DaemonNotRunning:  # pyroute2 is imported only here: ~0.2 s of start-up
-        from sockmap import reverseopts
+        from sockmap.daemon import reverseopts
         from sockmap.nat import guests
 
         rec = guests.create(args.run_dir, args.name, subnet=args.subnet, nat=not args.no_nat)
@@ -268,7 +268,7 @@ def _guest_delete(args: argparse.Namespace) -> int:
     try:  # a running daemon stops the agent and closes the mappings first
         lines = control.request(args.run_dir, "guest_delete", timeout=120, name=args.name)
     except control.DaemonNotRunning:
-        from sockmap import reverseopts
+        from sockmap.daemon import reverseopts
         from sockmap.nat import guests
 
         lines = guests.delete(args.run_dir, args.name)
@@ -370,9 +370,10 @@ def _conflicts(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from sockmap import config, daemon
+    from sockmap import config
     from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
     from sockmap.conflicts.rules import Policies
+    from sockmap.daemon import service as daemon
 
     # the rules file: --config FILE (must exist), else /etc/sockmap/sockmap.toml if present;
     # a bad file stops here (exit 2) with its file:line:key. Flags win over [daemon].
@@ -410,7 +411,8 @@ def _daemon(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     import json
 
-    from sockmap import control, lsview
+    from sockmap import control
+    from sockmap.cli import lsview
 
     def show() -> str:
         rows = lsview.filter_rows(control.request(args.run_dir, "ls", timeout=10,
@@ -434,7 +436,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from sockmap import tokens
+    from sockmap.cli import tokens
 
     for line in tokens.instructions(tokens.create(args.run_dir, args.name, force=args.force),
                                     args.connect):
@@ -445,7 +447,8 @@ def _token_create(args: argparse.Namespace) -> int:
 def _events(args: argparse.Namespace) -> int:
     import json
 
-    from sockmap import eventbus, eventclient
+    from sockmap.cli import eventclient
+    from sockmap.daemon import eventbus
 
     for ev in eventclient.stream(args.run_dir):
         if not args.json and ev.get("event") == "ready":
@@ -457,7 +460,8 @@ def _events(args: argparse.Namespace) -> int:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from sockmap import eventbus, eventclient
+    from sockmap.cli import eventclient
+    from sockmap.daemon import eventbus
 
     try:
         guest, port, proto = eventbus.parse_target(args.target)
@@ -476,7 +480,7 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from sockmap import agent
+    from sockmap.agent import main as agent
 
     rc: int = agent.main(args)
     return rc

@@ -1,4 +1,4 @@
-"""The CLI's side of the ``events`` subscription (sockmap.eventbus): ``stream`` yields the
+"""The CLI's side of the ``events`` subscription (sockmap.daemon.eventbus): ``stream`` yields the
 daemon's change lines as they come; ``wait`` reads that one stream until the guest's port
 accepts on the host (no polling: the daemon pushes ``mapping_opened``).
 
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from sockmap import control
+from sockmap.daemon.eventbus import matches
 from sockmap.errors import SockmapError
-from sockmap.eventbus import matches
 
 
 class WaitTimeout(SockmapError):

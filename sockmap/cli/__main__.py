@@ -1,0 +1,7 @@
+"""``python -m sockmap.cli``: the same as the ``sockmap`` command."""
+
+import sys
+
+from sockmap.cli.main import main
+
+sys.exit(main())
