@@ -1,4 +1,13 @@
-"""The command line (``sockmap ...``): parse, build a request, ask the daemon or run a
-command, print. Only this package exits; each command imports only what it needs, so
-``sockmap ls`` starts fast.
+"""cli: the command line (``sockmap``, ``python -m sockmap.cli``): parse, build a frozen
+request, call the module or the daemon, print. The only place that exits: 0 ok, 1 found
+something (``conflicts``) or timed out (``wait``), 2 error (one line and a hint).
+
+``ls``, ``conflicts``, ``events``, ``wait`` and ``guest attach`` are requests to the running
+daemon over RUN_DIR/control.sock (``sockmap.control``: one JSON line each way, large
+answers streamed); without one they say so and exit 2. ``guest create|delete|detach`` go
+through the daemon when one runs and are done here otherwise; ``guest list|exec``,
+``conflicts --flat``, ``agent``, ``token create`` and ``daemon`` need none. ``lsview``
+renders ``ls`` rows to the terminal width (pure); ``eventclient`` reads the ``events``
+stream, and ``wait`` reads it until the guest's port accepts on the host; ``tokens`` writes
+a VM's token file and prints the agent command to run in the VM.
 """
