@@ -51,6 +51,11 @@ process: a ``kill -9`` leaves nothing attached. The relay keeps listening on eve
 endpoint beside it (the claim on the port, and the path of every client the hooks leave
 alone). The verifier checks the programs in every netlab test that starts a kernel-path
 daemon.
+
+Limits: a relay mapping's upstream connections share one source address and destination,
+so its connections plus TIME_WAITs are capped by the ~28,000 ephemeral ports; an idle relay
+connection holds 2 fds (more while a direction splices). The kernel path does not count the
+closes of connections made before the daemon (re)started, nor after their mapping went.
 """
 
 from sockmap.proxy.spec import MappingKey, MappingSpec, Proto, Target, Via, validate
