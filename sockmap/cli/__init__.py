@@ -7,7 +7,7 @@ daemon over RUN_DIR/control.sock (``sockmap.control``: one JSON line each way, l
 answers streamed); without one they say so and exit 2. ``guest create|delete|detach`` go
 through the daemon when one runs and are done here otherwise; ``guest list|exec``,
 ``conflicts --flat``, ``agent``, ``token create`` and ``daemon`` need none. ``lsview``
-renders ``ls`` rows to the terminal width (pure); ``eventclient`` reads the ``events``
+renders ``ls`` rows to the terminal width (no I/O); ``eventclient`` reads the ``events``
 stream, and ``wait`` reads it until the guest's port accepts on the host; ``tokens`` writes
 a VM's token file and prints the agent command to run in the VM.
 """

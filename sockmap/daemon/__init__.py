@@ -38,7 +38,7 @@ guest holds at most 32 x ``max_listeners`` listeners. Liveness: agents heartbeat
 a busy daemon does not kill a live agent) ends the session and drops its listeners; a new
 session replaces the old one and its Snapshot replaces everything.
 
-``registry`` (pure): listeners by endpoint and the addresses the host may connect to
+``registry`` (no I/O): listeners by endpoint and the addresses the host may connect to
 (``vouch``, each refusal with its reason for ``ls --all``): never loopback, link-local,
 multicast, unspecified, an IPv6 spelling of an IPv4 address or the host's own; for a made
 guest only its assigned /30 and /64 addresses that the kernel says its namespace has (the
@@ -67,7 +67,7 @@ Serving: ``ctlserver`` (control socket, host namespace only; ``ls`` and ``confli
 answers streamed in batches, ``ls`` rows made and encoded off the loop by ``lsrows`` from
 a copy taken on it; ``rows`` builds them), ``eventbus`` (``sockmap events``/``wait``: the
 view after each replan diffed, one bounded queue per subscriber, a slow one dropped),
-``metrics`` (Prometheus text, pure), ``sdnotify`` (READY=1, STOPPING=1), ``flatwatch``
+``metrics`` (Prometheus text, no I/O), ``sdnotify`` (READY=1, STOPPING=1), ``flatwatch``
 (``daemon --flat``: this namespace's conflicts, no forwards). SIGHUP loads the rules file
 in a thread: on success one replan (unchanged mappings keep their sockets), on failure the
 old rules stay and ``status`` says why.

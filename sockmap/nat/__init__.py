@@ -7,7 +7,7 @@ first /30 of ``172.31.0.0/16`` that overlaps no host route and no other guest (o
 ``--subnet``, checked), a /64 of sockmap's ULA ``fd53:6f63:6b6d::/48`` derived from it
 (host <-> guest only: IPv6 is not forwarded), default routes, the guest's resolv.conf (the
 host's servers, or systemd-resolved's upstream when the host only has its loopback stub),
-and IPv4 masquerade. ``plan`` decides all of that (pure) and ``GuestRecord`` is kept as
+and IPv4 masquerade. ``plan`` decides all of that (no I/O) and ``GuestRecord`` is kept as
 RUN_DIR/guests/NAME.json; ``netlink`` (pyroute2) and ``nft`` do it.
 
 - No child process: ``netlink`` makes a netns as ``ip netns add`` does (a short thread

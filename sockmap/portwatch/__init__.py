@@ -13,7 +13,7 @@ Public API:
   ``AddressesChanged``, ``SourceError``) with ``snapshot()``; draining the queue and then
   calling ``snapshot()`` is consistent.
 
-Pure (no asyncio, os, sockets or pyroute2): the records (``records``), the parsers of
+Without I/O (no asyncio, os, sockets or pyroute2): the records (``records``), the parsers of
 sock_diag bytes, /proc/net text, sockstat counters, rtnetlink dumps and trace_pipe lines,
 the diff, and the "dump now?" decision of events mode (``hints``). They raise only
 ``ParseError`` on any input (hypothesis-fuzzed). The rest is I/O: sources, owners,

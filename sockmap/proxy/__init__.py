@@ -12,7 +12,7 @@ Public API for the daemon::
     rows = table.snapshot()                         # tuple[MappingRow, ...]
     final = await table.close(spec.key)             # refuse new, drain, reset the rest
 
-The relay (``table``, the TCP and UDP relays; ``spec``, ``stats``, ``flows`` pure):
+The relay (``table``, the TCP and UDP relays; ``spec``, ``stats``, ``flows`` without I/O):
 
 - One host port: every host address or none is bound. TCP listeners set SO_REUSEADDR
   (on Linux it only lets a bind pass TIME_WAIT leftovers, never a second listener); UDP
@@ -37,7 +37,7 @@ The relay (``table``, the TCP and UDP relays; ``spec``, ``stats``, ``flows`` pur
   connects it to the guest that name belongs to, without terminating TLS.
 - ``python -m sockmap.proxy --map ...``: a standalone relay for tests and benchmarks.
 
-The kernel path (``bpfasm``, ``bpfprog``, ``conndiag`` pure; ``bpfsys``, ``kernel``,
+The kernel path (``bpfasm``, ``bpfprog``, ``conndiag`` without I/O; ``bpfsys``, ``kernel``,
 ``kernelconns`` I/O): programs assembled in Python (no compiler, no bcc) and loaded with
 ``bpf()`` through ctypes; cgroup sock_addr hooks (connect, sendmsg, recvmsg,
 getpeername, IPv4 and IPv6) that act only on sockets of the daemon's own network namespace
