@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import ipaddress
 import logging
 import os
@@ -79,6 +80,7 @@ from sockmap.portwatch.hub import EventHub
 from sockmap.proxy import Connector, MappingSpec, MappingTable
 from sockmap.proxy.kernel import KernelPath
 
+SHUTDOWN_STACKS_S = 5.0  # a shutdown still running after this: thread stacks to stderr
 log = logging.getLogger("sockmap.daemon")
 
 READY_LINE = "sockmap daemon ready"
@@ -706,6 +708,9 @@ async def serve(cfg: Config, on_ready: Callable[[], None]) -> None:
         await d.run()
     finally:
         sdnotify.notify("STOPPING=1")
+        # a shutdown that hangs (a thread that does not return holds asyncio.run's exit)
+        # says where: every thread's stack on stderr after SHUTDOWN_STACKS_S
+        faulthandler.dump_traceback_later(SHUTDOWN_STACKS_S, exit=False)
         await d.shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -717,5 +722,8 @@ def main(cfg: Config) -> int:
         sdnotify.notify(f"READY=1\nSTATUS=forwarding; control socket "
                         f"{control.socket_path(cfg.run_dir)}\nMAINPID={os.getpid()}")
 
-    asyncio.run(serve(cfg, ready))
+    try:
+        asyncio.run(serve(cfg, ready))  # its end waits for the executors' threads
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     return 0

@@ -123,7 +123,14 @@ class Daemon:
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(10)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            tail = "\n".join(self.log_text().splitlines()[-40:])
+            raise AssertionError(f"the daemon did not exit 10 s after SIGTERM; its log "
+                                 f"ends:\n{tail}") from None
 
 
 def start_daemon(lab: netlab.Lab, run_dir: Path, log: Path, *extra: str) -> Daemon:
