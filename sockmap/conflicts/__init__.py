@@ -33,8 +33,8 @@ or files; ``flatscan`` is the one adapter), so the same state always gives the s
   where each connects, what blocks them (never a guest's own listener, never another
   guest's forward).
 - ``attach``: ``[[attach]]`` rules (cgroup and comm globs, name templates, never the daemon
-  itself); ``shadowing``: which ``[[rule]]`` an earlier one makes unreachable (config.py
-  refuses it), in O(n log n).
+  itself); ``shadowing``: which ``[[rule]]`` an earlier one makes unreachable (the rules
+  file's parser refuses it), in O(n log n).
 - ``flat``: flat-namespace analysis (``analyse``) of every socket with its owner (one
   stack shared by programs of different contexts: cgroup, mount namespace, uid): Linux's
   delivery per destination, and the kinds ``reuseport_split``, ``dualstack_vs_ipv4``,
