@@ -165,6 +165,21 @@ def idle_cpu(pid: int, window: float, by_thread: dict[str, float] | None = None)
     return 100 * (c1 - c0) / dt
 
 
+def counts_per_s(w0: dict[str, Any], w1: dict[str, Any], window: float
+                 ) -> dict[str, dict[str, float]]:
+    """The watch counters of the status answer (``listener_watch``) over a window, per
+    second, summed over every guest: dumps by cause, looks the counters spared, hints by
+    where the hub routed them."""
+    out: dict[str, dict[str, float]] = {}
+    for key in ("dumps", "dumps_skipped", "events_routed"):
+        a, b = w0.get(key) or {}, w1.get(key) or {}
+        out[key] = {k: round((b.get(k, 0) - a.get(k, 0)) / window, 2)
+                    for k in sorted(set(a) | set(b))}
+    out["events_foreign"] = {"lines": round(
+        (w1.get("events_foreign", 0) - w0.get("events_foreign", 0)) / window, 2)}
+    return out
+
+
 def trials_of(listeners: list[subprocess.Popen[str]], prober: subprocess.Popen[str],
               n: int, base: int) -> tuple[list[float], list[float]]:
     """``n`` fresh ports in random guests: listen() → host port answers, then the guest
@@ -270,7 +285,10 @@ def _measure(lab: netlab.Lab, tmp: Path, res: dict[str, Any], guests: int, ports
         res["processes"] = len(pids)
         res["rss_per_guest_kib"] = (rss_kib(pids) - rss0) / guests
         threads: dict[str, float] = {}
+        w0 = control.request(run_dir, "status")["listener_watch"]
         res["idle_cpu_pct_of_core"] = idle_cpu(d.pid, idle_s, threads)
+        w1 = control.request(run_dir, "status")["listener_watch"]
+        res["idle_counts_per_s"] = counts_per_s(w0, w1, idle_s)
         res["idle_cpu_by_thread_pct"] = {k: round(v, 3) for k, v in sorted(
             threads.items(), key=lambda kv: -kv[1])}
         res["guest_create_p50_ms"] = 1000 * statistics.median(creates)
@@ -286,7 +304,10 @@ def _measure(lab: netlab.Lab, tmp: Path, res: dict[str, Any], guests: int, ports
                 c.stdin.write("go\n")
                 c.stdin.flush()
             time.sleep(1.0)
+            w0 = control.request(run_dir, "status")["listener_watch"]
             res["churn_cpu_pct_of_core"] = idle_cpu(d.pid, 3.0)
+            w1 = control.request(run_dir, "status")["listener_watch"]
+            res["churn_counts_per_s"] = counts_per_s(w0, w1, 3.0)
             det, stale = trials_of(quiet, prober, trials, 31000)
             res["churn"] = {"guests": len(churn), "listeners_per_s": 100}
             res["detection_under_churn_ms"] = summary(det)

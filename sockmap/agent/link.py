@@ -10,14 +10,9 @@ Snapshot, so the daemon never has to trust an old diff. An Error ``auth`` from t
 (bad token, unknown guest) is final: the agent exits with status 2.
 
 The watcher runs for the whole process, across sessions: a reconnect does not rescan.
-vsock is built (AF_VSOCK stream socket) but untested: these machines have no vsock loopback.
 
-Loopback relay: on RelayOpen(id, proto, family, port) the agent looks the port up among the
-listeners it reported (``rules.relay_target``: only a loopback or wildcard TCP bind, and the
-address is always its own loopback, never taken from the request), connects to it, opens a
-new stream to the daemon with Hello + RelayResult(id, ok), waits for Welcome, then copies
-bytes both ways (half-close passed on). Anything else: RelayResult(ok=False, reason) on the
-session. Relayed connections outlive a session's end; they end with their peers.
+A RelayOpen from the daemon is served by ``agent.relay``; where to connect is
+``agent.dial``'s.
 """
 
 from __future__ import annotations
@@ -31,13 +26,14 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, assert_never
+from typing import Any
 
 from sockmap import protocol as p
+from sockmap.agent.dial import ConnectAddr, open_stream, parse_connect
+from sockmap.agent.relay import relay
 from sockmap.agent.signals import until_signal
-from sockmap.conflicts.rules import relay_target
 from sockmap.errors import SockmapError
-from sockmap.portwatch import AddressesChanged, Event, Listener, Watcher
+from sockmap.portwatch import AddressesChanged, Event, Watcher
 from sockmap.reports import Nics, batch
 
 log = logging.getLogger("sockmap.agent")
@@ -47,77 +43,6 @@ AUTH_CODE = "auth"  # the daemon's Error code for a refused Hello: do not retry
 
 class AuthRefused(SockmapError):
     """The daemon refused this agent's name or token."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConnectAddr:
-    kind: Literal["unix", "tcp", "vsock"]
-    path: str = ""
-    host: str = ""
-    port: int = 0
-    cid: int = 0
-
-    def __str__(self) -> str:
-        match self.kind:
-            case "unix":
-                return f"unix:{self.path}"
-            case "tcp":
-                return f"tcp:[{self.host}]:{self.port}" if ":" in self.host else \
-                    f"tcp:{self.host}:{self.port}"
-            case "vsock":
-                return f"vsock:{self.cid}:{self.port}"
-            case _:
-                assert_never(self.kind)
-
-
-def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise SockmapError(f"{what}: {text!r} is not a port", hint="give 1..65535")
-    return int(text)
-
-
-def parse_connect(text: str) -> ConnectAddr:
-    """``unix:PATH`` | ``tcp:HOST:PORT`` (``tcp:[V6]:PORT``) | ``vsock:CID:PORT``."""
-    kind, sep, rest = text.partition(":")
-    usage = "use unix:PATH, tcp:HOST:PORT or vsock:CID:PORT"
-    if not sep or not rest:
-        raise SockmapError(f"--connect {text!r}: no address", hint=usage)
-    if kind == "unix":
-        return ConnectAddr(kind="unix", path=rest)
-    if kind in ("tcp", "vsock"):
-        host, sep, port = rest.rpartition(":")
-        if not sep or not host:
-            raise SockmapError(f"--connect {text!r}: expected {kind}:HOST:PORT", hint=usage)
-        if kind == "tcp":
-            if host.startswith("[") and host.endswith("]"):
-                host = host[1:-1]
-            return ConnectAddr(kind="tcp", host=host, port=_port(port, f"--connect {text!r}"))
-        if not host.isdigit():
-            raise SockmapError(f"--connect {text!r}: CID {host!r} is not a number", hint=usage)
-        return ConnectAddr(kind="vsock", cid=int(host), port=_port(port, f"--connect {text!r}"))
-    raise SockmapError(f"--connect {text!r}: unknown kind {kind!r}", hint=usage)
-
-
-async def open_stream(addr: ConnectAddr) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    match addr.kind:
-        case "unix":
-            return await asyncio.open_unix_connection(addr.path)
-        case "tcp":
-            return await asyncio.open_connection(addr.host, addr.port)
-        case "vsock":  # untested here: no vsock loopback on these machines
-            af = getattr(socket, "AF_VSOCK", None)
-            if af is None:
-                raise SockmapError("this Python has no AF_VSOCK", hint="use unix: or tcp:")
-            s = socket.socket(af, socket.SOCK_STREAM)
-            s.setblocking(False)
-            try:
-                await asyncio.get_running_loop().sock_connect(s, (addr.cid, addr.port))
-            except BaseException:
-                s.close()
-                raise
-            return await asyncio.open_connection(sock=s)
-        case _:
-            assert_never(addr.kind)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,65 +59,6 @@ class LinkConfig:
     backoff_max: float = 5.0
     connect_timeout: float = 5.0
     first_addrs_timeout: float = 1.0
-
-
-async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    try:
-        while data := await r.read(65536):
-            w.write(data)
-            await w.drain()
-        if w.can_write_eof():
-            w.write_eof()
-    except OSError:
-        w.transport.abort()
-
-
-async def _read_frame(r: asyncio.StreamReader) -> p.Message:
-    """Exactly one frame: the bytes after it belong to someone else (the relayed stream)."""
-    (n,) = p.HEADER.unpack(await r.readexactly(p.HEADER.size))
-    if not 0 < n <= p.MAX_FRAME:
-        raise p.ProtocolError("oversized" if n else "empty", f"frame length {n}")
-    return p.decode_body(await r.readexactly(n))
-
-
-async def relay(cfg: LinkConfig, reported: list[Listener], msg: p.RelayOpen,
-                session: asyncio.StreamWriter) -> None:
-    """Serve one RelayOpen (see the module docstring)."""
-    def refuse(reason: str) -> None:
-        log.info("relay %d to %s port %d refused: %s", msg.relay_id, msg.proto, msg.port, reason)
-        session.write(p.encode(p.RelayResult(relay_id=msg.relay_id, ok=False,
-                                             reason=reason[:200])))
-
-    target = relay_target(reported, msg.proto, msg.family, msg.port) \
-        if msg.proto == "tcp" else None
-    if target is None:
-        refuse(f"no reported loopback {msg.proto} listener on port {msg.port} (IPv{msg.family})")
-        return
-    try:
-        async with asyncio.timeout(cfg.connect_timeout):
-            lr, lw = await asyncio.open_connection(target, msg.port)
-    except (OSError, TimeoutError) as e:
-        refuse(f"connect {target} port {msg.port}: {e}")
-        return
-    try:
-        async with asyncio.timeout(cfg.connect_timeout):
-            dr, dw = await open_stream(cfg.addr)
-            dw.write(p.encode(p.Hello(guest=cfg.name, token=cfg.token))
-                     + p.encode(p.RelayResult(relay_id=msg.relay_id, ok=True)))
-            answer = await _read_frame(dr)
-        if not isinstance(answer, p.Welcome):
-            raise ConnectionError(f"daemon answered the relay stream with "
-                                  f"{type(answer).__name__}")
-    except (OSError, TimeoutError, EOFError, p.ProtocolError) as e:
-        lw.transport.abort()
-        refuse(f"relay stream to the daemon: {e}")
-        return
-    try:
-        await asyncio.gather(_pipe(lr, dw), _pipe(dr, lw))
-    finally:
-        for w in (lw, dw):
-            w.close()
-
 
 class _Session:
     def __init__(self, cfg: LinkConfig, w: Watcher, nics: Nics,

@@ -370,7 +370,7 @@ def _conflicts(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from sockmap import config
+    from sockmap import config, configfile
     from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
     from sockmap.conflicts.rules import Policies
     from sockmap.daemon import service as daemon
@@ -378,9 +378,9 @@ def _daemon(args: argparse.Namespace) -> int:
     # the rules file: --config FILE (must exist), else /etc/sockmap/sockmap.toml if present;
     # a bad file stops here (exit 2) with its file:line:key. Flags win over [daemon].
     path: Path | None = args.config
-    if path is None and config.DEFAULT_PATH.exists():
-        path = config.DEFAULT_PATH
-    fc = config.load(path) if path is not None else config.FileConfig()
+    if path is None and configfile.DEFAULT_PATH.exists():
+        path = configfile.DEFAULT_PATH
+    fc = configfile.load(path) if path is not None else config.FileConfig()
     listen = daemon.parse_listen(args.agent_listen) if args.agent_listen else fc.agent_listen
     metrics = (config.loopback_only(config.parse_hostport(args.metrics, "--metrics"),
                                     "--metrics") if args.metrics else fc.metrics)

@@ -91,7 +91,7 @@ def render(*, rows: Sequence[Mapping[str, Any]], guests: Iterable[bool],
            listener_watch: Mapping[str, Any] | None = None) -> str:
     """The exposition text. ``rows``: Daemon.rows(); ``guests``: connected? per guest;
     ``conflicts``: the kind of each conflict of the last plan; ``listener_watch``:
-    ``nswatch.watch_summary`` (the netns guests' watch mode)."""
+    ``nshub.watch_summary`` (the netns guests' watch mode)."""
     out: list[str] = []
 
     def head(name: str, kind: str, text: str) -> None:

@@ -18,8 +18,9 @@ The namespace is held open by the watch (an fd and the sockets), so an ``ip netn
 does not end it: every ``NS_CHECK_S`` the watch's namespace is checked (one stat of
 ``/run/netns/NAME``, the deliberate check) and, when the file is gone or names another
 namespace, the watch closes the guest's session (its mappings close at the next plan),
-logs it once and ends. The checks of every watch run on one shared timer (``NsChecks``,
-one per event loop): 64 guests cost one wake-up per ``NS_CHECK_S``, not 64.
+logs it once and ends. The checks of every watch run on one shared timer
+(``nschecks.NsChecks``, one per event loop): 64 guests cost one wake-up per
+``NS_CHECK_S``, not 64. The daemon's event hub and the watch summary: ``nshub``.
 
 An attached namespace (``guest attach``, an ``[[attach]]`` rule) has no file of sockmap's:
 its ``nsid.Holder`` holds the fd, and every ``NS_CHECK_S`` the watch asks it whether a
@@ -45,16 +46,16 @@ import os
 import random
 import socket
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from sockmap import protocol as p
 from sockmap.daemon.agents import AgentSessions
+from sockmap.daemon.nschecks import Check, NamespaceGone, NsChecks, Slow, shared_checks
 from sockmap.daemon.registry import ListenerKey
 from sockmap.errors import SockmapError
 from sockmap.nat import nsid, nssock
-from sockmap.portwatch import Listener, SourceUnavailable, Watcher
+from sockmap.portwatch import Listener, Watcher
 from sockmap.portwatch.events import EventSource, ListenerEvents
 from sockmap.portwatch.hub import EventHub
 from sockmap.portwatch.records import AddressesChanged, Event
@@ -63,95 +64,8 @@ from sockmap.reports import Nics, batch
 
 log = logging.getLogger("sockmap.daemon")
 
-NS_CHECK_S = 0.25  # how often the namespace file is checked (an `ip netns del` is seen)
 OFFLOAD_LISTENERS = 256  # messages of this many listeners are built in a thread
 FIRST_ADDRS_S = 1.0  # the first snapshot waits this long for the first addresses
-
-
-class NamespaceGone(Exception):
-    """The guest's namespace file is gone or names another namespace."""
-
-
-# a watch's check: raises NamespaceGone, or returns None (the namespace is there), or what to
-# call and await for the answer (a holder's /proc scan, in a thread)
-Slow = Callable[[], Awaitable[None]]
-Check = Callable[[], Slow | None]
-
-
-class NsChecks:
-    """One timer for the namespace checks of every watch on one event loop: every
-    ``period`` each registered check runs (a stat each); a check that raises
-    (``NamespaceGone``, at once or from what it returned to await) sets that exception on
-    its watch's future and is dropped. The timer runs only while a check is registered."""
-
-    def __init__(self, period: float = NS_CHECK_S) -> None:
-        self.period = period
-        self.ticks = 0  # timer wake-ups (what a guest more must not multiply)
-        self._checks: dict[asyncio.Future[None], Check] = {}
-        self._slow: dict[asyncio.Future[None], asyncio.Task[None]] = {}  # awaiting answers
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, check: Check) -> asyncio.Future[None]:
-        """Register ``check``; the future fails with NamespaceGone when it does (cancel it,
-        or ``remove`` it, when the watch ends)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._checks[fut] = check
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="netns-checks")
-        return fut
-
-    def remove(self, fut: asyncio.Future[None]) -> None:
-        self._checks.pop(fut, None)
-        if (slow := self._slow.pop(fut, None)) is not None:
-            slow.cancel()
-        if not fut.done():
-            fut.cancel()
-        elif not fut.cancelled():
-            fut.exception()  # retrieved: the watch ended by its pump meanwhile
-        if not self._checks and self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    async def _run(self) -> None:
-        while self._checks:
-            await asyncio.sleep(self.period)
-            self.ticks += 1
-            for fut, check in list(self._checks.items()):
-                if fut.done() or fut in self._slow:
-                    continue
-                try:
-                    answer = check()
-                except Exception as e:  # NamespaceGone; anything else ends that watch too
-                    self._gone(fut, e)
-                    continue
-                if answer is not None:
-                    self._slow[fut] = asyncio.create_task(self._await(fut, answer))
-
-    async def _await(self, fut: asyncio.Future[None], answer: Slow) -> None:
-        try:
-            await answer()
-        except Exception as e:
-            self._gone(fut, e)
-        finally:
-            self._slow.pop(fut, None)
-
-    def _gone(self, fut: asyncio.Future[None], e: Exception) -> None:
-        self._checks.pop(fut, None)
-        if not fut.done():
-            fut.set_exception(e)
-
-
-_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, NsChecks] = (
-    weakref.WeakKeyDictionary())
-
-
-def shared_checks() -> NsChecks:
-    """The running loop's one NsChecks."""
-    loop = asyncio.get_running_loop()
-    checks = _SHARED.get(loop)
-    if checks is None:
-        checks = _SHARED[loop] = NsChecks()
-    return checks
 
 
 def _build(msg_of: type[p.Snapshot] | type[p.Added], listeners: tuple[Listener, ...],
@@ -193,6 +107,24 @@ class NetnsWatch:
         self.ns_fd: int | None = None  # held while a watch runs: the connector uses it
         self._maker: nssock.SocketMaker | None = None  # made on first use, ends with the watch
         self.gone = False  # the namespace went away: the watch ended for good
+
+    @property
+    def dumps(self) -> dict[str, int]:
+        """The running watch's events-mode dumps by cause (``Watcher.dumps``)."""
+        return dict(self._w.dumps) if self._w is not None else {}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """The running watch's looks the counters spared, by cause; "rescan_quiet": the
+        hub's rounds that did not wake it, "hub_gate": the hints the hub did not pass on
+        (its counters had not moved)."""
+        w = self._w
+        if w is None:
+            return {}
+        out = dict(w.skipped)
+        out["rescan_quiet"] = w.rescans - w.rescans_woken
+        out["hub_gate"] = getattr(w.events_source, "spared", 0)
+        return out
 
     @property
     def mode(self) -> str:
@@ -394,38 +326,3 @@ def loopback_connector(watch: NetnsWatch, family: int,
         return s
 
     return connect
-
-
-def open_hub(events: str) -> tuple[EventHub | None, str]:
-    """The daemon's event hub for its netns guests (``events``: "auto" or "off"), or None
-    and why not (then every guest's watch polls). Blocks ~50 ms: call it in a thread."""
-    if events == "off":
-        return None, "polling: --netns-events off"
-    try:
-        hub = EventHub()
-    except SourceUnavailable as e:
-        why = f"polling: {e.message}"
-        log.warning("netns guests: listener events unavailable, %s", why)
-        return None, why
-    log.info("netns guests: listener events from tracefs instance %s, one for every guest",
-             hub.instance_name)
-    for note in hub.notes:
-        log.info("listener events: %s", note)
-    return hub, f"events from tracefs instance {hub.instance_name}"
-
-
-def watch_summary(hub: EventHub | None, note: str,
-                  watches: Iterable[NetnsWatch]) -> dict[str, object]:
-    """What ``status``, ``ls`` and /metrics say of the netns guests' watch: the mode the
-    daemon chose ("events" or "poll"), why, and how many guests run each mode now."""
-    modes: dict[str, int] = {}
-    for w in watches:
-        m = w.mode.split(" ", 1)[0]
-        if m:
-            modes[m] = modes.get(m, 0) + 1
-    if hub is not None and hub.failed is not None:
-        note = f"polling: {hub.failed}"
-    return {"mode": "events" if hub is not None and hub.failed is None else "poll",
-            "note": note, "guests": modes,
-            "events_lost": hub.lost if hub is not None else 0,
-            "events_foreign": hub.unknown if hub is not None else 0}

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sockmap import config, control
+from sockmap import config, configfile, control
 from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
@@ -58,7 +58,8 @@ from sockmap.daemon.ctlserver import ControlServer
 from sockmap.daemon.discover import Discovery, own_candidate
 from sockmap.daemon.eventbus import EventBus, View, view
 from sockmap.daemon.flatwatch import FlatWatch
-from sockmap.daemon.nswatch import NetnsWatch, loopback_connector, open_hub, watch_summary
+from sockmap.daemon.nshub import open_hub, watch_summary
+from sockmap.daemon.nswatch import NetnsWatch, loopback_connector
 from sockmap.daemon.peercred import netns_of
 from sockmap.daemon.planner import Planner
 from sockmap.daemon.registry import Assigned, Registry
@@ -175,7 +176,7 @@ class Daemon:
         self._watches: dict[str, NetnsWatch] = {}  # netns guests the daemon watches itself
         self.attachments = Attachments(self)  # adopted namespaces (guest attach, [[attach]])
         self.discovery = Discovery(self)  # [[attach]] rules: consider(tgid, ino), the scan
-        self.hub: EventHub | None = None  # their one listener-event source (nswatch.open_hub)
+        self.hub: EventHub | None = None  # their one listener-event source (nshub.open_hub)
         self._hub_note = "polling: --netns-watch agent"
         self._servers: list[asyncio.Server] = []
         self._tg: asyncio.TaskGroup | None = None
@@ -658,7 +659,7 @@ class Daemon:
                         "FILE or write /etc/sockmap/sockmap.toml)")
             return
         try:
-            fc = await asyncio.to_thread(config.load, path)
+            fc = await asyncio.to_thread(configfile.load, path)
             attach_rules.refuse_own(fc.attach, own_candidate())
         except SockmapError as e:
             self._reloads["error"] += 1

@@ -155,11 +155,15 @@ def parse_diag_msg(payload: bytes, proto: Proto) -> Listener | None:
     )
 
 
-def parse_dump(data: bytes, proto: Proto, *, seq: int | None = None) -> DumpChunk:
+def parse_dump(data: bytes, proto: Proto, *, seq: int | None = None,
+               memo: tuple[dict[bytes, Listener | None], dict[bytes, Listener | None]]
+               | None = None) -> DumpChunk:
     """Parse one datagram received on a sock_diag socket.
 
     ``seq`` (if given) must match every message's sequence number: a stray answer to an
-    older request is an error rather than a silently mixed dump.
+    older request is an error rather than a silently mixed dump. ``memo`` (last, now):
+    each socket's message as parsed last time (the same bytes give the same record: a dump
+    after one change parses one message), and where this parse records them.
     """
     listeners: list[Listener] = []
     off = 0
@@ -188,7 +192,12 @@ def parse_dump(data: bytes, proto: Proto, *, seq: int | None = None) -> DumpChun
         elif mtype == NLMSG_OVERRUN:
             raise ParseError("sock_diag: NLMSG_OVERRUN (data lost)")
         elif mtype in (SOCK_DIAG_BY_FAMILY, TCPDIAG_GETSOCK):
-            lst = parse_diag_msg(payload, proto)
+            if memo is None:
+                lst = parse_diag_msg(payload, proto)
+            else:
+                last, now = memo
+                lst = last[payload] if payload in last else parse_diag_msg(payload, proto)
+                now[payload] = lst
             if lst is not None:
                 listeners.append(lst)
         elif mtype != NLMSG_NOOP:

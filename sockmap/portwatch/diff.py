@@ -25,18 +25,28 @@ DEFAULT_PORT_RANGE: PortRange = (32768, 60999)  # the kernel's default ip_local_
 
 
 def snapshot(
-    sockets: Iterable[Listener], previous: Mapping[Key, Listener] | None = None
+    sockets: Iterable[Listener], previous: Mapping[Key, Listener] | None = None,
+    seen: dict[Key, Listener] | None = None,
 ) -> Snapshot:
     """Group sockets by key. The representative is the previous snapshot's socket if it is
-    still there (stable inode and owner), else the one with the lowest inode."""
+    still there (stable inode and owner), else the one with the lowest inode. ``seen``
+    (the last call's, refilled for the next): the socket each single-socket key's
+    representative was made from; a key whose only socket is that very record again (the
+    parser hands back the same record for the same bytes) keeps its representative as is."""
     groups: dict[Key, list[Listener]] = {}
     for s in sockets:
         groups.setdefault(s.key, []).append(s)
     out: Snapshot = {}
     prev = previous or {}
+    made: dict[Key, Listener] = {}
     for key in sorted(groups):
         group = groups[key]
         old = prev.get(key)
+        if len(group) == 1:
+            made[key] = group[0]
+            if old is not None and seen is not None and seen.get(key) is group[0]:
+                out[key] = old
+                continue
         rep = None
         if old is not None:
             rep = next((s for s in group if s.inode == old.inode), None)
@@ -48,6 +58,9 @@ def snapshot(
         if n != rep.sockets or (n > 1) != rep.reuseport:
             rep = dataclasses.replace(rep, sockets=n, reuseport=rep.reuseport or n > 1)
         out[key] = rep
+    if seen is not None:
+        seen.clear()
+        seen.update(made)
     return out
 
 

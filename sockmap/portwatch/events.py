@@ -45,6 +45,9 @@ class Wake:
     hints: H.Hints = field(default_factory=H.Hints)
     destroyed: tuple[Listener, ...] = ()  # UDP sockets freed in the source's namespace
     destroy_lost: bool = False  # destroy notices were lost or not understood
+    # a rescan the source timed is due (``rescans``): "gated" (dump if the counters moved
+    # since the last dump) or "full" (dump); "" none
+    rescan: Literal["", "gated", "full"] = ""
 
 
 class EventSource(Protocol):
@@ -97,7 +100,9 @@ class ListenerEvents:
 
     ``watch``: the namespaces (inodes) whose events matter ("here", the default: the
     opening thread's; "all"). Other namespaces' lines are dropped after a look at their
-    thread id, before they are parsed; and while they keep coming (a wake-up within
+    thread id, before they are parsed, and so are the watched namespaces' (one ``seen``
+    hint per namespace per read: whatever a line says, that namespace is dumped; only a
+    line whose thread is gone is parsed, for its port); and while they keep coming (a wake-up within
     ``HOLD_WITHIN`` of the last that held only theirs) the next read waits ``HOLD``
     first, so that a busy neighbour costs a batch every few ms instead of a wake-up per
     event (a wake-up is ~70 µs here); the watched namespace's events wait at most
@@ -179,6 +184,7 @@ class ListenerEvents:
         events: list[TraceEvent] = []
         problems: list[str] = []
         foreign = 0
+        placed: dict[int, int] = {}  # watched namespace -> the tid of its first line
         if self.instance.fileno() in ready:
             try:
                 lines = self._split.feed(self.instance.read())
@@ -195,6 +201,9 @@ class ListenerEvents:
                         if self._on_foreign is not None:
                             self._on_foreign(ns, ids[0], ids[1])
                         continue
+                    if ns is not None:  # a watched namespace's: it is looked at, whatever
+                        placed.setdefault(ns, ids[0])  # the line says (one hint per read)
+                        continue
                 try:
                     ev = parse_line(line)
                 except ParseError as e:
@@ -204,8 +213,13 @@ class ListenerEvents:
                     events.append(ev)
         self.foreign += foreign
         h = H.gather(events, self._ns_of, problems)
+        if placed:
+            h = H.Hints(hints=(*(H.Hint(netns=ns, tid=tid, what="seen")
+                                 for ns, tid in placed.items()), *h.hints),
+                        lost=h.lost, problems=h.problems)
         self.lost += h.lost
-        only_foreign = foreign and not events and not problems and not destroyed
+        only_foreign = (foreign and not events and not problems and not destroyed
+                        and not placed)
         self._foreign_at = time.monotonic() if only_foreign else -1.0
         return Wake(hints=h, destroyed=tuple(destroyed), destroy_lost=destroy_lost)
 

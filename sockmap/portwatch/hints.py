@@ -33,7 +33,9 @@ from sockmap.portwatch.trace import EventsLost, SockStateChanged, SyscallExited,
 
 TCP_CLOSE = 7
 
-What = Literal["listen", "unlisten", "bind", "listened"]
+# "seen": a line of a watched namespace, not parsed (the reader places it by its thread
+# alone: whatever it says, that namespace is dumped)
+What = Literal["listen", "unlisten", "bind", "listened", "seen"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,26 +104,39 @@ def gather(events: Iterable[TraceEvent], ns_of: Callable[[int], int | None],
     return Hints(hints=tuple(out), lost=lost, problems=tuple(problems))
 
 
-def concerns(hints: Hints, *, netns: int, tcp_ports: Callable[[], Collection[int]]) -> bool:
-    """Whether the watcher of namespace ``netns`` should dump now. ``tcp_ports``: the TCP
+Cause = Literal["here", "lost", "gone_close", "unplaced"]
+
+
+def cause(hints: Hints, *, netns: int, tcp_ports: Callable[[], Collection[int]]
+          ) -> Cause | None:
+    """Why the watcher of namespace ``netns`` should look now, or None (it need not):
+    "here" (a hint of its namespace), "lost" (lost events or lines not understood),
+    "gone_close" (a gone thread closed a TCP listener on a port it reports, or port 0),
+    "unplaced" (a listen() or bind() whose thread is gone and whose process is unknown:
+    it may be anyone's). In that order: the first that holds. ``tcp_ports``: the TCP
     ports it reports (asked only when a gone thread closed a listener)."""
+    if any(h.netns == netns for h in hints.hints):
+        return "here"
     if hints.lost or hints.problems:
-        return True
+        return "lost"
     ports: Collection[int] | None = None
+    unplaced = False
     for h in hints.hints:
-        if h.netns == netns:
-            return True
         if h.netns is not None:
             continue
         if h.what != "unlisten":
-            if h.process_gone:
-                continue  # its sockets went with it
-            return True
+            unplaced = unplaced or not h.process_gone  # a gone process's sockets went too
+            continue
         if ports is None:
             ports = tcp_ports()
         if h.port == 0 or h.port in ports:
-            return True
-    return False
+            return "gone_close"
+    return "unplaced" if unplaced else None
+
+
+def concerns(hints: Hints, *, netns: int, tcp_ports: Callable[[], Collection[int]]) -> bool:
+    """Whether the watcher of namespace ``netns`` should look now (``cause`` is not None)."""
+    return cause(hints, netns=netns, tcp_ports=tcp_ports) is not None
 
 
 def destroyed_concerns(destroyed: Iterable[Listener],

@@ -27,6 +27,20 @@ watcher with a source of its own):
 - the instance switched off, removed or unreadable: every subscriber's next ``wait``
   times out and its ``problem()`` says why, so each watcher polls from then on.
 
+Before a subscriber is woken, ``hints.cause`` decides for it in the hub's thread (with the
+TCP ports its watcher reports, ``Subscription.reported``): a hint that would not make it
+dump does not wake it. A hint every subscriber was sent (``GATED``: a gone thread's close
+of a port it reports, a listen or bind of an unknown process) wakes it only if its
+namespace's sockstat counters moved since its last dump (``Subscription.dumped``): a busy
+host's exiting processes cost one dump, in the namespace that lost the listener, not one
+wake-up per guest. A close the counters spared makes that subscriber's next rescan full
+(a close balanced by another socket's open in the counters is found within a period); a
+listen they spared is left to the regular full rescan.
+
+Safety rescans: a watcher that calls ``Subscription.share_rescan`` has its rescan timed by
+the hub's thread (``rescans``): each round reads that namespace's counters and wakes the
+watcher only when they moved or its full rescan is due; idle, no watcher thread wakes.
+
 UDP closes: each subscription has its own sock_diag destroy socket opened inside its
 namespace (the destroy groups are per namespace), read by the subscriber's own thread.
 
@@ -41,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
@@ -53,21 +66,14 @@ from sockmap.portwatch import tracefs
 from sockmap.portwatch.diag import NETLINK_SOCK_DIAG
 from sockmap.portwatch.errors import SourceUnavailable
 from sockmap.portwatch.events import ListenerEvents, Wake, netns_of
-from sockmap.portwatch.records import Listener
+from sockmap.portwatch.subscription import Subscription
 
 log = logging.getLogger(__name__)
 HUB_TICK_S = 1.0  # the hub thread's select timeout: how soon a switched-off instance is seen
 HUB_BUFFER_KB = 512  # per cpu: one buffer for every guest (a LOST line rescans them all)
-DUMPS_PER_S, DUMP_BURST = 40.0, 8.0  # a subscriber's wake-ups: a burst at once, then paced
-
-
-def merge(parts: list[H.Hints]) -> H.Hints:
-    """Several reads' hints as one (pure)."""
-    if len(parts) == 1:
-        return parts[0]
-    return H.Hints(hints=tuple(h for p in parts for h in p.hints),
-                   lost=sum(p.lost for p in parts),
-                   problems=tuple(x for p in parts for x in p.problems))
+# a round also takes the subscribers due within this share of their period: the rounds of
+# 64 guests come together into a few wake-ups of this thread a period, not 64
+ROUND_EARLY = 0.3
 
 
 def route(h: H.Hints, subscribed: frozenset[int]) -> dict[int, H.Hints]:
@@ -90,99 +96,6 @@ def route(h: H.Hints, subscribed: frozenset[int]) -> dict[int, H.Hints]:
     return out
 
 
-class Subscription:
-    """One watcher's view of the hub: an ``EventSource`` whose ``wait`` blocks on a wake
-    pipe of its own (and its namespace's destroy socket)."""
-
-    name = "tracefs"
-
-    def __init__(self, hub: EventHub, netns_inode: int, watch: D.DestroyWatch | None,
-                 notes: tuple[str, ...]) -> None:
-        self._hub, self.netns_inode, self._destroy = hub, netns_inode, watch
-        self.notes = notes
-        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._pending: list[H.Hints] = []  # guarded by the hub's lock
-        self._tokens, self._refilled = DUMP_BURST, time.monotonic()  # the wake-up pacing
-        self.wakeups = 0
-        self.lost = 0  # events the kernel overwrote, as this subscriber was told
-        self.closed = False
-
-    @property
-    def instance_name(self) -> str:
-        return self._hub.instance_name
-
-    def _push(self, h: H.Hints) -> None:  # the hub's thread, under its lock
-        self._pending.append(h)
-        if len(self._pending) == 1:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._w, b"x")
-
-    def _poke(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._w, b"x")
-
-    def wait(self, timeout: float, stop_fd: int) -> Wake:
-        if self._hub.failed is not None:
-            return Wake(timeout=True)  # the caller asks problem(): it polls from now on
-        fds = [self._r, stop_fd]
-        if self._destroy is not None:
-            fds.append(self._destroy.fileno())
-        try:
-            deadline = time.monotonic() + max(0.0, timeout)
-            hold = self._hold()  # > 0: a busy namespace, let its events pile up
-            if hold > 0 and select.select([stop_fd], [], [], min(hold, max(0.0, timeout)))[0]:
-                return Wake(stopped=True)
-            ready = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))[0]
-        except (OSError, ValueError) as e:  # a closed fd: the watcher is stopping
-            log.debug("select: %s", e)
-            return Wake(stopped=True)
-        if stop_fd in ready:
-            return Wake(stopped=True)
-        if not ready:
-            return Wake(timeout=True)
-        if self._hub.failed is not None:
-            return Wake(timeout=True)
-        self.wakeups += 1
-        self._tokens -= 1
-        destroyed: list[Listener] = []
-        destroy_lost = False
-        if self._destroy is not None and self._destroy.fileno() in ready:
-            destroyed, destroy_lost = self._destroy.read()
-        parts: list[H.Hints] = []
-        if self._r in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._r, 4096)
-            with self._hub.lock:
-                parts, self._pending = self._pending, []
-        h = merge(parts) if parts else H.Hints()
-        self.lost += h.lost
-        return Wake(hints=h, destroyed=tuple(destroyed), destroy_lost=destroy_lost)
-
-    def _hold(self) -> float:
-        """How long to wait before looking (0: at once). A token bucket: ``DUMP_BURST``
-        wake-ups at once, then ``DUMPS_PER_S``; a namespace opening and closing hundreds of
-        listeners a second costs its watcher a dump every 25 ms (a poll's pace), not one
-        per event, while a quiet one's next listener is dumped for at once."""
-        now = time.monotonic()
-        self._tokens = min(DUMP_BURST, self._tokens + (now - self._refilled) * DUMPS_PER_S)
-        self._refilled = now
-        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / DUMPS_PER_S
-
-    def problem(self) -> str | None:
-        return self._hub.failed
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._hub.unsubscribe(self)
-        if self._destroy is not None:
-            self._destroy.close()
-            self._destroy = None
-        for fd in (self._r, self._w):
-            os.close(fd)
-
-
 class EventHub:
     """The daemon's one listener-event source (see the module docstring)."""
 
@@ -199,11 +112,18 @@ class EventHub:
         self.failed: str | None = None  # why the events stopped (every subscriber polls)
         self.unknown = 0  # lines of namespaces nobody subscribed to
         self.reads = 0  # hub wake-ups with something to route
+        # hints read, by where they went: "placed" (a subscribed namespace's), "broadcast"
+        # (to every subscriber: a gone thread's close, a listen/bind of an unknown
+        # process), "dropped" (a gone process's listen/bind); lines dropped unparsed as
+        # other namespaces' are ``unknown``
+        self.routed: dict[str, int] = {"placed": 0, "broadcast": 0, "dropped": 0}
         self._src = ListenerEvents(buffer_kb=buffer_kb, destroy=False, mount=mount,
                                    ns_of=ns_of, watch=frozenset(),
                                    on_foreign=self._foreign)
         self.notes = self._src.notes
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._next_round = float("inf")  # the earliest subscriber's rescan round
+        self.rounds = 0  # rescan rounds run (each reads the due subscribers' counters)
         self._thread = threading.Thread(target=self._run, name="portwatch-hub", daemon=True)
         self._thread.start()
 
@@ -264,7 +184,9 @@ class EventHub:
         checked = time.monotonic()
         while True:
             try:
-                wake = self._src.wait(HUB_TICK_S, self._stop_r)
+                wake = self._src.wait(
+                    min(HUB_TICK_S, max(0.0, self._next_round - time.monotonic())),
+                    self._stop_r)
                 problem = None
                 if wake.timeout or time.monotonic() - checked >= HUB_TICK_S:
                     # at least once a tick, however busy: one event switched off while
@@ -281,18 +203,48 @@ class EventHub:
             if problem:
                 self._fail(problem)
                 return
-            if wake.timeout:
-                continue
-            self._fan_out(wake.hints)
+            if not wake.timeout:
+                self._fan_out(wake.hints)
+            if time.monotonic() >= self._next_round:
+                self._rounds()
+
+    def _retime(self, due: float) -> None:
+        with self.lock:
+            self._next_round = min(self._next_round, due)
+
+    def _rounds(self) -> None:
+        """The rescan round of every subscriber due (``rescans``; or due soon:
+        ``ROUND_EARLY``): its counters read, and it is woken only if they moved or its
+        full rescan is due."""
+        now = time.monotonic()
+        nxt = float("inf")
+        with self.lock:
+            for subs in self._subs.values():
+                for sub in subs:
+                    st = sub.rescan
+                    if st is None:
+                        continue
+                    if st.due <= now + st.period * ROUND_EARLY:  # one wake-up, a batch
+                        sub._rescan_due(st.round(now))
+                    nxt = min(nxt, st.due)
+            self._next_round = nxt
+            self.rounds += 1
 
     def _fan_out(self, h: H.Hints) -> None:
         if not (h.hints or h.lost or h.problems):
             return
         self.reads += 1
+        r = self.routed
+        for hint in h.hints:
+            key = ("placed" if hint.netns is not None
+                   else "dropped" if hint.process_gone and hint.what != "unlisten"
+                   else "broadcast")
+            r[key] += 1
         with self.lock:
             for ns, part in route(h, frozenset(self._subs)).items():
                 for sub in self._subs.get(ns, ()):
-                    sub._push(part)
+                    if sub._gate(part):
+                        sub._push(part)
 
     def _fail(self, problem: str) -> None:
         self.failed = problem

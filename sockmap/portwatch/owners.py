@@ -79,33 +79,45 @@ class OwnerResolver:
     def _find_pids(self, wanted: set[int]) -> dict[int, int]:
         self.scans += 1
         found: dict[int, int] = {}
+        # Processes already owning a listener first, without listing /proc: a server
+        # opening one more is the common case (one process's fds read, its newest first).
+        # Then the rest by pid, so of several holders of one socket (fork) the parent is
+        # the one reported.
+        known = sorted({o.pid for o in self._cache.values() if o is not None})
+        for pid in known:
+            if self._search(str(pid), wanted, found):
+                return found
         try:
             entries = [e.name for e in os.scandir(self.proc) if e.name.isdigit()]
         except OSError:
             return found
-        # Processes already owning a listener first: a server opening one more is the common
-        # case, and it may hold thousands of fds we would otherwise read past. Then by pid,
-        # so of several holders of one socket (fork) the parent is the one reported.
-        known = {str(o.pid) for o in self._cache.values() if o is not None}
-        for name in sorted(entries, key=lambda n: (n not in known, int(n))):
-            base = f"{self.proc}/{name}"
-            try:
-                if self._netns is not None and os.stat(f"{base}/ns/net").st_ino != self._netns:
-                    continue
-                fds = os.scandir(f"{base}/fd")
-            except OSError:  # gone, or not ours to look at
-                continue
-            with fds:
-                for fd in fds:
-                    try:
-                        inode = socket_inode(os.readlink(fd.path))
-                    except OSError:
-                        continue
-                    if inode in wanted and inode not in found:
-                        found[inode] = int(name)
-            if len(found) == len(wanted):
+        done = {str(pid) for pid in known}
+        for name in sorted((n for n in entries if n not in done), key=int):
+            if self._search(name, wanted, found):
                 break
         return found
+
+    def _search(self, name: str, wanted: set[int], found: dict[int, int]) -> bool:
+        """Look through process ``name``'s fds (highest first: the newest socket usually
+        has the highest fd) for the wanted inodes; True once all are found."""
+        base = f"{self.proc}/{name}"
+        try:
+            if self._netns is not None and os.stat(f"{base}/ns/net").st_ino != self._netns:
+                return False
+            with os.scandir(f"{base}/fd") as it:
+                fds = sorted((e.name for e in it if e.name.isdigit()), key=int, reverse=True)
+        except OSError:  # gone, or not ours to look at
+            return False
+        for fd in fds:
+            try:
+                inode = socket_inode(os.readlink(f"{base}/fd/{fd}"))
+            except OSError:
+                continue
+            if inode in wanted and inode not in found:
+                found[inode] = int(name)
+                if len(found) == len(wanted):
+                    return True
+        return False
 
     def _owner(self, pid: int) -> Owner | None:
         base = self.proc / str(pid)

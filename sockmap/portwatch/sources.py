@@ -95,6 +95,7 @@ class DiagSource:
         # datagram -> whether it ended its dump, for datagrams seen in the last read: an idle
         # poll then costs a memcmp per datagram instead of a walk over its message headers
         self._status: dict[bytes, bool] = {}
+        self._memo: list[dict[bytes, Listener | None]] = []  # per dump: ``parse``
         self.closed = False
 
     def close(self) -> None:
@@ -122,7 +123,7 @@ class DiagSource:
             if self._plan == plan_v2():
                 raise
             self._plan = plan_v2()  # no legacy TCPDIAG_GETSOCK here: one v2 dump per family
-            self._status = {}
+            self._status, self._memo = {}, []
             return self._read()
 
     def _read(self) -> Raw:
@@ -160,15 +161,22 @@ class DiagSource:
         return tuple(out)
 
     def parse(self, raw: Raw) -> list[Listener]:
+        """The listeners of a read; a socket whose message is the same bytes as at the last
+        parse (of the same dump) is the very record parsed then: one change, one message
+        parsed."""
         out: list[Listener] = []
         i = 0
+        last = self._memo
+        now: list[dict[bytes, Listener | None]] = [{} for _ in self._plan]
         for data in raw:
             if i >= len(self._plan):
                 raise ParseError("sock_diag: more dumps than requests")
-            chunk = diag.parse_dump(data, self._plan[i][0], seq=i + 1)
+            memo = (last[i] if i < len(last) else {}), now[i]
+            chunk = diag.parse_dump(data, self._plan[i][0], seq=i + 1, memo=memo)
             out.extend(chunk.listeners)
             if chunk.done:
                 i += 1
+        self._memo = now
         return out
 
 

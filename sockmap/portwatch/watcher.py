@@ -33,35 +33,32 @@ namespace's TCP LISTEN transitions and listen()/bind() exits, sock_diag's UDP de
 group for this one): the thread sleeps in ``select`` until an event from this namespace
 (``hints.concerns``) or a UDP close of a reported endpoint, dumps at once, and otherwise
 only rescans every ``rescan`` seconds (jittered; the safety net for an overflowed trace
-buffer, which also dumps at once when announced). A rescan is gated by the sockstat
-counters as the poll is: it dumps only when they moved since the last dump (any change of
-listeners moves them), and every ``full_rescan``-th rescan dumps whatever they say (a
-close and an open no event told of, with equal counts); idle, a rescan is two preads.
-``mode`` says which runs ("events" or "poll"); where the events cannot be had (no
-CAP_SYS_ADMIN, no tracefs) it polls, and if they stop mid-run (the instance switched off
-or removed) that is reported once and the poll takes over.
+buffer, which also dumps at once when announced): ``evwatch`` (the rescans, their gate,
+the hub's shared rounds). ``mode`` says which runs ("events" or "poll"); where the events
+cannot be had (no CAP_SYS_ADMIN, no tracefs) it polls, and if they stop mid-run (the
+instance switched off or removed) that is reported once and the poll takes over. The dump
+itself (source, gate, diff, owners) is ``dumper``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import dataclasses
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Collection
 from types import TracebackType
-from typing import Protocol
 
 from sockmap.errors import SockmapError
 from sockmap.portwatch import diff
-from sockmap.portwatch import hints as H
 from sockmap.portwatch.addrs import AddressWatcher
-from sockmap.portwatch.errors import ParseError, SourceUnavailable
-from sockmap.portwatch.events import EventSource, ListenerEvents, Wake
+from sockmap.portwatch.dumper import Dumper, Gate
+from sockmap.portwatch.errors import SourceUnavailable
+from sockmap.portwatch.events import EventSource, ListenerEvents
+from sockmap.portwatch.evwatch import EventsMode
 from sockmap.portwatch.owners import OwnerResolver
 from sockmap.portwatch.records import (
     Event,
@@ -70,23 +67,13 @@ from sockmap.portwatch.records import (
     ListenerRemoved,
     SourceError,
 )
-from sockmap.portwatch.sockstat import SockCounts
-from sockmap.portwatch.sources import Raw, SockstatGate, Source, local_port_range, open_source
+from sockmap.portwatch.sources import SockstatGate, Source, local_port_range, open_source
 from sockmap.portwatch.tick import NativeTick
 
 log = logging.getLogger(__name__)
-DEFAULT_INTERVAL = {"diag": 0.030, "proc": 0.100}
 DEFAULT_FULL_EVERY = 0.5  # gate on: dump at least this often even if the counters are equal
 DEFAULT_RESCAN = 2.0  # events on: the safety rescan, jittered by +-25%
 DEFAULT_FULL_RESCAN = 5  # events on: every 5th rescan dumps even if the counters are equal
-
-
-class Gate(Protocol):
-    name: str
-
-    def read(self) -> SockCounts: ...
-
-    def close(self) -> None: ...
 
 
 class Watcher:
@@ -142,90 +129,114 @@ class Watcher:
                 opener = nsopen.source_opener(netns)
             if gate_opener is SockstatGate:
                 gate_opener = nsopen.gate_opener(netns)
-        self._want_events = events
-        self._rescan = rescan
-        self._full_rescan = full_rescan
-        self._events_opener = events_opener
-        self._events: EventSource | None = None
-        self._mode_note = "events off"  # why the mode is what it is (for logs, ready lines)
-        self._netns = 0  # this namespace's inode, for the events' filter
-        self._wake_r = self._wake_w = -1  # the stop pipe of the events' select
-        self.rescans = 0  # events mode: safety rescans done
-        self.rescans_skipped = 0  # of which the counters said nothing moved (no dump)
-        self.event_dumps = 0  # events mode: dumps an event asked for
-        self._want = source
         self._use_gate = gate
-        self._full_every = full_every
         self._gate_opener = gate_opener
-        self._gate: Gate | None = None
-        self._counts: SockCounts | None = None  # read just before the last successful dump
-        self._next_full = 0.0
-        self._open = opener
-        self._interval = interval
-        self._tick = 0.1  # the poll's sleep: ``interval``, kept current by _retick
-        self._owners = (OwnerResolver(netns_inode=_inode(netns) if netns else None)
-                        if resolve_owners else None)
-        self._udp_ephemeral = udp_ephemeral
-        self._port_range = diff.DEFAULT_PORT_RANGE
+        self._reported: set[str] = set()
+        self._started = False  # __aenter__ done
+        owners = (OwnerResolver(netns_inode=_inode(netns) if netns else None)
+                  if resolve_owners else None)
+        self._d = Dumper(want=source, opener=opener, interval=interval, full_every=full_every,
+                         owners=owners, udp_ephemeral=udp_ephemeral, report=self._report,
+                         reported=self._reported, deliver=self._hand_over,
+                         events=lambda: self._ev.src, started=lambda: self._started)
+        self._stop = threading.Event()
+        self._ev = EventsMode(want=events, rescan=rescan, full_rescan=full_rescan,
+                              opener=events_opener, dumper=self._d, report=self._report,
+                              stopped=self._stop.is_set, inode=_inode)
         self._addrs = AddressWatcher(nics, netns=netns) if addresses else None
         # events, then (only if the poll thread died) the error that ends the iteration
         self._queue: asyncio.Queue[Event | SockmapError] = asyncio.Queue()
-        self._snap: diff.Snapshot = {}  # the poll thread's
         self._delivered: diff.Snapshot = {}  # the event loop's: matches the events queued
-        self._raw: Raw | None = None
-        self._src: Source | None = None
-        self._reported: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._want_native = native_tick
         self._native: NativeTick | None = None  # the C tick, while the real gate is open
         self._native_on = False  # the poll thread's: False once the C tick failed
-        self._polls = 0
-        self._started = False  # __aenter__ done
-        self.reads = 0  # source reads (dumps); polls - reads were skipped by the gate
-        self.parses = 0
+        self._native_ticks = 0  # of C ticks that ended (a closed NativeTick's)
 
     # -- public -------------------------------------------------------------------------------
     @property
     def source(self) -> str:
         """The source in use now ("diag" or "proc"; "" while none works)."""
-        return self._src.name if self._src is not None else ""
+        return self._d.source
+
+    @property
+    def reads(self) -> int:
+        """Source reads (dumps); polls - reads were skipped by the gate."""
+        return self._d.reads
+
+    @property
+    def parses(self) -> int:
+        return self._d.parses
 
     @property
     def polls(self) -> int:
         """Counter reads so far (those done in C included)."""
-        return self._polls + (self._native.ticks if self._native is not None else 0)
+        return (self._d.polls + self._native_ticks
+                + (self._native.ticks if self._native is not None else 0))
 
     @property
     def native_tick(self) -> bool:
         """Whether idle ticks run in C (``tick``): the extension is built, the gate is the
         real sockstat one, and neither has failed."""
-        return self._native_on and self._gate is not None
+        return self._native_on and self._d.gate is not None
+
+    @property
+    def gated(self) -> bool:
+        """Whether idle polls are skipping the dumps (the counters are readable)."""
+        return self._d.gate is not None
 
     @property
     def mode(self) -> str:
         """"events" (the kernel wakes the watcher) or "poll" (the tick)."""
-        return "events" if self._events is not None else "poll"
+        return "events" if self._ev.src is not None else "poll"
 
     @property
     def mode_note(self) -> str:
         """What runs and why: the tracefs instance, or why the events are not used."""
-        return self._mode_note
+        return self._ev.mode_note
 
     @property
     def events_source(self) -> EventSource | None:
-        return self._events
+        return self._ev.src
+
+    @property
+    def rescans(self) -> int:
+        """Events mode: safety rescans done, those the source's shared timer spared this
+        thread (its counters had not moved) included."""
+        return self._ev.rescans
+
+    @property
+    def rescans_woken(self) -> int:
+        """Of ``rescans``, those that woke this thread."""
+        return self._ev.rescans_woken
+
+    @property
+    def rescans_skipped(self) -> int:
+        """Of ``rescans``, those that did not dump (the counters said nothing moved)."""
+        return self._ev.rescans_skipped
+
+    @property
+    def event_dumps(self) -> int:
+        """Events mode: dumps an event asked for."""
+        return self._ev.event_dumps
+
+    @property
+    def dumps(self) -> collections.Counter[str]:
+        """Events mode: dumps by cause ("here", "lost", "gone_close", "unplaced",
+        "destroy", "rescan", "rescan_full")."""
+        return self._ev.dumps
+
+    @property
+    def skipped(self) -> collections.Counter[str]:
+        """Events mode: looks the counters spared, by cause."""
+        return self._ev.skipped
 
     @property
     def interval(self) -> float:
-        return self._tick
-
-    def _retick(self) -> None:
-        """The poll interval follows the source (a /proc read costs more than a dump)."""
-        self._tick = self._interval or DEFAULT_INTERVAL.get(self.source, 0.1)
+        return self._d.interval
 
     def snapshot(self) -> list[Listener]:
         """The listeners as of the last event queued, one per endpoint, in key order: drain
@@ -249,8 +260,8 @@ class Watcher:
                 opening.add_done_callback(self._close_opened)
                 raise
         self._started = True
-        log.info("listener source %s; %s", self.source, self._mode_note)
-        gate = self._gate
+        log.info("listener source %s; %s", self.source, self._ev.mode_note)
+        gate = self._d.gate
         if self._want_native and isinstance(gate, SockstatGate) and NativeTick.available():
             try:
                 self._native, self._native_on = NativeTick(*gate.fds), True
@@ -268,59 +279,33 @@ class Watcher:
 
     def _open_all(self) -> None:
         """The sources, the gate, the events, and the first dump (any thread)."""
+        d = self._d
         if self._ns is None:
-            self._port_range = local_port_range()
+            d.port_range = local_port_range()
         else:
             from sockmap.portwatch import nsopen
 
-            self._port_range = nsopen.port_range(self._ns)
+            d.port_range = nsopen.port_range(self._ns)
         try:
-            self._open_first()
+            d.open_first()
             if self._use_gate:
-                try:
-                    self._gate = self._gate_opener()
-                except (SourceUnavailable, ParseError, OSError) as e:
-                    self._report("sockstat", _why(e))
-            self._open_events()
-            self._poll_once()
-            if self._raw is None and self._src is not None:  # the first one failed over
-                self._poll_once(force=True)
+                d.open_gate(self._gate_opener)
+            self._ev.open(self._ns)
+            d.poll_once()
+            if d.raw is None and d.src is not None:  # the first one failed over
+                d.poll_once(force=True)
         except BaseException:
-            self._close_events()
-            self._close_source()
-            self._close_gate()
+            self._ev.close()
+            d.close_source()
+            d.close_gate()
             raise
 
     def _close_opened(self, opening: asyncio.Future[None]) -> None:
         """A start cancelled while its thread opened: close what that thread opened."""
         if not opening.cancelled() and opening.exception() is None:
-            self._close_events()
-            self._close_source()
-            self._close_gate()
-
-    def _open_first(self) -> None:
-        """The first source. A forced one ("diag"/"proc") that fails is the caller's error;
-        "auto" falls back (each failure reported once) and fails only when neither opens."""
-        try:
-            src, problems = self._open(self._want)
-        except (SourceUnavailable, ParseError, OSError) as e:
-            if self._want != "auto":
-                if isinstance(e, OSError):
-                    raise SourceUnavailable(f"cannot open the {self._want} listener source: "
-                                            f"{_why(e)}", hint="try --source auto") from None
-                raise
-            self._report("auto", _why(e))
-            self._switch(None)
-            if self._src is None:
-                raise SourceUnavailable(
-                    "no listener source works: " + "; ".join(sorted(self._reported)),
-                    hint="mount procfs on /proc, or load the sock_diag modules "
-                         "(modprobe tcp_diag udp_diag)") from None
-            return
-        self._src = src
-        self._retick()
-        for p in problems:
-            self._report("diag", p)
+            self._ev.close()
+            self._d.close_source()
+            self._d.close_gate()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:
@@ -336,52 +321,16 @@ class Watcher:
     ) -> None:
         await self.aclose()
 
-    def _open_events(self) -> None:
-        if self._want_events == "off":
-            return
-        try:
-            self._events = self._events_opener()
-            self._netns = _inode(self._ns or "/proc/thread-self/ns/net")
-        except (SourceUnavailable, OSError) as e:
-            if self._events is not None:
-                self._events.close()
-                self._events = None
-            if self._want_events == "on":
-                if isinstance(e, OSError):
-                    raise SourceUnavailable(f"cannot use listener events: {_why(e)}",
-                                            hint="use --events auto or off") from None
-                raise
-            self._mode_note = f"polling: {_why(e)}"
-            log.info("listener events unavailable, polling: %s", _why(e))
-            return
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        name = getattr(self._events, "instance_name", self._events.name)
-        self._mode_note = f"events from tracefs instance {name}, rescan every {self._rescan:g}s"
-        log.info("listener %s", self._mode_note)
-        for note in self._events.notes:
-            log.info("listener events: %s", note)
-
-    def _close_events(self) -> None:
-        if self._events is not None:
-            self._events.close()
-            self._events = None
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
-
     async def aclose(self) -> None:
         self._stop.set()
-        if self._wake_w >= 0:
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"x")
+        self._ev.wake()
         if self._native is not None:
             self._native.stop()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         if self._native is not None:
-            self._polls += self._native.ticks
+            self._native_ticks += self._native.ticks
             self._native.close()
             self._native = None
         for t in self._tasks:
@@ -390,9 +339,9 @@ class Watcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
-        await asyncio.to_thread(self._close_events)  # removing an instance takes ~50 ms
-        self._close_source()
-        self._close_gate()
+        await asyncio.to_thread(self._ev.close)  # removing an instance takes ~50 ms
+        self._d.close_source()
+        self._d.close_gate()
 
     def __aiter__(self) -> Watcher:
         return self
@@ -422,27 +371,28 @@ class Watcher:
         wake-up costs ~70 µs here even in C, so an idle tick does as little Python as it
         can: in C (``tick``) two preads and a compare; in Python two preads and a bytes
         compare (a regex only when a byte moved), then an identity check (``_poll_once``)."""
-        sleep, stopped, poll = time.sleep, self._stop.is_set, self._poll_once
+        d = self._d
+        sleep, stopped, poll = time.sleep, self._stop.is_set, d.poll_once
         with contextlib.suppress(OSError), open("/proc/thread-self/comm", "w") as f:
             f.write("portwatch-poll")  # the name top -H and ps -L show
         try:
-            if self._events is not None:
-                self._watch_events()  # until stopped, or the events stopped coming
+            if self._ev.src is not None:
+                self._ev.run()  # until stopped, or the events stopped coming
             while not stopped():
                 if self._native_on:
                     assert self._native is not None
                     try:
-                        if not self._native.wait(self._tick, self._next_full - time.monotonic()):
+                        if not self._native.wait(d.interval, d.next_full - time.monotonic()):
                             return  # stopped
                     except (OSError, ValueError) as e:
                         # the Python gate's own read reports a real problem, if there is one
                         log.info("C tick stopped (%s); ticking in Python", e)
                         self._native_on = False
                 else:
-                    sleep(self._tick)
+                    sleep(d.interval)
                 if not stopped():
                     poll()
-                    if self._gate is None:  # it failed and closed its fds: the C tick too
+                    if d.gate is None:  # it failed and closed its fds: the C tick too
                         self._native_on = False
         except Exception as e:
             log.exception("poll thread failed")
@@ -452,53 +402,6 @@ class Watcher:
             # supervisor starts a fresh one
             self._emit(SockmapError(f"the listener watcher stopped: {e!r}",
                                     hint="the agent exits; its supervisor restarts it"))
-
-    def _watch_events(self) -> None:
-        """Events mode: dump when an event concerns this namespace, and every ``rescan``
-        (jittered) anyway; return when stopped, or (reported once) when the events stopped
-        coming, for the poll to take over."""
-        src = self._events
-        assert src is not None
-        mono, stopped = time.monotonic, self._stop.is_set
-        deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
-        told = False
-        while not stopped():
-            try:
-                wake = src.wait(deadline - mono(), self._wake_r)
-                problem = src.problem() if wake.timeout else None
-            except SourceUnavailable as e:  # trace_pipe or the destroy socket failed
-                wake, problem = Wake(timeout=True), str(e)
-            if wake.stopped:
-                return
-            if wake.timeout:
-                if problem:
-                    self._mode_note = f"polling: {problem}"
-                    src.close()
-                    self._events = None  # the fds stay until aclose: it may write the pipe
-                    self._report("events", f"{problem}; polling from now on")
-                    return
-                self.rescans += 1
-                before = self.reads
-                self._poll_once(force=self.rescans % self._full_rescan == 0, rescan=True)
-                if self.reads == before:
-                    self.rescans_skipped += 1
-                deadline = mono() + self._rescan * random.uniform(0.75, 1.25)
-                continue
-            h = wake.hints
-            if h.problems and not told:
-                told = True
-                self._report("events", f"trace lines not understood, rescanning on each: "
-                                       f"{h.problems[0]}")
-            if h.lost:
-                log.info("trace buffer overflowed (%d events lost): rescanning", h.lost)
-            if (H.concerns(h, netns=self._netns, tcp_ports=self._tcp_ports)
-                    or wake.destroy_lost
-                    or H.destroyed_concerns(wake.destroyed, self._snap)):
-                self.event_dumps += 1
-                self._poll_once(force=True)
-
-    def _tcp_ports(self) -> frozenset[int]:
-        return frozenset(s.port for s in self._snap.values() if s.proto == "tcp")
 
     def _emit(self, ev: Event | SockmapError) -> None:
         if threading.get_ident() == self._loop_thread:
@@ -524,104 +427,15 @@ class Watcher:
         log.warning("%s: %s", source, message)
         self._emit(SourceError(source=source, message=message))
 
-    def _close_source(self) -> None:
-        if self._src is not None:
-            self._src.close()
-            self._src = None
-
-    def _close_gate(self) -> None:
-        if self._gate is not None:
-            self._gate.close()
-            self._gate = None
-
-    @property
-    def gated(self) -> bool:
-        """Whether idle polls are skipping the dumps (the counters are readable)."""
-        return self._gate is not None
-
-    def _read_counts(self) -> SockCounts | None:
-        """The gate's counters, or None (gate off or broken: dump). A failure is reported
-        once and turns the gate off for good."""
-        if self._gate is None:
-            return None
-        try:
-            return self._gate.read()
-        except (SourceUnavailable, ParseError, OSError) as e:
-            self._close_gate()  # first: whoever sees the event sees the gate off
-            self._report("sockstat", f"{_why(e)}; every poll dumps from now on")
-            return None
-
-    def _poll_once(self, *, force: bool = False, rescan: bool = False) -> None:
-        """One tick: dump unless the gate's counters say nothing moved (``force``: dump;
-        ``rescan``: an events-mode rescan, gated by the counters alone, not ``full_every``).
-        A forced dump reads the counters too: the next gated one compares with them."""
-        self._polls += 1
-        if self._src is None:
-            self._switch(None)
-            if self._src is None:
-                return
-        src = self._src
-        # counters first, dump second: a change racing the dump moves them past what we keep
-        counts = self._read_counts() if not force or self._events is not None else None
-        now = time.monotonic()
-        if (not force and counts is not None
-                and (counts is self._counts or counts == self._counts)
-                and (rescan or now < self._next_full)):
-            return  # ("is": the gate hands back the very object while its key is unchanged)
-        self.reads += 1
-        try:
-            raw = src.read()
-            self._counts, self._next_full = counts, now + self._full_every
-            if raw == self._raw:
-                return
-            sockets = src.parse(raw)
-        except (SourceUnavailable, ParseError, OSError) as e:
-            self._counts = None
-            self._report(src.name, _why(e))
-            self._switch(src.name)
-            return
-        self._raw = raw
-        self.parses += 1
-        self._apply(sockets)
-
-    def _switch(self, failed: str | None) -> None:
-        """Close the failed source and open another: the other kind first, then the same."""
-        self._close_source()
-        self._raw = None
-        order = ["proc", "diag"] if failed == "diag" else ["diag", "proc"]
-        if self._want != "auto" and failed is None:
-            order = [self._want]
-        for kind in order:
-            try:
-                self._src, problems = self._open(kind)
-            except (SourceUnavailable, ParseError, OSError) as e:
-                self._report(kind, _why(e))
-                continue
-            for p in problems:
-                self._report(kind, p)
-            if self._started:  # (at start, __aenter__ logs the one it ended with)
-                log.info("listener source now %s", kind)
-            break
-        self._retick()
-
-    def _apply(self, sockets: list[Listener]) -> None:
-        if not self._udp_ephemeral:
-            sockets = diff.drop_udp_ephemeral(sockets, self._port_range)
-        new = diff.snapshot(sockets, self._snap)
-        if self._owners is not None:
-            owners = self._owners.resolve(s.inode for s in new.values())
-            for key, s in new.items():
-                if s.owner is None and owners.get(s.inode) is not None:
-                    new[key] = dataclasses.replace(s, owner=owners[s.inode])
-            self._owners.forget_except(s.inode for s in new.values())
-        events = diff.diff(self._snap, new)
-        self._snap = new
+    def _hand_over(self, events: list[ListenerAdded | ListenerRemoved], snap: diff.Snapshot
+                   ) -> None:
+        """A dump's events and snapshot to the event loop (from any thread)."""
         if threading.get_ident() == self._loop_thread:
-            self._deliver(events, new)
+            self._deliver(events, snap)
         else:
             assert self._loop is not None
             with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens
-                self._loop.call_soon_threadsafe(self._deliver, events, new)
+                self._loop.call_soon_threadsafe(self._deliver, events, snap)
 
     def _deliver(self, events: list[ListenerAdded | ListenerRemoved], snap: diff.Snapshot) -> None:
         self._delivered = snap
@@ -637,9 +451,3 @@ def _inode(netns: str) -> int:
         raise SourceUnavailable(f"cannot open network namespace {netns}: {e.strerror}",
                                 hint="give /run/netns/NAME or /proc/PID/ns/net") from None
 
-
-def _why(e: BaseException) -> str:
-    """One line for a failure: a SockmapError's message, an OSError's strerror."""
-    if isinstance(e, OSError) and not isinstance(e, SockmapError):
-        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-    return str(e)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockmap import config
+from sockmap import config, configrules
 from sockmap.errors import SockmapError
 
-KEYS = [*config.RULE_KEYS, *config.DAEMON_KEYS, "x"]
+KEYS = [*configrules.RULE_KEYS, *config.DAEMON_KEYS, "x"]
 VALUES = st.one_of(
     st.integers(-70000, 70000).map(str), st.booleans().map(lambda b: str(b).lower()),
     st.sampled_from(['"tcp"', '"udp"', '"8000-8100"', '"9-1"', '"0.0.0.0"', '"::1"',

@@ -48,3 +48,29 @@ def test_snapshot_stable_and_self_diff_empty(a: list[Listener]) -> None:
     assert s1 == s2
     assert diff.diff(s1, s2) == []
     assert sum(x.sockets for x in s1.values()) == len(a)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(socks, min_size=1, max_size=4), st.data())
+def test_seen_changes_nothing_but_the_work(rounds: list[list[Listener]],
+                                           data: st.DataObject) -> None:
+    """``seen`` (the parser handing back the very record for the same bytes) gives the same
+    snapshots as without it, round after round, owners kept as the old snapshot had them."""
+    import dataclasses
+
+    from sockmap.portwatch.records import Owner
+    seen: dict[diff.Key, Listener] = {}
+    plain: diff.Snapshot = {}
+    fast: diff.Snapshot = {}
+    pool: dict[int, Listener] = {}  # inode -> the record "parsed" for it (same bytes)
+    for r in rounds:
+        sockets = [pool.setdefault(s.inode, s) if data.draw(st.booleans()) else s for s in r]
+        plain = diff.snapshot(sockets, plain)
+        fast = diff.snapshot(sockets, fast, seen)
+        assert fast == plain
+        # as the watcher does: owners filled in after the snapshot
+        owner = Owner(pid=1, comm="x", cmdline=(), cgroup="", mntns=None, uid=0)
+        plain = {k: dataclasses.replace(v, owner=owner) if v.owner is None else v
+                 for k, v in plain.items()}
+        fast = {k: dataclasses.replace(v, owner=owner) if v.owner is None else v
+                for k, v in fast.items()}

@@ -238,7 +238,7 @@ async def test_reopened_forward_keeps_the_draining_connections(echo_port: int) -
 
 
 def test_linger_struct_is_reset() -> None:
-    from sockmap.proxy.tcp import _LINGER0
+    from sockmap.proxy.tcpconn import _LINGER0
 
     assert struct.unpack("ii", _LINGER0) == (1, 0)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sockmap import config
+from sockmap import config, configfile
 from sockmap.conflicts.rules import Rule
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Listener
@@ -148,12 +148,12 @@ def test_fixed_port_shared_by_rules_of_different_exact_guests_is_fine() -> None:
 def test_load(tmp_path: Path) -> None:
     p = tmp_path / "s.toml"
     p.write_text(GOOD)
-    assert len(config.load(p).rules) == 4
+    assert len(configfile.load(p).rules) == 4
     with pytest.raises(SockmapError, match="no such file"):
-        config.load(tmp_path / "missing.toml")
+        configfile.load(tmp_path / "missing.toml")
     p.write_bytes(b"[[rule]]\nguest = \"\xff\"\n")
     with pytest.raises(SockmapError, match=r"s.toml:2: not UTF-8"):
-        config.load(p)
+        configfile.load(p)
 
 
 def test_offset_and_fixed_port_in_plan() -> None:

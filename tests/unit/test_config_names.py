@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockmap import config
+from sockmap import config, configrules
 from sockmap.conflicts.rules import GuestState, Rule, plan
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Listener
@@ -82,7 +82,7 @@ def test_ten_thousand_named_rules_and_a_clash_at_the_end() -> None:
 
 @given(st.text(max_size=80))
 def test_name_problem_never_raises_and_accepts_only_hostnames(s: str) -> None:
-    why = config.name_problem(s)
+    why = configrules.name_problem(s)
     if why is None:
         assert 0 < len(s) <= 253 and s != "localhost"
         assert all(part and len(part) <= 63 and set(part) <= set(
@@ -93,7 +93,7 @@ def test_name_problem_never_raises_and_accepts_only_hostnames(s: str) -> None:
                 min_size=1, max_size=4))
 def test_dns_names_accepted(labels: list[str]) -> None:
     name = ".".join([*labels, "localhost"])
-    assert config.name_problem(name) is None
+    assert configrules.name_problem(name) is None
 
 
 def test_ls_rows_and_text_show_the_label(tmp_path: Path) -> None:

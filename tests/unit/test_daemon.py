@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sockmap import protocol as p
 from sockmap import reports
-from sockmap.agent import link as agentlink
+from sockmap.agent import dial
 from sockmap.conflicts.rules import Nic, PortMapping, Relay, plan
 from sockmap.daemon import planner
 from sockmap.daemon import service as daemon
@@ -132,28 +132,28 @@ def test_parse_listen_refuses(text: str) -> None:
 
 
 @pytest.mark.parametrize(("text", "want"), [
-    ("unix:/run/sockmap/agent.sock", agentlink.ConnectAddr(kind="unix",
+    ("unix:/run/sockmap/agent.sock", dial.ConnectAddr(kind="unix",
                                                            path="/run/sockmap/agent.sock")),
-    ("tcp:10.0.0.1:7070", agentlink.ConnectAddr(kind="tcp", host="10.0.0.1", port=7070)),
-    ("tcp:[fd00::1]:7070", agentlink.ConnectAddr(kind="tcp", host="fd00::1", port=7070)),
-    ("vsock:2:7070", agentlink.ConnectAddr(kind="vsock", cid=2, port=7070)),
+    ("tcp:10.0.0.1:7070", dial.ConnectAddr(kind="tcp", host="10.0.0.1", port=7070)),
+    ("tcp:[fd00::1]:7070", dial.ConnectAddr(kind="tcp", host="fd00::1", port=7070)),
+    ("vsock:2:7070", dial.ConnectAddr(kind="vsock", cid=2, port=7070)),
 ])
-def test_parse_connect(text: str, want: agentlink.ConnectAddr) -> None:
-    assert agentlink.parse_connect(text) == want
-    assert agentlink.parse_connect(str(want)) == want
+def test_parse_connect(text: str, want: dial.ConnectAddr) -> None:
+    assert dial.parse_connect(text) == want
+    assert dial.parse_connect(str(want)) == want
 
 
 @pytest.mark.parametrize("text", ["", "unix:", "tcp:host", "tcp:h:0", "tcp::70",
                                   "vsock:x:1", "vsock:2:99999", "udp:1.2.3.4:5", "/path"])
 def test_parse_connect_refuses(text: str) -> None:
     with pytest.raises(SockmapError):
-        agentlink.parse_connect(text)
+        dial.parse_connect(text)
 
 
 @given(st.text(max_size=40))
 def test_parse_connect_never_crashes(text: str) -> None:
     with contextlib.suppress(SockmapError):
-        agentlink.parse_connect(text)
+        dial.parse_connect(text)
 
 
 def test_batch_keeps_order_and_groups_runs() -> None:

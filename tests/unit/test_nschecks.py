@@ -1,4 +1,4 @@
-"""The netns guests' namespace checks on one shared timer (``nswatch.NsChecks``): one
+"""The netns guests' namespace checks on one shared timer (``nschecks.NsChecks``): one
 wake-up per period whatever the number of watches, a check that finds its namespace gone
 fails that watch's future only, a slow check (a holder's /proc scan) answers later, and
 the timer stops when the last watch leaves."""
@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from sockmap.daemon.nswatch import NamespaceGone, NsChecks, Slow, shared_checks
+from sockmap.daemon.nschecks import NamespaceGone, NsChecks, Slow, shared_checks
 
 PERIOD = 0.02
 

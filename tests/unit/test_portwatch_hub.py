@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from sockmap.cli import lsview
 from sockmap.daemon import metrics
 from sockmap.portwatch import hints as H
-from sockmap.portwatch.hub import merge, route
+from sockmap.portwatch.hub import route
+from sockmap.portwatch.subscription import merge
 from sockmap.portwatch.trace import EventsLost, SockStateChanged
 
 

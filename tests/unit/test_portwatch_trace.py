@@ -265,3 +265,18 @@ def test_a_connections_child_socket_leaving_listen_is_no_hint() -> None:
 def test_a_comm_starting_with_hash_is_not_an_annotation() -> None:
     line = b"               #x-77      [000] 1.5: sys_bind -> 0x0"
     assert parse_line(line) == SyscallExited(tid=77, cpu=0, syscall="bind", ret=0)
+
+
+@pytest.mark.parametrize(("hints", "want"), [
+    (H.Hints(), None),
+    (H.Hints(hints=(_hint(None, "unlisten", 80), _hint(OWN, "listened"))), "here"),
+    (H.Hints(hints=(_hint(None, "unlisten", 80),), lost=1), "lost"),
+    (H.Hints(hints=(_hint(None, "bind"), _hint(None, "unlisten", 80))), "gone_close"),
+    (H.Hints(hints=(_hint(None, "unlisten", 0),)), "gone_close"),
+    (H.Hints(hints=(_hint(None, "unlisten", 81), _hint(None, "bind"))), "unplaced"),
+    (H.Hints(hints=(H.Hint(netns=None, tid=1, what="bind", process_gone=True),)), None),
+    (H.Hints(hints=(_hint(OTHER, "listen", 80),)), None),
+])
+def test_cause_names_why_to_look(hints: H.Hints, want: str | None) -> None:
+    assert H.cause(hints, netns=OWN, tcp_ports=lambda: {80, 443}) == want
+    assert H.concerns(hints, netns=OWN, tcp_ports=lambda: {80, 443}) is (want is not None)

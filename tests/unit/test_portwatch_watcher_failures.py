@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from sockmap.errors import SockmapError
+from sockmap.portwatch.dumper import Gate
 from sockmap.portwatch.errors import ParseError, SourceUnavailable
 from sockmap.portwatch.events import EventSource
 from sockmap.portwatch.records import Listener, SourceError
 from sockmap.portwatch.sockstat import SockCounts
 from sockmap.portwatch.sources import Raw, Source
-from sockmap.portwatch.watcher import Gate, Watcher
+from sockmap.portwatch.watcher import Watcher
 
 NO_TCP_DIAG = "sock_diag tcp dump refused: No such file or directory"
 LST = Listener(proto="tcp", family=4, addr="0.0.0.0", port=7000, inode=1, uid=0)

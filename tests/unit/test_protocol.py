@@ -11,6 +11,7 @@ import pytest
 from sockmap import protocol as p
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Listener, Owner
+from sockmap.protocol import codec
 
 OWNER = Owner(pid=42, comm="python3", cmdline=("python3", "-m", "http.server"),
               cgroup="/user.slice/app.scope", mntns=4026531841, uid=1000)
@@ -68,7 +69,7 @@ def test_incremental_feed_byte_by_byte() -> None:
 
 
 def test_every_type_has_a_name_and_decoder() -> None:
-    assert set(p.TYPE_NAMES.values()) == set(p._DECODERS)
+    assert set(p.TYPE_NAMES.values()) == set(codec._DECODERS)
 
 
 def test_error_is_a_sockmap_error_with_reason() -> None:
