@@ -273,7 +273,7 @@ Path measured (the default `--netns-watch daemon`: no agent process for a netns 
 guest listen() → the kernel's `sock:inet_sock_set_state` event in the daemon's tracefs
 instance (its event hub; polling where tracefs cannot be had) → a sock_diag dump of that
 guest's namespace by its watch thread → the registry → daemon replan (host scan in a
-thread, rules.plan) → bind (and, on the kernel path, the map entry) → host connect → proxy
+thread, conflicts.plan.plan) → bind (and, on the kernel path, the map entry) → host connect → proxy
 or kernel → guest NIC → the server's first byte back. Restore: the new daemon watches the
 guest again from its namespace, one snapshot, one plan opens every mapping.
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from sockmap import protocol as p
 from sockmap.agent.dial import ConnectAddr, open_stream
-from sockmap.conflicts.rules import relay_target
+from sockmap.conflicts.decide import relay_target
 from sockmap.portwatch import Listener
 
 log = logging.getLogger("sockmap.agent")

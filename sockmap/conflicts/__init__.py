@@ -5,28 +5,31 @@ where a guest listener appears on the host, whether it may, or what happens when
 is held. Everything here is a function of immutable inputs (no asyncio, sockets, pyroute2
 or files; ``flatscan`` is the one adapter), so the same state always gives the same plan.
 
-- Where a listener appears (``decide``): ``0.0.0.0`` -> host 127.0.0.1; ``[::]`` v6only ->
-  ::1; dual-stack ``[::]`` -> both; ``127.0.0.0/8``/``::1`` -> that family's host loopback
-  through a relay upstream; a specific address -> forwarded only when it is one of the
-  guest's vouched NIC addresses (never link-local, never an IPv6 spelling of an IPv4
-  address but IPv4-mapped: ``sockmap.addrs``). Wildcards go to the guest's usable NIC
-  address of the family, else the relay. The host-side rules file (``Rule``: ignore,
-  fixed or offset host port, host addresses, per-rule policy and path) is applied here too,
-  first match wins.
-- ``plan(...)``: guests' listeners + host listeners + the open mappings -> a ``Plan``:
+- ``decide``: where a listener appears (``decide``, ``host_bind_addrs``): ``0.0.0.0`` ->
+  host 127.0.0.1; ``[::]`` v6only -> ::1; dual-stack ``[::]`` -> both;
+  ``127.0.0.0/8``/``::1`` -> that family's host loopback through a relay upstream; a
+  specific address -> forwarded only when it is one of the guest's vouched NIC addresses
+  (never link-local, never an IPv6 spelling of an IPv4 address but IPv4-mapped:
+  ``sockmap.addrs``). Wildcards go to the guest's usable NIC address of the family, else the
+  relay.
+- ``rules``: the rules file's ``[[rule]]`` decisions (``Rule``, ``match_rule``: ignore,
+  fixed or offset host port, host addresses, per-rule policy and path; first match wins)
+  and the policies.
+- ``plan``: ``plan(...)``: guests' listeners + host listeners + the open mappings -> a ``Plan``:
   commands (``CloseMapping`` first, then ``OpenMapping``), the mappings kept, and every
   listener not forwarded with its reason (``Plan.skipped``: ``ls --all``), ``pending``
   (waiting for their port), ``remapped`` and ``shared``. One guest port's listeners in one
   guest are one unit, forwarded on all of its host addresses or none (one socket per
   family: 127.0.0.1 -> the IPv4 one, ::1 -> the IPv6 one). A guest already on a host port
-  keeps it. Host holders are found with Linux bind semantics (``bind_overlap``,
+  keeps it. Host holders are found with Linux bind semantics (``binds``: ``bind_overlap``,
   ``host_holders``: wildcards, dual-stack ``[::]``, IPv4-mapped), the daemon's own mapping
   sockets excepted. Policies: ``fail`` reports, ``remap`` takes the next free port above
   (and moves back), ``wait`` forwards once the port frees, ``share`` routes a TCP port
   another guest holds by name; an EADDRINUSE with no holder is TIME_WAIT, retried whatever
-  the policy. The pure parts every plan repeats are memoized (by identity of the
-  registry's records), so a change in one guest re-decides that guest only; a property
-  test checks the memoized plan equals the plan made from nothing.
+  the policy. Its records are in ``mappings``; what each guest wants (``wants``) and its
+  assignment onto host ports (``assign``, ``byport``) are remembered (by identity of the
+  registry's records), so a change re-decides only its own guest ports; a property test
+  checks the remembered plan equals the plan made from nothing.
 - ``limits``: at most ``max_listeners`` per guest are planned (the rest skipped, one
   ``too_many_listeners`` conflict).
 - ``reverse``: reverse forwards (a guest reaches a host loopback service): which exist,

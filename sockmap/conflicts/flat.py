@@ -27,6 +27,8 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from sockmap.conflicts.binds import bind_overlap
+from sockmap.conflicts.decide import parse_ip
 from sockmap.conflicts.records import (
     Conflict,
     ConflictKind,
@@ -35,7 +37,6 @@ from sockmap.conflicts.records import (
     endpoint,
     party_of,
 )
-from sockmap.conflicts.rules import bind_overlap, parse_ip
 from sockmap.portwatch.records import Listener, Proto
 
 RESOLUTION = "reported only: in flat mode sockmap moves no sockets"

@@ -9,12 +9,13 @@ and the guest gets one ``too_many_listeners`` conflict naming it and the count.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Final
 
+from sockmap.conflicts.mappings import GuestState, Skipped
 from sockmap.conflicts.records import Conflict, Party
-from sockmap.conflicts.rules import GuestState, Skipped
 from sockmap.portwatch.records import Listener
 
 DEFAULT_MAX_LISTENERS: Final = 4096
@@ -32,8 +33,8 @@ SORTED_SPARE = 256  # names beyond the plan's own kept before the memo is pruned
 
 def _sorted(g: GuestState) -> tuple[Listener, ...]:
     last = _SORTED.get(g.name)
-    if (last is not None and len(last[0]) == len(g.listeners)
-            and all(a is b for a, b in zip(last[0], g.listeners, strict=True))):
+    if last is not None and (last[0] is g.listeners or (
+            len(last[0]) == len(g.listeners) and all(map(operator.is_, last[0], g.listeners)))):
         return last[1]
     out = tuple(sorted(g.listeners, key=_order))
     _SORTED[g.name] = (g.listeners, out)

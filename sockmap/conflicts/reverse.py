@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from sockmap.conflicts.binds import bind_overlap
 from sockmap.conflicts.records import Conflict, Party, party_of
-from sockmap.conflicts.rules import bind_overlap
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Listener, Proto
 

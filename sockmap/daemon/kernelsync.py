@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from sockmap.conflicts.rules import Nic, PortMapping
+from sockmap.conflicts.decide import Nic
+from sockmap.conflicts.mappings import PortMapping
 from sockmap.daemon.registry import Registry
 from sockmap.proxy import MappingKey
 from sockmap.proxy.bpfprog import FwdEntry

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sockmap.conflicts.rules import Plan, PortMapping
+from sockmap.conflicts.mappings import Plan, PortMapping
 from sockmap.daemon import sharing
 from sockmap.daemon.rows import first_fields, planned_target, skipped_row, target_row
 from sockmap.proxy import MappingKey, Target

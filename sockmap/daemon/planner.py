@@ -1,4 +1,4 @@
-"""Replanning: what the registry and the host say, through ``conflicts.rules.plan``, applied
+"""Replanning: what the registry and the host say, through ``conflicts.plan.plan``, applied
 to the proxy's MappingTable; and what the rows ``sockmap ls`` shows are made of (lsrows).
 
 Every mapping decision comes from ``plan()``; the planner only groups its per-host-address
@@ -23,70 +23,49 @@ listeners every ``host_poll_s`` and replans when they change.
 from __future__ import annotations
 
 import asyncio
-import errno
-import ipaddress
+import itertools
 import logging
 import os
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS, cap_listeners
-from sockmap.conflicts.reverse import without_own
-from sockmap.conflicts.rules import (
-    LOOPBACK4,
-    LOOPBACK6,
+from sockmap.conflicts.mappings import (
     GuestState,
     HostEndpoint,
-    Nic,
     Plan,
-    Policies,
     PortMapping,
-    Relay,
-    Rule,
-    plan,
+    groups_of,
     shared_with,
 )
-from sockmap.daemon import metrics, sharing
+from sockmap.conflicts.plan import plan
+from sockmap.conflicts.reverse import without_own
+from sockmap.conflicts.rules import Policies, Rule
+from sockmap.daemon import metrics
+from sockmap.daemon.applier import Applier, RelayConnector, bind_free, group_mappings
 from sockmap.daemon.hostscan import HostScan
-from sockmap.daemon.kernelsync import sync_kernel
 from sockmap.daemon.lsrows import RowsCache, RowsInput, forward_rows
 from sockmap.daemon.registry import Registry
 from sockmap.errors import SockmapError
 from sockmap.portwatch import Listener, scan_listeners
 from sockmap.portwatch.addrs import dump_addrs
-from sockmap.proxy import Connector, MappingKey, MappingSpec, MappingTable, Proto, Target
+from sockmap.portwatch.records import Proto as ListenerProto
+from sockmap.proxy import MappingKey, MappingTable, Proto
 from sockmap.proxy.kernel import KernelPath
 from sockmap.proxy.kernelconns import KernelConns
-from sockmap.proxy.share import Route, ShareConnector, ShareRoutes
-from sockmap.proxy.table import Bound, bind
+from sockmap.proxy.share import ShareConnector
 
 log = logging.getLogger("sockmap.daemon")
 
-RelayConnector = Callable[[str, int], Connector]  # (guest, family) -> a connector
-APPLY_BATCH = 64  # mapping opens/closes between two yields to the event loop
-OFFLOAD_OPENS = 256  # from this many opens in one plan, host sockets are bound in a thread
+
+Groups = Mapping[tuple[str, ListenerProto, int], tuple[PortMapping, ...]]  # by plan ident
 
 
-def group_mappings(mappings: tuple[PortMapping, ...]) -> dict[MappingKey, tuple[PortMapping, ...]]:
-    """plan()'s per-host-address mappings as one group per proxy key (guest, proto, guest
-    port); plan() gives a key one host port, and each host address its own listener's
-    upstream (0.0.0.0:P and a v6only [::]:P: 127.0.0.1 -> IPv4, ::1 -> IPv6) (pure)."""
-    out: dict[MappingKey, list[PortMapping]] = {}
-    for m in mappings:
-        key = MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
-        out.setdefault(key, []).append(m)
-    return {k: tuple(v) for k, v in out.items()}
-
-
-def nic_target(group: tuple[PortMapping, ...]) -> str | None:
-    """The upstream address of a group: its IPv4 NIC target first (a dual-stack listener
-    takes IPv4 too), else its IPv6 one; None when only the relay can reach it (pure)."""
-    addrs = [m.upstream.addr for m in group if isinstance(m.upstream, Nic)]
-    addrs.sort(key=lambda a: ipaddress.ip_address(a).version)
-    return addrs[0] if addrs else None
+def _ident(key: MappingKey) -> tuple[str, ListenerProto, int]:
+    """A proxy key as the plan's groups name it (guest, proto, guest port)."""
+    return (key.guest, cast(ListenerProto, str(key.proto)), key.port)
 
 
 def watch_keys(listeners: list[Listener], watched: frozenset[tuple[str, int]]
@@ -97,49 +76,9 @@ def watch_keys(listeners: list[Listener], watched: frozenset[tuple[str, int]]
                      if (li.proto, li.port) in watched)
 
 
-def bind_free(ep: HostEndpoint) -> bool:
-    """Whether the proxy could bind ``ep`` now: bind (no listen) a throwaway socket with the
-    proxy's options (TCP SO_REUSEADDR, IPv6 v6only). Only EADDRINUSE counts as not free:
-    any other error is the real bind's to report."""
-    proto, addr, port = ep
-    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM) as s:
-        if proto == "tcp":
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if fam == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            s.bind((addr, port))
-        except OSError as e:
-            return e.errno != errno.EADDRINUSE
-    return True
 
-
-def _bind_all(opens: list[tuple[MappingKey, tuple[PortMapping, ...]]]
-              ) -> list[Bound | SockmapError | None]:
-    """Each group's host sockets, bound (or why not), from the group alone: its proto,
-    host addresses and host port are all binding needs (any thread)."""
-    out: list[Bound | SockmapError | None] = []
-    for key, group in opens:
-        try:
-            out.append(bind(MappingSpec(guest=key.guest, proto=key.proto,
-                                        host_addrs=tuple(m.host_addr for m in group),
-                                        host_port=group[0].host_port, target_port=key.port)))
-        except SockmapError as e:
-            out.append(e)
-        except OSError as e:  # out of fds: this mapping is not opened, nothing leaks
-            out.append(SockmapError(f"cannot make host sockets for {key}: {e.strerror}",
-                                    hint="raise RLIMIT_NOFILE or forward fewer ports"))
-    return out
-
-
-def _close_bound(bound: Bound) -> None:
-    for s in bound[0]:
-        s.close()
-
-
-class Planner:
-    """The replanner, the host watch and the MappingTable they drive."""
+class Planner(Applier):
+    """The replanner and the host watch; the MappingTable they drive (``Applier``)."""
 
     def __init__(self, *, registry: Registry, policies: Policies, rules: tuple[Rule, ...],
                  drain_s: float, retry_s: float, host_poll_s: float,
@@ -154,7 +93,7 @@ class Planner:
         self.last_plan: Plan | None = None
         self.relay_connector: RelayConnector | None = None
         # UDP to a guest's loopback: upstream sockets made in its namespace (netns guests
-        # the daemon watches; conflicts.rules lets only those through)
+        # the daemon watches; conflicts.decide lets only those through)
         self.udp_relay_connector: RelayConnector | None = None
         self.kernel: KernelPath | None = None  # the kernel path, when its hooks loaded
         self.kconns = KernelConns()  # its connections and bytes, from sock_diag
@@ -167,6 +106,10 @@ class Planner:
         self.purge: set[str] = set()  # guests being deleted: close without draining
         self._tasks = tasks  # drains: the daemon cancels them at shutdown
         self._open: dict[MappingKey, tuple[PortMapping, ...]] = {}
+        self._applied: Plan | None = None  # the plan whose mappings _open is (_current)
+        self._grouped: tuple[tuple[PortMapping, ...],
+                             Groups] \
+            | None = None  # the last plan's mappings and their groups
         self._shown: dict[MappingKey, tuple[PortMapping, ...]] = {}  # for draining rows
         # wanted by the plan but not opened, and why (not TIME_WAIT): for `ls --all`
         self._unforwarded: dict[MappingKey, tuple[tuple[PortMapping, ...], str]] = {}
@@ -205,11 +148,6 @@ class Planner:
         now = time.monotonic()
         for li in listeners:
             self._first_seen.setdefault((guest, li.proto, li.port), now)
-
-    def log_once(self, text: str) -> None:
-        if text not in self._logged:
-            self._logged.add(text)
-            log.warning("%s", text)
 
     def cancel_retry(self) -> None:
         if self._retry is not None:
@@ -277,14 +215,16 @@ class Planner:
                     del self._blocked[e]
                 else:
                     self._blocked[e] = now + self.retry_s
-        current = tuple(m for ms in self._open.values() for m in ms)
+        current = self._current()
         pl, desired = await asyncio.to_thread(
             self._decide, self.registry.raw_states(), host, current, tuple(self._blocked),
             self.policies, self.rules, dict(self.own_sockets))
-        self.last_plan = pl
-        self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
-                                if c.kind == "host_port_in_use")
-        self._watch_keys = watch_keys(host, self._watch)
+        last, self.last_plan = self.last_plan, pl
+        self._applied = None  # until every change is made
+        if last is None or pl.conflicts is not last.conflicts:  # (the same records: as was)
+            self._watch = frozenset((c.proto, c.port) for c in pl.conflicts
+                                    if c.kind == "host_port_in_use")
+        self._watch_keys = watch_keys(host, self._watch) if self._watch else frozenset()
         if self._watch:
             self._watch_ev.set()
         waiting = {MappingKey(guest=m.guest, proto=Proto(m.proto), port=m.guest_port)
@@ -300,38 +240,54 @@ class Planner:
         touched += [k for k in regrow if k not in touched]
         for key in touched:  # _close yields to the loop each time
             have = self._open.get(key)
-            if have is not None and (have != desired.get(key) or key in regrow):
+            if have is not None and (have != desired.get(_ident(key)) or key in regrow):
                 await self._close(key)
         await self._open_groups([(k, w) for k in touched
-                                 if (w := desired.get(k)) is not None and self._open.get(k) != w])
+                                 if (w := desired.get(_ident(k))) is not None
+                                 and self._open.get(k) != w])
+        # every key the plan changed is as it wants: what is open is the plan's mappings
+        # (the keys it did not touch were already), the next plan's ``current`` (_current)
+        self._applied = pl if all(self._open.get(k) == desired.get(_ident(k)) for k in touched) \
+            else None
         self._unforwarded = {k: v for k, v in self._unforwarded.items()
-                             if k in desired and k not in self._open}
+                             if _ident(k) in desired and k not in self._open}
         self._update_shares()
-        logged = self._conflicts_logged  # the last plan's, by identity: logged already
-        now_ids: dict[int, object] = {}
-        for c in pl.conflicts:  # (plan() hands back the very records of unchanged losses)
-            if id(c) not in logged:
-                self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; "
-                              f"{c.resolution}")
-            now_ids[id(c)] = c  # (the record held: its id is not reused meanwhile)
-        self._conflicts_logged = now_ids
+        if last is None or pl.conflicts is not last.conflicts:
+            logged = self._conflicts_logged  # the last plan's, by identity: logged already
+            now_ids: dict[int, object] = {}
+            for c in pl.conflicts:  # (plan() hands back the very records of unchanged losses)
+                if id(c) not in logged:
+                    self.log_once(f"conflict {c.kind} {c.proto}/{c.port}: {c.summary}; "
+                                  f"{c.resolution}")
+                now_ids[id(c)] = c  # (the record held: its id is not reused meanwhile)
+            self._conflicts_logged = now_ids
         # first-report times: kept only for wanted mappings not open yet
         if self._first_seen:
-            wanted = {(m.guest, str(m.proto), m.guest_port) for m in pl.mappings}
-            wanted -= {(k.guest, str(k.proto), k.port) for k in self._open}
-            self._first_seen = {k: t for k, t in self._first_seen.items() if k in wanted}
+            self._first_seen = {
+                k: t for k, t in self._first_seen.items()
+                if k in desired
+                and MappingKey(guest=k[0], proto=Proto(k[1]), port=k[2]) not in self._open}
         if self._blocked and self._retry is None:
             def again() -> None:
                 self._retry = None
                 self.request_replan()
             self._retry = asyncio.get_running_loop().call_later(self.retry_s, again)
 
+    def _current(self) -> tuple[PortMapping, ...]:
+        """What is open, for plan(): the last plan's very mappings when it was applied as
+        it is (plan() then takes that plan's changes only, not a pass over every mapping),
+        else the open groups joined."""
+        if self._applied is not None and self._applied is self.last_plan:
+            return self._applied.mappings
+        return tuple(itertools.chain.from_iterable(self._open.values()))
+
     def _decide(self, guests: tuple[GuestState, ...], host: list[Listener],
                 current: tuple[PortMapping, ...], blocked: tuple[HostEndpoint, ...],
                 policies: Policies, rules: tuple[Rule, ...],
                 own_labels: dict[HostEndpoint, str]
-                ) -> tuple[Plan, dict[MappingKey, tuple[PortMapping, ...]]]:
-        """The plan and its groups, from immutable inputs (runs in a thread)."""
+                ) -> tuple[Plan, Groups]:
+        """The plan and its mappings by (guest, proto, guest port), from immutable inputs
+        (runs in a thread)."""
         if own := self.reverse_own():
             guests = tuple(replace(g, listeners=without_own(g.listeners, g.name, own))
                            for g in guests)
@@ -340,7 +296,12 @@ class Planner:
                   own_pid=os.getpid(), policies=policies, rules=rules, own_labels=own_labels)
         if over:
             pl = replace(pl, skipped=pl.skipped + over, conflicts=too_many + pl.conflicts)
-        return pl, group_mappings(pl.mappings)
+        if pl.by_key is not None:  # kept by the plan (a change regroups its own)
+            return pl, pl.by_key
+        grouped = self._grouped
+        if grouped is None or grouped[0] is not pl.mappings:  # (unchanged: the same tuple)
+            grouped = self._grouped = (pl.mappings, groups_of(pl))
+        return pl, grouped[1]
 
     async def host_watch(self) -> None:
         """The deliberate host poll: while a conflict waits on a host holder, read the host's
@@ -365,128 +326,6 @@ class Planner:
         except (SockmapError, OSError) as e:
             self.log_once(f"host scan: {e}")
             return None
-
-    # -- applying -------------------------------------------------------------------------
-    async def _close(self, key: MappingKey) -> None:
-        assert self.table is not None
-        self._open.pop(key, None)
-        if self.kernel is not None:  # first: new connects reach the closing relay, refused
-            self.kernel.remove(key)
-        self._share.pop(key, None)
-        drain = 0.0 if key.guest in self.purge else self.drain_s
-        t = asyncio.create_task(self.table.close(key, drain_s=drain))
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        await asyncio.sleep(0)  # close() stops listening in its first step: let it run now
-        log.info("closed %s", key)
-
-    def _targets(self, key: MappingKey, group: tuple[PortMapping, ...]
-                 ) -> tuple[tuple[Target, ...], dict[str, Connector]] | str:
-        """One proxy target per host address of ``group`` and the relay connectors they
-        need, or why the group cannot be forwarded (then none of it is)."""
-        targets: list[Target] = []
-        connectors: dict[str, Connector] = {}
-        for m in group:
-            nic = nic_target((m,))
-            if nic is not None:
-                if nic not in self.registry.addrs_of(key.guest):  # never trust past the registry
-                    return f"target {nic} is not an address of guest {key.guest}"
-                targets.append(Target(host_addr=m.host_addr, addr=nic, port=key.port))
-                continue
-            udp = key.proto is Proto.UDP
-            relay = self.udp_relay_connector if udp else self.relay_connector
-            if not isinstance(m.upstream, Relay) or (udp and relay is None):
-                return (f"UDP bound to {m.guest_addr}: the agent relay carries TCP only; bind "
-                        "the guest's NIC address or a wildcard")
-            if relay is None:
-                return "no loopback relay in this daemon (bind the guest's NIC address)"
-            fam = m.upstream.family
-            connectors[m.host_addr] = relay(key.guest, fam)
-            targets.append(Target(host_addr=m.host_addr, addr=LOOPBACK4 if fam == 4
-                                  else LOOPBACK6, port=key.port, via="relay"))
-        return tuple(targets), connectors
-
-    async def _open_groups(self, opens: list[tuple[MappingKey, tuple[PortMapping, ...]]]
-                           ) -> None:
-        """Open ``opens``, APPLY_BATCH at a time, yielding to the loop between batches; from
-        OFFLOAD_OPENS up (a restart: 6,400 at once) each batch's host sockets are made and
-        bound in a thread (~40 % of an open's cost), then served from the loop."""
-        for i in range(0, len(opens), APPLY_BATCH):
-            chunk = opens[i:i + APPLY_BATCH]
-            if len(opens) < OFFLOAD_OPENS:
-                bound: list[Bound | SockmapError | None] = [None] * len(chunk)
-            else:
-                bound = await asyncio.to_thread(_bind_all, chunk)
-            for (key, want), b in zip(chunk, bound, strict=True):
-                if self._open.get(key) != want:
-                    self._open_group(key, want, b)
-                elif b is not None and not isinstance(b, SockmapError):
-                    _close_bound(b)
-            if i + APPLY_BATCH < len(opens):
-                await asyncio.sleep(0)  # many opens: let the loop serve others between
-
-    def _open_group(self, key: MappingKey, group: tuple[PortMapping, ...],
-                    bound: Bound | SockmapError | None = None) -> None:
-        """Open one group; ``bound``: its host sockets made beforehand (``_bind_all``), or
-        why they could not be."""
-        assert self.table is not None
-        self._unforwarded.pop(key, None)
-        found = self._targets(key, group)
-        if isinstance(found, str):  # tried again at every replan: logged once
-            if bound is not None and not isinstance(bound, SockmapError):
-                _close_bound(bound)
-            self.log_once(f"{key}: {found}; not forwarded")
-            self._unforwarded[key] = (group, found)  # `ls --all` shows it
-            return
-        targets, connectors = found
-        spec = MappingSpec(guest=key.guest, proto=key.proto, host_port=group[0].host_port,
-                           targets=targets, drain_s=self.drain_s, connect_timeout_s=5.0)
-        share: ShareConnector | None = None
-        if key in self._shares:  # policy share: this mapping's relay routes by name
-            names = tuple(dict.fromkeys(n for m in group for n in m.names))
-            owners = {t.host_addr: Route(guest=key.guest, names=names,
-                                         connect=sharing.connect_to(spec, t, connectors))
-                      for t in targets}
-            share = ShareConnector(ShareRoutes(owner=owners[targets[0].host_addr],
-                                               owners=owners, port=spec.host_port))
-            connectors = {t.host_addr: share for t in targets}
-        try:
-            if isinstance(bound, SockmapError):
-                raise bound
-            opened = self.table.open(spec, connectors=connectors, bound=bound)
-        except SockmapError as e:
-            cause = e.__cause__
-            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-                for m in group:  # probed again after retry_s (TIME_WAIT: up to 60 s)
-                    self._blocked[m.host_endpoint] = time.monotonic() + self.retry_s
-                self.request_replan()  # so the plan (and the report) says why
-            else:
-                self._unforwarded[key] = (group, f"{e} ({e.hint})" if e.hint else str(e))
-            # retried every retry_s while it lasts (TIME_WAIT: up to 60 s): say it once
-            log.log(logging.DEBUG if key in self._bind_failed else logging.WARNING, "%s", e)
-            self._bind_failed.add(key)
-            return
-        self._bind_failed.discard(key)
-        if share is not None:
-            self._share[key] = share
-        seen = self._first_seen.pop((key.guest, str(key.proto), key.port), None)
-        if seen is not None:
-            self.latency.observe(time.monotonic() - seen)
-        self._open[key] = group
-        self._shown[key] = group
-        path = "relay"
-        if self.kernel is not None and share is None:  # a shared port is routed by the relay
-            path, why = sync_kernel(self.kernel, self.registry, key, group, opened.host_port)
-            if why:
-                self.log_once(f"{key}: {why}; this mapping runs on the relay")
-        log.info("forwarding %s on host port %d (%s): %s", key, spec.host_port, path,
-                 ", ".join(f"{t.host_addr} -> {t.addr}" + (" (relay)" if t.via == "relay"
-                                                           else "") for t in targets))
-
-    def _update_shares(self) -> None:
-        """Give each holder's ShareConnector the guests that share its port now."""
-        sharing.update(self._share, self._open, self._shares, addrs_of=self.registry.addrs_of,
-                       relay_connector=self.relay_connector, nic_target=nic_target)
 
     # -- what `sockmap ls` shows ----------------------------------------------------------
     async def refresh_kernel(self) -> None:

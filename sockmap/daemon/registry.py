@@ -2,7 +2,7 @@
 agent session speaks for each, and which addresses the host may connect to.
 
 No I/O and no asyncio: the daemon feeds protocol messages in and reads ``states()`` out for
-``conflicts.rules.plan``. Listeners are keyed by endpoint (``Listener.key``), so a repeated
+``conflicts.plan.plan``. Listeners are keyed by endpoint (``Listener.key``), so a repeated
 Added or Removed is idempotent and a reconnect's Snapshot replaces everything.
 
 Addresses (``vouch``): the agent reports its NIC addresses, but the host only uses those it
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sockmap import addrs as A
-from sockmap.conflicts.rules import GuestState
+from sockmap.conflicts.mappings import GuestState
 from sockmap.portwatch.records import Listener
 
 ListenerKey = tuple[str, int, str, int]

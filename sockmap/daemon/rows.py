@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sockmap.conflicts.rules import LOOPBACK4, LOOPBACK6, Nic, PortMapping, Relay
+from sockmap.conflicts.decide import LOOPBACK4, LOOPBACK6, Nic, Relay
+from sockmap.conflicts.mappings import PortMapping
 from sockmap.proxy.spec import Target
 
 

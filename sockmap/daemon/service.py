@@ -1,4 +1,4 @@
-"""The host daemon: agents report, ``conflicts.rules.plan`` decides, the proxy forwards.
+"""The host daemon: agents report, ``conflicts.plan.plan`` decides, the proxy forwards.
 
 Shape (uvicorn's): cli.py builds a frozen ``Config`` (no I/O; it has loaded the rules file
 already); ``serve`` installs the signal handlers (SIGTERM, SIGINT: stop; SIGHUP: reload the
@@ -49,8 +49,9 @@ from sockmap import config, configfile, control
 from sockmap.conflicts import attach as attach_rules
 from sockmap.conflicts import report as conflict_report
 from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
+from sockmap.conflicts.mappings import Plan
 from sockmap.conflicts.reverse import ReverseRule, parse_specs
-from sockmap.conflicts.rules import Plan, Policies, Rule
+from sockmap.conflicts.rules import Policies, Rule
 from sockmap.daemon import metrics, sdnotify
 from sockmap.daemon.agents import AgentSessions
 from sockmap.daemon.attachments import Attachments

@@ -1,7 +1,7 @@
 """The daemon's side of shared host ports (policy ``share``): ``plan()``'s ``shared``
 mappings turned into the routes of the holder's ShareConnector (sockmap.proxy.share).
 
-Who shares is decided in ``conflicts.rules.plan`` (``Plan.shared``, ``shared_with``); here
+Who shares is decided in ``conflicts.plan.plan`` (``Plan.shared``, ``shared_with``); here
 only the upstreams are built, each checked against the registry like any mapping's target
 (a guest's routes only ever reach that guest's own addresses, or its agent's relay).
 """
@@ -14,7 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sockmap.conflicts.rules import LOOPBACK4, LOOPBACK6, PortMapping, Relay
+from sockmap.conflicts.decide import LOOPBACK4, LOOPBACK6, Relay
+from sockmap.conflicts.mappings import PortMapping
 from sockmap.proxy import Connector, MappingKey, MappingSpec, Proto, Target, tcp_connector
 from sockmap.proxy.share import Route, ShareConnector
 

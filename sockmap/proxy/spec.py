@@ -2,7 +2,7 @@
 
 The proxy is mechanism, not policy. A spec names the host addresses to bind and, per host
 address, the upstream target explicitly (``Target``); turning a guest listener's bound address
-into host addresses and targets is the job of ``sockmap.conflicts.rules``.
+into host addresses and targets is the job of ``sockmap.conflicts.decide``.
 """
 
 from __future__ import annotations

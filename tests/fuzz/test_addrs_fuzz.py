@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from sockmap import addrs as A
 from sockmap import protocol as p
-from sockmap.conflicts.rules import Nic, decide, nic_addr, plan, relay_target
-from sockmap.daemon import planner
+from sockmap.conflicts.decide import Nic, decide, nic_addr, relay_target
+from sockmap.conflicts.plan import plan
+from sockmap.daemon import applier
 from sockmap.daemon.registry import Assigned, Registry
 from sockmap.portwatch.records import Listener
 
@@ -205,7 +206,7 @@ def test_no_target_is_ever_outside_the_guests_own_addresses(
         if isinstance(m.upstream, Nic):
             own(m.guest, m.upstream.addr)
     # ... and what the daemon would open: a target the registry vouches for
-    for key, group in planner.group_mappings(pl.mappings).items():
-        target = planner.nic_target(group)
+    for key, group in applier.group_mappings(pl.mappings).items():
+        target = applier.nic_target(group)
         if target is not None:
             assert target in r.addrs_of(key.guest), (key, target)

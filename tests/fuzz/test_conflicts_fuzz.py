@@ -8,9 +8,19 @@ import contextlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockmap.conflicts import flat, rules
+from sockmap.conflicts import flat
+from sockmap.conflicts.binds import bind_overlap, host_holders
+from sockmap.conflicts.mappings import (
+    CloseMapping,
+    GuestState,
+    HostEndpoint,
+    OpenMapping,
+    Plan,
+    PortMapping,
+)
+from sockmap.conflicts.plan import plan
 from sockmap.conflicts.records import KINDS, Conflict, Party
-from sockmap.conflicts.rules import CloseMapping, GuestState, OpenMapping, Policies
+from sockmap.conflicts.rules import POLICIES, Policies
 from sockmap.portwatch.records import Family, Listener, Owner, Proto
 
 PORTS = st.integers(8000, 8003)
@@ -79,7 +89,7 @@ def test_flat_delivery_follows_bind_rules(socks: list[Listener]) -> None:
             fam: Family = 6 if ":" in addr else 4
             probe = Listener(proto=proto, family=fam, addr=addr, port=port,
                              v6only=True if fam == 6 else None)
-            assert all(rules.bind_overlap(s, probe) for s in d.receivers)
+            assert all(bind_overlap(s, probe) for s in d.receivers)
             exact = [s for s in group if s.addr == addr]
             if exact:
                 assert not any(wild)
@@ -92,12 +102,12 @@ guests_st = st.lists(
 ).map(lambda gs: [GuestState(name=n, listeners=tuple(ls), addrs=("10.0.0.2", "fd00::2"))
                   for n, ls in gs])
 holders_st = st.lists(sockets(pid=50), max_size=4)
-policies_st = st.sampled_from(rules.POLICIES).map(lambda p: Policies(default=p))
+policies_st = st.sampled_from(POLICIES).map(lambda p: Policies(default=p))
 blocked_st = st.lists(st.tuples(st.sampled_from(PROTOS), st.sampled_from(["127.0.0.1", "::1"]),
                                 PORTS), max_size=2)
 
 
-def _apply(current: tuple[rules.PortMapping, ...], p: rules.Plan) -> set[rules.PortMapping]:
+def _apply(current: tuple[PortMapping, ...], p: Plan) -> set[PortMapping]:
     state = set(current)
     for c in p.commands:
         match c:
@@ -114,22 +124,22 @@ def _apply(current: tuple[rules.PortMapping, ...], p: rules.Plan) -> set[rules.P
 @given(guests_st, holders_st, policies_st, blocked_st, guests_st, holders_st)
 def test_plan_consistent_and_stable(
     guests: list[GuestState], holders: list[Listener], pol: Policies,
-    blocked: list[rules.HostEndpoint], guests2: list[GuestState], holders2: list[Listener],
+    blocked: list[HostEndpoint], guests2: list[GuestState], holders2: list[Listener],
 ) -> None:
-    p1 = rules.plan(guests=guests, host_listeners=holders, policies=pol, blocked=blocked)
+    p1 = plan(guests=guests, host_listeners=holders, policies=pol, blocked=blocked)
     assert _apply((), p1) == set(p1.mappings)
     # one host endpoint, one mapping; never on a port a host process or TIME_WAIT holds
     eps = [m.host_endpoint for m in p1.mappings]
     assert len(eps) == len(set(eps))
     for m in p1.mappings:
-        assert not rules.host_holders(m.proto, m.host_addr, m.host_port, holders)
+        assert not host_holders(m.proto, m.host_addr, m.host_port, holders)
         assert m.host_endpoint not in blocked
     # replanning the same world changes nothing
-    again = rules.plan(guests=guests, host_listeners=holders, policies=pol, blocked=blocked,
+    again = plan(guests=guests, host_listeners=holders, policies=pol, blocked=blocked,
                        current=p1.mappings)
     assert again.commands == () and set(again.mappings) == set(p1.mappings)
     # a changed world: commands still take current to the new desired state
-    p2 = rules.plan(guests=guests2, host_listeners=holders2, policies=pol, current=p1.mappings)
+    p2 = plan(guests=guests2, host_listeners=holders2, policies=pol, current=p1.mappings)
     assert _apply(p1.mappings, p2) == set(p2.mappings)
 
 
@@ -139,8 +149,8 @@ def test_plan_ignores_host_scan_order(guests: list[GuestState], holders: list[Li
                                       pol: Policies, rnd: object) -> None:
     shuffled = list(holders)
     rnd.shuffle(shuffled)  # type: ignore[attr-defined]
-    a = rules.plan(guests=guests, host_listeners=holders, policies=pol)
-    b = rules.plan(guests=guests, host_listeners=shuffled, policies=pol)
+    a = plan(guests=guests, host_listeners=holders, policies=pol)
+    b = plan(guests=guests, host_listeners=shuffled, policies=pol)
     assert a.mappings == b.mappings
     assert [(c.kind, c.port) for c in a.conflicts] == [(c.kind, c.port) for c in b.conflicts]
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import netlab
-from sockmap.conflicts import rules
+from sockmap.conflicts.decide import decide
 from tests.netlab.e2e_fixtures import PROBE, PY, SERVER, Daemon, probe, serve, start_daemon
 
 pytestmark = pytest.mark.netlab
@@ -266,7 +266,7 @@ def test_attached_namespace_addresses_are_never_targets(lab: netlab.Lab,
 
 # UDP to a daemon-watched namespace's loopback comes with the UDP loopback relay (another
 # change: conflicts.rules.decide(udp_relay=...)); an attached namespace uses it as it is
-UDP_RELAY = "udp_relay" in inspect.signature(rules.decide).parameters
+UDP_RELAY = "udp_relay" in inspect.signature(decide).parameters
 
 
 @pytest.mark.skipif(not UDP_RELAY, reason="needs the UDP loopback relay for netns guests")

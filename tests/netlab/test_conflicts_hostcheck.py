@@ -1,6 +1,6 @@
 """The NAT-mode host-port check against a real kernel, before the daemon exists: scan a lab
 "host" namespace the way the daemon will (every socket with its owner, shipped through the
-protocol's listener codec), feed it to rules.plan, and check who is named. Also reproduces a
+protocol's listener codec), feed it to plan, and check who is named. Also reproduces a
 port blocked by TIME_WAIT: bind() fails with EADDRINUSE even with SO_REUSEADDR and nobody
 listens, which plan reports as its own kind and retries whatever the policy.
 """
@@ -14,8 +14,10 @@ import pytest
 
 import netlab
 from sockmap import protocol
-from sockmap.conflicts import rules
-from sockmap.conflicts.rules import GuestState, Policies
+from sockmap.conflicts.binds import host_holders
+from sockmap.conflicts.mappings import GuestState, HostEndpoint
+from sockmap.conflicts.plan import plan
+from sockmap.conflicts.rules import POLICIES, Policies
 from sockmap.portwatch.records import Listener
 from tests.netlab.test_conflicts_flat import serve
 
@@ -64,16 +66,16 @@ def web(port: int) -> GuestState:
 def test_host_holder_named_then_gone(lab: netlab.Lab) -> None:
     holder = serve(lab.host, "tcp/4/0.0.0.0/8080")
     scan = host_scan(lab.host)
-    p = rules.plan(guests=[web(8080)], host_listeners=scan)
+    p = plan(guests=[web(8080)], host_listeners=scan)
     (c,) = p.conflicts
     assert c.kind == "host_port_in_use" and p.mappings == ()
     host = [x for x in c.parties if x.side == "host"]
     assert [(x.pid, x.process, x.addr) for x in host] == [(holder, "python3", "0.0.0.0")]
-    remapped = rules.plan(guests=[web(8080)], host_listeners=scan,
+    remapped = plan(guests=[web(8080)], host_listeners=scan,
                           policies=Policies(default="remap"))
     assert {m.host_port for m in remapped.mappings} == {8081}
     lab.host.stop_processes()
-    again = rules.plan(guests=[web(8080)], host_listeners=host_scan(lab.host),
+    again = plan(guests=[web(8080)], host_listeners=host_scan(lab.host),
                        current=p.mappings)
     assert again.conflicts == () and {m.host_port for m in again.mappings} == {8080}
 
@@ -84,10 +86,10 @@ def test_time_wait_blocks_bind_with_no_holder(lab: netlab.Lab) -> None:
     assert out[:2] == ["errno", "98"], out  # EADDRINUSE although nothing listens
     port = int(out[2])
     scan = host_scan(lab.host)
-    assert not rules.host_holders("tcp", "127.0.0.1", port, scan)
-    blocked: list[rules.HostEndpoint] = [("tcp", "127.0.0.1", port)]
-    for pol in rules.POLICIES:
-        p = rules.plan(guests=[web(port)], host_listeners=scan, blocked=blocked,
+    assert not host_holders("tcp", "127.0.0.1", port, scan)
+    blocked: list[HostEndpoint] = [("tcp", "127.0.0.1", port)]
+    for pol in POLICIES:
+        p = plan(guests=[web(port)], host_listeners=scan, blocked=blocked,
                        policies=Policies(default=pol))
         assert [c.kind for c in p.conflicts] == ["time_wait"]
         assert p.retry == (("tcp", "127.0.0.1", port),) and p.mappings == ()

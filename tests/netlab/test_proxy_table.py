@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sockmap.conflicts.rules import Nic, PortMapping
-from sockmap.daemon import planner
+from sockmap.conflicts.decide import Nic
+from sockmap.conflicts.mappings import PortMapping
+from sockmap.daemon import applier
 from sockmap.errors import SockmapError
 from sockmap.proxy import (
     MappingKey,
@@ -330,7 +331,7 @@ async def test_sockets_bound_beforehand_are_taken_over_or_closed(echo_port: int)
     group = tuple(PortMapping(guest="t", proto="tcp", host_addr=a, host_port=port,
                               guest_addr="0.0.0.0", guest_port=port,
                               upstream=Nic(addr="127.0.0.1")) for a in ("127.0.0.1", "::1"))
-    (err,) = planner._bind_all([(key, group)])
+    (err,) = applier._bind_all([(key, group)])
     assert isinstance(err, SockmapError) and "in use" in err.message
     assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.EADDRINUSE
     probe = socket.socket()  # nothing half-done: 127.0.0.1:port was released

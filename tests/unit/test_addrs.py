@@ -8,7 +8,7 @@ import pytest
 
 from sockmap import addrs as A
 from sockmap import protocol as p
-from sockmap.conflicts.rules import Forwarded, Nic, NotForwarded, decide, nic_addr
+from sockmap.conflicts.decide import Forwarded, Nic, NotForwarded, decide, nic_addr
 from sockmap.daemon.registry import Assigned, Registry, vouch
 from sockmap.portwatch.records import Listener
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st_
 
-from sockmap.conflicts.rules import Nic, PortMapping, Relay
+from sockmap.conflicts.decide import Nic, Relay
+from sockmap.conflicts.mappings import PortMapping
 from sockmap.daemon.kernelsync import kernel_entries
 from sockmap.errors import SockmapError
 from sockmap.proxy import bpfasm as a

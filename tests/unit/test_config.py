@@ -158,7 +158,8 @@ def test_load(tmp_path: Path) -> None:
 
 def test_offset_and_fixed_port_in_plan() -> None:
     """What the rules do, through plan(): the decisions live in conflicts.rules."""
-    from sockmap.conflicts.rules import GuestState, plan
+    from sockmap.conflicts.mappings import GuestState
+    from sockmap.conflicts.plan import plan
     from sockmap.portwatch.records import Owner
 
     def li(port: int, comm: str = "srv", addr: str = "0.0.0.0") -> Listener:
@@ -200,7 +201,9 @@ action = "ignore"
 
 
 def test_rule_policy_beats_default() -> None:
-    from sockmap.conflicts.rules import GuestState, Policies, plan
+    from sockmap.conflicts.mappings import GuestState
+    from sockmap.conflicts.plan import plan
+    from sockmap.conflicts.rules import Policies
     from sockmap.portwatch.records import Owner
 
     holder = Listener(proto="tcp", family=4, addr="127.0.0.1", port=8000, inode=1,
@@ -273,7 +276,8 @@ def test_not_shadowed(text: str) -> None:
 
 
 def test_forwarder_path_keys() -> None:
-    from sockmap.conflicts.rules import GuestState, plan
+    from sockmap.conflicts.mappings import GuestState
+    from sockmap.conflicts.plan import plan
 
     c = config.parse('[daemon]\npath = "relay"\ncgroup = "/sys/fs/cgroup/unified/x"\n'
                      '[[rule]]\nport = 8000\npath = "relay"\n')

@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sockmap import config, configrules
-from sockmap.conflicts.rules import GuestState, Rule, plan
+from sockmap.conflicts.mappings import GuestState
+from sockmap.conflicts.plan import plan
+from sockmap.conflicts.rules import Rule
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Listener
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sockmap.cli import lsview
-from sockmap.conflicts import rules
-from sockmap.conflicts.rules import GuestState, Policies
+from sockmap.conflicts.mappings import GuestState
+from sockmap.conflicts.plan import plan
+from sockmap.conflicts.rules import Policies
 from sockmap.daemon.service import Config, Daemon
 from sockmap.portwatch.records import Listener, Owner
 from sockmap.proxy import MappingTable
@@ -27,7 +28,7 @@ def test_waiting_rows_from_the_plan(tmp_path: Path) -> None:
     assert d.rows() == []  # before startup: nothing to list
     d.table = MappingTable()
     g = [GuestState(name="dev1", listeners=(_li("::"),), addrs=("10.0.0.2", "fd00::2"))]
-    d.last_plan = rules.plan(guests=g, host_listeners=[HOLDER],
+    d.last_plan = plan(guests=g, host_listeners=[HOLDER],
                              policies=Policies(default="wait"))
     (row,) = d.rows()
     assert {k: row[k] for k in ("guest", "proto", "host_addrs", "host_port", "guest_addr",
@@ -40,7 +41,7 @@ def test_waiting_rows_from_the_plan(tmp_path: Path) -> None:
     text = lsview.render(d.rows())
     assert "STATE" in text and "waiting" in text and "localhost:8000" in text
     # under fail nothing waits: the listener is only in the conflicts report
-    d.last_plan = rules.plan(guests=g, host_listeners=[HOLDER])
+    d.last_plan = plan(guests=g, host_listeners=[HOLDER])
     assert d.rows() == []
 
 
@@ -68,7 +69,7 @@ def test_not_forwarded_rows_follow_the_table(tmp_path: Path) -> None:
     udp = Listener(proto="udp", family=4, addr="127.0.0.1", port=5353, inode=7,
                    owner=Owner(pid=7, comm="dnsd"))
     g = [GuestState(name="dev1", listeners=(udp,), addrs=("10.0.0.2",))]
-    d.last_plan = rules.plan(guests=g, host_listeners=[])
+    d.last_plan = plan(guests=g, host_listeners=[])
     assert d.rows() == []
     (row,) = d.rows(not_forwarded=True)
     assert row["state"] == "not forwarded" and row["guest_port"] == 5353

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from sockmap.cli import main as cli
-from sockmap.conflicts import flat, report, rules
+from sockmap.conflicts import flat, report
+from sockmap.conflicts.mappings import GuestState
+from sockmap.conflicts.plan import plan
 from sockmap.conflicts.records import KINDS
 from sockmap.portwatch.records import Listener, Owner
 
@@ -32,7 +34,7 @@ def test_text_block_names_every_party() -> None:
 
 
 def test_text_nat_conflict_and_guest_side() -> None:
-    p = rules.plan(guests=[rules.GuestState(name="dev1", listeners=(_li("0.0.0.0", 5, "node"),),
+    p = plan(guests=[GuestState(name="dev1", listeners=(_li("0.0.0.0", 5, "node"),),
                                             addrs=("10.0.0.2",))],
                    host_listeners=[_li("127.0.0.1", 6, "nginx")])
     text = report.render_text(p.conflicts)
@@ -43,7 +45,7 @@ def test_text_nat_conflict_and_guest_side() -> None:
 
 
 def test_time_wait_party_has_no_process() -> None:
-    p = rules.plan(guests=[rules.GuestState(name="g", listeners=(_li("0.0.0.0", 5, "srv"),))],
+    p = plan(guests=[GuestState(name="g", listeners=(_li("0.0.0.0", 5, "srv"),))],
                    blocked=[("tcp", "127.0.0.1", 8000)])
     text = report.render_text(p.conflicts)
     assert "time_wait: tcp port 8000" in text and "retrying" in text
@@ -86,10 +88,10 @@ def test_cli_conflicts_without_flat_needs_daemon(tmp_path: object,
 
 def test_json_round_trip_every_nat_kind() -> None:
     host = [_li("127.0.0.1", 6, "nginx")]
-    g = [rules.GuestState(name=n, listeners=(_li("0.0.0.0", pid, "node"),), addrs=(a,))
+    g = [GuestState(name=n, listeners=(_li("0.0.0.0", pid, "node"),), addrs=(a,))
          for n, pid, a in (("a", 5, "10.0.0.2"), ("b", 7, "10.0.0.6"))]
-    cs = (*rules.plan(guests=g, host_listeners=host).conflicts,
-          *rules.plan(guests=g[:1], blocked=[("tcp", "127.0.0.1", 8000)]).conflicts,
+    cs = (*plan(guests=g, host_listeners=host).conflicts,
+          *plan(guests=g[:1], blocked=[("tcp", "127.0.0.1", 8000)]).conflicts,
           *flat.analyse([_li("127.0.0.1", 11, "vite"), _li("::1", 22, "rails", uid=1000)]))
     assert {c.kind for c in cs} >= {"host_port_in_use", "time_wait", "ipv4_ipv6_split"}
     back = report.from_json(json.loads(json.dumps(report.to_json(cs))))

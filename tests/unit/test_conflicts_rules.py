@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import pytest
 
-from sockmap.conflicts import rules as r
-from sockmap.conflicts.rules import (
+from sockmap.conflicts.binds import host_holders
+from sockmap.conflicts.decide import (
     Binding,
-    CloseMapping,
     Forwarded,
-    GuestState,
     Nic,
     NotForwarded,
-    OpenMapping,
-    Policies,
-    PolicyRule,
-    PortMapping,
     Relay,
+    Upstream,
+    decide,
+    host_bind_addrs,
+    relay_target,
 )
+from sockmap.conflicts.mappings import (
+    CloseMapping,
+    GuestState,
+    HostEndpoint,
+    OpenMapping,
+    Plan,
+    PortMapping,
+)
+from sockmap.conflicts.plan import plan
+from sockmap.conflicts.rules import POLICIES, Policies, Policy, PolicyRule
 from sockmap.portwatch.records import Family, Listener, Owner, Proto
 
 ADDRS = ("10.0.0.2", "fd00::2", "fe80::2")
@@ -57,10 +65,10 @@ DECIDE = [
 
 @pytest.mark.parametrize(("addr", "v6only", "addrs", "want"), DECIDE)
 def test_decide(addr: str, v6only: bool | None, addrs: tuple[str, ...],
-                want: tuple[tuple[str, r.Upstream], ...]) -> None:
-    d = r.decide(L(addr, v6only=v6only), addrs)
+                want: tuple[tuple[str, Upstream], ...]) -> None:
+    d = decide(L(addr, v6only=v6only), addrs)
     assert d == Forwarded(bindings=tuple(Binding(host_addr=h, upstream=u) for h, u in want))
-    assert r.host_bind_addrs(L(addr, v6only=v6only), addrs) == tuple(h for h, _ in want)
+    assert host_bind_addrs(L(addr, v6only=v6only), addrs) == tuple(h for h, _ in want)
 
 
 @pytest.mark.parametrize(("addr", "words"), [
@@ -70,10 +78,10 @@ def test_decide(addr: str, v6only: bool | None, addrs: tuple[str, ...],
     ("fd00::9", "not one of this guest's addresses"),
 ])
 def test_not_forwarded(addr: str, words: str) -> None:
-    d = r.decide(L(addr, v6only=True), ADDRS)
+    d = decide(L(addr, v6only=True), ADDRS)
     assert isinstance(d, NotForwarded)
     assert words in d.reason and addr in d.reason
-    assert r.host_bind_addrs(L(addr, v6only=True), ADDRS) == ()
+    assert host_bind_addrs(L(addr, v6only=True), ADDRS) == ()
 
 
 HOLD = [
@@ -99,19 +107,19 @@ HOLD = [
 
 @pytest.mark.parametrize(("want", "host", "held"), HOLD)
 def test_host_holders(want: str, host: Listener, held: bool) -> None:
-    assert bool(r.host_holders("tcp", want, 8000, [host])) == held
+    assert bool(host_holders("tcp", want, 8000, [host])) == held
 
 
 def guest(name: str, *lis: Listener, addrs: tuple[str, ...] = ADDRS) -> GuestState:
     return GuestState(name=name, listeners=lis, addrs=addrs)
 
 
-def opened(p: r.Plan) -> list[tuple[str, str, int]]:
+def opened(p: Plan) -> list[tuple[str, str, int]]:
     return [(c.mapping.guest, c.mapping.host_addr, c.mapping.host_port)
             for c in p.commands if isinstance(c, OpenMapping)]
 
 
-def closed(p: r.Plan) -> list[tuple[str, str, int]]:
+def closed(p: Plan) -> list[tuple[str, str, int]]:
     return [(c.mapping.guest, c.mapping.host_addr, c.mapping.host_port)
             for c in p.commands if isinstance(c, CloseMapping)]
 
@@ -120,22 +128,22 @@ HOLDER = L("0.0.0.0", pid=7, comm="nginx")
 
 
 def test_plan_opens_and_is_stable() -> None:
-    p = r.plan(guests=[guest("a", L("::", v6only=False))])
+    p = plan(guests=[guest("a", L("::", v6only=False))])
     assert opened(p) == [("a", "127.0.0.1", 8000), ("a", "::1", 8000)]
     assert p.conflicts == ()
-    again = r.plan(guests=[guest("a", L("::", v6only=False))], current=p.mappings)
+    again = plan(guests=[guest("a", L("::", v6only=False))], current=p.mappings)
     assert again.commands == () and again.mappings == p.mappings
 
 
 def test_plan_closes_when_listener_gone() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0"))])
-    gone = r.plan(guests=[guest("a")], current=p.mappings)
+    p = plan(guests=[guest("a", L("0.0.0.0"))])
+    gone = plan(guests=[guest("a")], current=p.mappings)
     assert closed(gone) == [("a", "127.0.0.1", 8000)] and gone.mappings == ()
 
 
 def test_plan_retargets_on_ip_change() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0"))])
-    moved = r.plan(guests=[guest("a", L("0.0.0.0"), addrs=("10.0.0.7",))], current=p.mappings)
+    p = plan(guests=[guest("a", L("0.0.0.0"))])
+    moved = plan(guests=[guest("a", L("0.0.0.0"), addrs=("10.0.0.7",))], current=p.mappings)
     assert closed(moved) == opened(moved) == [("a", "127.0.0.1", 8000)]
     assert moved.mappings[0].upstream == Nic(addr="10.0.0.7")
     # closes come before opens, so the host port is free again when it is reopened
@@ -143,7 +151,7 @@ def test_plan_retargets_on_ip_change() -> None:
 
 
 def test_fail_policy_reports_host_holder() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0", comm="vite"))], host_listeners=[HOLDER])
+    p = plan(guests=[guest("a", L("0.0.0.0", comm="vite"))], host_listeners=[HOLDER])
     assert p.commands == () and p.mappings == ()
     (c,) = p.conflicts
     assert c.kind == "host_port_in_use" and c.port == 8000 and c.proto == "tcp"
@@ -154,8 +162,8 @@ def test_fail_policy_reports_host_holder() -> None:
 
 def test_fail_conflict_clears_when_holder_exits() -> None:
     g = [guest("a", L("0.0.0.0"))]
-    p1 = r.plan(guests=g, host_listeners=[HOLDER])
-    p2 = r.plan(guests=g, host_listeners=[], current=p1.mappings)
+    p1 = plan(guests=g, host_listeners=[HOLDER])
+    p2 = plan(guests=g, host_listeners=[], current=p1.mappings)
     assert p2.conflicts == () and opened(p2) == [("a", "127.0.0.1", 8000)]
 
 
@@ -163,16 +171,16 @@ def test_remap_next_free_port_and_stability() -> None:
     pol = Policies(default="remap")
     g = [guest("a", L("0.0.0.0"))]
     holders = [HOLDER, L("127.0.0.1", port=8001, pid=8)]
-    p = r.plan(guests=g, host_listeners=holders, policies=pol)
+    p = plan(guests=g, host_listeners=holders, policies=pol)
     assert opened(p) == [("a", "127.0.0.1", 8002)]
     (c,) = p.conflicts
     assert c.kind == "host_port_in_use" and "8002" in c.resolution
     assert p.mappings[0].remapped
     # stays on 8002 while 8000 is held, even though 8001 freed meanwhile
-    p2 = r.plan(guests=g, host_listeners=[HOLDER], policies=pol, current=p.mappings)
+    p2 = plan(guests=g, host_listeners=[HOLDER], policies=pol, current=p.mappings)
     assert p2.commands == () and len(p2.conflicts) == 1
     # and moves back once 8000 is free
-    p3 = r.plan(guests=g, host_listeners=[], policies=pol, current=p2.mappings)
+    p3 = plan(guests=g, host_listeners=[], policies=pol, current=p2.mappings)
     assert closed(p3) == [("a", "127.0.0.1", 8002)] and opened(p3) == [("a", "127.0.0.1", 8000)]
     assert p3.conflicts == ()
 
@@ -180,13 +188,13 @@ def test_remap_next_free_port_and_stability() -> None:
 def test_remap_needs_a_port_free_on_every_host_address() -> None:
     pol = Policies(default="remap")
     holders = [L("::1", pid=7), L("127.0.0.1", port=8001, pid=8)]
-    p = r.plan(guests=[guest("a", L("::", v6only=False))], host_listeners=holders,
+    p = plan(guests=[guest("a", L("::", v6only=False))], host_listeners=holders,
                policies=pol)
     assert opened(p) == [("a", "127.0.0.1", 8002), ("a", "::1", 8002)]
 
 
 def test_remap_never_below_1024() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0", port=80))],
+    p = plan(guests=[guest("a", L("0.0.0.0", port=80))],
                host_listeners=[L("0.0.0.0", port=80, pid=7)], policies=Policies(default="remap"))
     assert opened(p) == [("a", "127.0.0.1", 1024)]
 
@@ -194,22 +202,22 @@ def test_remap_never_below_1024() -> None:
 def test_wait_policy_opens_when_port_frees() -> None:
     pol = Policies(rules=(PolicyRule(policy="wait", ports=(8000, 8000)),))
     g = [guest("a", L("0.0.0.0"))]
-    p = r.plan(guests=g, host_listeners=[HOLDER], policies=pol)
+    p = plan(guests=g, host_listeners=[HOLDER], policies=pol)
     assert p.commands == () and p.waiting == (("tcp", "127.0.0.1", 8000),)
     assert "policy wait" in p.conflicts[0].resolution
     assert [(m.guest, m.host_addr, m.host_port) for m in p.pending] == [
         ("a", "127.0.0.1", 8000)] and p.remapped == ()
-    p2 = r.plan(guests=g, host_listeners=[], policies=pol, current=p.mappings)
+    p2 = plan(guests=g, host_listeners=[], policies=pol, current=p.mappings)
     assert opened(p2) == [("a", "127.0.0.1", 8000)] and p2.conflicts == () and not p2.waiting
 
 
 def test_dual_stack_is_all_or_nothing() -> None:
-    p = r.plan(guests=[guest("a", L("::", v6only=False))], host_listeners=[L("::1", pid=7)])
+    p = plan(guests=[guest("a", L("::", v6only=False))], host_listeners=[L("::1", pid=7)])
     assert p.mappings == () and p.conflicts[0].kind == "host_port_in_use"
 
 
 def test_two_guests_first_keeps_port() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0", pid=1)), guest("b", L("0.0.0.0", pid=2))])
+    p = plan(guests=[guest("a", L("0.0.0.0", pid=1)), guest("b", L("0.0.0.0", pid=2))])
     assert opened(p) == [("a", "127.0.0.1", 8000)]
     (c,) = p.conflicts
     assert c.kind == "guests_collide"
@@ -218,7 +226,7 @@ def test_two_guests_first_keeps_port() -> None:
 
 
 def test_two_guests_remap_second() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0"))],
+    p = plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0"))],
                policies=Policies(rules=(PolicyRule(policy="remap", guest="b"),)))
     assert opened(p) == [("a", "127.0.0.1", 8000), ("b", "127.0.0.1", 8001)]
     assert p.conflicts[0].kind == "guests_collide" and "8001" in p.conflicts[0].resolution
@@ -226,23 +234,23 @@ def test_two_guests_remap_second() -> None:
 
 
 def test_current_holder_keeps_port_whatever_guest_order() -> None:
-    first = r.plan(guests=[guest("b", L("0.0.0.0"))])
-    p = r.plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0"))],
+    first = plan(guests=[guest("b", L("0.0.0.0"))])
+    p = plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0"))],
                current=first.mappings)
     assert p.commands == () and p.mappings == first.mappings
     assert [x.guest for x in p.conflicts[0].parties] == ["b", "a"]
 
 
 def test_two_guests_loopback_vs_dual_stack_collide_on_ipv4_only() -> None:
-    p = r.plan(guests=[guest("a", L("127.0.0.1")), guest("b", L("::", v6only=False))])
+    p = plan(guests=[guest("a", L("127.0.0.1")), guest("b", L("::", v6only=False))])
     assert opened(p) == [("a", "127.0.0.1", 8000)]
     assert p.conflicts[0].kind == "guests_collide"
 
 
 def test_time_wait_retried_whatever_policy() -> None:
-    ep: r.HostEndpoint = ("tcp", "127.0.0.1", 8000)
-    for pol in r.POLICIES:
-        p = r.plan(guests=[guest("a", L("0.0.0.0"))], blocked=[ep],
+    ep: HostEndpoint = ("tcp", "127.0.0.1", 8000)
+    for pol in POLICIES:
+        p = plan(guests=[guest("a", L("0.0.0.0"))], blocked=[ep],
                    policies=Policies(default=pol))
         assert p.mappings == () and p.retry == (ep,)
         (c,) = p.conflicts
@@ -252,7 +260,7 @@ def test_time_wait_retried_whatever_policy() -> None:
             ("guest", "0.0.0.0", False), ("host", "127.0.0.1", True)]
         assert "TIME_WAIT" in c.parties[1].receives and "retrying" in c.resolution
         assert [(m.host_addr, m.host_port) for m in p.pending] == [("127.0.0.1", 8000)]
-    p = r.plan(guests=[guest("a", L("0.0.0.0"))], blocked=[])
+    p = plan(guests=[guest("a", L("0.0.0.0"))], blocked=[])
     assert opened(p) == [("a", "127.0.0.1", 8000)]
 
 
@@ -269,27 +277,27 @@ def test_a_want_waiting_for_time_wait_keeps_its_other_endpoints(first: tuple[Lis
     port = first[-1].port
     gs = [guest("b", *first), guest("a", L("0.0.0.0"))]
     pol, blocked = Policies(default="remap"), [("tcp", "::1", port)]
-    p1 = r.plan(guests=gs, policies=pol, blocked=blocked)
+    p1 = plan(guests=gs, policies=pol, blocked=blocked)
     assert ("tcp", "127.0.0.1", port) not in {m.host_endpoint for m in p1.mappings}
     assert ("b", "127.0.0.1", port) in {(m.guest, m.host_addr, m.host_port)
                                         for m in p1.pending}
-    again = r.plan(guests=gs, policies=pol, blocked=blocked, current=p1.mappings)
+    again = plan(guests=gs, policies=pol, blocked=blocked, current=p1.mappings)
     assert again.commands == () and set(again.mappings) == set(p1.mappings)
 
 
 def test_blocked_with_a_holder_is_host_port_in_use() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0"))], blocked=[("tcp", "127.0.0.1", 8000)],
+    p = plan(guests=[guest("a", L("0.0.0.0"))], blocked=[("tcp", "127.0.0.1", 8000)],
                host_listeners=[HOLDER])
     assert [c.kind for c in p.conflicts] == ["host_port_in_use"] and p.retry == ()
 
 
 def test_own_sockets_are_not_holders() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0"))])
+    p = plan(guests=[guest("a", L("0.0.0.0"))])
     mine = L("127.0.0.1", pid=999)
-    again = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[mine],
+    again = plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[mine],
                    current=p.mappings)
     assert again.conflicts == () and again.commands == ()
-    by_pid = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[L("127.0.0.1", pid=5)],
+    by_pid = plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[L("127.0.0.1", pid=5)],
                     current=p.mappings, own_pid=5)
     assert by_pid.conflicts == () and by_pid.commands == ()
 
@@ -305,33 +313,33 @@ def test_the_daemons_other_sockets_hold_their_ports_by_name(
     """Its agent listener or metrics endpoint on a port a guest listens on: a holder that
     says which sockmap socket it is (not a TIME_WAIT with no process), and policies apply."""
     own = L("127.0.0.1", pid=5)
-    p = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[own], own_pid=5,
+    p = plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[own], own_pid=5,
                own_labels=labels)
     (c,) = p.conflicts
     assert c.kind == "host_port_in_use" and p.mappings == ()
     assert f"held by {name} (pid 5)" in c.summary, c.summary
     assert c.parties[1].process == name and name in c.parties[1].receives
     assert "another port" in c.fix
-    remap = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[own], own_pid=5,
+    remap = plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[own], own_pid=5,
                    own_labels=labels,
-                   policies=r.Policies(default="remap"))
+                   policies=Policies(default="remap"))
     assert opened(remap) == [("a", "127.0.0.1", 8001)]
 
 
 def test_not_forwardable_is_skipped_with_reason() -> None:
-    p = r.plan(guests=[guest("a", L("192.168.9.9"))])
+    p = plan(guests=[guest("a", L("192.168.9.9"))])
     assert p.mappings == () and p.conflicts == ()
     assert "192.168.9.9" in p.skipped[0].reason
 
 
 def test_same_guest_same_host_endpoint_once() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0", proto="udp", port=53),
+    p = plan(guests=[guest("a", L("0.0.0.0", proto="udp", port=53),
                              L("10.0.0.2", proto="udp", port=53, pid=101))])
     assert opened(p) == [("a", "127.0.0.1", 53)] and p.conflicts == ()
 
 
 def test_tcp_and_udp_do_not_collide() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0", proto="udp"))])
+    p = plan(guests=[guest("a", L("0.0.0.0")), guest("b", L("0.0.0.0", proto="udp"))])
     assert len(p.mappings) == 2 and p.conflicts == ()
 
 
@@ -368,7 +376,7 @@ def test_mapping_equality_ignores_process() -> None:
 ])
 def test_relay_target(reported: list[Listener], req: tuple[Proto, Family, int],
                       want: str | None) -> None:
-    assert r.relay_target(reported, *req) == want
+    assert relay_target(reported, *req) == want
 
 
 @pytest.mark.parametrize(("addr", "v6only", "addrs"), [a[:3] for a in DECIDE])
@@ -376,17 +384,17 @@ def test_relay_decisions_are_accepted_by_the_agent(addr: str, v6only: bool | Non
                                                    addrs: tuple[str, ...]) -> None:
     """Whenever decide() routes through the relay, the agent's relay_target agrees."""
     li = L(addr, v6only=v6only)
-    d = r.decide(li, addrs)
+    d = decide(li, addrs)
     assert isinstance(d, Forwarded)
     for b in d.bindings:
         if isinstance(b.upstream, Relay):
-            assert r.relay_target([li], li.proto, b.upstream.family, b.upstream.port)
+            assert relay_target([li], li.proto, b.upstream.family, b.upstream.port)
 
 
 def test_another_process_on_our_endpoint_is_a_holder_when_pids_are_known() -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0"))], own_pid=5)
+    p = plan(guests=[guest("a", L("0.0.0.0"))], own_pid=5)
     intruder = L("127.0.0.1", pid=7, comm="sneaky")  # e.g. joined with SO_REUSEPORT
-    again = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[L("127.0.0.1", pid=5),
+    again = plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[L("127.0.0.1", pid=5),
                                                                        intruder],
                    current=p.mappings, own_pid=5)
     assert [c.kind for c in again.conflicts] == ["host_port_in_use"]
@@ -398,9 +406,9 @@ def test_another_process_on_our_endpoint_is_a_holder_when_pids_are_known() -> No
     ("remap", "forwarded on host port 8001 instead of 8000", "mapping moves back by itself"),
     ("wait", "forwarded as soon as it is free (policy wait)", "forward then opens by itself"),
 ])
-def test_host_conflict_resolution_and_fix_follow_the_policy(pol: r.Policy, resolution: str,
+def test_host_conflict_resolution_and_fix_follow_the_policy(pol: Policy, resolution: str,
                                                            fix: str) -> None:
-    p = r.plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[HOLDER],
+    p = plan(guests=[guest("a", L("0.0.0.0"))], host_listeners=[HOLDER],
                policies=Policies(default=pol))
     (c,) = p.conflicts
     assert resolution in c.resolution and fix in c.fix and "nginx (pid 7)" in c.fix
@@ -421,9 +429,9 @@ DECIDE_UDP = [
 @pytest.mark.parametrize(("addr", "v6only", "addrs", "want"), DECIDE_UDP)
 def test_decide_udp_never_through_the_relay(
     addr: str, v6only: bool | None, addrs: tuple[str, ...],
-    want: tuple[tuple[str, r.Upstream], ...] | None,
+    want: tuple[tuple[str, Upstream], ...] | None,
 ) -> None:
-    d = r.decide(L(addr, v6only=v6only, proto="udp"), addrs)
+    d = decide(L(addr, v6only=v6only, proto="udp"), addrs)
     if want is None:
         assert isinstance(d, NotForwarded) and "TCP only" in d.reason
     else:
@@ -438,7 +446,7 @@ def test_second_listener_on_a_host_port_the_guest_forwards_is_skipped_with_a_rea
     g = GuestState(name="g", listeners=(L("127.0.0.1", pid=1), L("10.0.0.2", pid=2),
                                         L("::", 9000, v6only=False, pid=3),
                                         L("0.0.0.0", 9000, pid=4)), addrs=ADDRS)
-    p = r.plan(guests=[g], host_listeners=[])
+    p = plan(guests=[g], host_listeners=[])
     assert sorted((m.guest_addr, m.host_addr, m.host_port) for m in p.mappings) == [
         ("0.0.0.0", "127.0.0.1", 9000), ("10.0.0.2", "127.0.0.1", 8000),
         ("::", "::1", 9000)]
@@ -459,14 +467,14 @@ DECIDE_UDP_LOCAL = [
 @pytest.mark.parametrize(("addr", "v6only", "addrs", "want"), DECIDE_UDP_LOCAL)
 def test_decide_udp_through_the_relay_of_a_watched_netns_guest(
     addr: str, v6only: bool | None, addrs: tuple[str, ...],
-    want: tuple[tuple[str, r.Upstream], ...],
+    want: tuple[tuple[str, Upstream], ...],
 ) -> None:
     li = L(addr, 53, v6only=v6only, proto="udp")
-    d = r.decide(li, addrs, udp_relay=True)
+    d = decide(li, addrs, udp_relay=True)
     assert d == Forwarded(bindings=tuple(Binding(host_addr=h, upstream=u) for h, u in want))
-    pl = r.plan(guests=[r.GuestState(name="g", listeners=(li,),
+    pl = plan(guests=[GuestState(name="g", listeners=(li,),
                                      addrs=addrs, udp_relay=True)])
     assert {m.host_addr for m in pl.mappings} == {h for h, _ in want} and not pl.skipped
-    pl = r.plan(guests=[r.GuestState(name="g", listeners=(li,),
+    pl = plan(guests=[GuestState(name="g", listeners=(li,),
                                      addrs=addrs)])  # a VM's agent: no UDP relay
     assert all(not isinstance(m.upstream, Relay) for m in pl.mappings)

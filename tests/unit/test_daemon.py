@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from sockmap import protocol as p
 from sockmap import reports
 from sockmap.agent import dial
-from sockmap.conflicts.rules import Nic, PortMapping, Relay, plan
-from sockmap.daemon import planner
+from sockmap.conflicts.decide import Nic, Relay
+from sockmap.conflicts.mappings import PortMapping
+from sockmap.conflicts.plan import plan
+from sockmap.daemon import applier
 from sockmap.daemon import service as daemon
 from sockmap.daemon.registry import Registry, usable_addrs
 from sockmap.errors import SockmapError
@@ -96,21 +98,21 @@ def test_group_mappings_and_target_from_plan() -> None:
     r.snapshot("a", [li("::", 8080, v6only=False), li("::", 8081, v6only=True),
                      li("0.0.0.0", 8082), li("127.0.0.1", 3000)], [G4, G6])
     pl = plan(guests=r.states())
-    groups = planner.group_mappings(pl.mappings)
+    groups = applier.group_mappings(pl.mappings)
     k = {g.port: g for g in groups}
     dual = groups[k[8080]]
     assert sorted(m.host_addr for m in dual) == ["127.0.0.1", "::1"]
-    assert planner.nic_target(dual) == G4  # a dual-stack server takes IPv4 too
-    assert planner.nic_target(groups[k[8081]]) == G6
-    assert planner.nic_target(groups[k[8082]]) == G4
-    assert planner.nic_target(groups[k[3000]]) is None  # loopback-only: the relay's job
+    assert applier.nic_target(dual) == G4  # a dual-stack server takes IPv4 too
+    assert applier.nic_target(groups[k[8081]]) == G6
+    assert applier.nic_target(groups[k[8082]]) == G4
+    assert applier.nic_target(groups[k[3000]]) is None  # loopback-only: the relay's job
     assert all(key.guest == "a" and key.proto is Proto.TCP for key in groups)
 
 
 def test_group_holds_each_familys_listener_of_a_port() -> None:
     ms = (pm("a", "127.0.0.1", "0.0.0.0", 80, Nic(addr=G4)),
           pm("a", "::1", "::", 80, Nic(addr=G6)))
-    (key, group), = planner.group_mappings(ms).items()
+    (key, group), = applier.group_mappings(ms).items()
     assert key == MappingKey(guest="a", proto=Proto.TCP, port=80)
     assert group == ms  # 127.0.0.1 -> the IPv4 socket, ::1 -> the v6only one
 

@@ -13,16 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockmap.cli import lsview
-from sockmap.conflicts.rules import (
-    GuestState,
-    Nic,
-    Policies,
-    PortMapping,
-    Relay,
-    Rule,
-    plan,
-)
-from sockmap.daemon import planner
+from sockmap.conflicts.decide import Nic, Relay
+from sockmap.conflicts.mappings import GuestState, PortMapping
+from sockmap.conflicts.plan import plan
+from sockmap.conflicts.rules import Policies, Rule
+from sockmap.daemon import applier, planner
 from sockmap.daemon.registry import Registry
 from sockmap.portwatch.records import Listener, Owner, Proto
 from sockmap.proxy import MappingKey, MappingSpec, MappingTable, Target
@@ -68,7 +63,7 @@ def test_one_socket_per_family_gets_both_loopbacks(lis: tuple[Listener, ...],
                                                    want: dict[str, tuple[str, object]]) -> None:
     pl = plan(guests=[GuestState(name="a", listeners=lis, addrs=(G4, G6))])
     assert by_host(pl) == want and not pl.skipped
-    groups = planner.group_mappings(pl.mappings)
+    groups = applier.group_mappings(pl.mappings)
     assert list(groups) == [MappingKey(guest="a", proto=PProto(lis[0].proto), port=8082)]
     assert {m.host_port for m in pl.mappings} == {8082}
 
@@ -137,7 +132,7 @@ def test_planner_targets_one_per_family_with_relay_connectors() -> None:
     pln.relay_connector = relay
     pl = plan(guests=[GuestState(name="a", listeners=(L("127.0.0.1"), L("::1")),
                                  addrs=(G4, G6))])
-    ((key, group),) = planner.group_mappings(pl.mappings).items()
+    ((key, group),) = applier.group_mappings(pl.mappings).items()
     found = pln._targets(key, group)
     assert not isinstance(found, str)
     targets, connectors = found
@@ -152,11 +147,11 @@ def test_planner_leftovers_are_rows_in_ls_all() -> None:
     pln = _planner(addrs=(G4,))  # the registry does not vouch for G6
     pl = plan(guests=[GuestState(name="a", listeners=(L("0.0.0.0"), L("::", pid=8)),
                                  addrs=(G4, G6)), ])
-    for key, group in planner.group_mappings(pl.mappings).items():
+    for key, group in applier.group_mappings(pl.mappings).items():
         pln._open_group(key, group)
     pl2 = plan(guests=[GuestState(name="a", listeners=(L("127.0.0.1", 3000),),
                                   addrs=(G4,))])
-    for key, group in planner.group_mappings(pl2.mappings).items():
+    for key, group in applier.group_mappings(pl2.mappings).items():
         pln._open_group(key, group)  # no relay connector in this planner
     rows = pln.rows(not_forwarded=True)
     assert pln.rows() == []
@@ -240,7 +235,7 @@ def test_every_listener_is_forwarded_waiting_or_skipped(
     # the spec (one target per host address) or says why in `ls --all`
     pln = _planner()
     pln.relay_connector = lambda guest, family: (lambda spec: None)  # type: ignore
-    for key, group in planner.group_mappings(pl.mappings).items():
+    for key, group in applier.group_mappings(pl.mappings).items():
         assert len({m.host_port for m in group}) == 1
         hosts = [m.host_addr for m in group]
         assert len(hosts) == len(set(hosts))

@@ -11,7 +11,7 @@ import pytest
 from sockmap import control
 from sockmap import protocol as p
 from sockmap.conflicts.limits import cap_listeners
-from sockmap.conflicts.rules import GuestState
+from sockmap.conflicts.mappings import GuestState
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import Listener
 

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from sockmap import control
-from sockmap.conflicts.rules import Nic, PortMapping
+from sockmap.conflicts.decide import Nic
+from sockmap.conflicts.mappings import PortMapping
 from sockmap.daemon.ctlserver import ControlServer, Streamed
 from sockmap.daemon.lsrows import RowsCache, RowsInput, forward_rows
 from sockmap.proxy import Proto, Target

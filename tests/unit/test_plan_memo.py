@@ -8,9 +8,12 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockmap.conflicts import rules as R
+from sockmap.conflicts.byport import _GROUPS
 from sockmap.conflicts.limits import cap_listeners
-from sockmap.conflicts.rules import GuestState, Policies, PolicyRule, Rule, plan
+from sockmap.conflicts.mappings import GuestState, Plan, PortMapping
+from sockmap.conflicts.plan import _SORTED_MEMO, plan
+from sockmap.conflicts.rules import Policies, PolicyRule, Rule
+from sockmap.conflicts.wants import _UNITS, _WANTS_MEMO, WANTS_MEMO_SPARE
 from sockmap.portwatch.records import Listener, Owner
 
 PORTS = (80, 443, 5000, 5001, 8080)
@@ -33,7 +36,7 @@ RULES: tuple[tuple[Rule, ...], ...] = (
          Rule(process="p2", action="ignore"), Rule(ports=((443, 443),), policy="remap")))
 
 
-def _full(pl: R.Plan) -> str:
+def _full(pl: Plan) -> str:
     return repr(pl)  # every field, those equality ignores too
 
 
@@ -45,7 +48,7 @@ def test_plan_with_the_memo_is_the_plan_from_nothing(ops: list[tuple[object, ...
     listeners: dict[str, dict[tuple[object, ...], Listener]] = {n: {} for n in NAMES}
     addrs = {n: (f"10.0.0.{i + 2}",) for i, n in enumerate(NAMES)}
     host: dict[int, Listener] = {}
-    current: tuple[R.PortMapping, ...] = ()
+    current: tuple[PortMapping, ...] = ()
     inode = 1
     for o in ops:
         match o:
@@ -79,8 +82,10 @@ def test_plan_with_the_memo_is_the_plan_from_nothing(ops: list[tuple[object, ...
         args = dict(guests=guests, host_listeners=tuple(host.values()), current=current,
                     policies=policies, rules=rules, own_pid=1)
         with_memo = plan(**args)
-        R._WANTS_MEMO.clear()
-        R._SORTED_MEMO.clear()
+        _WANTS_MEMO.clear()
+        _UNITS.clear()
+        _SORTED_MEMO.clear()
+        _GROUPS.clear()
         fresh = plan(**args)
         assert _full(with_memo) == _full(fresh)
         current = with_memo.mappings
@@ -112,9 +117,9 @@ def test_an_unchanged_guest_gives_the_very_mappings_of_the_last_plan() -> None:
 
 
 def test_the_memo_forgets_guests_gone() -> None:
-    for i in range(R.WANTS_MEMO_SPARE + 10):
+    for i in range(WANTS_MEMO_SPARE + 10):
         plan(guests=(GuestState(name=f"memo-gone-{i}", listeners=()),))
-    assert len(R._WANTS_MEMO) <= R.WANTS_MEMO_SPARE + 1
+    assert len(_WANTS_MEMO) <= WANTS_MEMO_SPARE + 1
 
 
 def test_cap_listeners_sorts_a_guest_again_only_when_it_changed() -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sockmap.conflicts.rules import GuestState, Nic, Relay, plan
+from sockmap.conflicts.decide import Nic, Relay
+from sockmap.conflicts.mappings import GuestState
+from sockmap.conflicts.plan import plan
 from sockmap.portwatch.records import Listener, Owner, Proto
 
 README = Path(__file__).resolve().parents[2] / "README.md"

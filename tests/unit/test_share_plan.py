@@ -7,8 +7,9 @@ import socket
 
 import pytest
 
-from sockmap.conflicts import rules as r
-from sockmap.conflicts.rules import GuestState, Policies, Rule
+from sockmap.conflicts.mappings import GuestState, shared_with
+from sockmap.conflicts.plan import plan
+from sockmap.conflicts.rules import Policies, Rule
 from sockmap.portwatch.records import Listener
 from sockmap.proxy import MappingSpec, Proto
 from sockmap.proxy.share import Route, ShareConnector, ShareRoutes, route_for
@@ -28,17 +29,17 @@ A, B, C = g("a", "10.0.0.2", li()), g("b", "10.0.1.2", li()), g("c", "10.0.2.2",
 
 
 def test_second_and_third_guest_share_the_first_ones_port() -> None:
-    pl = r.plan(guests=(A, B, C), policies=Policies(default="share"))
+    pl = plan(guests=(A, B, C), policies=Policies(default="share"))
     assert [(m.guest, m.host_port) for m in pl.mappings] == [("a", 3000)]
     assert [(m.guest, m.host_port) for m in pl.shared] == [("b", 3000), ("c", 3000)]
     assert pl.conflicts == ()
-    assert {k: [m.guest for m in v] for k, v in r.shared_with(pl).items()} == {
+    assert {k: [m.guest for m in v] for k, v in shared_with(pl).items()} == {
         ("a", "tcp", 3000): ["b", "c"]}
 
 
 def test_share_is_per_listener_policy_and_the_rest_still_conflicts() -> None:
     rules = (Rule(guest="b", policy="share"),)
-    pl = r.plan(guests=(A, B, C), rules=rules)
+    pl = plan(guests=(A, B, C), rules=rules)
     assert [m.guest for m in pl.shared] == ["b"]
     (c,) = pl.conflicts
     assert c.kind == "guests_collide" and "c" in c.summary
@@ -52,14 +53,14 @@ def test_share_is_per_listener_policy_and_the_rest_still_conflicts() -> None:
 def test_what_cannot_be_shared(second: GuestState, host: tuple[Listener, ...],
                                why: str) -> None:
     first = g("a", "10.0.0.2", li(second.listeners[0].port, second.listeners[0].proto))
-    pl = r.plan(guests=(first, second), host_listeners=host,
+    pl = plan(guests=(first, second), host_listeners=host,
                 policies=Policies(default="share"))
     assert pl.shared == ()
     assert any(why in c.resolution for c in pl.conflicts), pl.conflicts
 
 
 def test_plain_policies_unchanged_by_share_existing() -> None:
-    pl = r.plan(guests=(A, B))
+    pl = plan(guests=(A, B))
     assert pl.shared == () and pl.conflicts[0].kind == "guests_collide"
 
 
