@@ -36,8 +36,9 @@ How it knows (each choice measured; figures in docs/bench-portwatch.md):
 - Events mode (``events="auto"``): tracefs events say when to look (``sock:inet_sock_set_state``
   into/out of LISTEN, ``syscalls:sys_exit_listen`` and ``sys_exit_bind``, in every
   namespace; sock_diag's UDP destroy group for UDP closes); an event that concerns this
-  namespace dumps at once, otherwise a jittered safety rescan every 2 s (gated by the same
-  counters) catches what no event told of. An event is only a hint (a comm is any 15
+  namespace dumps at once, otherwise a jittered safety rescan every ~2 s (gated by the same
+  counters; for the daemon's guests, rounds run in the hub's thread and wake a watcher
+  only when its counters moved) catches what no event told of. An event is only a hint (a comm is any 15
   bytes, so a line can be forged: it costs a dump, never a wrong listener): what listens is
   always one sock_diag dump, diffed. The daemon reads one tracefs
   instance for all its guests (``hub.EventHub``), routing each hint to the namespace it
