@@ -38,9 +38,9 @@ How it knows (each choice measured; figures in docs/bench-portwatch.md):
   namespace; sock_diag's UDP destroy group for UDP closes); an event that concerns this
   namespace dumps at once, otherwise a jittered safety rescan every ~2 s (gated by the same
   counters; for the daemon's guests, rounds run in the hub's thread and wake a watcher
-  only when its counters moved) catches what no event told of. An event is only a hint (a comm is any 15
-  bytes, so a line can be forged: it costs a dump, never a wrong listener): what listens is
-  always one sock_diag dump, diffed. The daemon reads one tracefs
+  only when its counters moved) catches what no event told of. An event is only a hint (a
+  comm is any 15 bytes, so a line can be forged: it costs a dump, never a wrong listener):
+  what listens is always one sock_diag dump, diffed. The daemon reads one tracefs
   instance for all its guests (``hub.EventHub``), routing each hint to the namespace it
   concerns and telling ``on_unknown`` of namespaces nobody watches (``[[attach]]``).
   Without CAP_SYS_ADMIN or tracefs it polls, and ``mode``/``mode_note`` say why.
