@@ -1,6 +1,7 @@
 """A restarted daemon re-adopts its netns guests and their listeners: ``python -m bench.restart``.
 
-One hermetic lab, `sockmap daemon --path relay` in its host namespace; ``--guests`` guests
+One hermetic lab, `sockmap daemon --path PATH` in its host namespace (``--path``: "kernel",
+the default, BPF map entries and a claim socket per host endpoint; or "relay"); ``--guests`` guests
 made through it (CLI `guest create`), each with ``--ports`` TCP listeners on 0.0.0.0, on
 ports of its own (one process holds them all: it joins each guest's namespace in turn,
 ``setns``, and makes that guest's sockets there; a socket stays in the namespace it was
@@ -62,12 +63,12 @@ sys.stdin.read()
 """
 
 
-def start(lab: netlab.Lab, run: Path, log: Path, profile: Path | None = None
+def start(lab: netlab.Lab, run: Path, log: Path, path: str, profile: Path | None = None
           ) -> subprocess.Popen[str]:
     prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     with log.open("a") as out:
         return lab.host.popen([PY, *prof, "-m", "sockmap.cli", "daemon", "--run-dir", str(run),
-                               "--path", "relay", "--log-level",
+                               "--path", path, "--log-level",
                                "info" if os.environ.get("BENCH_LOG") else "warning"],
                               stderr=out, cwd=ROOT)
 
@@ -80,14 +81,16 @@ def _status(run: Path) -> dict[str, Any] | None:
         return None  # not listening yet
 
 
-def run(guests: int, ports: int, profile: Path | None = None) -> dict[str, Any]:
-    res: dict[str, Any] = {"guests": guests, "ports": ports, "load_before": os.getloadavg()}
+def run(guests: int, ports: int, path: str = "kernel", profile: Path | None = None
+        ) -> dict[str, Any]:
+    res: dict[str, Any] = {"guests": guests, "ports": ports, "path": path,
+                           "load_before": os.getloadavg()}
     want = guests * ports
     with netlab.Lab(outside=False) as lab, tempfile.TemporaryDirectory() as tmp:
         run_dir, log = Path(tmp) / "run", Path(tmp) / "daemon.log"
         home = f"/proc/self/fd/{os.open('/proc/self/ns/net', os.O_RDONLY)}"
         enter_netns(str(netlab.lab.NETNS_DIR / lab.host.name))
-        d = start(lab, run_dir, log)
+        d = start(lab, run_dir, log, path)
         holder: subprocess.Popen[str] | None = None
         try:
             assert d.stdout is not None
@@ -116,7 +119,7 @@ def run(guests: int, ports: int, profile: Path | None = None) -> dict[str, Any]:
             d.send_signal(signal.SIGTERM)
             d.wait(60)
             t0 = time.monotonic()
-            d = start(lab, run_dir, log, profile)
+            d = start(lab, run_dir, log, path, profile)
             assert d.stdout is not None
             netlab.wait_for_line(d.stdout, "sockmap daemon ready", 30)
             res["ready_s"] = time.monotonic() - t0
@@ -163,7 +166,7 @@ def report(res: dict[str, Any]) -> str:
     return "\n".join([
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, sockmap {__version__}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPUs, load average before "
-        f"{res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f}; `--path relay`.",
+        f"{res['load_before'][0]:.2f}, after {res['load_after'][0]:.2f}; `--path {res['path']}`.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -182,11 +185,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--guests", type=int, default=64)
     ap.add_argument("--ports", type=int, default=100)
+    ap.add_argument("--path", choices=("kernel", "relay"), default="kernel",
+                    help="the daemons' forwarder (default: kernel)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="run the restarted daemon under cProfile (its event loop's thread) "
                          "into this file")
     a = ap.parse_args()
-    res = run(a.guests, a.ports, a.profile)
+    res = run(a.guests, a.ports, a.path, a.profile)
     print(json.dumps(res, indent=2))
     print(report(res))
     return 0

@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup", metavar="DIR",
                    help="cgroup v2 directory the kernel path's hooks attach to (default: the "
                         "v2 root from /proc/self/mountinfo)")
-    p.add_argument("--kernel-map-size", type=int, default=4096, metavar="N",
-                   help=argparse.SUPPRESS)  # tests: a small map
+    p.add_argument("--kernel-map-size", type=int, default=None, metavar="N",
+                   help=argparse.SUPPRESS)  # tests: a small map (default: the daemon's)
     p.add_argument("--netns-watch", choices=["daemon", "agent"], default="daemon",
                    help="netns guests: the daemon watches them itself (default), or starts a "
                         "sockmap agent in each (the old way)")
@@ -374,6 +374,7 @@ def _daemon(args: argparse.Namespace) -> int:
     from sockmap.conflicts.limits import DEFAULT_MAX_LISTENERS
     from sockmap.conflicts.rules import Policies
     from sockmap.daemon import service as daemon
+    from sockmap.daemon import settings
 
     # the rules file: --config FILE (must exist), else /etc/sockmap/sockmap.toml if present;
     # a bad file stops here (exit 2) with its file:line:key. Flags win over [daemon].
@@ -381,7 +382,7 @@ def _daemon(args: argparse.Namespace) -> int:
     if path is None and configfile.DEFAULT_PATH.exists():
         path = configfile.DEFAULT_PATH
     fc = configfile.load(path) if path is not None else config.FileConfig()
-    listen = daemon.parse_listen(args.agent_listen) if args.agent_listen else fc.agent_listen
+    listen = settings.parse_listen(args.agent_listen) if args.agent_listen else fc.agent_listen
     metrics = (config.loopback_only(config.parse_hostport(args.metrics, "--metrics"),
                                     "--metrics") if args.metrics else fc.metrics)
     policy = args.conflict_policy or fc.conflict_policy or "fail"
@@ -392,19 +393,21 @@ def _daemon(args: argparse.Namespace) -> int:
                            hint=f"give 1..{config.MAX_LISTENERS_LIMIT}")
     cg = args.cgroup or fc.cgroup
     cgroup = Path(cg) if cg else None
-    rc: int = daemon.main(daemon.Config(run_dir=args.run_dir, agent_listen=listen,
-                                        policies=Policies(default=policy),
-                                        flat=args.flat, config_path=path, rules=fc.rules,
-                                        attach=fc.attach,
-                                        metrics=metrics,
-                                        udp_ephemeral=bool(fc.udp_ephemeral),
-                                        max_listeners=max_listeners,
-                                        path=args.path or fc.forwarder or "kernel",
-                                        cgroup=cgroup, kernel_map_size=args.kernel_map_size,
-                                        netns_watch=args.netns_watch,
-                                        reverse_rules=fc.reverse,
-                                        netns_events=args.netns_events,
-                                        attach_scan_s=args.attach_scan))
+    rc: int = daemon.main(settings.Config(run_dir=args.run_dir, agent_listen=listen,
+                                          policies=Policies(default=policy),
+                                          flat=args.flat, config_path=path, rules=fc.rules,
+                                          attach=fc.attach,
+                                          metrics=metrics,
+                                          udp_ephemeral=bool(fc.udp_ephemeral),
+                                          max_listeners=max_listeners,
+                                          path=args.path or fc.forwarder or "kernel",
+                                          cgroup=cgroup,
+                                          **({} if args.kernel_map_size is None else
+                                             {"kernel_map_size": args.kernel_map_size}),
+                                          netns_watch=args.netns_watch,
+                                          reverse_rules=fc.reverse,
+                                          netns_events=args.netns_events,
+                                          attach_scan_s=args.attach_scan))
     return rc
 
 

@@ -18,15 +18,14 @@ import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sockmap import control
 from sockmap.daemon import metrics
+from sockmap.daemon.eventbus import EventBus
 from sockmap.daemon.peercred import netns_of, peer_pid
+from sockmap.daemon.settings import Config
 from sockmap.errors import SockmapError
-
-if TYPE_CHECKING:
-    from sockmap.daemon.service import Daemon
 
 log = logging.getLogger("sockmap.daemon")
 
@@ -42,8 +41,38 @@ class Streamed:
     offload: bool = False  # items made and encoded in a thread (thread-safe iterator)
 
 
+class Served(Protocol):
+    """What the servers ask of the daemon (``service.Daemon`` is one): the requests'
+    answers, its connection tasks (cancelled at shutdown) and its ``events`` hub. A
+    protocol, so this module does not import the daemon that imports it."""
+
+    cfg: Config
+    conns: set[asyncio.Task[Any]]
+    events: EventBus
+
+    async def refresh_kernel(self) -> None: ...
+
+    def iter_rows(self, *, not_forwarded: bool = False) -> Iterator[dict[str, Any]]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def conflicts(self) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> str: ...
+
+    async def guest_create(self, name: str, subnet: str | None, *, nat: bool,
+                           reverse: Iterable[str] = ()) -> object: ...
+
+    async def guest_delete(self, name: str) -> list[str]: ...
+
+    async def guest_attach(self, name: str, *, pid: int | None, path: str | None,
+                           reverse: Iterable[str] = ()) -> object: ...
+
+    async def guest_detach(self, name: str) -> list[str]: ...
+
+
 class ControlServer:
-    def __init__(self, d: Daemon, *, own_netns: int | None) -> None:
+    def __init__(self, d: Served, *, own_netns: int | None) -> None:
         self.d = d
         self.own_netns = own_netns
         # answers' threads of their own: an `ls` does not queue behind a burst's planning

@@ -244,7 +244,9 @@ class NetnsWatch:
                         break
         while (ev2 := w.get_nowait()) is not None:
             early.append(ev2)
-        batch(early, nics)  # in the snapshot below; keeps the addresses
+        for ev in early:  # the addresses go in the snapshot below; the listeners are in it
+            if isinstance(ev, AddressesChanged):  # (no Added message of them is built:
+                nics.apply(ev)  # that validated every listener once more, on the loop)
         snap = tuple(w.snapshot())
         await self._apply(session, p.Snapshot, snap, nics)
         log.info("guest %s: watched by the daemon (%s), %d listeners", self.name, self.mode,

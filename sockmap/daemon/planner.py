@@ -133,6 +133,7 @@ class Planner(Applier):
         self._share: dict[MappingKey, ShareConnector] = {}
         self._shares: dict[MappingKey, tuple[PortMapping, ...]] = {}
         self._rows_cache = RowsCache()  # `ls`: each mapping's static row parts
+        self._stamps: dict[str, float] = {}  # the last replan's steps (its log line)
 
     @property
     def open_count(self) -> int:
@@ -201,10 +202,22 @@ class Planner(Applier):
         return host, own
 
     async def _replan(self) -> None:
+        t0 = time.perf_counter()
+        opened = len(self._open)
+        await self._replan_steps()
+        took = time.perf_counter() - t0
+        if took > 0.1:  # (a restart's one plan of thousands: where its time went)
+            log.info("replan took %.0f ms (%s): %d mappings open, %+d", took * 1000,
+                     ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self._stamps.items()),
+                     len(self._open), len(self._open) - opened)
+
+    async def _replan_steps(self) -> None:
+        stamp = self._stamp()
         # the host's own addresses, which no guest gets: only VM guests could claim them (a
         # netns guest only has addresses in the networks the daemon assigned it)
         host, own_addrs = await asyncio.to_thread(self._scan_host,
                                                   self.registry.has_vm_guests())
+        stamp("host scan")
         if own_addrs is not None:
             self.registry.set_host_addrs(own_addrs)
         self.last_host = host
@@ -219,6 +232,7 @@ class Planner(Applier):
         pl, desired = await asyncio.to_thread(
             self._decide, self.registry.raw_states(), host, current, tuple(self._blocked),
             self.policies, self.rules, dict(self.own_sockets))
+        stamp("plan")
         last, self.last_plan = self.last_plan, pl
         self._applied = None  # until every change is made
         if last is None or pl.conflicts is not last.conflicts:  # (the same records: as was)
@@ -242,9 +256,11 @@ class Planner(Applier):
             have = self._open.get(key)
             if have is not None and (have != desired.get(_ident(key)) or key in regrow):
                 await self._close(key)
+        stamp("closes")
         await self._open_groups([(k, w) for k in touched
                                  if (w := desired.get(_ident(k))) is not None
                                  and self._open.get(k) != w])
+        stamp("opens")
         # every key the plan changed is as it wants: what is open is the plan's mappings
         # (the keys it did not touch were already), the next plan's ``current`` (_current)
         self._applied = pl if all(self._open.get(k) == desired.get(_ident(k)) for k in touched) \
@@ -272,6 +288,17 @@ class Planner(Applier):
                 self._retry = None
                 self.request_replan()
             self._retry = asyncio.get_running_loop().call_later(self.retry_s, again)
+
+    def _stamp(self) -> Callable[[str], None]:
+        """A fresh ``_stamps``: each call records the time since the previous one."""
+        self._stamps = {}
+        last = [time.perf_counter()]
+
+        def stamp(what: str) -> None:
+            now = time.perf_counter()
+            self._stamps[what] = now - last[0]
+            last[0] = now
+        return stamp
 
     def _current(self) -> tuple[PortMapping, ...]:
         """What is open, for plan(): the last plan's very mappings when it was applied as

@@ -171,10 +171,12 @@ class Registry:
         self._host: frozenset[str] = frozenset()  # the host's own addresses
         self._vouched: dict[str, Vouched] = {}  # cache, cleared when an address input changes
         self._holders: _Holders | None = None
+        self._held: dict[str, int] | None = None  # cache: synced guests holding each address
 
     def _changed(self) -> None:
         self._vouched.clear()
         self._holders = None
+        self._held = None
 
     def __contains__(self, name: str) -> bool:
         return name in self._guests
@@ -230,6 +232,7 @@ class Registry:
         too: its upstream sockets are made in the guest's namespace)."""
         g = self.ensure(name)
         old, g.session, g.synced, g.local = g.session, session, False, local
+        self._held = None
         return old
 
     def disconnect(self, name: str, session: int) -> bool:
@@ -239,6 +242,7 @@ class Registry:
             return False
         g.session, g.synced = None, False
         g.listeners.clear()
+        self._held = None
         return True
 
     def current(self, name: str, session: int) -> bool:
@@ -253,8 +257,8 @@ class Registry:
         g.listeners = dict(listeners) if isinstance(listeners, Mapping) else \
             {li.key: li for li in listeners}
         g.reported_addrs = tuple(addrs)
-        self._changed()
         g.synced = True
+        self._changed()
         g.snapshots += 1
 
     def added(self, name: str,
@@ -317,6 +321,24 @@ class Registry:
 
     def addrs_of(self, name: str) -> tuple[str, ...]:
         return self.vouched(name).usable
+
+    def exclusive_addrs(self, name: str) -> tuple[str, ...]:
+        """Guest ``name``'s usable addresses that no other connected and synced guest also
+        has (the kernel path rewrites only to those). The count of holders is cached until
+        an address, a session or a guest changes: one call per open of a restart's 6,400
+        (it was a ``states()``, sorting every guest's listeners, per open: ~16 s)."""
+        held = self._held
+        if held is None:
+            held = {}
+            for g in self._guests.values():
+                if g.session is not None and g.synced:
+                    for a in set(self.vouched(g.name).usable):
+                        held[a] = held.get(a, 0) + 1
+            self._held = held
+        me = self._guests.get(name)
+        mine = self.addrs_of(name)
+        own = 1 if me is not None and me.session is not None and me.synced else 0
+        return tuple(a for a in mine if held.get(a, 0) - own <= 0)
 
     def raw_states(self) -> tuple[GuestState, ...]:
         """``states()`` with each guest's listeners unsorted: C-level copies only, so it is

@@ -44,6 +44,7 @@ cgroup's sockets: a TCP or foreign packet costs one header load and a compare.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ class FwdEntry:
     slot: int
 
 
+@functools.lru_cache(maxsize=4096)  # a few addresses, 6,400 entries at a restart
 def _addr16(addr: str) -> tuple[int, bytes]:
     ip = ipaddress.ip_address(addr)
     return ip.version, ip.packed.ljust(16, b"\0")

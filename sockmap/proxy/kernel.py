@@ -8,7 +8,7 @@ process on its bytes. The relay keeps listening on the host endpoints (the claim
 program's bind gets EADDRINUSE, and clients the hooks leave alone reach the guest through
 it). The links close with the daemon's process, so a ``kill -9`` leaves nothing attached.
 
-    kp = KernelPath.start(cgroup=None, max_entries=4096)  # SockmapError where it cannot
+    kp = KernelPath.start(cgroup=None)  # SockmapError where it cannot
     kp.set(key, entries)   # False (and nothing changed) when the map cannot take them
     kp.remove(key); kp.counts(key) -> KernelStats (connects, closed bytes, ...); kp.close()
     kp.tcp_targets() -> {(guest addr, guest port): key}  (sockmap.proxy.kernelconns)
@@ -17,7 +17,6 @@ it). The links close with the daemon's process, so a ``kill -9`` leaves nothing 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 from collections import deque
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from sockmap import addrs
 from sockmap.errors import SockmapError
 from sockmap.proxy import bpfasm, bpfprog, bpfsys
 from sockmap.proxy.bpfprog import FwdEntry, KernelStats
@@ -32,6 +32,8 @@ from sockmap.proxy.spec import MappingKey
 
 log = logging.getLogger("sockmap.proxy")
 
+KERNEL_MAP_SIZE = 16384  # host endpoints in the map by default: 64 guests x 100 ports and
+# more (~3 MiB of kernel memory with the counters); past it a mapping runs on the relay
 REVNAT_ENTRIES = 65536
 CONNS_ENTRIES = 65536  # redirected TCP sockets whose close is counted (LRU beyond)
 _Obj = TypeVar("_Obj", bpfsys.Map, bpfsys.Program, bpfsys.Link)
@@ -90,11 +92,12 @@ class KernelPath:
         # free slots, reused oldest-freed first: a closed mapping's connections still open
         # add their bytes to its slot when they close, as late as possible someone else's
         self._free = deque(range(max_entries))
+        self._used: set[int] = set()  # slots that ever counted: zeroed when reused
         self.fwd: bpfsys.Map | None = None
         self.stats: bpfsys.Map | None = None
 
     @classmethod
-    def start(cls, *, cgroup: Path | None, max_entries: int = 4096,
+    def start(cls, *, cgroup: Path | None, max_entries: int = KERNEL_MAP_SIZE,
               hooks: tuple[str, ...] = bpfprog.HOOKS) -> KernelPath:
         """Load and attach every hook (``hooks``: a subset, for bench/kernel_close.py), or
         raise SockmapError (nothing left behind)."""
@@ -160,9 +163,11 @@ class KernelPath:
             index = old.index
         written: list[bytes] = []
         try:
-            if old is None:  # a fresh slot starts from zero
+            if old is None and index in self._used:  # a reused slot starts from zero
                 self.stats.update(index.to_bytes(4, "little"),
                                   bytes(bpfprog.STATS_VALUE_SIZE))
+            # (a never-used one is zero already: the array map is created zeroed, and a
+            # restart's 6,400 opens make one syscall each, not two)
             for e in entries:
                 k = bpfprog.fwd_key(e.proto, e.host_addr, e.host_port)
                 mine = old is not None and k in old.keys  # else another mapping's: refused
@@ -181,10 +186,11 @@ class KernelPath:
             return ("the kernel map is full" if full else
                     f"the kernel map refused an update ({err.strerror})")
         keys = tuple(written)
+        self._used.add(index)
         for k in old.keys if old is not None else ():
             if k not in keys:
                 self.fwd.delete(k)
-        tcp = frozenset((str(ipaddress.ip_address(e.guest_addr)), e.guest_port)
+        tcp = frozenset((str(addrs.parse(e.guest_addr) or e.guest_addr), e.guest_port)
                         for e in entries if e.proto == "tcp")
         self._slots[key] = _Slot(index=index, keys=keys, tcp=tcp)
         return None

@@ -154,12 +154,12 @@ import asyncio, os, sys
 from pathlib import Path
 from sockmap import logs
 from sockmap.daemon import service as daemon
-from sockmap.daemon import discover
+from sockmap.daemon import discover, settings
 from sockmap.conflicts.attach import AttachRule
 logs.setup("info")
 async def main():
-    cfg = daemon.Config(run_dir=Path(sys.argv[1]), path="relay", attach_scan_s=3600.0,
-                        attach=(AttachRule(process=sys.argv[2] + "*", origin="t.toml:1"),))
+    cfg = settings.Config(run_dir=Path(sys.argv[1]), path="relay", attach_scan_s=3600.0,
+                          attach=(AttachRule(process=sys.argv[2] + "*", origin="t.toml:1"),))
     d = daemon.Daemon(cfg)
     await d.startup()
     run = asyncio.create_task(d.run())

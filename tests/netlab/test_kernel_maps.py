@@ -59,6 +59,22 @@ def test_load_attach_fill_and_close(cgroup: Path) -> None:
     assert not any(attached(cgroup).values())
 
 
+def test_a_reused_slot_starts_from_zero_a_fresh_one_is_not_written(cgroup: Path) -> None:
+    kp = KernelPath.start(cgroup=cgroup, max_entries=1)
+    try:
+        assert kp.stats is not None
+        assert kp.set(key(80), entries(80, "127.0.0.1")) is None
+        assert kp.counts(key(80)) == KernelStats()  # the map was created zeroed
+        busy = bytes([7]) * bpfprog.STATS_VALUE_SIZE  # what the hooks counted meanwhile
+        kp.stats.update((0).to_bytes(4, "little"), busy)
+        assert kp.counts(key(80)) != KernelStats()
+        kp.remove(key(80))
+        assert kp.set(key(81), entries(81, "127.0.0.1")) is None  # the one slot, reused
+        assert kp.counts(key(81)) == KernelStats()
+    finally:
+        kp.close()
+
+
 def test_verifier_log_in_the_error() -> None:
     code = a.assemble([a.mov(a.R0, 1)])  # no exit
     with pytest.raises(SockmapError, match="verifier log") as ei:

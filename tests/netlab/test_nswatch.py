@@ -6,6 +6,7 @@ a restarted daemon adopting the guests that exist."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -159,7 +160,8 @@ def test_restart_adopts_the_guests_and_their_listeners(lab: netlab.Lab,
     assert probe(lab.host, "open", "tcp", "127.0.0.1", 3100)[0], d.log_text()
     assert d.stop() == 0
     assert probe(lab.host, "refused", "tcp", "127.0.0.1", 8080, within=1.0)[0]
-    d = start_daemon(lab, run, log)
+    before = len(log.read_text())
+    d = start_daemon(lab, run, log, "--path", "relay", "--log-level", "debug")
     try:
         ok, _, last = probe(lab.host, "open", "tcp", "127.0.0.1", 8080, within=10)
         assert ok, last + d.log_text()
@@ -167,5 +169,26 @@ def test_restart_adopts_the_guests_and_their_listeners(lab: netlab.Lab,
         assert ok and a == "hi 127.0.0.1", a + d.log_text()
         st = d.guest_state(name)
         assert st["watch"] == "daemon" and st["listeners"] == 2 and st["agent_pid"] is None
+        # re-adopted once: no mapping is closed and reopened after (the host listener stays
+        # the very socket past the watch's first safety rescan, ~2 s)
+        first = _listener_inodes(d.proc.pid, 8080, 3100)
+        time.sleep(3.0)
+        assert _listener_inodes(d.proc.pid, 8080, 3100) == first
+        after = log.read_text()[before:]
+        assert f"closed {name}/" not in after, after
+        sent = set(re.findall(rf"guest {name} session \d+: (\w+)", after))
+        assert "Snapshot" in sent and sent <= {"Snapshot", "Addresses"}, sent  # no Removed+Added
     finally:
         assert d.stop() == 0
+
+
+def _listener_inodes(pid: int, *ports: int) -> dict[int, int]:
+    """The socket inodes of the TCP listeners on 127.0.0.1:PORT in ``pid``'s namespace."""
+    want = {f"0100007F:{p:04X}": p for p in ports}
+    out: dict[int, int] = {}
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] in want and f[3] == "0A":
+            out[want[f[1]]] = int(f[9])
+    assert set(out) == set(ports), out
+    return out

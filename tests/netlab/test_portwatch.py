@@ -399,3 +399,47 @@ def test_repeated_scans_with_one_resolver_walk_proc_only_for_new_sockets(
     netlab.wait_for_line(srv.stdout, "two")  # type: ignore[arg-type]
     assert {(x.port, x.owner.pid) for x in scan()} == {(7100, srv.pid), (7101, srv.pid)}
     assert resolver.scans == walks + 1  # one walk, for the new socket only
+
+
+def test_the_same_dump_bytes_are_parsed_once(lab: netlab.Lab,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watcher's opener checks its first dump and its first poll parses the same bytes:
+    the second parse is the first one's listeners (64 watch starts at a restart)."""
+    from sockmap.portwatch import diag
+
+    g = lab.add_guest()
+    srv = g.ns.python("import socket, sys\ns = socket.socket(); s.bind(('0.0.0.0', 5300))\n"
+                      "s.listen(); print('ready', flush=True); sys.stdin.read()",
+                      stdin=subprocess.PIPE)
+    assert srv.stdout is not None
+    netlab.wait_for_line(srv.stdout, "ready", 10)
+    calls: list[int] = []
+    real = diag.parse_dump
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(diag, "parse_dump", counted)
+
+    def twice() -> tuple[list[Any], int, list[Any], int, list[Any]]:
+        d = DiagSource()
+        try:
+            first = d.parse(d.read())
+            n1 = len(calls)
+            again = d.parse(d.read())  # the same sockets: the same bytes
+            n2 = len(calls)
+            d._plan = plan_v2()  # another request plan: parsed again
+            other = d.parse(d.read())
+        finally:
+            d.close()
+        return first, n1, again, n2, other
+
+    try:
+        first, n1, again, n2, other = in_netns(g.ns, twice)
+    finally:
+        srv.kill()
+        srv.wait()
+    assert n1 > 0 and n2 == n1 and len(calls) > n2
+    assert again == first and any(li.port == 5300 for li in first)
+    assert {li.key for li in other} == {li.key for li in first}

@@ -170,3 +170,40 @@ def test_vouching_follows_every_change_through_its_cache() -> None:
     assert r.addrs_of("vm2") == ()
     r.forget("ns")
     assert r.addrs_of("vm2") == ("10.9.0.9",)
+
+
+def _exclusive_by_states(r: Registry, name: str) -> tuple[str, ...]:
+    """What the kernel path's sync computed per open before the cache (the reference)."""
+    others = {a for g in r.states() if g.name != name for a in g.addrs}
+    return tuple(a for a in r.addrs_of(name) if a not in others)
+
+
+def test_exclusive_addrs_equal_the_states_reference_through_every_change() -> None:
+    r = Registry()
+    r.assign("a", ASSIGNED_A)
+    r.set_record("a", [A4, A6])
+
+    def check() -> None:
+        for name in ("a", "vm1", "vm2", "nobody"):
+            assert r.exclusive_addrs(name) == _exclusive_by_states(r, name), name
+
+    check()
+    r.connect("a", 1)
+    check()  # connected, not synced: not among the holders
+    r.snapshot("a", [], [A4, A6])
+    check()
+    for name in ("vm1", "vm2"):
+        r.connect(name, 1)
+        r.snapshot(name, [], ["10.9.0.9", f"10.{name[-1]}.0.2"])
+        check()
+    r.addresses("vm1", ["10.1.0.2"])
+    check()
+    assert r.exclusive_addrs("vm2") == ("10.9.0.9", "10.2.0.2")
+    r.connect("vm1", 2)  # a new session, not synced yet
+    check()
+    r.snapshot("vm1", [], ["10.1.0.2"])
+    r.disconnect("vm2", 1)
+    check()
+    assert r.exclusive_addrs("a") == (A4, A6)
+    r.forget("a")
+    check()

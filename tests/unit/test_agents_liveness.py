@@ -60,25 +60,25 @@ async def test_a_silent_agent_is_still_dead() -> None:
 
 async def test_a_burst_from_one_source_waits_for_a_slot_and_a_flood_is_closed(
         tmp_path: Path) -> None:
-    from sockmap.daemon import agents
+    from sockmap.daemon import hello
     from sockmap.daemon.registry import Registry
 
     s = AgentSessions(registry=Registry(), run_dir=tmp_path, heartbeat_s=0.3,
                       dead_after_s=0.8, hello_timeout_s=0.5, max_stored=10,
                       request_replan=lambda: 0, seen=lambda *_: None, log_once=lambda _: None,
                       conns=set(), tasks=set())
-    src = agents._Source()
+    src = hello._Source()
     loop = asyncio.get_running_loop()
-    n = agents.MAX_UNAUTHENTICATED_PER_SOURCE
-    first = [await s._slot(src, "10.0.0.9", loop.time() + 0.5) for _ in range(n)]
+    n = hello.MAX_UNAUTHENTICATED_PER_SOURCE
+    first = [await s.gate._slot(src, "10.0.0.9", loop.time() + 0.5) for _ in range(n)]
     assert all(first) and src.reading == n
-    waiter = asyncio.create_task(s._slot(src, "10.0.0.9", loop.time() + 0.5))
+    waiter = asyncio.create_task(s.gate._slot(src, "10.0.0.9", loop.time() + 0.5))
     await asyncio.sleep(0.05)
     assert not waiter.done() and src.waiting == 1  # the 9th waits, unread
     src.reading -= 1
     src.slots.release()  # one hello done: the waiter gets its slot
     assert await waiter and src.reading == n
     # no slot frees: a waiter is closed at the hello deadline
-    assert not await s._slot(src, "10.0.0.9", loop.time() + 0.05)
-    src.waiting = agents.MAX_QUEUED_PER_SOURCE  # a flood already queued: closed at once
-    assert not await s._slot(src, "10.0.0.9", loop.time() + 5)
+    assert not await s.gate._slot(src, "10.0.0.9", loop.time() + 0.05)
+    src.waiting = hello.MAX_QUEUED_PER_SOURCE  # a flood already queued: closed at once
+    assert not await s.gate._slot(src, "10.0.0.9", loop.time() + 5)

@@ -101,7 +101,8 @@ def test_dns_names_accepted(labels: list[str]) -> None:
 def test_ls_rows_and_text_show_the_label(tmp_path: Path) -> None:
     from sockmap.cli import lsview
     from sockmap.conflicts.rules import Policies
-    from sockmap.daemon.service import Config, Daemon
+    from sockmap.daemon.service import Daemon
+    from sockmap.daemon.settings import Config
     from sockmap.proxy import MappingTable
 
     d = Daemon(Config(run_dir=tmp_path))

@@ -9,7 +9,8 @@ from sockmap.cli import lsview
 from sockmap.conflicts.mappings import GuestState
 from sockmap.conflicts.plan import plan
 from sockmap.conflicts.rules import Policies
-from sockmap.daemon.service import Config, Daemon
+from sockmap.daemon.service import Daemon
+from sockmap.daemon.settings import Config
 from sockmap.portwatch.records import Listener, Owner
 from sockmap.proxy import MappingTable
 

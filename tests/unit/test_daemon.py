@@ -16,8 +16,7 @@ from sockmap.agent import dial
 from sockmap.conflicts.decide import Nic, Relay
 from sockmap.conflicts.mappings import PortMapping
 from sockmap.conflicts.plan import plan
-from sockmap.daemon import applier
-from sockmap.daemon import service as daemon
+from sockmap.daemon import applier, settings
 from sockmap.daemon.registry import Registry, usable_addrs
 from sockmap.errors import SockmapError
 from sockmap.portwatch.records import (
@@ -123,14 +122,14 @@ def test_group_holds_each_familys_listener_of_a_port() -> None:
     ("192.168.122.1:1", ("192.168.122.1", 1)),
 ])
 def test_parse_listen(text: str, want: tuple[str, int]) -> None:
-    assert daemon.parse_listen(text) == want
+    assert settings.parse_listen(text) == want
 
 
 @pytest.mark.parametrize("text", ["7070", "localhost:7070", "1.2.3.4:0", "1.2.3.4:x",
                                   "1.2.3.4:70000", ":7070", "[::1]"])
 def test_parse_listen_refuses(text: str) -> None:
     with pytest.raises(SockmapError):
-        daemon.parse_listen(text)
+        settings.parse_listen(text)
 
 
 @pytest.mark.parametrize(("text", "want"), [
