@@ -25,7 +25,8 @@ Where a guest's reports come from (each becomes agent messages applied through
   a restart;
 - VMs: agent sessions over TCP (``AgentSessions``).
 
-Agent sessions: ``Hello(guest, token)``, the token compared with RUN_DIR/tokens/GUEST.token
+Agent sessions (``hello``: the gate; ``agents``: past it): ``Hello(guest, token)``, the
+token compared with RUN_DIR/tokens/GUEST.token
 (``hmac.compare_digest``); who the peer is comes from the kernel too (``peercred``: on
 agent.sock a peer inside a netns guest's namespace may only be that guest, a peer of
 another namespace is refused; over TCP no netns guest's name is accepted, nor a source
