@@ -28,16 +28,11 @@ rtnetlink socket are opened inside it by a thread that joined it (``nsopen``), o
 found among that namespace's processes in this /proc; sock_diag is the only source.
 
 With ``events="auto"`` (the agent's choice; "on" insists, "off", the default here, polls)
-the kernel says when to look instead (``events``: a tracefs instance for every
-namespace's TCP LISTEN transitions and listen()/bind() exits, sock_diag's UDP destroy
-group for this one): the thread sleeps in ``select`` until an event from this namespace
-(``hints.concerns``) or a UDP close of a reported endpoint, dumps at once, and otherwise
-only rescans every ``rescan`` seconds (jittered; the safety net for an overflowed trace
-buffer, which also dumps at once when announced): ``evwatch`` (the rescans, their gate,
-the hub's shared rounds). ``mode`` says which runs ("events" or "poll"); where the events
-cannot be had (no CAP_SYS_ADMIN, no tracefs) it polls, and if they stop mid-run (the
-instance switched off or removed) that is reported once and the poll takes over. The dump
-itself (source, gate, diff, owners) is ``dumper``'s.
+the kernel says when to look (``events``: tracefs LISTEN transitions and listen()/bind()
+exits, sock_diag's UDP destroy group): the thread sleeps until an event concerns this
+namespace, dumps at once, and otherwise only rescans every ``rescan`` s (``evwatch``: the
+rescans, their gate, the hub's shared rounds). ``mode`` says which runs; without tracefs,
+or if the events stop mid-run (reported once), it polls. The dump is ``dumper``'s.
 """
 
 from __future__ import annotations
