@@ -1,7 +1,8 @@
-"""The command line's grammar: every command's arguments (argparse), built lazily: the
-command being run gets its whole parser, the others are only listed (their help line), so
-each start builds one command's options, not ~80. Handlers: ``sockmap.cli.guest`` (the
-``guest`` actions) and ``sockmap.cli.commands`` (the rest)."""
+"""The command line's grammar: every command's arguments (argparse), built lazily. Handlers:
+``sockmap.cli.guest`` (the ``guest`` actions) and ``sockmap.cli.commands`` (the rest).
+
+Built lazily: the command being run gets its whole parser, the others are only listed (their
+help line), so each start builds one command's options, not ~80."""
 
 from __future__ import annotations
 

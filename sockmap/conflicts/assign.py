@@ -1,8 +1,9 @@
-"""The assignment, pure: ``_assign`` decides wants onto host ports in order (a guest mapped
-there keeps it, else the earlier guest; then each want's policy: fail, remap's search for
-a free port, wait, share, and TIME_WAIT retries), with the conflict records and skipped
-listeners of each loss (``_outcome``); ``_holders`` tells the host's holders from the
-daemon's own sockets.
+"""The assignment, pure: ``_assign`` decides wants onto host ports in order, with the
+conflict records and skipped listeners of each loss (``_outcome``); ``_holders`` tells the
+host's holders from the daemon's own sockets.
+
+The order: a guest mapped there keeps it, else the earlier guest; then each want's policy:
+fail, remap's search for a free port, wait, share, and TIME_WAIT retries.
 """
 
 from __future__ import annotations

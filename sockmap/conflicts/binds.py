@@ -1,7 +1,8 @@
 """Linux bind semantics, pure: whether two sockets of one proto and port claim a common local
-address (wildcards, dual-stack ``[::]``, IPv4-mapped addresses: ``bind_overlap``), and
-which host sockets hold a host address and port (``host_holders``): the host-port check
-of the plan and flat.py's analysis.
+address (``bind_overlap``), and which host sockets hold a host address and port
+(``host_holders``): the host-port check of the plan and flat.py's analysis.
+
+The overlap takes in wildcards, dual-stack ``[::]`` and IPv4-mapped addresses.
 """
 
 from __future__ import annotations

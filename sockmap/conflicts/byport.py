@@ -1,8 +1,10 @@
-"""The plan by host port, pure: the host port (proto, port) is the unit of every decision
-but remap's search, so while no want reaches remap each host port is decided alone
-(``_assign`` over its wants) and again only when its wants, current mappings, host
-holders or blocked endpoints change (``_Groups``, one per process: ``_GROUPS``); the
-plan's fields are the host ports' parts joined in (port, proto) order.
+"""The plan by host port, pure: while no want reaches remap each host port is decided alone
+(``_assign`` over its wants), and again only when its inputs change (``_Groups``, one per
+process: ``_GROUPS``).
+
+The host port (proto, port) is the unit of every decision but remap's search. Its inputs are
+its wants, current mappings, host holders and blocked endpoints. The plan's fields are the
+host ports' parts joined in (port, proto) order.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Where a guest listener appears on the host, pure: ``decide(listener, guest_addrs)`` gives
-Forwarded(bindings: host address -> upstream, the guest's NIC address or the agent relay)
-or NotForwarded(reason); ``host_bind_addrs`` is its short form, ``relay_target`` the
-agent's side of a relay request. Addresses parsed once (``parse_ip``).
+Forwarded(bindings) or NotForwarded(reason); ``host_bind_addrs`` is its short form,
+``relay_target`` the agent's side of a relay request.
+
+Forwarded's bindings: host address -> upstream, the guest's NIC address or the agent relay.
+Addresses parsed once (``parse_ip``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The plan's records, pure: what it is given of a guest (``GuestState``), what it decides
-(``PortMapping``: one host socket to one guest listener), the commands that take the
-current mappings to the desired ones (``OpenMapping`` / ``CloseMapping``), what it leaves
-out (``Skipped``) and the ``Plan`` itself; ``shared_with`` reads policy share's routing.
+(``PortMapping``), the commands (``OpenMapping`` / ``CloseMapping``), what it leaves out
+(``Skipped``) and the ``Plan`` itself; ``shared_with`` reads policy share's routing.
+
+A ``PortMapping`` is one host socket to one guest listener; the commands take the current
+mappings to the desired ones.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``plan(...)``, pure: wanted guest listeners + host holders + current mappings + policies
-and rules -> commands (OpenMapping / CloseMapping), the desired mappings and Conflict
-records: by host port (byport.py) while no want reaches remap, else in one pass over every
-want (``_plan_whole``).
+and rules -> commands (OpenMapping / CloseMapping), the desired mappings and Conflict records.
+
+By host port (byport.py) while no want reaches remap, else in one pass over every want
+(``_plan_whole``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The rules file's decisions and the conflict policies, pure: ``Rule`` / ``match_rule`` /
-``apply_rule`` (first match wins: ignore, host port fixed or offset, host address, a
-per-rule policy and forwarder) and ``Policies`` (fail, remap, wait, share by guest, proto
-and port). The plan calls them; sockmap.config only parses and validates the file.
+``apply_rule`` and ``Policies``. The plan calls them; sockmap.config only parses and
+validates the file.
+
+Rules: first match wins: ignore, host port fixed or offset, host address, a per-rule policy
+and forwarder. Policies: fail, remap, wait, share by guest, proto and port.
 """
 
 from __future__ import annotations

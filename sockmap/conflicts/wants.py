@@ -1,8 +1,9 @@
 """What each guest wants, pure: per guest port, one ``_Want`` with the host addresses of all
-its listeners (a server with one socket per family is one unit), the listeners left out
-with their reasons, and the want's mappings on a host port (made once). Remembered per
-guest (``_WANTS_MEMO``): a guest whose state is the very one of the last plan reuses its
-wants, so a replan re-decides only the guests that changed.
+its listeners, the listeners left out with their reasons, and the want's mappings on a host
+port (made once). Remembered per guest (``_WANTS_MEMO``).
+
+A server with one socket per family is one unit. A guest whose state is the very one of the
+last plan reuses its wants, so a replan re-decides only the guests that changed.
 """
 
 from __future__ import annotations

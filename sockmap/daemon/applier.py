@@ -1,9 +1,11 @@
 """Applying a plan to the proxy's MappingTable (the daemon's side, on the event loop): each
-(guest, proto, guest port) group of ``plan()``'s mappings becomes one MappingSpec with one
-``Target`` per host address (a relay connector where the upstream is the agent's or the
-guest's loopback), closes first, then opens, APPLY_BATCH at a time; from OFFLOAD_OPENS
-opens up each batch's host sockets are bound in a thread. What it cannot open is an
-``ls --all`` row; EADDRINUSE blocks the endpoint for ``retry_s``.
+(guest, proto, guest port) group of ``plan()``'s mappings becomes one MappingSpec; closes
+first, then opens, APPLY_BATCH at a time.
+
+A MappingSpec has one ``Target`` per host address (a relay connector where the upstream is
+the agent's or the guest's loopback). From OFFLOAD_OPENS opens up each batch's host sockets
+are bound in a thread. What it cannot open is an ``ls --all`` row; EADDRINUSE blocks the
+endpoint for ``retry_s``.
 """
 
 from __future__ import annotations

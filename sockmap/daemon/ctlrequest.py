@@ -1,7 +1,9 @@
 """The control socket's requests as the daemon reads them: a request line parsed into a
 ``Request`` (op and arguments) or a SockmapError saying what is wrong, and the typed
-reading of its arguments; no I/O (the wire format and its limits are ``sockmap.control``'s,
-whose client side does the CLI's I/O)."""
+reading of its arguments; no I/O.
+
+The wire format and its limits are ``sockmap.control``'s, whose client side does the CLI's
+I/O."""
 
 from __future__ import annotations
 

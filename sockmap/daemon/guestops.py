@@ -1,7 +1,9 @@
 """The daemon's guests: create, delete, attach and detach them (``guest`` control ops), the
-watch or agent of each (started, stopped, re-adopted at a restart), the relay's upstream
-connectors into them, and their reverse forwards' inputs. A part of ``Daemon``
-(sockmap.daemon.service), which holds the state these methods use.
+watch or agent of each, the relay's upstream connectors into them, and their reverse
+forwards' inputs. A part of ``Daemon`` (sockmap.daemon.service).
+
+Each guest's watch or agent is started, stopped, and re-adopted at a restart. ``Daemon``
+holds the state these methods use.
 """
 
 from __future__ import annotations

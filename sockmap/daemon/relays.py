@@ -1,9 +1,10 @@
 """The loopback relay, the daemon's side: a guest listener bound only to the guest's
-loopback is reached through its agent. The proxy's connector sends RelayOpen(id, port) on
-the agent's session; the agent connects to its own loopback, opens a new stream to the
-daemon with Hello + RelayResult(id, ok), gets Welcome, and the stream then carries the bytes
-(the daemon keeps a dup of its fd as a raw socket for the proxy). A refusal comes back as
-RelayResult(ok=False) on the session."""
+loopback is reached through its agent.
+
+The proxy's connector sends RelayOpen(id, port) on the agent's session; the agent connects
+to its own loopback, opens a new stream to the daemon with Hello + RelayResult(id, ok), gets
+Welcome, and the stream then carries the bytes (the daemon keeps a dup of its fd as a raw
+socket for the proxy). A refusal comes back as RelayResult(ok=False) on the session."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """sock_diag's UDP destroy multicast groups: the kernel's notice that a UDP socket of one
-namespace was freed (an inet_diag_msg per socket; checked on this kernel to arrive within
-~0.1 ms of close()). No trace event sees a UDP close, so this is how a UDP listener's end
-wakes the watcher; TCP's is the LISTEN transition of ``sock:inet_sock_set_state``
-(the TCP destroy groups would wake it for every connection closed).
+namespace was freed (an inet_diag_msg per socket). No trace event sees a UDP close, so this
+is how a UDP listener's end wakes the watcher.
+
+The notice was checked on this kernel to arrive within ~0.1 ms of close(). TCP's end is the
+LISTEN transition of ``sock:inet_sock_set_state`` (the TCP destroy groups would wake it for
+every connection closed).
 
 The groups are per namespace: the socket subscribes in the namespace it was opened in
 (``sockmap.nat.nssock.open_netlink`` opens one in another). Subscribing needs

@@ -1,7 +1,9 @@
 """One namespace's dump, as a watcher's thread runs it: the listener source and its
 fallback (diag, then proc), the sockstat gate in front of it, one gated dump, and the diff
-of what changed with the owners of new sockets. What comes out goes to the watcher's
-``deliver``; failures to its ``report`` (each once). No thread or event loop of its own.
+of what changed with the owners of new sockets.
+
+What comes out goes to the watcher's ``deliver``; failures to its ``report`` (each once).
+No thread or event loop of its own.
 """
 
 from __future__ import annotations

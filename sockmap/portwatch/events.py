@@ -1,7 +1,8 @@
-"""The kernel listener event source: one tracefs instance (every namespace's TCP LISTEN
-transitions, listen() and bind() exits) plus, for the namespace it was opened in, sock_diag's
-UDP destroy groups; ``wait`` blocks until one has something, the timeout passes, or a
-given fd (the watcher's stop pipe) is readable.
+"""The kernel listener event source: one tracefs instance plus, for the namespace it was
+opened in, sock_diag's UDP destroy groups; ``wait`` blocks until one has something, the
+timeout passes, or a given fd (the watcher's stop pipe) is readable.
+
+The tracefs instance sees every namespace's TCP LISTEN transitions, listen() and bind() exits.
 
 What comes out is a hint (``hints``): which namespace a thread was in, by
 ``/proc/TID/ns/net``; sock_diag stays the truth of what listens. The caller dumps the

@@ -1,7 +1,9 @@
-"""A watcher's events mode: its event source (a tracefs instance of its own, or the
-hub's subscription), the loop that dumps when an event concerns the namespace, the safety
-rescans (its own jittered timer, or the hub's shared rounds), and the counts of each dump's
-cause. Runs in the watcher's thread; the dumps are the ``Dumper``'s.
+"""A watcher's events mode: its event source, the loop that dumps when an event concerns the
+namespace, the safety rescans, and the counts of each dump's cause. Runs in the watcher's
+thread; the dumps are the ``Dumper``'s.
+
+The event source is a tracefs instance of its own, or the hub's subscription; the rescans
+run on its own jittered timer, or in the hub's shared rounds.
 
 A rescan is gated by the sockstat counters as the poll is: it dumps only when they moved
 since the last dump (any change of listeners moves them), and every ``full_rescan``-th

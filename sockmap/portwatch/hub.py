@@ -1,8 +1,10 @@
 """One kernel listener-event source for a whole daemon: one tracefs instance
 (``sockmap-<pid>``, ``events.ListenerEvents``) read by one thread, its hints fanned out to
-the watchers of the namespaces they concern. The idle cost is one thread asleep in
-``select`` whatever the number of namespaces watched; each watcher still dumps only its
-own namespace (sock_diag stays the truth) and rescans on its own slow timer.
+the watchers of the namespaces they concern.
+
+The idle cost is one thread asleep in ``select`` whatever the number of namespaces watched;
+each watcher still dumps only its own namespace (sock_diag stays the truth) and rescans on
+its own slow timer.
 
     hub = EventHub()                         # SourceUnavailable: poll instead
     src = hub.subscribe(inode, netns=path)   # an EventSource for Watcher(events_opener=...)

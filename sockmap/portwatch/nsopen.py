@@ -1,7 +1,8 @@
 """The watcher's sources for a network namespace watched from outside (the daemon watching
-a netns guest without a process in it): a sock_diag socket and the sockstat counters'
-files, each opened by a thread that joined the namespace (``sockmap.nat.nssock``); both
-stay bound to that namespace for their whole life.
+a netns guest without a process in it): a sock_diag socket and the sockstat counters' files.
+
+Each is opened by a thread that joined the namespace (``sockmap.nat.nssock``); both stay
+bound to that namespace for their whole life.
 
 /proc/net/* (``ProcSource``) is not offered: it is read by path at every poll, so it would
 need a thread in the namespace each time; sock_diag is always there on this host's kernel.

@@ -1,9 +1,11 @@
 """The safety rescan of every hub subscriber on one timer (the hub's thread): a round reads
-each subscribed namespace's sockstat ``inuse`` counters (two preads and a regex, on fds of
-its own) and wakes a watcher only when they moved since the last round, or when its full
-rescan is due (every ``full_every``-th round, or the round after the watcher doubted a
-skip). An idle guest's watch thread then never wakes: 64 guests cost one thread's wake-up
-per round, not 64 (each ~70 µs plus the interpreter's).
+each subscribed namespace's sockstat ``inuse`` counters and wakes a watcher only when they
+moved since the last round, or when its full rescan is due.
+
+A round's read is two preads and a regex, on fds of its own. The full rescan is due every
+``full_every``-th round, or the round after the watcher doubted a skip. An idle guest's
+watch thread then never wakes: 64 guests cost one thread's wake-up per round, not 64 (each
+~70 µs plus the interpreter's).
 
 A round compares the counters with those the watcher read just before its last dump
 (``Subscription.dumped`` tells them), which is what the watcher's own gated rescan

@@ -1,8 +1,10 @@
-"""One watcher's view of the daemon's event hub (``hub.EventHub``): a ``Subscription``
-is the watcher's ``EventSource``. It holds the hints the hub routed to it (``merge``d
-at ``wait``), its namespace's UDP destroy socket, the wake-up pacing, the gate the hub
-applies for it in the hub's thread (``_gate``: ``hints.cause`` with the ports it reports,
-the counters against its last dump) and its rescan rounds (``rescans``).
+"""One watcher's view of the daemon's event hub (``hub.EventHub``): a ``Subscription`` is the
+watcher's ``EventSource``. It holds the hints the hub routed to it (``merge``d at ``wait``)
+and its namespace's UDP destroy socket.
+
+It also holds the wake-up pacing, the gate the hub applies for it in the hub's thread
+(``_gate``: ``hints.cause`` with the ports it reports, the counters against its last dump)
+and its rescan rounds (``rescans``).
 """
 
 from __future__ import annotations

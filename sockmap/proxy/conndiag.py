@@ -1,7 +1,8 @@
-"""The kernel path's open connections as sock_diag sees them, pure: the dump request for
-the host namespace's TCP sockets that are connected or closing (ESTABLISHED, FIN_WAIT1/2,
-CLOSE_WAIT, LAST_ACK, CLOSING) with their ``struct tcp_info``, its parser, and ``tally``,
-which adds one dump's open sockets to the closed totals the kernel counted.
+"""The kernel path's open connections as sock_diag sees them, pure: the dump request for the
+host namespace's connected or closing TCP sockets with their ``struct tcp_info``, its parser,
+and ``tally``, which adds one dump's open sockets to the closed totals the kernel counted.
+
+Connected or closing: ESTABLISHED, FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING.
 
 A host client that the connect hook rewrote is an ordinary kernel socket whose destination
 is the guest's NIC address and port (the target in the ``fwd`` map), so the sockets of a

@@ -1,8 +1,10 @@
 """The kernel path's connections and bytes, from the kernel: the closed connections' exact
-totals from the ``stats`` map (bpfprog's sockops program adds them at each close), then a
-sock_diag dump of the host namespace's open TCP sockets (sockmap.proxy.conndiag parses it),
-done in a thread and only when rows are asked for (``sockmap ls``, /metrics), at most once
-per ``CACHE_S`` so a watch or a scrape costs one dump, not one per row.
+totals from the ``stats`` map, then a sock_diag dump of the host namespace's open TCP
+sockets (sockmap.proxy.conndiag parses it), done in a thread and only when rows are asked for.
+
+bpfprog's sockops program adds the ``stats`` map's totals at each close. Rows are asked for
+by ``sockmap ls`` and /metrics; the dump is done at most once per ``CACHE_S`` so a watch or
+a scrape costs one dump, not one per row.
 
     kc = KernelConns()
     await kc.refresh(kernel_path)    # dumps unless the last one is fresh
