@@ -4,7 +4,8 @@
   files) and no impure sockmap module, and call no ``open()``/``Path.read_*``/``write_*``;
 - ``sockmap.agent`` never imports ``sockmap.daemon`` or ``sockmap.cli``, nor the reverse;
 - no import cycles among sockmap modules at import time;
-- no module over ``MAX_LINES``, and every module opens with a docstring.
+- no module over ``MAX_LINES``, and every module opens with a docstring whose first paragraph
+  (what the module owns) is at most ``MAX_OPENING_LINES`` lines.
 
 Which imports count: every import anywhere in a file counts for the purity and side rules
 (a lazy import inside a function still runs); an import under ``if TYPE_CHECKING:`` never
@@ -31,6 +32,9 @@ import sockmap
 
 ROOT = Path(sockmap.__file__).parent
 MAX_LINES = 450
+#: The opening paragraph of a module's docstring (the text before its first blank line) says
+#: what the module owns in two or three lines (issue 21); the details go in later paragraphs.
+MAX_OPENING_LINES = 3
 #: Modules over MAX_LINES whose split is another engineer's open task (issue 21). An entry
 #: that is no longer over the limit fails the test: delete it when the split lands.
 OVERSIZE_ALLOWED: dict[str, str] = {
@@ -281,6 +285,22 @@ def size_problems(mods: Tree, allowed: dict[str, str] = OVERSIZE_ALLOWED) -> lis
     return problems
 
 
+def opening_problems(mods: Tree) -> list[str]:
+    """Each module whose docstring's first paragraph is over ``MAX_OPENING_LINES`` lines (a
+    module without a docstring is ``size_problems``'s to report)."""
+    problems: list[str] = []
+    for mod in mods.values():
+        doc = ast.get_docstring(mod.tree, clean=True)
+        if not doc:
+            continue
+        n = len(re.split(r"\n[ \t]*\n", doc, maxsplit=1)[0].splitlines())
+        if n > MAX_OPENING_LINES:
+            problems.append(f"{mod.rel}: the first paragraph of its docstring is {n} lines, over "
+                            f"{MAX_OPENING_LINES}: say what the module owns in two or three "
+                            "lines, the rest in the paragraphs after a blank line")
+    return problems
+
+
 @pytest.fixture(scope="module")
 def tree() -> Tree:
     return load(ROOT)
@@ -302,6 +322,10 @@ def test_module_size_and_docstring(tree: Tree) -> None:
     assert size_problems(tree) == []
 
 
+def test_docstring_opening_paragraph_is_short(tree: Tree) -> None:
+    assert opening_problems(tree) == []
+
+
 def test_each_check_fails_on_a_broken_copy(tmp_path: Path) -> None:
     copy = tmp_path / "sockmap"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
@@ -321,6 +345,8 @@ def test_each_check_fails_on_a_broken_copy(tmp_path: Path) -> None:
     (copy / "nodoc.py").write_text("x = 1\n")
     (copy / "claims.py").write_text('"""Something, pure."""\n')
     (copy / "conflicts" / "newpart.py").write_text('"""New."""\nimport subprocess\n')
+    (copy / "wordy.py").write_text('"""One.\nTwo.\nThree.\nFour.\n\nMore.\n"""\n')
+    (copy / "short.py").write_text('"""One.\nTwo.\nThree.\n\nFour.\nFive.\n"""\n')
     mods = load(copy)
     pure = "\n".join(purity_problems(mods))
     assert "addrs.py:" in pure and "uses socket.socket" in pure
@@ -337,3 +363,6 @@ def test_each_check_fails_on_a_broken_copy(tmp_path: Path) -> None:
     sizes = "\n".join(size_problems(mods, {"sockmap/nodoc.py": "split already"}))
     assert "sockmap/tools.py:" in sizes and "nodoc.py: no opening docstring" in sizes
     assert "sockmap/nodoc.py: on OVERSIZE_ALLOWED but not over" in sizes
+    opening = "\n".join(opening_problems(mods))
+    assert "sockmap/wordy.py: the first paragraph of its docstring is 4 lines, over 3" in opening
+    assert "short.py" not in opening  # 3 lines, then a blank line: the rest does not count
