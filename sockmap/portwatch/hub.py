@@ -48,7 +48,8 @@ namespace (the destroy groups are per namespace), read by the subscriber's own t
 
 Pacing: a subscriber wakes its watcher at once for a burst of ``DUMP_BURST`` wake-ups,
 then at most ``DUMPS_PER_S`` a second (``Subscription._hold``): a namespace churning
-listeners costs a dump per batch, not per event. The buffer is ``HUB_BUFFER_KB`` per cpu
+listeners costs a dump per batch, not per event, and a change there waits up to 0.1 s once
+its burst is spent. The buffer is ``HUB_BUFFER_KB`` per cpu
 (one for every guest; an overflow rescans them all).
 """
 

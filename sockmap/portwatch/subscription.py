@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from sockmap.portwatch.hub import EventHub
 
 log = logging.getLogger("sockmap.portwatch.hub")
-DUMPS_PER_S, DUMP_BURST = 40.0, 8.0  # a subscriber's wake-ups: a burst at once, then paced
+# a subscriber's wake-ups: a burst at once, then paced. 10/s, not 40/s: with ten guests
+# churning 100 listeners/s, quiet guests' detection p50 348 -> 64 ms (docs/benchmarks.md)
+DUMPS_PER_S, DUMP_BURST = 10.0, 8.0
 # hints every subscriber was sent that are passed on only where the counters moved
 GATED = frozenset({"gone_close", "unplaced"})
 
