@@ -16,7 +16,7 @@ Where a guest's reports come from (each becomes agent messages applied through
 
 - netns guests the daemon made: its own watch (``NetnsWatch``, the default): a
   ``portwatch.Watcher(netns=...)`` per guest woken by the one event hub, with the
-  namespace file checked every 0.25 s on one shared timer (``ip netns del`` closes the
+  namespace file checked every 0.5 s on one shared timer (``ip netns del`` closes the
   guest's mappings); or, with ``--netns-watch agent``, a ``sockmap agent`` per guest
   started by ``supervisor`` (nsenter, restart backoff, PR_SET_PDEATHSIG, token files);
 - adopted namespaces (``attachments``, ``discover``): ``guest attach`` and ``[[attach]]``

@@ -9,7 +9,8 @@ import asyncio
 import weakref
 from collections.abc import Awaitable, Callable
 
-NS_CHECK_S = 0.25  # how often the namespace file is checked (an `ip netns del` is seen)
+NS_CHECK_S = 0.5  # how often the namespace file is checked (an `ip netns del` is seen):
+# 0.25 s cost ~0.13 % of a core at 64 guests; at 0.5 s a deleted guest still closes in < 1 s
 
 
 class NamespaceGone(Exception):

@@ -68,7 +68,9 @@ from sockmap.portwatch.tick import NativeTick
 log = logging.getLogger(__name__)
 DEFAULT_FULL_EVERY = 0.5  # gate on: dump at least this often even if the counters are equal
 DEFAULT_RESCAN = 2.0  # events on: the safety rescan, jittered by +-25%
-DEFAULT_FULL_RESCAN = 5  # events on: every 5th rescan dumps even if the counters are equal
+# events on: every 15th rescan (~30 s) dumps even if the counters are equal: only for what
+# tells no event and moves no counter (UDP connect(AF_UNSPEC)); each dump walks host-wide tables
+DEFAULT_FULL_RESCAN = 15
 
 
 class Watcher:
